@@ -1,0 +1,404 @@
+//! The plugin's parameters: their names, help text, parsing and validation, with no nbdkit in sight.
+//!
+//! Every parameter is one [`ConfigKey`]; `--help` and the README's table are generated from
+//! [`ConfigKey::ALL`], so the documentation cannot drift from what is parsed.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use crate::export::ExportName;
+use crate::storage::S3Config;
+use crate::volume::{VolumeConfig, DEFAULT_BLOCK_SIZE};
+use crate::{Error, Result};
+
+/// Which backend holds the blocks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StorageKind {
+    /// RAM: lost when nbdkit exits.
+    Memory,
+    /// A local directory.
+    File,
+    /// An S3 bucket.
+    S3,
+}
+
+/// A secret that never shows in `Debug` output or logs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// One parameter of the plugin.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub enum ConfigKey {
+    Storage,
+    Export,
+    Size,
+    BlockSize,
+    CacheSize,
+    MaxDirty,
+    Dir,
+    Bucket,
+    Endpoint,
+    Region,
+    AccessKey,
+    SecretKey,
+    PathStyle,
+    S3Concurrency,
+    S3Timeout,
+}
+
+impl ConfigKey {
+    /// Every key, in the order `--help` lists them.
+    pub const ALL: [ConfigKey; 15] = [
+        ConfigKey::Storage,
+        ConfigKey::Export,
+        ConfigKey::Size,
+        ConfigKey::BlockSize,
+        ConfigKey::CacheSize,
+        ConfigKey::MaxDirty,
+        ConfigKey::Dir,
+        ConfigKey::Bucket,
+        ConfigKey::Endpoint,
+        ConfigKey::Region,
+        ConfigKey::AccessKey,
+        ConfigKey::SecretKey,
+        ConfigKey::PathStyle,
+        ConfigKey::S3Concurrency,
+        ConfigKey::S3Timeout,
+    ];
+
+    /// The name on the command line.
+    pub fn name(self) -> &'static str {
+        self.doc().0
+    }
+
+    /// `(name, value placeholder, one-line description)`.
+    pub fn doc(self) -> (&'static str, &'static str, &'static str) {
+        match self {
+            ConfigKey::Storage => ("storage", "memory|file|s3", "Where blocks live (default: s3 if bucket= is given, file if dir= is given)."),
+            ConfigKey::Export => ("export", "NAME", "Export served to clients that ask for the default export \"\" (default: dev)."),
+            ConfigKey::Size => ("size", "SIZE", "Device size, with K/M/G/T/P/E suffixes; a multiple of block-size."),
+            ConfigKey::BlockSize => ("block-size", "SIZE", "Block (object) size: a power of two from 512 to 4M (default 4096)."),
+            ConfigKey::CacheSize => ("cache-size", "SIZE", "Memory for clean cached blocks per export (default 256M)."),
+            ConfigKey::MaxDirty => ("max-dirty", "SIZE", "Unflushed data per export before the oldest is written back early (default 64M)."),
+            ConfigKey::Dir => ("dir", "PATH", "Directory of the file backend; blocks go to PATH/blocks/EXPORT/."),
+            ConfigKey::Bucket => ("bucket", "NAME", "S3 bucket; created at start-up if missing and allowed."),
+            ConfigKey::Endpoint => ("endpoint", "URL", "S3 endpoint, e.g. http://localhost:9000 for MinIO (default: AWS)."),
+            ConfigKey::Region => ("region", "REGION", "S3 signing region (default us-east-1)."),
+            ConfigKey::AccessKey => ("access-key", "ID", "S3 access key id (default: the AWS credential chain)."),
+            ConfigKey::SecretKey => ("secret-key", "SECRET", "S3 secret key; '-' reads it from the terminal, '+FILE' from a file."),
+            ConfigKey::PathStyle => ("path-style", "BOOL", "Path-style S3 URLs, needed by MinIO and Garage (default: true if endpoint= is set)."),
+            ConfigKey::S3Concurrency => ("s3-concurrency", "N", "S3 requests in flight during write-back and flush (default 16)."),
+            ConfigKey::S3Timeout => ("s3-timeout", "SECONDS", "Give up on an S3 request, retries included, after this long (default 30)."),
+        }
+    }
+
+    /// The `--help` text: one line per parameter.
+    pub fn help() -> String {
+        ConfigKey::ALL
+            .iter()
+            .map(|k| {
+                let (name, value, doc) = k.doc();
+                format!("{:<28} {doc}", format!("{name}={value}"))
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+impl FromStr for ConfigKey {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let canonical = s.to_ascii_lowercase().replace('_', "-");
+        let alias = match canonical.as_str() {
+            "blocksize" => "block-size",
+            "cachesize" => "cache-size",
+            "directory" => "dir",
+            "url" => "endpoint",
+            other => other,
+        };
+        ConfigKey::ALL.into_iter().find(|k| k.name() == alias).ok_or_else(|| {
+            let names: Vec<_> = ConfigKey::ALL.iter().map(|k| k.name()).collect();
+            Error::config(s, format!("unknown parameter; the parameters are {}", names.join(", ")))
+        })
+    }
+}
+
+/// Everything the command line configures.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// The backend.
+    pub storage: Option<StorageKind>,
+    /// The export served for the default name "".
+    pub export: ExportName,
+    /// The device size of new exports.
+    pub size: Option<u64>,
+    /// The block size of new exports.
+    pub block_size: usize,
+    /// Bytes of clean cache per export.
+    pub cache_size: u64,
+    /// Bytes of dirty data per export before early write-back.
+    pub max_dirty: u64,
+    /// The file backend's directory.
+    pub dir: Option<PathBuf>,
+    /// The S3 backend's settings.
+    pub s3: S3Config,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            storage: None,
+            export: ExportName::new("dev").unwrap_or_else(|_| unreachable!("a valid literal")),
+            size: None,
+            block_size: DEFAULT_BLOCK_SIZE,
+            cache_size: 256 << 20,
+            max_dirty: 64 << 20,
+            dir: None,
+            s3: S3Config::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Applies one `key=value` parameter.
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming the parameter and what it allows.
+    pub fn set(&mut self, key: &str, value: &str) -> Result<()> {
+        let k: ConfigKey = key.parse()?;
+        let name = k.name();
+        match k {
+            ConfigKey::Storage => {
+                self.storage = Some(match value {
+                    "memory" => StorageKind::Memory,
+                    "file" => StorageKind::File,
+                    "s3" => StorageKind::S3,
+                    _ => return Err(Error::config(name, format!("{value:?} is not a backend: use memory, file or s3"))),
+                })
+            }
+            ConfigKey::Export => self.export = ExportName::new(value)?,
+            ConfigKey::Size => self.size = Some(parse_size(name, value)?),
+            ConfigKey::BlockSize => {
+                self.block_size = usize::try_from(parse_size(name, value)?)
+                    .map_err(|_| Error::config(name, format!("{value} is too large")))?
+            }
+            ConfigKey::CacheSize => self.cache_size = parse_size(name, value)?,
+            ConfigKey::MaxDirty => self.max_dirty = parse_size(name, value)?,
+            ConfigKey::Dir => self.dir = Some(non_empty(name, value)?.into()),
+            ConfigKey::Bucket => self.s3.bucket = non_empty(name, value)?.to_string(),
+            ConfigKey::Endpoint => self.s3.endpoint = Some(non_empty(name, value)?.to_string()),
+            ConfigKey::Region => self.s3.region = non_empty(name, value)?.to_string(),
+            ConfigKey::AccessKey => self.s3.access_key = Some(non_empty(name, value)?.to_string()),
+            ConfigKey::SecretKey => self.s3.secret_key = Some(Secret(value.to_string())),
+            ConfigKey::PathStyle => self.s3.path_style = Some(parse_bool(name, value)?),
+            ConfigKey::S3Concurrency => {
+                self.s3.concurrency = match value.parse::<usize>() {
+                    Ok(n) if (1..=1024).contains(&n) => n,
+                    _ => return Err(Error::config(name, format!("{value:?} is not allowed: use a whole number from 1 to 1024"))),
+                }
+            }
+            ConfigKey::S3Timeout => {
+                self.s3.timeout = match value.parse::<f64>() {
+                    Ok(s) if s > 0.0 && s <= 86400.0 => Duration::from_secs_f64(s),
+                    _ => return Err(Error::config(name, format!("{value:?} is not allowed: use seconds, more than 0"))),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks the parameters as a whole and fills in defaults that depend on others.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for a missing or contradictory parameter.
+    pub fn finish(&mut self) -> Result<()> {
+        let storage = match self.storage {
+            Some(kind) => kind,
+            None if !self.s3.bucket.is_empty() => StorageKind::S3,
+            None if self.dir.is_some() => StorageKind::File,
+            None => {
+                return Err(Error::config(
+                    "storage",
+                    "no backend chosen: give bucket=NAME for S3, dir=PATH for a directory, or storage=memory",
+                ))
+            }
+        };
+        self.storage = Some(storage);
+        match storage {
+            StorageKind::File if self.dir.is_none() => {
+                return Err(Error::config("dir", "storage=file needs dir=PATH, the directory that holds the blocks"))
+            }
+            StorageKind::S3 if self.s3.bucket.is_empty() => {
+                return Err(Error::config("bucket", "storage=s3 needs bucket=NAME"))
+            }
+            StorageKind::Memory if self.size.is_none() => {
+                return Err(Error::config("size", "storage=memory needs size=SIZE, e.g. size=1G"))
+            }
+            _ => {}
+        }
+        if self.s3.path_style.is_none() {
+            self.s3.path_style = Some(self.s3.endpoint.is_some());
+        }
+        if self.s3.access_key.is_some() != self.s3.secret_key.is_some() {
+            return Err(Error::config("secret-key", "access-key= and secret-key= go together: give both or neither"));
+        }
+        crate::volume::Geometry::new(self.size.unwrap_or(self.block_size as u64), self.block_size)?;
+        Ok(())
+    }
+
+    /// The backend, once [`finish`](Self::finish) has chosen it.
+    pub fn storage_kind(&self) -> StorageKind {
+        self.storage.unwrap_or(StorageKind::Memory)
+    }
+
+    /// How the volumes cache and write back.
+    pub fn volume_config(&self) -> VolumeConfig {
+        VolumeConfig {
+            cache_bytes: self.cache_size,
+            max_dirty_bytes: self.max_dirty,
+            concurrency: match self.storage_kind() {
+                StorageKind::S3 => self.s3.concurrency,
+                StorageKind::File => 4,
+                StorageKind::Memory => 1,
+            },
+        }
+    }
+}
+
+fn non_empty<'a>(key: &str, value: &'a str) -> Result<&'a str> {
+    if value.is_empty() {
+        Err(Error::config(key, "an empty value is not allowed"))
+    } else {
+        Ok(value)
+    }
+}
+
+/// Parses a size like nbdkit does: a whole number with an optional K, M, G, T, P or E suffix
+/// (powers of 1024; `KB` and `KiB` spellings too).
+///
+/// # Errors
+/// [`Error::Config`] for parameter `key`.
+pub fn parse_size(key: &str, value: &str) -> Result<u64> {
+    let bad = || Error::config(key, format!("{value:?} is not a size: use a number with an optional K, M, G, T, P or E suffix"));
+    let digits = value.find(|c: char| !c.is_ascii_digit()).unwrap_or(value.len());
+    let (number, suffix) = value.split_at(digits);
+    let number: u64 = number.parse().map_err(|_| bad())?;
+    let suffix = suffix.to_ascii_uppercase();
+    let suffix = suffix.strip_suffix("IB").or_else(|| suffix.strip_suffix('B')).unwrap_or(&suffix);
+    let shift = match suffix {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        "P" => 50,
+        "E" => 60,
+        _ => return Err(bad()),
+    };
+    number
+        .checked_mul(1 << shift)
+        .filter(|&n| n <= i64::MAX as u64)
+        .ok_or_else(|| Error::config(key, format!("{value:?} is too large")))
+}
+
+fn parse_bool(key: &str, value: &str) -> Result<bool> {
+    match value.to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err(Error::config(key, format!("{value:?} is not a boolean: use true or false"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn configure(pairs: &[(&str, &str)]) -> Result<Config> {
+        let mut c = Config::default();
+        for (k, v) in pairs {
+            c.set(k, v)?;
+        }
+        c.finish()?;
+        Ok(c)
+    }
+
+    #[test]
+    fn sizes_parse_like_nbdkit() {
+        assert_eq!(parse_size("size", "4096").unwrap(), 4096);
+        assert_eq!(parse_size("size", "1G").unwrap(), 1 << 30);
+        assert_eq!(parse_size("size", "10g").unwrap(), 10 << 30);
+        assert_eq!(parse_size("size", "4M").unwrap(), 4 << 20);
+        assert_eq!(parse_size("size", "2KiB").unwrap(), 2048);
+        assert_eq!(parse_size("size", "1TB").unwrap(), 1 << 40);
+        for bad in ["", "G", "1.5G", "1X", "-1", "abc", "99999999999E"] {
+            assert!(parse_size("size", bad).unwrap_err().to_string().starts_with("size: "), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_examples_from_the_readme_configure() {
+        let c = configure(&[("storage", "memory"), ("size", "1G")]).unwrap();
+        assert_eq!(c.storage_kind(), StorageKind::Memory);
+        let c = configure(&[("storage", "file"), ("dir", "/tmp/x"), ("export", "dev"), ("size", "10G")]).unwrap();
+        assert_eq!(c.storage_kind(), StorageKind::File);
+        let c = configure(&[("bucket", "nbd-storage"), ("export", "dev"), ("size", "1G")]).unwrap();
+        assert_eq!(c.storage_kind(), StorageKind::S3);
+        assert_eq!(c.s3.path_style, Some(false));
+        let c = configure(&[("bucket", "b"), ("endpoint", "http://localhost:9000")]).unwrap();
+        assert_eq!(c.s3.path_style, Some(true));
+    }
+
+    #[test]
+    fn bad_values_name_the_parameter() {
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (&[("storage", "memory"), ("size", "1G"), ("block-size", "1000")], "block-size: 1000 is not allowed"),
+            (&[("storage", "memory"), ("size", "4097")], "size: 4097 is not allowed"),
+            (&[("storage", "memory"), ("size", "lots")], "size: \"lots\" is not a size"),
+            (&[("storage", "memory")], "size: storage=memory needs size="),
+            (&[("storage", "file"), ("size", "1G")], "dir: storage=file needs dir="),
+            (&[("storage", "s3")], "bucket: storage=s3 needs bucket="),
+            (&[("storage", "tape")], "storage: \"tape\" is not a backend"),
+            (&[("colour", "blue")], "colour: unknown parameter; the parameters are storage, export"),
+            (&[("export", "../etc")], "export: invalid export name"),
+            (&[("bucket", "b"), ("access-key", "a")], "secret-key: access-key= and secret-key= go together"),
+            (&[("bucket", "b"), ("path-style", "maybe")], "path-style: \"maybe\" is not a boolean"),
+            (&[("bucket", "b"), ("s3-concurrency", "0")], "s3-concurrency: \"0\" is not allowed"),
+            (&[("bucket", "b"), ("s3-timeout", "soon")], "s3-timeout: \"soon\" is not allowed"),
+            (&[("bucket", "")], "bucket: an empty value is not allowed"),
+            (&[], "storage: no backend chosen"),
+        ];
+        for (pairs, expected) in cases {
+            let e = configure(pairs).unwrap_err().to_string();
+            assert!(e.starts_with(expected), "{pairs:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn keys_accept_aliases_and_help_lists_every_key() {
+        assert_eq!("blocksize".parse::<ConfigKey>().unwrap(), ConfigKey::BlockSize);
+        assert_eq!("block_size".parse::<ConfigKey>().unwrap(), ConfigKey::BlockSize);
+        let help = ConfigKey::help();
+        for k in ConfigKey::ALL {
+            assert!(help.contains(&format!("{}=", k.name())), "{}", k.name());
+        }
+        assert_eq!(help.lines().count(), ConfigKey::ALL.len());
+    }
+
+    #[test]
+    fn secrets_do_not_show_in_debug_output() {
+        let c = configure(&[("bucket", "b"), ("access-key", "AKID"), ("secret-key", "hunter2")]).unwrap();
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("redacted"));
+    }
+}

@@ -1,0 +1,165 @@
+//! The crate's error type: categories a user can act on, and the one table that turns them into errno.
+
+use std::fmt;
+
+/// Everything that can go wrong below the nbdkit glue.
+///
+/// Backends fold their own failures into these categories; the `Volume` passes them through with
+/// their context; only `plugin.rs` turns them into an errno via [`Error::errno`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A parameter is missing or has a value that is not allowed.
+    #[error("{key}: {message}")]
+    Config {
+        /// The parameter, as the user spells it on the command line.
+        key: String,
+        /// What is wrong and what is allowed.
+        message: String,
+    },
+    /// A request reaches past the end of the device.
+    #[error("request of {len} bytes at offset {offset} is beyond the end of the {size}-byte device")]
+    OutOfRange {
+        /// First byte of the request.
+        offset: u64,
+        /// Length of the request.
+        len: u64,
+        /// Size of the device.
+        size: u64,
+    },
+    /// A write reached a read-only volume.
+    #[error("{0} is read-only")]
+    ReadOnly(String),
+    /// The backend refused the request (S3 403, file permission denied).
+    #[error("{store}: permission denied: {message}")]
+    PermissionDenied {
+        /// The store's short name.
+        store: String,
+        /// What was refused.
+        message: String,
+    },
+    /// The credentials were not accepted.
+    #[error("{store}: credentials rejected: {message}")]
+    Unauthenticated {
+        /// The store's short name.
+        store: String,
+        /// The server's reason.
+        message: String,
+    },
+    /// A bucket, directory or export does not exist.
+    #[error("{store}: not found: {message}")]
+    NotFound {
+        /// The store's short name.
+        store: String,
+        /// What is missing.
+        message: String,
+    },
+    /// A stored block is not what this volume wrote there (wrong size, unreadable).
+    #[error("{store}: block {block:016x} is corrupt: {message}")]
+    CorruptBlock {
+        /// The store's short name.
+        store: String,
+        /// The block index.
+        block: u64,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// A zero request with NBD's FAST_ZERO flag that would need slow work.
+    #[error("zeroing this range is not fast (it needs a read-modify-write)")]
+    FastZeroUnsupported,
+    /// The backend did not answer in time, after retries.
+    #[error("{store}: timed out: {message}")]
+    Timeout {
+        /// The store's short name.
+        store: String,
+        /// The operation that timed out.
+        message: String,
+    },
+    /// Any other backend failure: I/O, 5xx after retries, a connection refused.
+    #[error("{store}: {message}")]
+    Backend {
+        /// The store's short name.
+        store: String,
+        /// What failed, with the key or path.
+        message: String,
+    },
+}
+
+/// The crate's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// A configuration error for parameter `key`.
+    pub fn config(key: impl Into<String>, message: impl fmt::Display) -> Self {
+        Error::Config { key: key.into(), message: message.to_string() }
+    }
+
+    /// A backend failure of `store`.
+    pub fn backend(store: impl fmt::Display, message: impl fmt::Display) -> Self {
+        Error::Backend { store: store.to_string(), message: message.to_string() }
+    }
+
+    /// Folds an I/O error of a local file into a category, keeping the path in the message.
+    pub fn io(store: impl fmt::Display, what: impl fmt::Display, e: &std::io::Error) -> Self {
+        let store = store.to_string();
+        let message = format!("{what}: {e}");
+        match e.kind() {
+            std::io::ErrorKind::PermissionDenied => Error::PermissionDenied { store, message },
+            std::io::ErrorKind::NotFound => Error::NotFound { store, message },
+            _ => Error::Backend { store, message },
+        }
+    }
+
+    /// The errno an NBD client receives for this error.
+    ///
+    /// nbdkit forwards only a few errnos over NBD (EPERM, EIO, ENOMEM, EINVAL, ENOSPC, EOVERFLOW,
+    /// ENOTSUP, ESHUTDOWN) and turns any other into EINVAL, so every category is mapped here
+    /// explicitly, defaulting to EIO.
+    pub fn errno(&self) -> i32 {
+        match self {
+            Error::Config { .. } | Error::OutOfRange { .. } => libc::EINVAL,
+            Error::ReadOnly(_) => libc::EPERM,
+            Error::PermissionDenied { .. } | Error::Unauthenticated { .. } => libc::EPERM,
+            Error::FastZeroUnsupported => libc::ENOTSUP,
+            Error::NotFound { .. }
+            | Error::CorruptBlock { .. }
+            | Error::Timeout { .. }
+            | Error::Backend { .. } => libc::EIO,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errno_table() {
+        let s = || "S".to_string();
+        let m = || "m".to_string();
+        let cases: Vec<(Error, i32)> = vec![
+            (Error::config("size", "bad"), libc::EINVAL),
+            (Error::OutOfRange { offset: 1, len: 2, size: 3 }, libc::EINVAL),
+            (Error::ReadOnly("v".into()), libc::EPERM),
+            (Error::PermissionDenied { store: s(), message: m() }, libc::EPERM),
+            (Error::Unauthenticated { store: s(), message: m() }, libc::EPERM),
+            (Error::NotFound { store: s(), message: m() }, libc::EIO),
+            (Error::CorruptBlock { store: s(), block: 1, message: m() }, libc::EIO),
+            (Error::FastZeroUnsupported, libc::ENOTSUP),
+            (Error::Timeout { store: s(), message: m() }, libc::EIO),
+            (Error::backend("S", "m"), libc::EIO),
+        ];
+        for (e, errno) in cases {
+            assert_eq!(e.errno(), errno, "{e}");
+        }
+    }
+
+    #[test]
+    fn io_errors_fold_into_categories() {
+        let denied = std::io::Error::from(std::io::ErrorKind::PermissionDenied);
+        assert!(matches!(Error::io("F", "/x", &denied), Error::PermissionDenied { .. }));
+        let other = std::io::Error::other("disk on fire");
+        let e = Error::io("F", "/x", &other);
+        assert_eq!(e.to_string(), "F: /x: disk on fire");
+    }
+}

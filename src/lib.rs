@@ -1,0 +1,53 @@
+//! nbds3: an nbdkit plugin that serves S3 buckets (or a directory, or RAM) as network block devices.
+//!
+//! ```text
+//!   NBD client (nbd-client, qemu, nbdcopy)
+//!        │  NBD protocol
+//!   nbdkit (C) ── loads libnbds3.so
+//!        │  pread/pwrite/flush/trim/zero callbacks
+//!   plugin.rs      thin glue: parameters → Config, Error → errno, panics caught
+//!        │
+//!   exports.rs     one Volume per export name, shared by all its connections
+//!        │
+//!   Volume         byte offsets → blocks; partial reads; read-modify-write; FUA; FLUSH
+//!   BlockCache     per-block locks, LRU of clean blocks, bounded set of dirty blocks
+//!        │  whole blocks only
+//!   Storage        MemoryStorage │ FileStorage │ S3Storage
+//! ```
+//!
+//! # Why blocks, not objects per file?
+//! A block device has no files. Storing fixed-size blocks as objects keyed by their byte offset
+//! (`blocks/{export}/{offset:016x}`) makes every NBD request a small set of independent, atomic
+//! object operations: a crash can tear a multi-block write, but never a block. All-zero blocks
+//! are never stored, so an empty 1 TiB device costs nothing and reads of holes need no request.
+//!
+//! # Invariants
+//! * A write is acknowledged once it is in the `Volume`; after FLUSH returns, every write
+//!   acknowledged before it is durable in storage. A FUA write is durable before it is
+//!   acknowledged.
+//! * Reads see the latest acknowledged write, whether it is dirty, cached or only stored.
+//! * Concurrent partial writes to one block never lose an update.
+//! * Clean cached data never exceeds `cache-size`; dirty data is written back early once it
+//!   reaches `max-dirty`.
+#![deny(missing_docs)]
+#![warn(unreachable_pub, missing_debug_implementations)]
+
+pub mod config;
+pub mod error;
+pub mod export;
+pub mod exports;
+pub mod logger;
+mod plugin;
+pub mod storage;
+pub mod volume;
+
+pub use config::Config;
+pub use error::{Error, Result};
+pub use export::ExportName;
+pub use storage::{BlockId, Storage};
+pub use volume::{Geometry, Volume, VolumeConfig};
+
+/// Locks `m`, ignoring poisoning: a panic elsewhere must not turn every later request into one.
+pub(crate) fn lock<T: ?Sized>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}

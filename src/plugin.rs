@@ -1,0 +1,213 @@
+//! The nbdkit glue, and nothing else: parameters into a [`Config`], callbacks into [`Volume`]
+//! calls, every [`Error`] into an errno plus a message, and every panic caught before it can
+//! unwind into C (which would abort nbdkit and drop every connection).
+
+use std::ffi::{c_char, c_int, CStr, CString};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use nbdkit::{CacheFlags, Flags, FuaFlags, Server, ThreadModel};
+
+use crate::config::{ConfigKey, StorageKind};
+use crate::exports::Exports;
+use crate::logger::sanitize;
+use crate::{lock, storage, Config, Error, Result, Volume};
+
+/// Parameters while nbdkit is still passing them.
+static CONFIG: Mutex<Option<Config>> = Mutex::new(None);
+/// The exports, once the configuration is complete.
+static EXPORTS: OnceLock<Exports> = OnceLock::new();
+
+extern "C" {
+    fn nbdkit_read_password(value: *const c_char, password: *mut *mut c_char) -> c_int;
+}
+
+/// One client connection: the shared volume of the export it asked for.
+struct Connection {
+    volume: Arc<Volume>,
+    readonly: bool,
+}
+
+/// Runs a callback body, turning errors into errno + message and panics into EIO.
+fn guard<T>(what: &str, f: impl FnOnce() -> Result<T>) -> nbdkit::Result<T> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(nbdkit::Error::new(e.errno(), sanitize(&e.to_string()))),
+        Err(panic) => {
+            let why = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            Err(nbdkit::Error::new(libc::EIO, sanitize(&format!("internal error in {what}: {why}"))))
+        }
+    }
+}
+
+fn exports() -> Result<&'static Exports> {
+    EXPORTS.get().ok_or_else(|| Error::config("config", "the configuration is not complete"))
+}
+
+/// Reads a password the way nbdkit's own plugins do: `-` prompts, `+FILE` reads a file, `-FD`
+/// reads a file descriptor, anything else is the password itself.
+fn read_password(value: &str) -> Result<String> {
+    let c_value = CString::new(value).map_err(|_| Error::config("secret-key", "contains a NUL byte"))?;
+    let mut out: *mut c_char = std::ptr::null_mut();
+    // SAFETY: nbdkit fills `out` with a malloc'd NUL-terminated string that we free.
+    let rc = unsafe { nbdkit_read_password(c_value.as_ptr(), &mut out) };
+    if rc == -1 || out.is_null() {
+        return Err(Error::config("secret-key", "could not read the secret (see the message above)"));
+    }
+    // SAFETY: `out` is a valid C string from nbdkit, freed right after copying.
+    let secret = unsafe { CStr::from_ptr(out) }.to_string_lossy().into_owned();
+    unsafe { libc::free(out.cast()) };
+    Ok(secret)
+}
+
+impl Server for Connection {
+    fn name() -> &'static str {
+        "nbds3"
+    }
+
+    fn version() -> Option<&'static str> {
+        Some(env!("CARGO_PKG_VERSION"))
+    }
+
+    fn description() -> Option<&'static str> {
+        Some("Serve an S3 bucket (or a directory, or RAM) as a network block device")
+    }
+
+    fn config_help() -> Option<&'static str> {
+        static HELP: OnceLock<String> = OnceLock::new();
+        Some(HELP.get_or_init(ConfigKey::help))
+    }
+
+    fn load() {
+        crate::logger::install();
+    }
+
+    fn unload() {
+        if let Some(exports) = EXPORTS.get() {
+            exports.flush_all();
+        }
+    }
+
+    fn dump_plugin() {
+        println!("nbds3_storage_backends=memory,file,s3");
+        println!("nbds3_default_block_size={}", crate::volume::DEFAULT_BLOCK_SIZE);
+    }
+
+    fn thread_model() -> nbdkit::Result<ThreadModel> {
+        Ok(ThreadModel::Parallel)
+    }
+
+    fn config(key: &str, value: &str) -> nbdkit::Result<()> {
+        guard("config", || {
+            let value = match key.parse::<ConfigKey>() {
+                Ok(ConfigKey::SecretKey) => read_password(value)?,
+                _ => value.to_string(),
+            };
+            lock(&CONFIG).get_or_insert_with(Config::default).set(key, &value)
+        })
+    }
+
+    fn config_complete() -> nbdkit::Result<()> {
+        guard("config_complete", || {
+            let mut config = lock(&CONFIG).take().unwrap_or_default();
+            config.finish()?;
+            if config.storage_kind() == StorageKind::S3 {
+                // Fail now, before nbdkit forks and reports success, on a typo or bad credentials.
+                storage::s3::check_bucket(&config.s3)?;
+            }
+            EXPORTS.set(Exports::new(config)).map_err(|_| Error::config("config", "configured twice"))
+        })
+    }
+
+    fn open(readonly: bool) -> nbdkit::Result<Box<dyn Server>> {
+        guard("open", || {
+            let requested = nbdkit::export_name().unwrap_or_default();
+            let volume = exports()?.open(&requested)?;
+            Ok(Box::new(Connection { volume, readonly }) as Box<dyn Server>)
+        })
+    }
+
+    fn get_size(&self) -> nbdkit::Result<i64> {
+        guard("get_size", || Ok(i64::try_from(self.volume.geometry().size()).unwrap_or(i64::MAX)))
+    }
+
+    fn can_write(&self) -> nbdkit::Result<bool> {
+        Ok(!self.readonly)
+    }
+
+    fn can_flush(&self) -> nbdkit::Result<bool> {
+        Ok(true)
+    }
+
+    fn can_fua(&self) -> nbdkit::Result<FuaFlags> {
+        Ok(FuaFlags::Native)
+    }
+
+    fn can_multi_conn(&self) -> nbdkit::Result<bool> {
+        Ok(true)
+    }
+
+    fn can_trim(&self) -> nbdkit::Result<bool> {
+        Ok(true)
+    }
+
+    fn can_zero(&self) -> nbdkit::Result<bool> {
+        Ok(true)
+    }
+
+    fn can_fast_zero(&self) -> nbdkit::Result<bool> {
+        Ok(true)
+    }
+
+    fn can_cache(&self) -> nbdkit::Result<CacheFlags> {
+        Ok(CacheFlags::Emulate)
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> nbdkit::Result<()> {
+        guard("pread", || self.volume.read(buf, offset))
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64, flags: Flags) -> nbdkit::Result<()> {
+        guard("pwrite", || self.volume.write(buf, offset, flags.contains(Flags::FUA)))
+    }
+
+    fn flush(&self) -> nbdkit::Result<()> {
+        guard("flush", || self.volume.flush())
+    }
+
+    fn trim(&self, count: u32, offset: u64, flags: Flags) -> nbdkit::Result<()> {
+        guard("trim", || self.volume.zero(count.into(), offset, flags.contains(Flags::FUA), false))
+    }
+
+    fn zero(&self, count: u32, offset: u64, flags: Flags) -> nbdkit::Result<()> {
+        guard("zero", || {
+            self.volume.zero(count.into(), offset, flags.contains(Flags::FUA), flags.contains(Flags::FAST_ZERO))
+        })
+    }
+}
+
+nbdkit::plugin!(Connection {
+    thread_model,
+    config,
+    config_complete,
+    config_help,
+    dump_plugin,
+    load,
+    unload,
+    can_write,
+    can_flush,
+    can_fua,
+    can_multi_conn,
+    can_trim,
+    can_zero,
+    can_fast_zero,
+    can_cache,
+    write_at,
+    flush,
+    trim,
+    zero
+});

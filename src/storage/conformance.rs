@@ -1,0 +1,128 @@
+//! The conformance suite every [`Storage`] backend and decorator runs, so they all keep one contract.
+//!
+//! Each check takes an `open(place)` function: opening the same `place` twice must reach the same
+//! stored blocks (a new instance on the same directory, bucket prefix or export), and distinct
+//! places must be independent. Backends that keep nothing (memory) say so with `persistent: false`.
+
+use std::sync::Arc;
+
+use super::{BlockId, Storage};
+
+/// The block size the suite uses.
+pub const BLOCK_SIZE: usize = 4096;
+
+/// Opens a store at a numbered place.
+pub type Open<'a> = &'a (dyn Fn(u32) -> Box<dyn Storage> + Sync);
+
+fn pattern(seed: u8) -> Vec<u8> {
+    (0..BLOCK_SIZE).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) | 1).collect()
+}
+
+fn read(s: &dyn Storage, id: u64) -> (bool, Vec<u8>) {
+    let mut buf = vec![0xeeu8; BLOCK_SIZE];
+    let present = s.read_block(BlockId(id), &mut buf).expect("read_block");
+    (present, buf)
+}
+
+/// A block never written reads as zeros and reports itself absent.
+pub fn unwritten_reads_zero(open: Open<'_>) {
+    let s = open(1);
+    assert_eq!(s.block_size(), BLOCK_SIZE);
+    for id in [0, 1, 12345, u64::MAX / BLOCK_SIZE as u64] {
+        assert_eq!(read(&*s, id), (false, vec![0; BLOCK_SIZE]), "{s} block {id}");
+    }
+    assert!(s.list_blocks().expect("list").is_empty(), "{s}: list of an empty store");
+}
+
+/// What is written reads back, and only that block changes.
+pub fn write_read_roundtrip(open: Open<'_>) {
+    let s = open(2);
+    s.write_block(BlockId(7), &pattern(7)).expect("write");
+    assert_eq!(read(&*s, 7), (true, pattern(7)), "{s}");
+    assert_eq!(read(&*s, 6).0, false, "{s}: neighbour");
+    assert_eq!(read(&*s, 8).0, false, "{s}: neighbour");
+}
+
+/// A second write replaces the first.
+pub fn overwrite(open: Open<'_>) {
+    let s = open(3);
+    s.write_block(BlockId(1), &pattern(1)).expect("write");
+    s.write_block(BlockId(1), &pattern(2)).expect("overwrite");
+    assert_eq!(read(&*s, 1), (true, pattern(2)), "{s}");
+}
+
+/// Deleting makes a block read as zeros; deleting again, or a block never written, is fine.
+pub fn delete_is_idempotent(open: Open<'_>) {
+    let s = open(4);
+    s.write_block(BlockId(3), &pattern(3)).expect("write");
+    s.delete_block(BlockId(3)).expect("delete");
+    assert_eq!(read(&*s, 3), (false, vec![0; BLOCK_SIZE]), "{s}");
+    s.delete_block(BlockId(3)).expect("delete again");
+    s.delete_block(BlockId(99)).expect("delete never written");
+}
+
+/// The list holds exactly the stored blocks, in order.
+pub fn list_reports_stored_blocks(open: Open<'_>) {
+    let s = open(5);
+    for id in [9, 2, 1 << 20, 5] {
+        s.write_block(BlockId(id), &pattern(id as u8)).expect("write");
+    }
+    s.delete_block(BlockId(5)).expect("delete");
+    let ids: Vec<u64> = s.list_blocks().expect("list").into_iter().map(|b| b.0).collect();
+    assert_eq!(ids, vec![2, 9, 1 << 20], "{s}");
+}
+
+/// A buffer of the wrong length is an error, not a panic or a short block.
+pub fn wrong_length_is_an_error(open: Open<'_>) {
+    let s = open(6);
+    assert!(s.write_block(BlockId(0), &[1u8; 100]).is_err(), "{s}: short write");
+    assert!(s.read_block(BlockId(0), &mut [0u8; 100]).is_err(), "{s}: short read");
+    assert_eq!(read(&*s, 0).0, false, "{s}: failed write stored something");
+}
+
+/// Many threads writing and reading distinct blocks see only their own data.
+pub fn concurrent_distinct_blocks(open: Open<'_>) {
+    let s: Arc<dyn Storage> = Arc::from(open(7));
+    std::thread::scope(|scope| {
+        for t in 0..8u64 {
+            let s = &s;
+            scope.spawn(move || {
+                for round in 0..4u64 {
+                    let id = t * 100 + round;
+                    let data = pattern((t * 4 + round) as u8);
+                    s.write_block(BlockId(id), &data).expect("write");
+                    assert_eq!(read(&**s, id), (true, data), "{s} block {id}");
+                }
+            });
+        }
+    });
+    assert_eq!(s.list_blocks().expect("list").len(), 32, "{s}");
+}
+
+/// After `flush`, a new instance on the same place reads what was written and not what was deleted.
+pub fn flush_survives_reopen(open: Open<'_>) {
+    let s = open(8);
+    s.write_block(BlockId(10), &pattern(10)).expect("write");
+    s.write_block(BlockId(11), &pattern(11)).expect("write");
+    s.delete_block(BlockId(11)).expect("delete");
+    s.flush().expect("flush");
+    drop(s);
+    let again = open(8);
+    assert_eq!(read(&*again, 10), (true, pattern(10)), "{again}");
+    assert_eq!(read(&*again, 11).0, false, "{again}");
+    assert_eq!(again.list_blocks().expect("list"), vec![BlockId(10)], "{again}");
+}
+
+/// Runs every check; `persistent` backends also run the reopen check.
+pub fn run_all(open: Open<'_>, persistent: bool) {
+    unwritten_reads_zero(open);
+    write_read_roundtrip(open);
+    overwrite(open);
+    delete_is_idempotent(open);
+    list_reports_stored_blocks(open);
+    wrong_length_is_an_error(open);
+    concurrent_distinct_blocks(open);
+    if persistent {
+        flush_survives_reopen(open);
+    }
+}

@@ -1,0 +1,322 @@
+//! `S3Storage`: one object per stored block in an S3 bucket, at `blocks/{export}/{offset:016x}`.
+//!
+//! The [`Storage`] trait is synchronous because nbdkit calls us on its own threads; each call
+//! here blocks on one process-wide tokio runtime. That runtime is created on first use, which is
+//! after nbdkit forks (threads do not survive a fork); the start-up check in
+//! [`check_bucket`] runs on a throw-away runtime that is gone before the fork.
+//!
+//! Concurrency comes from the callers: nbdkit's worker threads, and the write-back workers of the
+//! [`BlockCache`](crate::volume::BlockCache), each blocking on their own request. Retries with
+//! backoff (throttling and 5xx included) and timeouts are the SDK's, bounded by `s3-timeout`.
+
+use std::fmt;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use aws_config::retry::RetryConfig;
+use aws_config::timeout::TimeoutConfig;
+use aws_config::BehaviorVersion;
+use aws_sdk_s3::config::{Credentials, Region};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::Client;
+
+use super::{check_len, BlockId, Storage};
+use crate::config::Secret;
+use crate::export::{parse_block_leaf, ExportName};
+use crate::{Error, Result};
+
+/// How to reach the bucket.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct S3Config {
+    /// The bucket.
+    pub bucket: String,
+    /// The endpoint URL; `None` means AWS.
+    pub endpoint: Option<String>,
+    /// The signing region.
+    pub region: String,
+    /// The access key id; `None` means the AWS credential chain.
+    pub access_key: Option<String>,
+    /// The secret key that goes with `access_key`.
+    pub secret_key: Option<Secret>,
+    /// Path-style URLs (`endpoint/bucket/key`); `None` until the config is finished.
+    pub path_style: Option<bool>,
+    /// Requests in flight during write-back.
+    pub concurrency: usize,
+    /// The bound on one request, retries included.
+    pub timeout: Duration,
+}
+
+impl Default for S3Config {
+    fn default() -> Self {
+        S3Config {
+            bucket: String::new(),
+            endpoint: None,
+            region: "us-east-1".into(),
+            access_key: None,
+            secret_key: None,
+            path_style: None,
+            concurrency: 16,
+            timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl S3Config {
+    fn describe(&self) -> String {
+        format!("S3Storage({}/{})", self.endpoint.as_deref().unwrap_or("aws"), self.bucket)
+    }
+}
+
+/// The process-wide runtime, created on first use (after nbdkit forks).
+///
+/// # Errors
+/// [`Error::Backend`] if the runtime's threads cannot be started.
+pub fn runtime() -> Result<&'static tokio::runtime::Runtime> {
+    static RUNTIME: OnceLock<std::result::Result<tokio::runtime::Runtime, String>> = OnceLock::new();
+    RUNTIME
+        .get_or_init(|| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("nbds3-s3")
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())
+        })
+        .as_ref()
+        .map_err(|e| Error::backend("S3Storage", format!("cannot start the tokio runtime: {e}")))
+}
+
+/// Builds an S3 client for `config`. Must run inside a tokio runtime.
+pub async fn client(config: &S3Config) -> Client {
+    let mut loader = aws_config::defaults(BehaviorVersion::latest())
+        .region(Region::new(config.region.clone()))
+        .retry_config(RetryConfig::standard().with_max_attempts(5))
+        .timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(config.timeout.min(Duration::from_secs(5)))
+                .operation_attempt_timeout(config.timeout.min(Duration::from_secs(10)))
+                .operation_timeout(config.timeout)
+                .build(),
+        );
+    if let (Some(id), Some(secret)) = (&config.access_key, &config.secret_key) {
+        loader = loader.credentials_provider(Credentials::new(id, &secret.0, None, None, "nbds3"));
+    }
+    let sdk = loader.load().await;
+    let mut builder = aws_sdk_s3::config::Builder::from(&sdk).force_path_style(config.path_style.unwrap_or(false));
+    if let Some(endpoint) = &config.endpoint {
+        builder = builder.endpoint_url(endpoint);
+    }
+    Client::from_conf(builder.build())
+}
+
+/// Checks once, at start-up, that the bucket is reachable with these credentials, creating it
+/// if it does not exist and the credentials allow that.
+///
+/// Runs on its own short-lived runtime, so it can be called before nbdkit forks.
+///
+/// # Errors
+/// [`Error::NotFound`], [`Error::PermissionDenied`], [`Error::Unauthenticated`] or
+/// [`Error::Backend`], each naming the bucket and endpoint.
+pub fn check_bucket(config: &S3Config) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::backend(config.describe(), format!("cannot start a runtime: {e}")))?;
+    rt.block_on(async {
+        let client = client(config).await;
+        let store = config.describe();
+        let probe = client.list_objects_v2().bucket(&config.bucket).prefix("blocks/").max_keys(1).send().await;
+        let err = match probe {
+            Ok(_) => return Ok(()),
+            Err(e) => e,
+        };
+        if err.code() != Some("NoSuchBucket") {
+            return Err(fold(&store, &format!("bucket {}", config.bucket), err));
+        }
+        log::info!("{store}: bucket {} does not exist, creating it", config.bucket);
+        let mut create = client.create_bucket().bucket(&config.bucket);
+        if config.region != "us-east-1" {
+            create = create.create_bucket_configuration(
+                aws_sdk_s3::types::CreateBucketConfiguration::builder()
+                    .location_constraint(config.region.as_str().into())
+                    .build(),
+            );
+        }
+        match create.send().await {
+            Ok(_) => Ok(()),
+            Err(e) if e.code() == Some("BucketAlreadyOwnedByYou") => Ok(()),
+            Err(e) => {
+                let cause = fold(&store, &format!("create bucket {}", config.bucket), e);
+                Err(Error::NotFound {
+                    store,
+                    message: format!("bucket {} does not exist and could not be created ({cause})", config.bucket),
+                })
+            }
+        }
+    })
+}
+
+/// The blocks of one export in a bucket.
+#[derive(Debug)]
+pub struct S3Storage {
+    client: Client,
+    bucket: String,
+    export: ExportName,
+    block_size: usize,
+    /// `S3Storage(endpoint/bucket/blocks/export/)`, for messages.
+    name: String,
+}
+
+impl S3Storage {
+    /// The store of `export` in `config.bucket`, through `client`.
+    pub fn new(client: Client, config: &S3Config, export: &ExportName, block_size: usize) -> Self {
+        let name = format!(
+            "S3Storage({}/{}/{})",
+            config.endpoint.as_deref().unwrap_or("aws"),
+            config.bucket,
+            export.block_prefix()
+        );
+        S3Storage { client, bucket: config.bucket.clone(), export: export.clone(), block_size, name }
+    }
+
+    fn key(&self, id: BlockId) -> String {
+        self.export.block_key(id, self.block_size)
+    }
+}
+
+impl fmt::Display for S3Storage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.name)
+    }
+}
+
+impl Storage for S3Storage {
+    fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    fn read_block(&self, id: BlockId, buf: &mut [u8]) -> Result<bool> {
+        check_len(self, self.block_size, buf.len())?;
+        let key = self.key(id);
+        runtime()?.block_on(async {
+            let object = match self.client.get_object().bucket(&self.bucket).key(&key).send().await {
+                Ok(o) => o,
+                Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => {
+                    buf.fill(0);
+                    return Ok(false);
+                }
+                Err(e) => return Err(fold(&self.name, &format!("GET {key}"), e)),
+            };
+            let body = object
+                .body
+                .collect()
+                .await
+                .map_err(|e| Error::backend(self, format!("GET {key}: reading the body: {e}")))?;
+            let bytes = body.into_bytes();
+            if bytes.len() != buf.len() {
+                return Err(Error::CorruptBlock {
+                    store: self.name.clone(),
+                    block: id.0,
+                    message: format!("object {key} is {} bytes, expected {}", bytes.len(), buf.len()),
+                });
+            }
+            buf.copy_from_slice(&bytes);
+            Ok(true)
+        })
+    }
+
+    fn write_block(&self, id: BlockId, data: &[u8]) -> Result<()> {
+        check_len(self, self.block_size, data.len())?;
+        let key = self.key(id);
+        let body = ByteStream::from(data.to_vec());
+        runtime()?.block_on(async {
+            self.client
+                .put_object()
+                .bucket(&self.bucket)
+                .key(&key)
+                .body(body)
+                .send()
+                .await
+                .map_err(|e| fold(&self.name, &format!("PUT {key}"), e))
+                .map(drop)
+        })
+    }
+
+    fn delete_block(&self, id: BlockId) -> Result<()> {
+        let key = self.key(id);
+        runtime()?.block_on(async {
+            self.client
+                .delete_object()
+                .bucket(&self.bucket)
+                .key(&key)
+                .send()
+                .await
+                .map_err(|e| fold(&self.name, &format!("DELETE {key}"), e))
+                .map(drop)
+        })
+    }
+
+    fn list_blocks(&self) -> Result<Vec<BlockId>> {
+        let prefix = self.export.block_prefix();
+        runtime()?.block_on(async {
+            let mut pages =
+                self.client.list_objects_v2().bucket(&self.bucket).prefix(&prefix).into_paginator().send();
+            let mut ids = Vec::new();
+            while let Some(page) = pages.next().await {
+                let page = page.map_err(|e| fold(&self.name, &format!("LIST {prefix}"), e))?;
+                for object in page.contents() {
+                    let leaf = object.key().and_then(|k| k.strip_prefix(&prefix));
+                    match leaf.and_then(|l| parse_block_leaf(l, self.block_size)) {
+                        Some(id) => ids.push(id),
+                        None => log::debug!("{self}: ignoring stray object {:?}", object.key()),
+                    }
+                }
+            }
+            ids.sort_unstable();
+            Ok(ids)
+        })
+    }
+
+    fn flush(&self) -> Result<()> {
+        // S3 acknowledges a PUT or DELETE only once it is durable: there is nothing to flush.
+        Ok(())
+    }
+}
+
+/// Folds an SDK error into a crate error category, keeping the operation, key, status and code.
+fn fold<E, R>(store: &str, what: &str, err: SdkError<E, R>) -> Error
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: fmt::Debug,
+{
+    let store = store.to_string();
+    let code = err.code().unwrap_or_default().to_string();
+    let detail = err.message().map(|m| format!(": {m}")).unwrap_or_default();
+    match &err {
+        SdkError::TimeoutError(_) => Error::Timeout { store, message: format!("{what}: no answer in time") },
+        SdkError::DispatchFailure(d) => {
+            let message = if d.is_timeout() {
+                return Error::Timeout { store, message: format!("{what}: no answer in time") };
+            } else {
+                format!("{what}: cannot reach the endpoint: {}", aws_smithy_types::error::display::DisplayErrorContext(&err))
+            };
+            Error::Backend { store, message }
+        }
+        _ => {
+            let message = format!("{what}: {code}{detail}");
+            match code.as_str() {
+                "InvalidAccessKeyId" | "SignatureDoesNotMatch" | "InvalidToken" | "ExpiredToken" => {
+                    Error::Unauthenticated { store, message }
+                }
+                "AccessDenied" | "AllAccessDisabled" | "Forbidden" => Error::PermissionDenied { store, message },
+                "NoSuchBucket" => Error::NotFound { store, message },
+                "" => Error::Backend {
+                    store,
+                    message: format!("{what}: {}", aws_smithy_types::error::display::DisplayErrorContext(&err)),
+                },
+                _ => Error::Backend { store, message },
+            }
+        }
+    }
+}

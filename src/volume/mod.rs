@@ -1,0 +1,156 @@
+//! `Volume`: the byte-addressed device of one export, built from whole blocks.
+//!
+//! It splits each request into per-block pieces ([`geometry`]), hands them to the
+//! [`BlockCache`], and decides when data must reach storage: on FLUSH, on FUA, and early when
+//! too many blocks are dirty. All connections to one export share one `Volume`, so a FLUSH on one
+//! connection covers writes made on every other.
+
+pub mod cache;
+pub mod geometry;
+
+use std::sync::Arc;
+
+pub use cache::{BlockCache, CacheStats};
+pub use geometry::{Geometry, Piece, DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
+
+use crate::storage::{BlockId, Storage};
+use crate::{Error, Result};
+
+/// How a `Volume` caches and writes back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VolumeConfig {
+    /// Bytes of clean blocks kept in memory.
+    pub cache_bytes: u64,
+    /// Bytes of dirty blocks allowed before writers start writing back the oldest.
+    pub max_dirty_bytes: u64,
+    /// Blocks written back or read at once.
+    pub concurrency: usize,
+}
+
+/// One export's device.
+#[derive(Debug)]
+pub struct Volume {
+    geometry: Geometry,
+    config: VolumeConfig,
+    cache: BlockCache,
+    /// `max_dirty_bytes` in blocks, at least 1.
+    max_dirty_blocks: usize,
+}
+
+impl Volume {
+    /// A device of `geometry` over `storage`.
+    ///
+    /// # Errors
+    /// [`Error::Config`] if the storage's block size is not the geometry's.
+    pub fn new(storage: Arc<dyn Storage>, geometry: Geometry, config: VolumeConfig) -> Result<Self> {
+        let block_size = geometry.block_size();
+        if storage.block_size() != block_size {
+            return Err(Error::config(
+                "block-size",
+                format!("{storage} has {}-byte blocks, the volume {block_size}", storage.block_size()),
+            ));
+        }
+        let blocks = |bytes: u64| usize::try_from(bytes / block_size as u64).unwrap_or(usize::MAX);
+        Ok(Volume {
+            geometry,
+            config,
+            cache: BlockCache::new(storage, blocks(config.cache_bytes)),
+            max_dirty_blocks: blocks(config.max_dirty_bytes).max(1),
+        })
+    }
+
+    /// The device's geometry.
+    pub fn geometry(&self) -> Geometry {
+        self.geometry
+    }
+
+    /// The cache, for its counters.
+    pub fn cache(&self) -> &BlockCache {
+        &self.cache
+    }
+
+    /// Reads `buf.len()` bytes at `offset`.
+    ///
+    /// # Errors
+    /// [`Error::OutOfRange`], or the storage's error for a block that could not be read.
+    pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        for p in self.geometry.pieces(offset, buf.len() as u64)? {
+            let out = &mut buf[p.buf_offset..p.buf_offset + p.len];
+            self.cache.read(p.block, p.offset_in_block, out)?;
+        }
+        Ok(())
+    }
+
+    /// Writes `data` at `offset`; with `fua`, it is durable in storage before this returns.
+    ///
+    /// # Errors
+    /// [`Error::OutOfRange`], or a storage error from reading a partial block, from making room
+    /// among the dirty blocks, or (with `fua`) from writing back.
+    pub fn write(&self, data: &[u8], offset: u64, fua: bool) -> Result<()> {
+        let pieces = self.geometry.pieces(offset, data.len() as u64)?;
+        self.make_room()?;
+        let mut touched = Vec::new();
+        for p in pieces {
+            self.cache.write(p.block, p.offset_in_block, &data[p.buf_offset..p.buf_offset + p.len])?;
+            touched.push(p.block);
+        }
+        self.finish(&touched, fua)
+    }
+
+    /// Makes `len` bytes at `offset` read as zeros; whole blocks are dropped from storage without
+    /// being read, partial ones are zeroed by read-modify-write.
+    ///
+    /// # Errors
+    /// [`Error::FastZeroUnsupported`] when `fast` is set and the range has partial blocks (that
+    /// would need a read); otherwise as [`write`](Self::write).
+    pub fn zero(&self, len: u64, offset: u64, fua: bool, fast: bool) -> Result<()> {
+        let block_size = self.geometry.block_size();
+        let pieces = self.geometry.pieces(offset, len)?;
+        if fast && pieces.clone().any(|p| !p.is_whole_block(block_size)) {
+            return Err(Error::FastZeroUnsupported);
+        }
+        self.make_room()?;
+        let zeros = vec![0u8; block_size];
+        let mut touched = Vec::new();
+        for p in pieces {
+            if p.is_whole_block(block_size) {
+                self.cache.zero(p.block)?;
+            } else {
+                self.cache.write(p.block, p.offset_in_block, &zeros[..p.len])?;
+            }
+            touched.push(p.block);
+        }
+        self.finish(&touched, fua)
+    }
+
+    /// Writes back every dirty block, then flushes storage: every write acknowledged before this
+    /// call is durable when it returns `Ok`.
+    ///
+    /// # Errors
+    /// The first storage error; blocks that failed stay dirty and a later flush retries them.
+    pub fn flush(&self) -> Result<()> {
+        self.cache.write_back_all(self.config.concurrency)?;
+        self.cache.storage().flush()
+    }
+
+    fn finish(&self, touched: &[BlockId], fua: bool) -> Result<()> {
+        if fua {
+            self.cache.write_back(touched, self.config.concurrency)?;
+            self.cache.storage().flush()?;
+        }
+        Ok(())
+    }
+
+    /// Writes back the oldest dirty blocks while there are too many, so dirty memory stays bounded
+    /// and a writer waits only when storage cannot keep up.
+    fn make_room(&self) -> Result<()> {
+        if self.cache.dirty_blocks() < self.max_dirty_blocks {
+            return Ok(());
+        }
+        let target = self.max_dirty_blocks.saturating_sub(self.config.concurrency).max(self.max_dirty_blocks / 2);
+        self.cache.write_back_oldest(target, self.config.concurrency)
+    }
+}
+
+#[cfg(test)]
+mod tests;
