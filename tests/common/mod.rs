@@ -1,0 +1,280 @@
+//! Shared harness of the process tests: a real `nbdkit` with the built plugin, real clients, a
+//! real S3 server, and per-test sockets, directories and export names so tests run in parallel.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// The plugin under test: `target/{profile}/libnbds3.so`, beside the test binary's `deps/`.
+pub fn plugin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target/{profile}");
+    let so = profile_dir.join("libnbds3.so");
+    assert!(so.exists(), "{} is missing: run `cargo build` before `cargo test`", so.display());
+    so
+}
+
+/// Whether a missing tool or server must fail the test (CI) rather than skip it.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false")
+}
+
+/// Returns false (after saying why) when `tool` is not installed; panics in CI.
+pub fn have(tool: &str) -> bool {
+    let found = Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().is_ok_and(|o| o.status.success());
+    if !found {
+        assert!(!in_ci(), "{tool} is not installed, and CI must run every test");
+        eprintln!("SKIPPED: {tool} is not installed");
+    }
+    found
+}
+
+/// Skips the test (returns early) when a tool is missing outside CI.
+#[macro_export]
+macro_rules! require {
+    ($($tool:expr),+) => {
+        $(if !common::have($tool) { return; })+
+    };
+}
+
+/// A unique name for this test run: process id plus a counter plus `what`.
+pub fn unique(what: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!("t{}-{}-{what}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+/// The local S3 server of `scripts/garage start`, from the environment it prints.
+#[derive(Clone, Debug)]
+pub struct S3Env {
+    /// `NBDS3_S3_ENDPOINT`.
+    pub endpoint: String,
+    /// `AWS_ACCESS_KEY_ID`.
+    pub access_key: String,
+    /// `AWS_SECRET_ACCESS_KEY`.
+    pub secret_key: String,
+}
+
+/// The S3 server to test against, or `None` (after saying why) outside CI.
+pub fn s3() -> Option<S3Env> {
+    let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    match (var("NBDS3_S3_ENDPOINT"), var("AWS_ACCESS_KEY_ID"), var("AWS_SECRET_ACCESS_KEY")) {
+        (Some(endpoint), Some(access_key), Some(secret_key)) => Some(S3Env { endpoint, access_key, secret_key }),
+        _ => {
+            assert!(!in_ci(), "NBDS3_S3_ENDPOINT is not set: run `eval \"$(scripts/garage start)\"` first");
+            eprintln!("SKIPPED: no S3 server (eval \"$(scripts/garage start)\" first)");
+            None
+        }
+    }
+}
+
+/// The bucket the tests share; each test uses its own export names in it.
+pub const TEST_BUCKET: &str = "nbds3-test";
+
+impl S3Env {
+    /// The plugin parameters that reach this server.
+    pub fn params(&self, bucket: &str) -> Vec<String> {
+        vec![format!("bucket={bucket}"), format!("endpoint={}", self.endpoint)]
+    }
+
+    /// The keys stored under `prefix` in `bucket`, listed with the SDK directly.
+    pub fn list(&self, bucket: &str, prefix: &str) -> Vec<String> {
+        let config = nbds3::storage::S3Config {
+            bucket: bucket.into(),
+            endpoint: Some(self.endpoint.clone()),
+            path_style: Some(true),
+            access_key: Some(self.access_key.clone()),
+            secret_key: Some(nbds3::config::Secret(self.secret_key.clone())),
+            ..Default::default()
+        };
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let client = nbds3::storage::s3::client(&config).await;
+            let mut keys = Vec::new();
+            let mut pages = client.list_objects_v2().bucket(bucket).prefix(prefix).into_paginator().send();
+            while let Some(page) = pages.next().await {
+                keys.extend(page.expect("list").contents().iter().filter_map(|o| o.key().map(String::from)));
+            }
+            keys
+        })
+    }
+}
+
+/// A running `nbdkit` serving the plugin on a private Unix socket; killed and reaped on drop.
+pub struct Nbdkit {
+    child: Option<Child>,
+    pid: u32,
+    /// The socket clients connect to.
+    pub socket: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Nbdkit {
+    /// Starts `nbdkit -f` with `params`, waiting until it accepts connections.
+    pub fn start(params: &[String]) -> Nbdkit {
+        Self::try_start(params, &[]).unwrap_or_else(|e| panic!("nbdkit did not start: {e}"))
+    }
+
+    /// Starts nbdkit with extra nbdkit `options` (e.g. `-r`, `--filter=...`) before the plugin.
+    pub fn start_with(options: &[&str], params: &[String]) -> Nbdkit {
+        Self::try_start(params, options).unwrap_or_else(|e| panic!("nbdkit did not start: {e}"))
+    }
+
+    /// Starts nbdkit, returning its stderr if it exits instead of serving.
+    pub fn try_start(params: &[String], options: &[&str]) -> Result<Nbdkit, String> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("nbd.sock");
+        let stderr_path = dir.path().join("stderr");
+        let mut child = Command::new("nbdkit")
+            .args(["-f", "--exit-with-parent", "-U"])
+            .arg(&socket)
+            .args(options)
+            .arg(plugin())
+            .args(params)
+            .env("NBDS3_LOG", "debug")
+            .stdin(Stdio::null())
+            .stderr(std::fs::File::create(&stderr_path).expect("stderr file"))
+            .spawn()
+            .expect("spawn nbdkit");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !socket.exists() {
+            if let Ok(Some(status)) = child.try_wait() {
+                let stderr = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+                return Err(format!("nbdkit exited with {status}:\n{stderr}"));
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err("nbdkit did not create its socket within 30 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let pid = child.id();
+        Ok(Nbdkit { child: Some(child), pid, socket, _dir: dir })
+    }
+
+    /// Starts nbdkit the way users do, without `-f`: it forks into the background, and is found
+    /// and stopped by the PID in its pidfile.
+    pub fn start_daemon(params: &[String]) -> Nbdkit {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("nbd.sock");
+        let pidfile = dir.path().join("nbdkit.pid");
+        let out = Command::new("nbdkit")
+            .args(["-U"])
+            .arg(&socket)
+            .arg("-P")
+            .arg(&pidfile)
+            .arg(plugin())
+            .args(params)
+            .output()
+            .expect("run nbdkit");
+        assert!(out.status.success(), "nbdkit failed: {}", String::from_utf8_lossy(&out.stderr));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let pid: u32 = loop {
+            let pid = std::fs::read_to_string(&pidfile).ok().and_then(|p| p.trim().parse().ok());
+            match pid {
+                Some(pid) if socket.exists() => break pid,
+                _ => assert!(Instant::now() < deadline, "nbdkit did not create its socket and pidfile"),
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Nbdkit { child: None, pid, socket, _dir: dir }
+    }
+
+    /// The NBD URI of the default export.
+    pub fn uri(&self) -> String {
+        self.uri_of("")
+    }
+
+    /// The NBD URI of export `name`.
+    pub fn uri_of(&self, name: &str) -> String {
+        format!("nbd+unix:///{name}?socket={}", self.socket.display())
+    }
+
+    /// Runs a Python snippet in `nbdsh` connected to the default export (`h` is the handle).
+    pub fn nbdsh(&self, script: &str) -> String {
+        nbdsh(&self.uri(), script)
+    }
+
+    /// Stops nbdkit (SIGTERM, so it writes back and unloads cleanly) and waits for it.
+    pub fn stop(mut self) {
+        self.terminate(libc::SIGTERM);
+    }
+
+    /// Kills nbdkit with SIGKILL: no write-back, no unload, like a crash.
+    pub fn crash(mut self) {
+        self.terminate(libc::SIGKILL);
+    }
+
+    fn terminate(&mut self, signal: i32) {
+        // SAFETY: signalling a process id we started.
+        unsafe { libc::kill(self.pid as i32, signal) };
+        match self.child.take() {
+            Some(mut child) => {
+                let _ = child.wait();
+            }
+            None => {
+                let deadline = Instant::now() + Duration::from_secs(30);
+                // SAFETY: probing a process id we started.
+                while unsafe { libc::kill(self.pid as i32, 0) } == 0 && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Nbdkit {
+    fn drop(&mut self) {
+        self.terminate(libc::SIGKILL);
+    }
+}
+
+/// Runs a Python snippet in `nbdsh` (Debian's python, whatever python3 is first on PATH).
+pub fn nbdsh(uri: &str, script: &str) -> String {
+    let out = run(Command::new("/usr/bin/python3").args(["-m", "nbd", "-u", uri, "-c", script]));
+    assert!(out.status.success(), "nbdsh failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs a command with a bounded lifetime (5 minutes), returning its output.
+pub fn run(cmd: &mut Command) -> Output {
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+    let pid = child.id();
+    let watchdog = std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        // SAFETY: probing and killing a process id we started.
+        while Instant::now() < deadline {
+            if unsafe { libc::kill(pid as i32, 0) } != 0 {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    });
+    let out = child.wait_with_output().expect("wait");
+    drop(watchdog);
+    out
+}
+
+/// Runs a command and asserts it succeeded.
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = run(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed with {}:\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// `n` bytes of reproducible pseudo-random data.
+pub fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
+    use rand::{RngCore, SeedableRng};
+    let mut v = vec![0u8; n];
+    rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut v);
+    v
+}
