@@ -101,6 +101,19 @@ impl ConfigKey {
         }
     }
 
+    /// The README's parameter table, in Markdown.
+    pub fn markdown_table() -> String {
+        let mut table = String::from("| parameter | meaning |\n|---|---|\n");
+        for k in ConfigKey::ALL {
+            let (name, value, doc) = k.doc();
+            table.push_str(&format!(
+                "| `{name}={}` | {doc} |\n",
+                value.replace('|', "\\|")
+            ));
+        }
+        table
+    }
+
     /// The `--help` text: one line per parameter.
     pub fn help() -> String {
         ConfigKey::ALL
@@ -126,10 +139,16 @@ impl FromStr for ConfigKey {
             "url" => "endpoint",
             other => other,
         };
-        ConfigKey::ALL.into_iter().find(|k| k.name() == alias).ok_or_else(|| {
-            let names: Vec<_> = ConfigKey::ALL.iter().map(|k| k.name()).collect();
-            Error::config(s, format!("unknown parameter; the parameters are {}", names.join(", ")))
-        })
+        ConfigKey::ALL
+            .into_iter()
+            .find(|k| k.name() == alias)
+            .ok_or_else(|| {
+                let names: Vec<_> = ConfigKey::ALL.iter().map(|k| k.name()).collect();
+                Error::config(
+                    s,
+                    format!("unknown parameter; the parameters are {}", names.join(", ")),
+                )
+            })
     }
 }
 
@@ -183,7 +202,12 @@ impl Config {
                     "memory" => StorageKind::Memory,
                     "file" => StorageKind::File,
                     "s3" => StorageKind::S3,
-                    _ => return Err(Error::config(name, format!("{value:?} is not a backend: use memory, file or s3"))),
+                    _ => {
+                        return Err(Error::config(
+                            name,
+                            format!("{value:?} is not a backend: use memory, file or s3"),
+                        ))
+                    }
                 })
             }
             ConfigKey::Export => self.export = ExportName::new(value)?,
@@ -204,13 +228,23 @@ impl Config {
             ConfigKey::S3Concurrency => {
                 self.s3.concurrency = match value.parse::<usize>() {
                     Ok(n) if (1..=1024).contains(&n) => n,
-                    _ => return Err(Error::config(name, format!("{value:?} is not allowed: use a whole number from 1 to 1024"))),
+                    _ => {
+                        return Err(Error::config(
+                            name,
+                            format!("{value:?} is not allowed: use a whole number from 1 to 1024"),
+                        ))
+                    }
                 }
             }
             ConfigKey::S3Timeout => {
                 self.s3.timeout = match value.parse::<f64>() {
                     Ok(s) if s > 0.0 && s <= 86400.0 => Duration::from_secs_f64(s),
-                    _ => return Err(Error::config(name, format!("{value:?} is not allowed: use seconds, more than 0"))),
+                    _ => {
+                        return Err(Error::config(
+                            name,
+                            format!("{value:?} is not allowed: use seconds, more than 0"),
+                        ))
+                    }
                 }
             }
         }
@@ -236,13 +270,19 @@ impl Config {
         self.storage = Some(storage);
         match storage {
             StorageKind::File if self.dir.is_none() => {
-                return Err(Error::config("dir", "storage=file needs dir=PATH, the directory that holds the blocks"))
+                return Err(Error::config(
+                    "dir",
+                    "storage=file needs dir=PATH, the directory that holds the blocks",
+                ))
             }
             StorageKind::S3 if self.s3.bucket.is_empty() => {
                 return Err(Error::config("bucket", "storage=s3 needs bucket=NAME"))
             }
             StorageKind::Memory if self.size.is_none() => {
-                return Err(Error::config("size", "storage=memory needs size=SIZE, e.g. size=1G"))
+                return Err(Error::config(
+                    "size",
+                    "storage=memory needs size=SIZE, e.g. size=1G",
+                ))
             }
             _ => {}
         }
@@ -250,7 +290,10 @@ impl Config {
             self.s3.path_style = Some(self.s3.endpoint.is_some());
         }
         if self.s3.access_key.is_some() != self.s3.secret_key.is_some() {
-            return Err(Error::config("secret-key", "access-key= and secret-key= go together: give both or neither"));
+            return Err(Error::config(
+                "secret-key",
+                "access-key= and secret-key= go together: give both or neither",
+            ));
         }
         crate::volume::Geometry::new(self.size.unwrap_or(self.block_size as u64), self.block_size)?;
         Ok(())
@@ -289,12 +332,24 @@ fn non_empty<'a>(key: &str, value: &'a str) -> Result<&'a str> {
 /// # Errors
 /// [`Error::Config`] for parameter `key`.
 pub fn parse_size(key: &str, value: &str) -> Result<u64> {
-    let bad = || Error::config(key, format!("{value:?} is not a size: use a number with an optional K, M, G, T, P or E suffix"));
-    let digits = value.find(|c: char| !c.is_ascii_digit()).unwrap_or(value.len());
+    let bad = || {
+        Error::config(
+            key,
+            format!(
+                "{value:?} is not a size: use a number with an optional K, M, G, T, P or E suffix"
+            ),
+        )
+    };
+    let digits = value
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(value.len());
     let (number, suffix) = value.split_at(digits);
     let number: u64 = number.parse().map_err(|_| bad())?;
     let suffix = suffix.to_ascii_uppercase();
-    let suffix = suffix.strip_suffix("IB").or_else(|| suffix.strip_suffix('B')).unwrap_or(&suffix);
+    let suffix = suffix
+        .strip_suffix("IB")
+        .or_else(|| suffix.strip_suffix('B'))
+        .unwrap_or(&suffix);
     let shift = match suffix {
         "" => 0,
         "K" => 10,
@@ -315,7 +370,10 @@ fn parse_bool(key: &str, value: &str) -> Result<bool> {
     match value.to_ascii_lowercase().as_str() {
         "1" | "true" | "yes" | "on" => Ok(true),
         "0" | "false" | "no" | "off" => Ok(false),
-        _ => Err(Error::config(key, format!("{value:?} is not a boolean: use true or false"))),
+        _ => Err(Error::config(
+            key,
+            format!("{value:?} is not a boolean: use true or false"),
+        )),
     }
 }
 
@@ -341,7 +399,13 @@ mod tests {
         assert_eq!(parse_size("size", "2KiB").unwrap(), 2048);
         assert_eq!(parse_size("size", "1TB").unwrap(), 1 << 40);
         for bad in ["", "G", "1.5G", "1X", "-1", "abc", "99999999999E"] {
-            assert!(parse_size("size", bad).unwrap_err().to_string().starts_with("size: "), "{bad}");
+            assert!(
+                parse_size("size", bad)
+                    .unwrap_err()
+                    .to_string()
+                    .starts_with("size: "),
+                "{bad}"
+            );
         }
     }
 
@@ -349,7 +413,13 @@ mod tests {
     fn the_examples_from_the_readme_configure() {
         let c = configure(&[("storage", "memory"), ("size", "1G")]).unwrap();
         assert_eq!(c.storage_kind(), StorageKind::Memory);
-        let c = configure(&[("storage", "file"), ("dir", "/tmp/x"), ("export", "dev"), ("size", "10G")]).unwrap();
+        let c = configure(&[
+            ("storage", "file"),
+            ("dir", "/tmp/x"),
+            ("export", "dev"),
+            ("size", "10G"),
+        ])
+        .unwrap();
         assert_eq!(c.storage_kind(), StorageKind::File);
         let c = configure(&[("bucket", "nbd-storage"), ("export", "dev"), ("size", "1G")]).unwrap();
         assert_eq!(c.storage_kind(), StorageKind::S3);
@@ -361,19 +431,50 @@ mod tests {
     #[test]
     fn bad_values_name_the_parameter() {
         let cases: &[(&[(&str, &str)], &str)] = &[
-            (&[("storage", "memory"), ("size", "1G"), ("block-size", "1000")], "block-size: 1000 is not allowed"),
-            (&[("storage", "memory"), ("size", "4097")], "size: 4097 is not allowed"),
-            (&[("storage", "memory"), ("size", "lots")], "size: \"lots\" is not a size"),
+            (
+                &[
+                    ("storage", "memory"),
+                    ("size", "1G"),
+                    ("block-size", "1000"),
+                ],
+                "block-size: 1000 is not allowed",
+            ),
+            (
+                &[("storage", "memory"), ("size", "4097")],
+                "size: 4097 is not allowed",
+            ),
+            (
+                &[("storage", "memory"), ("size", "lots")],
+                "size: \"lots\" is not a size",
+            ),
             (&[("storage", "memory")], "size: storage=memory needs size="),
-            (&[("storage", "file"), ("size", "1G")], "dir: storage=file needs dir="),
+            (
+                &[("storage", "file"), ("size", "1G")],
+                "dir: storage=file needs dir=",
+            ),
             (&[("storage", "s3")], "bucket: storage=s3 needs bucket="),
             (&[("storage", "tape")], "storage: \"tape\" is not a backend"),
-            (&[("colour", "blue")], "colour: unknown parameter; the parameters are storage, export"),
+            (
+                &[("colour", "blue")],
+                "colour: unknown parameter; the parameters are storage, export",
+            ),
             (&[("export", "../etc")], "export: invalid export name"),
-            (&[("bucket", "b"), ("access-key", "a")], "secret-key: access-key= and secret-key= go together"),
-            (&[("bucket", "b"), ("path-style", "maybe")], "path-style: \"maybe\" is not a boolean"),
-            (&[("bucket", "b"), ("s3-concurrency", "0")], "s3-concurrency: \"0\" is not allowed"),
-            (&[("bucket", "b"), ("s3-timeout", "soon")], "s3-timeout: \"soon\" is not allowed"),
+            (
+                &[("bucket", "b"), ("access-key", "a")],
+                "secret-key: access-key= and secret-key= go together",
+            ),
+            (
+                &[("bucket", "b"), ("path-style", "maybe")],
+                "path-style: \"maybe\" is not a boolean",
+            ),
+            (
+                &[("bucket", "b"), ("s3-concurrency", "0")],
+                "s3-concurrency: \"0\" is not allowed",
+            ),
+            (
+                &[("bucket", "b"), ("s3-timeout", "soon")],
+                "s3-timeout: \"soon\" is not allowed",
+            ),
             (&[("bucket", "")], "bucket: an empty value is not allowed"),
             (&[], "storage: no backend chosen"),
         ];
@@ -385,8 +486,14 @@ mod tests {
 
     #[test]
     fn keys_accept_aliases_and_help_lists_every_key() {
-        assert_eq!("blocksize".parse::<ConfigKey>().unwrap(), ConfigKey::BlockSize);
-        assert_eq!("block_size".parse::<ConfigKey>().unwrap(), ConfigKey::BlockSize);
+        assert_eq!(
+            "blocksize".parse::<ConfigKey>().unwrap(),
+            ConfigKey::BlockSize
+        );
+        assert_eq!(
+            "block_size".parse::<ConfigKey>().unwrap(),
+            ConfigKey::BlockSize
+        );
         let help = ConfigKey::help();
         for k in ConfigKey::ALL {
             assert!(help.contains(&format!("{}=", k.name())), "{}", k.name());
@@ -395,8 +502,23 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_documents_every_parameter() {
+        let readme = include_str!("../README.md");
+        let table = ConfigKey::markdown_table();
+        assert!(
+            readme.contains(&table),
+            "README.md's parameter table is out of date; it should read:\n{table}"
+        );
+    }
+
+    #[test]
     fn secrets_do_not_show_in_debug_output() {
-        let c = configure(&[("bucket", "b"), ("access-key", "AKID"), ("secret-key", "hunter2")]).unwrap();
+        let c = configure(&[
+            ("bucket", "b"),
+            ("access-key", "AKID"),
+            ("secret-key", "hunter2"),
+        ])
+        .unwrap();
         let shown = format!("{c:?}");
         assert!(!shown.contains("hunter2"), "{shown}");
         assert!(shown.contains("redacted"));

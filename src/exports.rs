@@ -25,7 +25,11 @@ pub struct Exports {
 impl Exports {
     /// The exports of a finished `config`.
     pub fn new(config: Config) -> Self {
-        Exports { config, volumes: Mutex::new(HashMap::new()), s3_client: OnceLock::new() }
+        Exports {
+            config,
+            volumes: Mutex::new(HashMap::new()),
+            s3_client: OnceLock::new(),
+        }
     }
 
     /// The configuration.
@@ -38,15 +42,25 @@ impl Exports {
     /// # Errors
     /// [`Error::Config`] for an invalid name, and any error opening its storage.
     pub fn open(&self, requested: &str) -> Result<Arc<Volume>> {
-        let name = if requested.is_empty() { self.config.export.clone() } else { ExportName::new(requested)? };
+        let name = if requested.is_empty() {
+            self.config.export.clone()
+        } else {
+            ExportName::new(requested)?
+        };
         let mut volumes = lock(&self.volumes);
         if let Some(v) = volumes.get(&name) {
             return Ok(v.clone());
         }
-        let size = self.config.size.ok_or_else(|| Error::config("size", "size=SIZE is required, e.g. size=1G"))?;
+        let size = self
+            .config
+            .size
+            .ok_or_else(|| Error::config("size", "size=SIZE is required, e.g. size=1G"))?;
         let geometry = Geometry::new(size, self.config.block_size)?;
         let storage = self.open_storage(&name, geometry.block_size())?;
-        log::info!("export {name}: {size} bytes in {}-byte blocks on {storage}", geometry.block_size());
+        log::info!(
+            "export {name}: {size} bytes in {}-byte blocks on {storage}",
+            geometry.block_size()
+        );
         let volume = Arc::new(Volume::new(storage, geometry, self.config.volume_config())?);
         volumes.insert(name, volume.clone());
         Ok(volume)
@@ -56,7 +70,11 @@ impl Exports {
         Ok(match self.config.storage_kind() {
             StorageKind::Memory => Arc::new(MemoryStorage::new(block_size)),
             StorageKind::File => {
-                let dir = self.config.dir.as_deref().ok_or_else(|| Error::config("dir", "storage=file needs dir=PATH"))?;
+                let dir = self
+                    .config
+                    .dir
+                    .as_deref()
+                    .ok_or_else(|| Error::config("dir", "storage=file needs dir=PATH"))?;
                 Arc::new(FileStorage::open(dir, name, block_size)?)
             }
             StorageKind::S3 => {
@@ -75,7 +93,10 @@ impl Exports {
 
     /// Writes back every volume's dirty blocks (at unload); returns how many volumes failed.
     pub fn flush_all(&self) -> usize {
-        let volumes: Vec<_> = lock(&self.volumes).iter().map(|(n, v)| (n.clone(), v.clone())).collect();
+        let volumes: Vec<_> = lock(&self.volumes)
+            .iter()
+            .map(|(n, v)| (n.clone(), v.clone()))
+            .collect();
         let mut failed = 0;
         for (name, volume) in volumes {
             if let Err(e) = volume.flush() {

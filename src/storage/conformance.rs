@@ -15,7 +15,9 @@ pub const BLOCK_SIZE: usize = 4096;
 pub type Open<'a> = &'a (dyn Fn(u32) -> Box<dyn Storage> + Sync);
 
 fn pattern(seed: u8) -> Vec<u8> {
-    (0..BLOCK_SIZE).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) | 1).collect()
+    (0..BLOCK_SIZE)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) | 1)
+        .collect()
 }
 
 fn read(s: &dyn Storage, id: u64) -> (bool, Vec<u8>) {
@@ -29,9 +31,16 @@ pub fn unwritten_reads_zero(open: Open<'_>) {
     let s = open(1);
     assert_eq!(s.block_size(), BLOCK_SIZE);
     for id in [0, 1, 12345, u64::MAX / BLOCK_SIZE as u64] {
-        assert_eq!(read(&*s, id), (false, vec![0; BLOCK_SIZE]), "{s} block {id}");
+        assert_eq!(
+            read(&*s, id),
+            (false, vec![0; BLOCK_SIZE]),
+            "{s} block {id}"
+        );
     }
-    assert!(s.list_blocks().expect("list").is_empty(), "{s}: list of an empty store");
+    assert!(
+        s.list_blocks().expect("list").is_empty(),
+        "{s}: list of an empty store"
+    );
 }
 
 /// What is written reads back, and only that block changes.
@@ -39,8 +48,8 @@ pub fn write_read_roundtrip(open: Open<'_>) {
     let s = open(2);
     s.write_block(BlockId(7), &pattern(7)).expect("write");
     assert_eq!(read(&*s, 7), (true, pattern(7)), "{s}");
-    assert_eq!(read(&*s, 6).0, false, "{s}: neighbour");
-    assert_eq!(read(&*s, 8).0, false, "{s}: neighbour");
+    assert!(!read(&*s, 6).0, "{s}: neighbour");
+    assert!(!read(&*s, 8).0, "{s}: neighbour");
 }
 
 /// A second write replaces the first.
@@ -65,19 +74,31 @@ pub fn delete_is_idempotent(open: Open<'_>) {
 pub fn list_reports_stored_blocks(open: Open<'_>) {
     let s = open(5);
     for id in [9, 2, 1 << 20, 5] {
-        s.write_block(BlockId(id), &pattern(id as u8)).expect("write");
+        s.write_block(BlockId(id), &pattern(id as u8))
+            .expect("write");
     }
     s.delete_block(BlockId(5)).expect("delete");
-    let ids: Vec<u64> = s.list_blocks().expect("list").into_iter().map(|b| b.0).collect();
+    let ids: Vec<u64> = s
+        .list_blocks()
+        .expect("list")
+        .into_iter()
+        .map(|b| b.0)
+        .collect();
     assert_eq!(ids, vec![2, 9, 1 << 20], "{s}");
 }
 
 /// A buffer of the wrong length is an error, not a panic or a short block.
 pub fn wrong_length_is_an_error(open: Open<'_>) {
     let s = open(6);
-    assert!(s.write_block(BlockId(0), &[1u8; 100]).is_err(), "{s}: short write");
-    assert!(s.read_block(BlockId(0), &mut [0u8; 100]).is_err(), "{s}: short read");
-    assert_eq!(read(&*s, 0).0, false, "{s}: failed write stored something");
+    assert!(
+        s.write_block(BlockId(0), &[1u8; 100]).is_err(),
+        "{s}: short write"
+    );
+    assert!(
+        s.read_block(BlockId(0), &mut [0u8; 100]).is_err(),
+        "{s}: short read"
+    );
+    assert!(!read(&*s, 0).0, "{s}: failed write stored something");
 }
 
 /// Many threads writing and reading distinct blocks see only their own data.
@@ -109,8 +130,12 @@ pub fn flush_survives_reopen(open: Open<'_>) {
     drop(s);
     let again = open(8);
     assert_eq!(read(&*again, 10), (true, pattern(10)), "{again}");
-    assert_eq!(read(&*again, 11).0, false, "{again}");
-    assert_eq!(again.list_blocks().expect("list"), vec![BlockId(10)], "{again}");
+    assert!(!read(&*again, 11).0, "{again}");
+    assert_eq!(
+        again.list_blocks().expect("list"),
+        vec![BlockId(10)],
+        "{again}"
+    );
 }
 
 /// Runs every check; `persistent` backends also run the reopen check.

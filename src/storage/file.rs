@@ -31,7 +31,12 @@ impl FileStorage {
         let store = format!("FileStorage({})", root.display());
         match fs::metadata(root) {
             Ok(m) if m.is_dir() => {}
-            Ok(_) => return Err(Error::config("dir", format!("{} is not a directory", root.display()))),
+            Ok(_) => {
+                return Err(Error::config(
+                    "dir",
+                    format!("{} is not a directory", root.display()),
+                ))
+            }
             Err(e) => return Err(Error::io(store, format!("dir {}", root.display()), &e)),
         }
         let dir = root.join(export.block_prefix());
@@ -75,7 +80,11 @@ impl Storage for FileStorage {
             return Err(Error::CorruptBlock {
                 store: self.to_string(),
                 block: id.0,
-                message: format!("{} is {len} bytes, expected {}", path.display(), self.block_size),
+                message: format!(
+                    "{} is {len} bytes, expected {}",
+                    path.display(),
+                    self.block_size
+                ),
             });
         }
         file.read_exact(buf).map_err(|e| self.err(&path, &e))?;
@@ -87,7 +96,9 @@ impl Storage for FileStorage {
         let path = self.path(id);
         // Callers never write one block twice at once, so one temporary name per block suffices;
         // it does not parse as a block, so a crash leaves only an ignored stray.
-        let tmp = self.dir.join(format!(".{}.tmp", block_leaf(id, self.block_size)));
+        let tmp = self
+            .dir
+            .join(format!(".{}.tmp", block_leaf(id, self.block_size)));
         let mut file = OpenOptions::new()
             .write(true)
             .create(true)
@@ -112,7 +123,11 @@ impl Storage for FileStorage {
         let mut ids = Vec::new();
         for entry in entries {
             let entry = entry.map_err(|e| self.err(&self.dir, &e))?;
-            if let Some(id) = entry.file_name().to_str().and_then(|n| parse_block_leaf(n, self.block_size)) {
+            if let Some(id) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| parse_block_leaf(n, self.block_size))
+            {
                 ids.push(id);
             }
         }
@@ -122,7 +137,9 @@ impl Storage for FileStorage {
 
     fn flush(&self) -> Result<()> {
         // Block files were fsynced before their rename; the directory holds the renames and deletes.
-        File::open(&self.dir).and_then(|d| d.sync_all()).map_err(|e| self.err(&self.dir, &e))
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| self.err(&self.dir, &e))
     }
 }
 
@@ -166,8 +183,12 @@ mod tests {
 
     #[test]
     fn a_missing_root_directory_is_named() {
-        let e = FileStorage::open(Path::new("/nonexistent/nbds3"), &ExportName::new("dev").unwrap(), 4096)
-            .unwrap_err();
+        let e = FileStorage::open(
+            Path::new("/nonexistent/nbds3"),
+            &ExportName::new("dev").unwrap(),
+            4096,
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("/nonexistent/nbds3"), "{e}");
     }
 }

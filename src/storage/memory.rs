@@ -18,7 +18,10 @@ pub struct MemoryStorage {
 impl MemoryStorage {
     /// An empty store of `block_size`-byte blocks.
     pub fn new(block_size: usize) -> Self {
-        MemoryStorage { block_size, blocks: Mutex::new(BTreeMap::new()) }
+        MemoryStorage {
+            block_size,
+            blocks: Mutex::new(BTreeMap::new()),
+        }
     }
 }
 
@@ -74,6 +77,9 @@ mod tests {
 
     #[test]
     fn conformance() {
-        conformance::run_all(&|_| Box::new(MemoryStorage::new(conformance::BLOCK_SIZE)), false);
+        conformance::run_all(
+            &|_| Box::new(MemoryStorage::new(conformance::BLOCK_SIZE)),
+            false,
+        );
     }
 }

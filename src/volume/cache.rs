@@ -106,7 +106,10 @@ impl BlockCache {
             block_size: storage.block_size(),
             storage,
             capacity,
-            index: Mutex::new(Index { clean: LruCache::unbounded(), dirty: LruCache::unbounded() }),
+            index: Mutex::new(Index {
+                clean: LruCache::unbounded(),
+                dirty: LruCache::unbounded(),
+            }),
             stats: CacheStats::default(),
         }
     }
@@ -144,7 +147,11 @@ impl BlockCache {
         let whole = offset == 0 && data.len() == self.block_size;
         self.with_slot(id, |st| {
             if whole {
-                st.content = if is_zero(data) { Content::Zero } else { Content::Data(Arc::new(data.to_vec())) };
+                st.content = if is_zero(data) {
+                    Content::Zero
+                } else {
+                    Content::Data(Arc::new(data.to_vec()))
+                };
             } else {
                 if matches!(st.content, Content::Unloaded) {
                     self.stats.read_modify_writes.fetch_add(1, Relaxed);
@@ -184,7 +191,9 @@ impl BlockCache {
     pub fn write_back(&self, ids: &[BlockId], concurrency: usize) -> Result<()> {
         let slots: Vec<(BlockId, Arc<Slot>)> = {
             let index = lock(&self.index);
-            ids.iter().filter_map(|id| index.dirty.peek(id).map(|s| (*id, s.clone()))).collect()
+            ids.iter()
+                .filter_map(|id| index.dirty.peek(id).map(|s| (*id, s.clone())))
+                .collect()
         };
         self.write_back_slots(slots, concurrency)
     }
@@ -194,7 +203,11 @@ impl BlockCache {
     /// # Errors
     /// As [`write_back`](Self::write_back).
     pub fn write_back_all(&self, concurrency: usize) -> Result<()> {
-        let slots: Vec<_> = lock(&self.index).dirty.iter().map(|(id, s)| (*id, s.clone())).collect();
+        let slots: Vec<_> = lock(&self.index)
+            .dirty
+            .iter()
+            .map(|(id, s)| (*id, s.clone()))
+            .collect();
         self.write_back_slots(slots, concurrency)
     }
 
@@ -211,7 +224,13 @@ impl BlockCache {
                     return Ok(());
                 }
                 // `iter().rev()` walks from the least recently inserted, i.e. the oldest dirty block.
-                index.dirty.iter().rev().take(excess.min(concurrency * 4)).map(|(id, s)| (*id, s.clone())).collect()
+                index
+                    .dirty
+                    .iter()
+                    .rev()
+                    .take(excess.min(concurrency * 4))
+                    .map(|(id, s)| (*id, s.clone()))
+                    .collect()
             };
             self.write_back_slots(slots, concurrency)?;
         }
@@ -220,14 +239,18 @@ impl BlockCache {
     fn write_back_slots(&self, slots: Vec<(BlockId, Arc<Slot>)>, concurrency: usize) -> Result<()> {
         let workers = concurrency.clamp(1, slots.len().max(1));
         if workers == 1 {
-            return slots.iter().try_for_each(|(id, slot)| self.write_back_slot(*id, slot));
+            return slots
+                .iter()
+                .try_for_each(|(id, slot)| self.write_back_slot(*id, slot));
         }
         let queue = Mutex::new(slots.into_iter());
         let first_error: Mutex<Option<Error>> = Mutex::new(None);
         std::thread::scope(|scope| {
             for _ in 0..workers {
                 scope.spawn(|| loop {
-                    let Some((id, slot)) = lock(&queue).next() else { break };
+                    let Some((id, slot)) = lock(&queue).next() else {
+                        break;
+                    };
                     if let Err(e) = self.write_back_slot(id, &slot) {
                         lock(&first_error).get_or_insert(e);
                     }
@@ -257,7 +280,10 @@ impl BlockCache {
                 self.stats.blocks_deleted.fetch_add(1, Relaxed);
             }
             Content::Unloaded => {
-                return Err(Error::backend(&self.storage, format!("block {id} is dirty but was never loaded")))
+                return Err(Error::backend(
+                    &self.storage,
+                    format!("block {id} is dirty but was never loaded"),
+                ))
             }
         }
         drop(content);
@@ -304,7 +330,12 @@ impl BlockCache {
         }
         let slot = Arc::new(Slot {
             io: Mutex::new(()),
-            state: Mutex::new(SlotState { content: Content::Unloaded, gen: 0, stored_gen: 0, evicted: false }),
+            state: Mutex::new(SlotState {
+                content: Content::Unloaded,
+                gen: 0,
+                stored_gen: 0,
+                evicted: false,
+            }),
         });
         index.clean.push(id, slot.clone());
         self.evict_excess(&mut index);
@@ -317,7 +348,9 @@ impl BlockCache {
         let mut budget = index.clean.len().saturating_sub(1);
         while index.clean.len() > self.capacity && budget > 0 {
             budget -= 1;
-            let Some((id, slot)) = index.clean.pop_lru() else { break };
+            let Some((id, slot)) = index.clean.pop_lru() else {
+                break;
+            };
             let evicted = match slot.state.try_lock() {
                 Ok(mut st) if !st.is_dirty() => {
                     st.evicted = true;
@@ -351,7 +384,10 @@ impl BlockCache {
     fn range(&self, id: BlockId, offset: usize, len: usize) -> Result<std::ops::Range<usize>> {
         match offset.checked_add(len) {
             Some(end) if end <= self.block_size => Ok(offset..end),
-            _ => Err(Error::backend(&self.storage, format!("{len} bytes at {offset} do not fit in block {id}"))),
+            _ => Err(Error::backend(
+                &self.storage,
+                format!("{len} bytes at {offset} do not fit in block {id}"),
+            )),
         }
     }
 }

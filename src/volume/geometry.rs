@@ -43,10 +43,13 @@ impl Geometry {
     /// # Errors
     /// [`Error::Config`] naming `block-size` or `size` when a value is not allowed.
     pub fn new(size: u64, block_size: usize) -> Result<Self> {
-        if !block_size.is_power_of_two() || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&block_size) {
+        if !block_size.is_power_of_two() || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&block_size)
+        {
             return Err(Error::config(
                 "block-size",
-                format!("{block_size} is not allowed: use a power of two from 512 to 4M (default 4096)"),
+                format!(
+                    "{block_size} is not allowed: use a power of two from 512 to 4M (default 4096)"
+                ),
             ));
         }
         if size == 0 || size % block_size as u64 != 0 || size > i64::MAX as u64 {
@@ -79,8 +82,17 @@ impl Geometry {
     /// [`Error::OutOfRange`] if the range reaches past the end of the device.
     pub fn pieces(&self, offset: u64, len: u64) -> Result<Pieces> {
         match offset.checked_add(len) {
-            Some(end) if end <= self.size => Ok(Pieces { offset, end, block_size: self.block_size as u64, start: offset }),
-            _ => Err(Error::OutOfRange { offset, len, size: self.size }),
+            Some(end) if end <= self.size => Ok(Pieces {
+                offset,
+                end,
+                block_size: self.block_size as u64,
+                start: offset,
+            }),
+            _ => Err(Error::OutOfRange {
+                offset,
+                len,
+                size: self.size,
+            }),
         }
     }
 }
@@ -138,7 +150,12 @@ mod tests {
     fn spanning_many_blocks_unaligned_at_both_ends() {
         assert_eq!(
             split(4000, 4096 * 2 + 200),
-            vec![(0, 4000, 96, 0), (1, 0, 4096, 96), (2, 0, 4096, 4192), (3, 0, 104, 8288)]
+            vec![
+                (0, 4000, 96, 0),
+                (1, 0, 4096, 96),
+                (2, 0, 4096, 4192),
+                (3, 0, 104, 8288)
+            ]
         );
     }
 
@@ -157,8 +174,14 @@ mod tests {
     #[test]
     fn past_the_end_is_out_of_range() {
         let g = Geometry::new(4 * 4096, 4096).unwrap();
-        assert!(matches!(g.pieces(4 * 4096 - 1, 2), Err(Error::OutOfRange { .. })));
-        assert!(matches!(g.pieces(u64::MAX, 2), Err(Error::OutOfRange { .. })));
+        assert!(matches!(
+            g.pieces(4 * 4096 - 1, 2),
+            Err(Error::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            g.pieces(u64::MAX, 2),
+            Err(Error::OutOfRange { .. })
+        ));
     }
 
     #[test]

@@ -42,12 +42,19 @@ impl Volume {
     ///
     /// # Errors
     /// [`Error::Config`] if the storage's block size is not the geometry's.
-    pub fn new(storage: Arc<dyn Storage>, geometry: Geometry, config: VolumeConfig) -> Result<Self> {
+    pub fn new(
+        storage: Arc<dyn Storage>,
+        geometry: Geometry,
+        config: VolumeConfig,
+    ) -> Result<Self> {
         let block_size = geometry.block_size();
         if storage.block_size() != block_size {
             return Err(Error::config(
                 "block-size",
-                format!("{storage} has {}-byte blocks, the volume {block_size}", storage.block_size()),
+                format!(
+                    "{storage} has {}-byte blocks, the volume {block_size}",
+                    storage.block_size()
+                ),
             ));
         }
         let blocks = |bytes: u64| usize::try_from(bytes / block_size as u64).unwrap_or(usize::MAX);
@@ -91,7 +98,11 @@ impl Volume {
         self.make_room()?;
         let mut touched = Vec::new();
         for p in pieces {
-            self.cache.write(p.block, p.offset_in_block, &data[p.buf_offset..p.buf_offset + p.len])?;
+            self.cache.write(
+                p.block,
+                p.offset_in_block,
+                &data[p.buf_offset..p.buf_offset + p.len],
+            )?;
             touched.push(p.block);
         }
         self.finish(&touched, fua)
@@ -116,7 +127,8 @@ impl Volume {
             if p.is_whole_block(block_size) {
                 self.cache.zero(p.block)?;
             } else {
-                self.cache.write(p.block, p.offset_in_block, &zeros[..p.len])?;
+                self.cache
+                    .write(p.block, p.offset_in_block, &zeros[..p.len])?;
             }
             touched.push(p.block);
         }
@@ -147,8 +159,12 @@ impl Volume {
         if self.cache.dirty_blocks() < self.max_dirty_blocks {
             return Ok(());
         }
-        let target = self.max_dirty_blocks.saturating_sub(self.config.concurrency).max(self.max_dirty_blocks / 2);
-        self.cache.write_back_oldest(target, self.config.concurrency)
+        let target = self
+            .max_dirty_blocks
+            .saturating_sub(self.config.concurrency)
+            .max(self.max_dirty_blocks / 2);
+        self.cache
+            .write_back_oldest(target, self.config.concurrency)
     }
 }
 

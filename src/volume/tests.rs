@@ -11,17 +11,29 @@ const BS: usize = 4096;
 
 fn volume(blocks: u64, config: VolumeConfig) -> (Volume, Arc<FaultyStorage<MemoryStorage>>) {
     let storage = Arc::new(FaultyStorage::new(MemoryStorage::new(BS)));
-    let v = Volume::new(storage.clone(), Geometry::new(blocks * BS as u64, BS).unwrap(), config).unwrap();
+    let v = Volume::new(
+        storage.clone(),
+        Geometry::new(blocks * BS as u64, BS).unwrap(),
+        config,
+    )
+    .unwrap();
     (v, storage)
 }
 
 fn roomy() -> VolumeConfig {
-    VolumeConfig { cache_bytes: 1 << 20, max_dirty_bytes: 1 << 20, concurrency: 4 }
+    VolumeConfig {
+        cache_bytes: 1 << 20,
+        max_dirty_bytes: 1 << 20,
+        concurrency: 4,
+    }
 }
 
 fn stored(s: &FaultyStorage<MemoryStorage>, id: u64) -> Option<Vec<u8>> {
     let mut buf = vec![0; BS];
-    s.inner().read_block(BlockId(id), &mut buf).unwrap().then_some(buf)
+    s.inner()
+        .read_block(BlockId(id), &mut buf)
+        .unwrap()
+        .then_some(buf)
 }
 
 #[test]
@@ -66,7 +78,11 @@ fn a_whole_block_write_never_reads_storage() {
     v.write(&[3; 2 * BS], 0, false).unwrap();
     assert_eq!(s.reads.load(Relaxed), 0);
     v.write(&[3; 10], 5 * BS as u64, false).unwrap();
-    assert_eq!(s.reads.load(Relaxed), 1, "a partial write reads its block once");
+    assert_eq!(
+        s.reads.load(Relaxed),
+        1,
+        "a partial write reads its block once"
+    );
     assert_eq!(v.cache().stats.read_modify_writes.load(Relaxed), 1);
 }
 
@@ -80,7 +96,11 @@ fn zeros_over_a_stored_block_delete_it() {
     v.write(&[0; BS], 0, false).unwrap();
     v.write(&[0; 20], BS as u64 + 100, false).unwrap();
     v.flush().unwrap();
-    assert_eq!(s.inner().list_blocks().unwrap(), vec![], "all-zero blocks are deleted, never stored");
+    assert_eq!(
+        s.inner().list_blocks().unwrap(),
+        vec![],
+        "all-zero blocks are deleted, never stored"
+    );
     assert_eq!(s.writes.load(Relaxed), 2, "zeros were never PUT");
 }
 
@@ -88,13 +108,18 @@ fn zeros_over_a_stored_block_delete_it() {
 fn zero_drops_whole_blocks_without_reading_and_rmw_the_edges() {
     let (v, s) = volume(16, roomy());
     for b in 0..4 {
-        s.inner().write_block(BlockId(b), &[b as u8 + 1; BS]).unwrap();
+        s.inner()
+            .write_block(BlockId(b), &[b as u8 + 1; BS])
+            .unwrap();
     }
     v.zero(2 * BS as u64, BS as u64, false, false).unwrap();
     assert_eq!(s.reads.load(Relaxed), 0);
     v.zero(10, 10, false, false).unwrap();
     v.flush().unwrap();
-    assert_eq!(s.inner().list_blocks().unwrap(), vec![BlockId(0), BlockId(3)]);
+    assert_eq!(
+        s.inner().list_blocks().unwrap(),
+        vec![BlockId(0), BlockId(3)]
+    );
     let mut buf = vec![0xff; 30];
     v.read(&mut buf, 0).unwrap();
     assert_eq!(&buf[..10], &[1; 10]);
@@ -120,9 +145,18 @@ fn fast_zero_refuses_partial_blocks_without_touching_anything() {
 #[test]
 fn out_of_range_requests_fail() {
     let (v, _) = volume(4, roomy());
-    assert!(matches!(v.read(&mut [0; 2], 4 * BS as u64 - 1), Err(Error::OutOfRange { .. })));
-    assert!(matches!(v.write(&[0; 1], 4 * BS as u64, false), Err(Error::OutOfRange { .. })));
-    assert!(matches!(v.zero(1, u64::MAX, false, false), Err(Error::OutOfRange { .. })));
+    assert!(matches!(
+        v.read(&mut [0; 2], 4 * BS as u64 - 1),
+        Err(Error::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        v.write(&[0; 1], 4 * BS as u64, false),
+        Err(Error::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        v.zero(1, u64::MAX, false, false),
+        Err(Error::OutOfRange { .. })
+    ));
     v.read(&mut [], 4 * BS as u64).unwrap();
 }
 
@@ -131,7 +165,14 @@ fn out_of_range_requests_fail() {
 #[test]
 fn concurrent_partial_writes_to_one_block_lose_nothing() {
     for round in 0..20 {
-        let (v, s) = volume(4, VolumeConfig { cache_bytes: 0, max_dirty_bytes: BS as u64, concurrency: 2 });
+        let (v, s) = volume(
+            4,
+            VolumeConfig {
+                cache_bytes: 0,
+                max_dirty_bytes: BS as u64,
+                concurrency: 2,
+            },
+        );
         s.inner().write_block(BlockId(1), &[0xaa; BS]).unwrap();
         let chunk = BS / 32;
         std::thread::scope(|scope| {
@@ -146,41 +187,81 @@ fn concurrent_partial_writes_to_one_block_lose_nothing() {
         v.flush().unwrap();
         let block = stored(&s, 1).unwrap();
         for t in 0..32 {
-            assert!(block[t * chunk..(t + 1) * chunk].iter().all(|&b| b == t as u8), "round {round} range {t}");
+            assert!(
+                block[t * chunk..(t + 1) * chunk]
+                    .iter()
+                    .all(|&b| b == t as u8),
+                "round {round} range {t}"
+            );
         }
     }
 }
 
 #[test]
 fn clean_cache_is_bounded() {
-    let (v, s) = volume(64, VolumeConfig { cache_bytes: 8 * BS as u64, max_dirty_bytes: 1 << 20, concurrency: 1 });
+    let (v, s) = volume(
+        64,
+        VolumeConfig {
+            cache_bytes: 8 * BS as u64,
+            max_dirty_bytes: 1 << 20,
+            concurrency: 1,
+        },
+    );
     for b in 0..64 {
-        s.inner().write_block(BlockId(b), &[b as u8 + 1; BS]).unwrap();
+        s.inner()
+            .write_block(BlockId(b), &[b as u8 + 1; BS])
+            .unwrap();
     }
     let mut buf = vec![0; BS];
     for b in 0..64 {
         v.read(&mut buf, b * BS as u64).unwrap();
         assert_eq!(buf[0], b as u8 + 1);
-        assert!(v.cache().clean_blocks() <= 8, "{} clean blocks", v.cache().clean_blocks());
+        assert!(
+            v.cache().clean_blocks() <= 8,
+            "{} clean blocks",
+            v.cache().clean_blocks()
+        );
     }
     let reads = s.reads.load(Relaxed);
     v.read(&mut buf, 63 * BS as u64).unwrap();
-    assert_eq!(s.reads.load(Relaxed), reads, "the most recent block is still cached");
+    assert_eq!(
+        s.reads.load(Relaxed),
+        reads,
+        "the most recent block is still cached"
+    );
     v.read(&mut buf, 0).unwrap();
     assert_eq!(s.reads.load(Relaxed), reads + 1, "the oldest was evicted");
 }
 
 #[test]
 fn dirty_data_is_bounded_by_early_write_back() {
-    let (v, s) = volume(256, VolumeConfig { cache_bytes: 0, max_dirty_bytes: 16 * BS as u64, concurrency: 4 });
+    let (v, s) = volume(
+        256,
+        VolumeConfig {
+            cache_bytes: 0,
+            max_dirty_bytes: 16 * BS as u64,
+            concurrency: 4,
+        },
+    );
     for b in 0..256u64 {
         v.write(&[b as u8 | 1; BS], b * BS as u64, false).unwrap();
-        assert!(v.cache().dirty_blocks() <= 16, "{} dirty blocks", v.cache().dirty_blocks());
+        assert!(
+            v.cache().dirty_blocks() <= 16,
+            "{} dirty blocks",
+            v.cache().dirty_blocks()
+        );
     }
-    assert!(s.writes.load(Relaxed) >= 240, "the oldest blocks were written back early");
+    assert!(
+        s.writes.load(Relaxed) >= 240,
+        "the oldest blocks were written back early"
+    );
     v.flush().unwrap();
     assert_eq!(s.inner().list_blocks().unwrap().len(), 256);
-    assert_eq!(s.writes.load(Relaxed), 256, "exactly one PUT per dirty block");
+    assert_eq!(
+        s.writes.load(Relaxed),
+        256,
+        "exactly one PUT per dirty block"
+    );
 }
 
 #[test]
@@ -205,7 +286,10 @@ fn a_failed_read_is_an_error_and_is_retried_next_time() {
     s.inner().write_block(BlockId(0), &[6; BS]).unwrap();
     s.fail_reads.store(true, Relaxed);
     assert!(v.read(&mut [0; 10], 0).is_err());
-    assert!(v.write(&[1; 10], 0, false).is_err(), "a read-modify-write cannot guess the block");
+    assert!(
+        v.write(&[1; 10], 0, false).is_err(),
+        "a read-modify-write cannot guess the block"
+    );
     s.fail_reads.store(false, Relaxed);
     let mut buf = [0; 10];
     v.read(&mut buf, 0).unwrap();

@@ -1,0 +1,194 @@
+//! The plugin in a real nbdkit against a real S3 server: layout, sparseness, flush semantics,
+//! persistence, start-up checks and hostile bucket contents.
+
+mod common;
+
+use std::process::Command;
+
+use common::{run, Nbdkit, S3Env, TEST_BUCKET};
+
+fn params(env: &S3Env, export: &str, extra: &[&str]) -> Vec<String> {
+    let mut p = env.params(TEST_BUCKET);
+    p.push(format!("export={export}"));
+    p.push("size=1G".into());
+    p.extend(extra.iter().map(|s| s.to_string()));
+    p
+}
+
+/// Objects appear only after FLUSH, and then exactly the non-zero blocks exist under
+/// `blocks/{export}/{offset:016x}`; reading never-written blocks creates nothing.
+#[test]
+fn flush_uploads_exactly_the_nonzero_blocks_under_the_seed_keys() {
+    require!("nbdkit", "/usr/bin/python3");
+    let Some(env) = common::s3() else { return };
+    let export = common::unique("layout");
+    let prefix = format!("blocks/{export}/");
+    let nbdkit = Nbdkit::start(&params(&env, &export, &[]));
+    let out = nbdkit.nbdsh(
+        "assert h.pread(65536, 1 << 29) == bytes(65536)\n\
+         h.pwrite(b'a' * 4096, 4096)\n\
+         h.pwrite(b'b' * 10000, 3 * 4096 + 5)\n\
+         h.pwrite(bytes(4096), 20 * 4096)\n\
+         print(h.pread(4, 4096 + 4094) + h.pread(2, 3 * 4096 + 4))",
+    );
+    assert_eq!(out.trim(), "bytearray(b'aa\\x00\\x00\\x00b')");
+    assert_eq!(
+        env.list(TEST_BUCKET, &prefix),
+        Vec::<String>::new(),
+        "objects before FLUSH"
+    );
+    nbdkit.nbdsh("h.flush()");
+    let keys: Vec<String> = [0x1000, 0x3000, 0x4000, 0x5000]
+        .iter()
+        .map(|o| format!("{prefix}{o:016x}"))
+        .collect();
+    assert_eq!(env.list(TEST_BUCKET, &prefix), keys);
+}
+
+/// Write with nbdsh, flush, stop nbdkit, start a new one on the same bucket and export: the
+/// bytes are identical. The second server forks into the background, as users run it.
+#[test]
+fn data_survives_a_restart() {
+    require!("nbdkit", "/usr/bin/python3");
+    let Some(env) = common::s3() else { return };
+    let export = common::unique("restart");
+    let nbdkit = Nbdkit::start(&params(&env, &export, &["block-size=64K"]));
+    nbdkit.nbdsh(
+        "import random\nrandom.seed(3)\nh.pwrite(random.randbytes(3 << 20), 777)\nh.flush()",
+    );
+    nbdkit.stop();
+    let nbdkit = Nbdkit::start_daemon(&params(&env, &export, &["block-size=64K"]));
+    let out = nbdkit.nbdsh(
+        "import random\nrandom.seed(3)\nprint(h.pread(3 << 20, 777) == random.randbytes(3 << 20))",
+    );
+    assert_eq!(out.trim(), "True");
+    nbdkit.stop();
+}
+
+/// Writing zeros over a stored block, or trimming it, deletes its object at the next FLUSH.
+#[test]
+fn zeros_and_trim_delete_objects() {
+    require!("nbdkit", "/usr/bin/python3");
+    let Some(env) = common::s3() else { return };
+    let export = common::unique("zero");
+    let prefix = format!("blocks/{export}/");
+    let nbdkit = Nbdkit::start(&params(&env, &export, &[]));
+    nbdkit.nbdsh("h.pwrite(b'z' * 4096 * 3, 0); h.flush()");
+    assert_eq!(env.list(TEST_BUCKET, &prefix).len(), 3);
+    nbdkit.nbdsh("h.pwrite(bytes(4096), 0); h.zero(4096, 4096); h.trim(4096, 8192); h.flush()");
+    assert_eq!(env.list(TEST_BUCKET, &prefix), Vec::<String>::new());
+    assert_eq!(
+        nbdkit
+            .nbdsh("print(h.pread(3 * 4096, 0) == bytes(3 * 4096))")
+            .trim(),
+        "True"
+    );
+}
+
+/// A stray object of the wrong size under the export's prefix fails that read with EIO and a
+/// message naming the key; nbdkit keeps serving.
+#[test]
+fn an_object_of_the_wrong_size_is_an_error_not_a_crash() {
+    require!("nbdkit", "/usr/bin/python3");
+    let Some(env) = common::s3() else { return };
+    let export = common::unique("stray");
+    let key = format!("blocks/{export}/0000000000002000");
+    env.put(TEST_BUCKET, &key, b"not a block");
+    let nbdkit = Nbdkit::start(&params(&env, &export, &[]));
+    let out = nbdkit.nbdsh(
+        "import errno\n\
+         try:\n    h.pread(10, 8192)\nexcept nbd.Error as e:\n    print('EIO' if e.errno == errno.EIO else e)\n\
+         print(h.pread(4, 0))",
+    );
+    assert_eq!(out.trim(), "EIO\nbytearray(b'\\x00\\x00\\x00\\x00')");
+    let log = nbdkit.stderr();
+    assert!(
+        log.contains(&format!("object {key} is 11 bytes, expected 4096")),
+        "{log}"
+    );
+}
+
+/// nbds3 creates a missing bucket when the credentials allow it.
+#[test]
+fn a_missing_bucket_is_created() {
+    require!("nbdkit", "/usr/bin/python3");
+    let Some(env) = common::s3() else { return };
+    let bucket = common::unique("bucket");
+    let mut p = env.params(&bucket);
+    p.push("size=16M".into());
+    let nbdkit = Nbdkit::start(&p);
+    nbdkit.nbdsh("h.pwrite(b'new' * 2000, 0); h.flush()");
+    assert_eq!(env.list(&bucket, "blocks/dev/").len(), 2);
+}
+
+/// Start-up fails fast, with the bucket and the reason, on bad credentials, a bucket the
+/// credentials may not create, and an endpoint nothing listens on.
+#[test]
+fn start_up_refuses_bad_s3_settings_with_the_reason() {
+    require!("nbdkit");
+    let Some(env) = common::s3() else { return };
+    let limited_id = std::env::var("NBDS3_S3_LIMITED_KEY_ID").expect("scripts/garage env");
+    let limited_secret = std::env::var("NBDS3_S3_LIMITED_SECRET").expect("scripts/garage env");
+    // (environment overrides, parameters, expected message)
+    type Case<'a> = (Vec<(&'a str, String)>, Vec<String>, &'a str);
+    let cases: Vec<Case> = vec![
+        (
+            vec![("AWS_SECRET_ACCESS_KEY", "0".repeat(64))],
+            env.params(TEST_BUCKET),
+            "credentials rejected",
+        ),
+        (
+            vec![
+                ("AWS_ACCESS_KEY_ID", limited_id),
+                ("AWS_SECRET_ACCESS_KEY", limited_secret),
+            ],
+            env.params("nbds3-no-such-bucket"),
+            "bucket nbds3-no-such-bucket does not exist and could not be created",
+        ),
+        (
+            vec![],
+            vec![
+                format!("bucket={TEST_BUCKET}"),
+                "endpoint=http://127.0.0.1:9".into(),
+            ],
+            "cannot reach the endpoint",
+        ),
+    ];
+    for (vars, params, expected) in cases {
+        let started = std::time::Instant::now();
+        let out = run(Command::new("nbdkit")
+            .args(["-f", "-U", "-"])
+            .arg(common::plugin())
+            .args(&params)
+            .args(["size=1G", "s3-timeout=5"])
+            .envs(vars)
+            .arg("--run")
+            .arg("true"));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{params:?} started");
+        assert!(stderr.contains(expected), "{params:?}: {stderr}");
+        assert!(
+            started.elapsed().as_secs() < 30,
+            "{params:?} took {:?}",
+            started.elapsed()
+        );
+    }
+}
+
+/// Secret keys never reach the log, even at debug level, and can come from a file.
+#[test]
+fn the_secret_key_comes_from_a_file_and_never_shows_in_the_log() {
+    require!("nbdkit", "/usr/bin/python3");
+    let Some(env) = common::s3() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let secret_file = dir.path().join("secret");
+    std::fs::write(&secret_file, &env.secret_key).unwrap();
+    let mut p = params(&env, &common::unique("secret"), &[]);
+    p.push(format!("access-key={}", env.access_key));
+    p.push(format!("secret-key=+{}", secret_file.display()));
+    let nbdkit = Nbdkit::start_with(&["-v"], &p);
+    nbdkit.nbdsh("h.pwrite(b's' * 4096, 0); h.flush()");
+    let log = nbdkit.stderr();
+    assert!(log.contains("on S3Storage("), "{log}");
+    assert!(!log.contains(&env.secret_key), "the secret is in the log");
+}

@@ -1,0 +1,35 @@
+//! The shared Storage conformance suite against a real S3 server (Garage in CI).
+
+mod common;
+
+use nbds3::storage::{conformance, s3, S3Config, S3Storage};
+use nbds3::ExportName;
+
+/// `S3Storage` keeps the same contract as the memory and file backends.
+#[test]
+fn s3_storage_conformance() {
+    let Some(env) = common::s3() else { return };
+    let config = S3Config {
+        bucket: common::TEST_BUCKET.into(),
+        endpoint: Some(env.endpoint.clone()),
+        path_style: Some(true),
+        access_key: Some(env.access_key.clone()),
+        secret_key: Some(nbds3::config::Secret(env.secret_key.clone())),
+        ..Default::default()
+    };
+    s3::check_bucket(&config).expect("bucket");
+    let client = s3::runtime().unwrap().block_on(s3::client(&config));
+    let run = common::unique("conformance");
+    conformance::run_all(
+        &|place| {
+            let export = ExportName::new(&format!("{run}-{place}")).unwrap();
+            Box::new(S3Storage::new(
+                client.clone(),
+                &config,
+                &export,
+                conformance::BLOCK_SIZE,
+            ))
+        },
+        true,
+    );
+}
