@@ -85,8 +85,8 @@ impl ConfigKey {
         match self {
             ConfigKey::Storage => ("storage", "memory|file|s3", "Where blocks live (default: s3 if bucket= is given, file if dir= is given)."),
             ConfigKey::Export => ("export", "NAME", "Export served to clients that ask for the default export \"\" (default: dev)."),
-            ConfigKey::Size => ("size", "SIZE", "Device size, with K/M/G/T/P/E suffixes; a multiple of block-size."),
-            ConfigKey::BlockSize => ("block-size", "SIZE", "Block (object) size: a power of two from 512 to 4M (default 4096)."),
+            ConfigKey::Size => ("size", "SIZE", "Size of new exports (K/M/G/T suffixes); existing exports keep the size they were created with."),
+            ConfigKey::BlockSize => ("block-size", "SIZE", "Block (object) size of new exports: a power of two from 512 to 4M (default 4096)."),
             ConfigKey::CacheSize => ("cache-size", "SIZE", "Memory for clean cached blocks per export (default 256M)."),
             ConfigKey::MaxDirty => ("max-dirty", "SIZE", "Unflushed data per export before the oldest is written back early (default 64M)."),
             ConfigKey::Dir => ("dir", "PATH", "Directory of the file backend; blocks go to PATH/blocks/EXPORT/."),
@@ -161,8 +161,8 @@ pub struct Config {
     pub export: ExportName,
     /// The device size of new exports.
     pub size: Option<u64>,
-    /// The block size of new exports.
-    pub block_size: usize,
+    /// The block size of new exports (default 4096); must match existing ones.
+    pub block_size: Option<usize>,
     /// Bytes of clean cache per export.
     pub cache_size: u64,
     /// Bytes of dirty data per export before early write-back.
@@ -179,7 +179,7 @@ impl Default for Config {
             storage: None,
             export: ExportName::new("dev").unwrap_or_else(|_| unreachable!("a valid literal")),
             size: None,
-            block_size: DEFAULT_BLOCK_SIZE,
+            block_size: None,
             cache_size: 256 << 20,
             max_dirty: 64 << 20,
             dir: None,
@@ -213,8 +213,10 @@ impl Config {
             ConfigKey::Export => self.export = ExportName::new(value)?,
             ConfigKey::Size => self.size = Some(parse_size(name, value)?),
             ConfigKey::BlockSize => {
-                self.block_size = usize::try_from(parse_size(name, value)?)
-                    .map_err(|_| Error::config(name, format!("{value} is too large")))?
+                self.block_size = Some(
+                    usize::try_from(parse_size(name, value)?)
+                        .map_err(|_| Error::config(name, format!("{value} is too large")))?,
+                )
             }
             ConfigKey::CacheSize => self.cache_size = parse_size(name, value)?,
             ConfigKey::MaxDirty => self.max_dirty = parse_size(name, value)?,
@@ -295,7 +297,8 @@ impl Config {
                 "access-key= and secret-key= go together: give both or neither",
             ));
         }
-        crate::volume::Geometry::new(self.size.unwrap_or(self.block_size as u64), self.block_size)?;
+        let block_size = self.block_size.unwrap_or(DEFAULT_BLOCK_SIZE);
+        crate::volume::Geometry::new(self.size.unwrap_or(block_size as u64), block_size)?;
         Ok(())
     }
 

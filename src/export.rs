@@ -8,6 +8,9 @@ use std::fmt;
 use crate::storage::BlockId;
 use crate::{Error, Result};
 
+/// The prefix of every export's geometry record, beside `blocks/`.
+pub const RECORD_PREFIX: &str = "exports/";
+
 /// The longest export name accepted, in bytes.
 pub const MAX_EXPORT_NAME: usize = 128;
 
@@ -56,6 +59,11 @@ impl ExportName {
     /// The prefix under which this export's blocks are stored: `blocks/{export}/`.
     pub fn block_prefix(&self) -> String {
         format!("blocks/{}/", self.0)
+    }
+
+    /// The key of this export's geometry record: `exports/{export}`.
+    pub fn record_key(&self) -> String {
+        format!("{RECORD_PREFIX}{}", self.0)
     }
 
     /// The key of block `id`: `blocks/{export}/{byte offset as 16 lowercase hex digits}`.

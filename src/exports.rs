@@ -1,4 +1,5 @@
-//! `Exports`: the open volumes of one nbdkit process, one per export name, shared by connections.
+//! `Exports`: the open volumes of one nbdkit process, one per export name, shared by connections;
+//! and the rules for opening or creating an export from its geometry record.
 //!
 //! Sharing one [`Volume`] per export is what makes FLUSH and FUA on one connection cover writes
 //! made on another, so `can_multi_conn` can be true.
@@ -8,18 +9,86 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::config::{Config, StorageKind};
 use crate::export::ExportName;
-use crate::storage::{s3, FileStorage, MemoryStorage, S3Storage, Storage};
-use crate::volume::{Geometry, Volume};
+use crate::storage::{Backend, FileBackend, MemoryBackend, S3Backend};
+use crate::volume::{Geometry, Volume, DEFAULT_BLOCK_SIZE};
 use crate::{lock, Error, Result};
+
+/// Opens the backend `config` names. For S3 this builds the client on the process-wide runtime,
+/// so call it after nbdkit forks.
+///
+/// # Errors
+/// [`Error::Config`] for a missing directory, or the runtime failing to start.
+pub fn open_backend(config: &Config) -> Result<Arc<dyn Backend>> {
+    Ok(match config.storage_kind() {
+        StorageKind::Memory => Arc::new(MemoryBackend::default()),
+        StorageKind::File => {
+            let dir = config
+                .dir
+                .as_deref()
+                .ok_or_else(|| Error::config("dir", "storage=file needs dir=PATH"))?;
+            Arc::new(FileBackend::new(dir)?)
+        }
+        StorageKind::S3 => Arc::new(S3Backend::new(&config.s3)?),
+    })
+}
+
+/// The geometry of `export`: its record if it has one (which `size` and `block_size`, when
+/// given, must match), otherwise a new record of `size` and `block_size`, written now.
+///
+/// # Errors
+/// [`Error::Config`] naming `size` or `block-size` when they contradict the record, and
+/// [`Error::NotFound`] for a new export with no `size`.
+pub fn open_geometry(
+    backend: &dyn Backend,
+    export: &ExportName,
+    size: Option<u64>,
+    block_size: Option<usize>,
+) -> Result<Geometry> {
+    if let Some(record) = backend.read_record(export)? {
+        let recorded = Geometry::from_record(&record)?;
+        if let Some(bs) = block_size.filter(|&bs| bs != recorded.block_size()) {
+            return Err(Error::config(
+                "block-size",
+                format!(
+                    "export {export} was created with block-size={}; block-size={bs} would misread its blocks (omit block-size= or give {})",
+                    recorded.block_size(),
+                    recorded.block_size()
+                ),
+            ));
+        }
+        if let Some(size) = size.filter(|&s| s != recorded.size()) {
+            return Err(Error::config(
+                "size",
+                format!(
+                    "export {export} was created with size={}; size={size} contradicts it (omit size= or give {})",
+                    recorded.size(),
+                    recorded.size()
+                ),
+            ));
+        }
+        return Ok(recorded);
+    }
+    let size = size.ok_or_else(|| Error::NotFound {
+        store: backend.to_string(),
+        message: format!("export {export} does not exist; give size= to create it"),
+    })?;
+    let geometry = Geometry::new(size, block_size.unwrap_or(DEFAULT_BLOCK_SIZE))?;
+    backend.write_record(export, &geometry.to_record())?;
+    log::info!(
+        "export {export}: created, {size} bytes in {}-byte blocks",
+        geometry.block_size()
+    );
+    Ok(geometry)
+}
 
 /// The volumes of this process, opened on first use.
 #[derive(Debug)]
 pub struct Exports {
     config: Config,
+    /// The backend, opened on first use (after nbdkit forks).
+    backend: OnceLock<Arc<dyn Backend>>,
     /// Open volumes by export; kept until the process exits so their caches outlive connections.
     volumes: Mutex<HashMap<ExportName, Arc<Volume>>>,
-    /// One S3 client for all exports, built on first use (after nbdkit forks).
-    s3_client: OnceLock<aws_sdk_s3::Client>,
 }
 
 impl Exports {
@@ -27,20 +96,16 @@ impl Exports {
     pub fn new(config: Config) -> Self {
         Exports {
             config,
+            backend: OnceLock::new(),
             volumes: Mutex::new(HashMap::new()),
-            s3_client: OnceLock::new(),
         }
-    }
-
-    /// The configuration.
-    pub fn config(&self) -> &Config {
-        &self.config
     }
 
     /// The volume for the export a client asked for; `""` means the configured default.
     ///
     /// # Errors
-    /// [`Error::Config`] for an invalid name, and any error opening its storage.
+    /// [`Error::Config`] for an invalid name or a contradicted geometry, and any error opening
+    /// its storage.
     pub fn open(&self, requested: &str) -> Result<Arc<Volume>> {
         let name = if requested.is_empty() {
             self.config.export.clone()
@@ -51,44 +116,23 @@ impl Exports {
         if let Some(v) = volumes.get(&name) {
             return Ok(v.clone());
         }
-        let size = self
-            .config
-            .size
-            .ok_or_else(|| Error::config("size", "size=SIZE is required, e.g. size=1G"))?;
-        let geometry = Geometry::new(size, self.config.block_size)?;
-        let storage = self.open_storage(&name, geometry.block_size())?;
+        let backend = match self.backend.get() {
+            Some(b) => b.clone(),
+            None => {
+                let b = open_backend(&self.config)?;
+                self.backend.get_or_init(|| b).clone()
+            }
+        };
+        let geometry = open_geometry(&*backend, &name, self.config.size, self.config.block_size)?;
+        let storage = backend.open(&name, geometry.block_size())?;
         log::info!(
-            "export {name}: {size} bytes in {}-byte blocks on {storage}",
+            "export {name}: {} bytes in {}-byte blocks on {storage}",
+            geometry.size(),
             geometry.block_size()
         );
         let volume = Arc::new(Volume::new(storage, geometry, self.config.volume_config())?);
         volumes.insert(name, volume.clone());
         Ok(volume)
-    }
-
-    fn open_storage(&self, name: &ExportName, block_size: usize) -> Result<Arc<dyn Storage>> {
-        Ok(match self.config.storage_kind() {
-            StorageKind::Memory => Arc::new(MemoryStorage::new(block_size)),
-            StorageKind::File => {
-                let dir = self
-                    .config
-                    .dir
-                    .as_deref()
-                    .ok_or_else(|| Error::config("dir", "storage=file needs dir=PATH"))?;
-                Arc::new(FileStorage::open(dir, name, block_size)?)
-            }
-            StorageKind::S3 => {
-                let s3 = &self.config.s3;
-                let client = match self.s3_client.get() {
-                    Some(c) => c.clone(),
-                    None => {
-                        let c = s3::runtime()?.block_on(s3::client(s3));
-                        self.s3_client.get_or_init(|| c).clone()
-                    }
-                };
-                Arc::new(S3Storage::new(client, s3, name, block_size))
-            }
-        })
     }
 
     /// Writes back every volume's dirty blocks (at unload); returns how many volumes failed.
@@ -103,9 +147,47 @@ impl Exports {
                 log::error!("export {name}: writing back at shutdown failed, unflushed writes are lost: {e}");
                 failed += 1;
             }
-            let s = &volume.cache().stats;
-            log::info!("export {name}: {s}");
+            log::info!("export {name}: {}", volume.cache().stats);
         }
         failed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_export_records_its_geometry_and_later_opens_must_agree() {
+        let backend = MemoryBackend::default();
+        let dev = ExportName::new("dev").unwrap();
+        let e = open_geometry(&backend, &dev, None, None).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("export dev does not exist; give size= to create it"),
+            "{e}"
+        );
+        let g = open_geometry(&backend, &dev, Some(1 << 20), Some(512)).unwrap();
+        assert_eq!((g.size(), g.block_size()), (1 << 20, 512));
+        assert_eq!(open_geometry(&backend, &dev, None, None).unwrap(), g);
+        assert_eq!(
+            open_geometry(&backend, &dev, Some(1 << 20), Some(512)).unwrap(),
+            g
+        );
+        let e = open_geometry(&backend, &dev, None, Some(4096))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("block-size: export dev was created with block-size=512"),
+            "{e}"
+        );
+        let e = open_geometry(&backend, &dev, Some(2 << 20), None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("size: export dev was created with size=1048576"),
+            "{e}"
+        );
+        assert_eq!(backend.list_exports().unwrap(), vec![dev]);
     }
 }

@@ -32,4 +32,8 @@ fn s3_storage_conformance() {
         },
         true,
     );
+    conformance::backend_records(
+        &nbds3::storage::S3Backend::new(&config).unwrap(),
+        &format!("{run}-rec-"),
+    );
 }

@@ -6,7 +6,8 @@
 
 use std::sync::Arc;
 
-use super::{BlockId, Storage};
+use super::{Backend, BlockId, Storage};
+use crate::ExportName;
 
 /// The block size the suite uses.
 pub const BLOCK_SIZE: usize = 4096;
@@ -120,6 +121,24 @@ pub fn concurrent_distinct_blocks(open: Open<'_>) {
     assert_eq!(s.list_blocks().expect("list").len(), 32, "{s}");
 }
 
+/// A batch delete removes exactly the blocks named, including ones never written.
+pub fn delete_blocks_removes_each(open: Open<'_>) {
+    let s = open(9);
+    for id in 0..5 {
+        s.write_block(BlockId(id), &pattern(id as u8))
+            .expect("write");
+    }
+    s.delete_blocks(&[BlockId(1), BlockId(3), BlockId(77)])
+        .expect("delete_blocks");
+    let ids: Vec<u64> = s
+        .list_blocks()
+        .expect("list")
+        .into_iter()
+        .map(|b| b.0)
+        .collect();
+    assert_eq!(ids, vec![0, 2, 4], "{s}");
+}
+
 /// After `flush`, a new instance on the same place reads what was written and not what was deleted.
 pub fn flush_survives_reopen(open: Open<'_>) {
     let s = open(8);
@@ -147,7 +166,54 @@ pub fn run_all(open: Open<'_>, persistent: bool) {
     list_reports_stored_blocks(open);
     wrong_length_is_an_error(open);
     concurrent_distinct_blocks(open);
+    delete_blocks_removes_each(open);
     if persistent {
         flush_survives_reopen(open);
     }
+}
+
+/// A backend keeps each export's record and lists exactly the exports that have one; `prefix`
+/// keeps this run's export names apart from others in a shared bucket.
+pub fn backend_records(backend: &dyn Backend, prefix: &str) {
+    let a = ExportName::new(&format!("{prefix}a")).expect("name");
+    let b = ExportName::new(&format!("{prefix}b")).expect("name");
+    assert_eq!(backend.read_record(&a).expect("read"), None, "{backend}");
+    backend.write_record(&a, "size=1\n").expect("write");
+    backend.write_record(&b, "size=2\n").expect("write");
+    assert_eq!(
+        backend.read_record(&a).expect("read").as_deref(),
+        Some("size=1\n"),
+        "{backend}"
+    );
+    let mine = |names: Vec<ExportName>| {
+        names
+            .into_iter()
+            .filter(|n| n.as_str().starts_with(prefix))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        mine(backend.list_exports().expect("list")),
+        vec![a.clone(), b.clone()],
+        "{backend}"
+    );
+    let blocks = backend.open(&a, BLOCK_SIZE).expect("open");
+    blocks.write_block(BlockId(1), &pattern(1)).expect("write");
+    assert_eq!(
+        read(&*backend.open(&a, BLOCK_SIZE).expect("open"), 1),
+        (true, pattern(1)),
+        "{backend}: same blocks"
+    );
+    assert!(
+        !read(&*backend.open(&b, BLOCK_SIZE).expect("open"), 1).0,
+        "{backend}: exports share blocks"
+    );
+    blocks.delete_block(BlockId(1)).expect("delete");
+    backend.delete_record(&a).expect("delete record");
+    backend.delete_record(&a).expect("delete record again");
+    assert_eq!(
+        mine(backend.list_exports().expect("list")),
+        vec![b.clone()],
+        "{backend}"
+    );
+    backend.delete_record(&b).expect("delete record");
 }

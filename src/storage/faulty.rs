@@ -94,6 +94,12 @@ impl<S: Storage> Storage for FaultyStorage<S> {
         self.inner.delete_block(id)
     }
 
+    fn delete_blocks(&self, ids: &[BlockId]) -> Result<()> {
+        self.deletes.fetch_add(ids.len() as u64, Relaxed);
+        self.check("delete", &self.fail_writes, ids.first().copied())?;
+        self.inner.delete_blocks(ids)
+    }
+
     fn list_blocks(&self) -> Result<Vec<BlockId>> {
         self.check("list", &self.fail_reads, None)?;
         self.inner.list_blocks()

@@ -10,9 +10,111 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Read, Write};
 use std::path::{Path, PathBuf};
 
-use super::{check_len, BlockId, Storage};
-use crate::export::{block_leaf, parse_block_leaf, ExportName};
+use std::sync::Arc;
+
+use super::{check_len, Backend, BlockId, Storage};
+use crate::export::{block_leaf, parse_block_leaf, ExportName, RECORD_PREFIX};
 use crate::{Error, Result};
+
+/// The exports of one directory: records in `{dir}/exports/`, blocks in `{dir}/blocks/`.
+#[derive(Debug)]
+pub struct FileBackend {
+    root: PathBuf,
+}
+
+impl FileBackend {
+    /// The exports under `root`, which must be an existing directory.
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming `dir` if `root` is not a directory.
+    pub fn new(root: &Path) -> Result<Self> {
+        match fs::metadata(root) {
+            Ok(m) if m.is_dir() => Ok(FileBackend {
+                root: root.to_path_buf(),
+            }),
+            Ok(_) => Err(Error::config(
+                "dir",
+                format!("{} is not a directory", root.display()),
+            )),
+            Err(e) => Err(Error::config("dir", format!("{}: {e}", root.display()))),
+        }
+    }
+
+    fn record_path(&self, export: &ExportName) -> PathBuf {
+        self.root.join(export.record_key())
+    }
+}
+
+impl fmt::Display for FileBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "FileBackend({})", self.root.display())
+    }
+}
+
+impl Backend for FileBackend {
+    fn open(&self, export: &ExportName, block_size: usize) -> Result<Arc<dyn Storage>> {
+        Ok(Arc::new(FileStorage::open(&self.root, export, block_size)?))
+    }
+
+    fn read_record(&self, export: &ExportName) -> Result<Option<String>> {
+        let path = self.record_path(export);
+        match fs::read_to_string(&path) {
+            Ok(text) => Ok(Some(text)),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(self, path.display(), &e)),
+        }
+    }
+
+    fn write_record(&self, export: &ExportName, record: &str) -> Result<()> {
+        let path = self.record_path(export);
+        let dir = self.root.join(RECORD_PREFIX);
+        // "~" never appears in an export name, so a leftover temporary file is never listed.
+        let tmp = dir.join(format!("tmp~{export}"));
+        let write = || -> std::io::Result<()> {
+            fs::create_dir_all(&dir)?;
+            let mut file = File::create(&tmp)?;
+            file.write_all(record.as_bytes())?;
+            file.sync_all()?;
+            fs::rename(&tmp, &path)?;
+            File::open(&dir)?.sync_all()
+        };
+        write().map_err(|e| Error::io(self, path.display(), &e))
+    }
+
+    fn delete_record(&self, export: &ExportName) -> Result<()> {
+        let path = self.record_path(export);
+        match fs::remove_file(&path) {
+            Err(e) if e.kind() != ErrorKind::NotFound => Err(Error::io(self, path.display(), &e)),
+            _ => {
+                // The export's block directory is empty by now; leaving it would be harmless.
+                let _ = fs::remove_dir(self.root.join(export.block_prefix()));
+                Ok(())
+            }
+        }
+    }
+
+    fn list_exports(&self) -> Result<Vec<ExportName>> {
+        let dir = self.root.join(RECORD_PREFIX);
+        let entries = match fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(Error::io(self, dir.display(), &e)),
+        };
+        let mut names = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io(self, dir.display(), &e))?;
+            if let Some(name) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| ExportName::new(n).ok())
+            {
+                names.push(name);
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+}
 
 /// Blocks of one export as files under `{dir}/blocks/{export}/`.
 #[derive(Debug)]
@@ -158,6 +260,7 @@ mod tests {
             },
             true,
         );
+        conformance::backend_records(&FileBackend::new(root.path()).unwrap(), "");
     }
 
     #[test]

@@ -2,10 +2,55 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-use super::{check_len, BlockId, Storage};
+use super::{check_len, Backend, BlockId, Storage};
+use crate::export::ExportName;
 use crate::{lock, Result};
+
+/// The exports of one process, in RAM.
+#[derive(Debug, Default)]
+pub struct MemoryBackend {
+    /// Each export's blocks, kept so a second open reaches the same data.
+    exports: Mutex<BTreeMap<ExportName, Arc<MemoryStorage>>>,
+    /// Each export's record.
+    records: Mutex<BTreeMap<ExportName, String>>,
+}
+
+impl fmt::Display for MemoryBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("MemoryBackend")
+    }
+}
+
+impl Backend for MemoryBackend {
+    fn open(&self, export: &ExportName, block_size: usize) -> Result<Arc<dyn Storage>> {
+        let mut exports = lock(&self.exports);
+        let storage = exports
+            .entry(export.clone())
+            .or_insert_with(|| Arc::new(MemoryStorage::new(block_size)));
+        Ok(storage.clone())
+    }
+
+    fn read_record(&self, export: &ExportName) -> Result<Option<String>> {
+        Ok(lock(&self.records).get(export).cloned())
+    }
+
+    fn write_record(&self, export: &ExportName, record: &str) -> Result<()> {
+        lock(&self.records).insert(export.clone(), record.to_string());
+        Ok(())
+    }
+
+    fn delete_record(&self, export: &ExportName) -> Result<()> {
+        lock(&self.records).remove(export);
+        lock(&self.exports).remove(export);
+        Ok(())
+    }
+
+    fn list_exports(&self) -> Result<Vec<ExportName>> {
+        Ok(lock(&self.records).keys().cloned().collect())
+    }
+}
 
 /// Blocks of one export in a `BTreeMap`; gone when the process exits.
 #[derive(Debug)]

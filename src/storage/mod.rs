@@ -6,7 +6,9 @@
 //! differ only in where a block's bytes go.
 
 use std::fmt;
+use std::sync::Arc;
 
+use crate::export::ExportName;
 use crate::Result;
 
 pub mod file;
@@ -16,9 +18,9 @@ pub mod s3;
 pub mod conformance;
 pub mod faulty;
 
-pub use file::FileStorage;
-pub use memory::MemoryStorage;
-pub use s3::{S3Config, S3Storage};
+pub use file::{FileBackend, FileStorage};
+pub use memory::{MemoryBackend, MemoryStorage};
+pub use s3::{S3Backend, S3Config, S3Storage};
 
 /// The index of a block in its export: block `n` covers bytes `n * block_size ..`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -69,6 +71,14 @@ pub trait Storage: Send + Sync + fmt::Debug + fmt::Display {
     /// Backend failures.
     fn delete_block(&self, id: BlockId) -> Result<()>;
 
+    /// Removes many blocks; backends with a batch request (S3 DeleteObjects) override this.
+    ///
+    /// # Errors
+    /// Backend failures; some of the blocks may be deleted then.
+    fn delete_blocks(&self, ids: &[BlockId]) -> Result<()> {
+        ids.iter().try_for_each(|&id| self.delete_block(id))
+    }
+
     /// The indexes of every stored block, in ascending order.
     ///
     /// # Errors
@@ -80,6 +90,46 @@ pub trait Storage: Send + Sync + fmt::Debug + fmt::Display {
     /// # Errors
     /// Backend failures; earlier writes may or may not be durable then.
     fn flush(&self) -> Result<()>;
+}
+
+/// Where the exports of one bucket, directory or process live: each export's geometry record,
+/// and its blocks.
+///
+/// # Contract
+/// * An export's record is a short text written once, when the export is created; it says how
+///   to open the export's blocks (see [`Geometry::to_record`](crate::Geometry::to_record)).
+/// * `list_exports` returns the exports that have a record, in order.
+/// * Opening the same export twice reaches the same blocks.
+pub trait Backend: Send + Sync + fmt::Debug + fmt::Display {
+    /// The blocks of `export`, in blocks of `block_size` bytes.
+    ///
+    /// # Errors
+    /// Backend failures.
+    fn open(&self, export: &ExportName, block_size: usize) -> Result<Arc<dyn Storage>>;
+
+    /// The record of `export`, or `None` if it has none.
+    ///
+    /// # Errors
+    /// Backend failures.
+    fn read_record(&self, export: &ExportName) -> Result<Option<String>>;
+
+    /// Stores the record of `export`.
+    ///
+    /// # Errors
+    /// Backend failures.
+    fn write_record(&self, export: &ExportName, record: &str) -> Result<()>;
+
+    /// Removes the record of `export`; removing a missing record is not an error.
+    ///
+    /// # Errors
+    /// Backend failures.
+    fn delete_record(&self, export: &ExportName) -> Result<()>;
+
+    /// Every export that has a record.
+    ///
+    /// # Errors
+    /// Backend failures.
+    fn list_exports(&self) -> Result<Vec<ExportName>>;
 }
 
 /// Checks the length of a caller's buffer against the contract, so no backend indexes out of bounds.

@@ -21,10 +21,17 @@ use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::Client;
 
-use super::{check_len, BlockId, Storage};
+use std::sync::Arc;
+
+use aws_sdk_s3::types::{Delete, ObjectIdentifier};
+
+use super::{check_len, Backend, BlockId, Storage};
 use crate::config::Secret;
-use crate::export::{parse_block_leaf, ExportName};
+use crate::export::{parse_block_leaf, ExportName, RECORD_PREFIX};
 use crate::{Error, Result};
+
+/// S3 allows at most this many keys in one DeleteObjects request.
+const MAX_DELETE_BATCH: usize = 1000;
 
 /// How to reach the bucket.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -175,6 +182,127 @@ pub fn check_bucket(config: &S3Config) -> Result<()> {
     })
 }
 
+/// The exports of one bucket: records at `exports/{export}`, blocks under `blocks/{export}/`.
+#[derive(Debug)]
+pub struct S3Backend {
+    client: Client,
+    config: S3Config,
+}
+
+impl S3Backend {
+    /// The exports of `config.bucket`, through a client built on the process-wide runtime.
+    ///
+    /// # Errors
+    /// [`Error::Backend`] if the runtime cannot start.
+    pub fn new(config: &S3Config) -> Result<Self> {
+        let client = runtime()?.block_on(client(config));
+        Ok(S3Backend {
+            client,
+            config: config.clone(),
+        })
+    }
+
+    async fn get_text(&self, key: &str) -> Result<Option<String>> {
+        match self
+            .client
+            .get_object()
+            .bucket(&self.config.bucket)
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(o) => {
+                let body = o
+                    .body
+                    .collect()
+                    .await
+                    .map_err(|e| Error::backend(self, format!("GET {key}: {e}")))?;
+                String::from_utf8(body.into_bytes().to_vec())
+                    .map(Some)
+                    .map_err(|_| Error::backend(self, format!("GET {key}: not UTF-8 text")))
+            }
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => Ok(None),
+            Err(e) => Err(fold(&self.to_string(), &format!("GET {key}"), e)),
+        }
+    }
+}
+
+impl fmt::Display for S3Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.config.describe())
+    }
+}
+
+impl Backend for S3Backend {
+    fn open(&self, export: &ExportName, block_size: usize) -> Result<Arc<dyn Storage>> {
+        Ok(Arc::new(S3Storage::new(
+            self.client.clone(),
+            &self.config,
+            export,
+            block_size,
+        )))
+    }
+
+    fn read_record(&self, export: &ExportName) -> Result<Option<String>> {
+        runtime()?.block_on(self.get_text(&export.record_key()))
+    }
+
+    fn write_record(&self, export: &ExportName, record: &str) -> Result<()> {
+        let key = export.record_key();
+        let body = ByteStream::from(record.as_bytes().to_vec());
+        runtime()?.block_on(async {
+            self.client
+                .put_object()
+                .bucket(&self.config.bucket)
+                .key(&key)
+                .content_type("text/plain")
+                .body(body)
+                .send()
+                .await
+                .map_err(|e| fold(&self.to_string(), &format!("PUT {key}"), e))
+                .map(drop)
+        })
+    }
+
+    fn delete_record(&self, export: &ExportName) -> Result<()> {
+        let key = export.record_key();
+        runtime()?.block_on(async {
+            self.client
+                .delete_object()
+                .bucket(&self.config.bucket)
+                .key(&key)
+                .send()
+                .await
+                .map_err(|e| fold(&self.to_string(), &format!("DELETE {key}"), e))
+                .map(drop)
+        })
+    }
+
+    fn list_exports(&self) -> Result<Vec<ExportName>> {
+        runtime()?.block_on(async {
+            let mut pages = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.config.bucket)
+                .prefix(RECORD_PREFIX)
+                .into_paginator()
+                .send();
+            let mut names = Vec::new();
+            while let Some(page) = pages.next().await {
+                let page =
+                    page.map_err(|e| fold(&self.to_string(), &format!("LIST {RECORD_PREFIX}"), e))?;
+                let keys = page.contents().iter().filter_map(|o| o.key());
+                names.extend(
+                    keys.filter_map(|k| k.strip_prefix(RECORD_PREFIX))
+                        .filter_map(|n| ExportName::new(n).ok()),
+                );
+            }
+            names.sort();
+            Ok(names)
+        })
+    }
+}
+
 /// The blocks of one export in a bucket.
 #[derive(Debug)]
 pub struct S3Storage {
@@ -288,6 +416,48 @@ impl Storage for S3Storage {
                 .await
                 .map_err(|e| fold(&self.name, &format!("DELETE {key}"), e))
                 .map(drop)
+        })
+    }
+
+    fn delete_blocks(&self, ids: &[BlockId]) -> Result<()> {
+        runtime()?.block_on(async {
+            for chunk in ids.chunks(MAX_DELETE_BATCH) {
+                let objects = chunk
+                    .iter()
+                    .map(|&id| ObjectIdentifier::builder().key(self.key(id)).build())
+                    .collect::<std::result::Result<Vec<_>, _>>()
+                    .map_err(|e| Error::backend(self, format!("DeleteObjects: {e}")))?;
+                let delete = Delete::builder()
+                    .set_objects(Some(objects))
+                    .quiet(true)
+                    .build()
+                    .map_err(|e| Error::backend(self, format!("DeleteObjects: {e}")))?;
+                let what = format!(
+                    "DeleteObjects of {} blocks from {}",
+                    chunk.len(),
+                    self.key(chunk[0])
+                );
+                let out = self
+                    .client
+                    .delete_objects()
+                    .bucket(&self.bucket)
+                    .delete(delete)
+                    .send()
+                    .await
+                    .map_err(|e| fold(&self.name, &what, e))?;
+                if let Some(e) = out.errors().first() {
+                    return Err(Error::backend(
+                        self,
+                        format!(
+                            "{what}: {} failed: {} {}",
+                            e.key().unwrap_or("?"),
+                            e.code().unwrap_or("?"),
+                            e.message().unwrap_or("")
+                        ),
+                    ));
+                }
+            }
+            Ok(())
         })
     }
 

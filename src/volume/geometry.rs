@@ -76,6 +76,41 @@ impl Geometry {
         self.size / self.block_size as u64
     }
 
+    /// The text stored as an export's record when it is created.
+    pub fn to_record(&self) -> String {
+        format!(
+            "# nbds3 export geometry, written once when the export was created\nsize={}\nblock-size={}\n",
+            self.size, self.block_size
+        )
+    }
+
+    /// Parses a record written by [`to_record`](Self::to_record).
+    ///
+    /// # Errors
+    /// [`Error::Config`] if the record is malformed or its values are not allowed.
+    pub fn from_record(text: &str) -> Result<Self> {
+        let mut size = None;
+        let mut block_size = None;
+        for line in text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        {
+            match line.split_once('=') {
+                Some(("size", v)) => size = v.parse::<u64>().ok(),
+                Some(("block-size", v)) => block_size = v.parse::<usize>().ok(),
+                _ => {}
+            }
+        }
+        match (size, block_size) {
+            (Some(size), Some(block_size)) => Geometry::new(size, block_size),
+            _ => Err(Error::config(
+                "export",
+                format!("malformed geometry record {text:?}"),
+            )),
+        }
+    }
+
     /// Splits `len` bytes at `offset` into per-block pieces, in order.
     ///
     /// # Errors
@@ -182,6 +217,20 @@ mod tests {
             g.pieces(u64::MAX, 2),
             Err(Error::OutOfRange { .. })
         ));
+    }
+
+    #[test]
+    fn records_round_trip_and_malformed_ones_are_refused() {
+        let g = Geometry::new(1 << 30, 65536).unwrap();
+        assert_eq!(Geometry::from_record(&g.to_record()).unwrap(), g);
+        for bad in [
+            "",
+            "size=1024",
+            "size=x\nblock-size=4096",
+            "size=4097\nblock-size=4096",
+        ] {
+            assert!(Geometry::from_record(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]
