@@ -83,21 +83,51 @@ impl ConfigKey {
     /// `(name, value placeholder, one-line description)`.
     pub fn doc(self) -> (&'static str, &'static str, &'static str) {
         match self {
-            ConfigKey::Storage => ("storage", "memory|file|s3", "Where blocks live (default: s3 if bucket= is given, file if dir= is given)."),
-            ConfigKey::Export => ("export", "NAME", "Export served to clients that ask for the default export \"\" (default: dev)."),
-            ConfigKey::Size => ("size", "SIZE", "Size of new exports (K/M/G/T suffixes); existing exports keep the size they were created with."),
-            ConfigKey::BlockSize => ("block-size", "SIZE", "Block (object) size of new exports: a power of two from 512 to 4M (default 4096)."),
+            ConfigKey::Storage => (
+                "storage",
+                "memory|file|s3",
+                "Where blocks live (default: s3 if bucket= is given, file if dir= is given).",
+            ),
+            ConfigKey::Export => {
+                ("export", "NAME", "Export served to clients that ask for the default export \"\" (default: dev).")
+            }
+            ConfigKey::Size => (
+                "size",
+                "SIZE",
+                "Size of new exports (K/M/G/T suffixes); existing exports keep the size they were created with.",
+            ),
+            ConfigKey::BlockSize => (
+                "block-size",
+                "SIZE",
+                "Block (object) size of new exports: a power of two from 512 to 4M (default 4096).",
+            ),
             ConfigKey::CacheSize => ("cache-size", "SIZE", "Memory for clean cached blocks per export (default 256M)."),
-            ConfigKey::MaxDirty => ("max-dirty", "SIZE", "Unflushed data per export before the oldest is written back early (default 64M)."),
+            ConfigKey::MaxDirty => (
+                "max-dirty",
+                "SIZE",
+                "Unflushed data per export before the oldest is written back early (default 64M).",
+            ),
             ConfigKey::Dir => ("dir", "PATH", "Directory of the file backend; blocks go to PATH/blocks/EXPORT/."),
             ConfigKey::Bucket => ("bucket", "NAME", "S3 bucket; created at start-up if missing and allowed."),
-            ConfigKey::Endpoint => ("endpoint", "URL", "S3 endpoint, e.g. http://localhost:9000 for MinIO (default: AWS)."),
+            ConfigKey::Endpoint => {
+                ("endpoint", "URL", "S3 endpoint, e.g. http://localhost:9000 for MinIO (default: AWS).")
+            }
             ConfigKey::Region => ("region", "REGION", "S3 signing region (default us-east-1)."),
             ConfigKey::AccessKey => ("access-key", "ID", "S3 access key id (default: the AWS credential chain)."),
-            ConfigKey::SecretKey => ("secret-key", "SECRET", "S3 secret key; '-' reads it from the terminal, '+FILE' from a file."),
-            ConfigKey::PathStyle => ("path-style", "BOOL", "Path-style S3 URLs, needed by MinIO and Garage (default: true if endpoint= is set)."),
-            ConfigKey::S3Concurrency => ("s3-concurrency", "N", "S3 requests in flight during write-back and flush (default 16)."),
-            ConfigKey::S3Timeout => ("s3-timeout", "SECONDS", "Give up on an S3 request, retries included, after this long (default 30)."),
+            ConfigKey::SecretKey => {
+                ("secret-key", "SECRET", "S3 secret key; '-' reads it from the terminal, '+FILE' from a file.")
+            }
+            ConfigKey::PathStyle => (
+                "path-style",
+                "BOOL",
+                "Path-style S3 URLs, needed by MinIO and Garage (default: true if endpoint= is set).",
+            ),
+            ConfigKey::S3Concurrency => {
+                ("s3-concurrency", "N", "S3 requests in flight during write-back and flush (default 16).")
+            }
+            ConfigKey::S3Timeout => {
+                ("s3-timeout", "SECONDS", "Give up on an S3 request, retries included, after this long (default 30).")
+            }
         }
     }
 
@@ -106,10 +136,7 @@ impl ConfigKey {
         let mut table = String::from("| parameter | meaning |\n|---|---|\n");
         for k in ConfigKey::ALL {
             let (name, value, doc) = k.doc();
-            table.push_str(&format!(
-                "| `{name}={}` | {doc} |\n",
-                value.replace('|', "\\|")
-            ));
+            table.push_str(&format!("| `{name}={}` | {doc} |\n", value.replace('|', "\\|")));
         }
         table
     }
@@ -139,16 +166,10 @@ impl FromStr for ConfigKey {
             "url" => "endpoint",
             other => other,
         };
-        ConfigKey::ALL
-            .into_iter()
-            .find(|k| k.name() == alias)
-            .ok_or_else(|| {
-                let names: Vec<_> = ConfigKey::ALL.iter().map(|k| k.name()).collect();
-                Error::config(
-                    s,
-                    format!("unknown parameter; the parameters are {}", names.join(", ")),
-                )
-            })
+        ConfigKey::ALL.into_iter().find(|k| k.name() == alias).ok_or_else(|| {
+            let names: Vec<_> = ConfigKey::ALL.iter().map(|k| k.name()).collect();
+            Error::config(s, format!("unknown parameter; the parameters are {}", names.join(", ")))
+        })
     }
 }
 
@@ -203,10 +224,7 @@ impl Config {
                     "file" => StorageKind::File,
                     "s3" => StorageKind::S3,
                     _ => {
-                        return Err(Error::config(
-                            name,
-                            format!("{value:?} is not a backend: use memory, file or s3"),
-                        ))
+                        return Err(Error::config(name, format!("{value:?} is not a backend: use memory, file or s3")))
                     }
                 })
             }
@@ -242,10 +260,7 @@ impl Config {
                 self.s3.timeout = match value.parse::<f64>() {
                     Ok(s) if s > 0.0 && s <= 86400.0 => Duration::from_secs_f64(s),
                     _ => {
-                        return Err(Error::config(
-                            name,
-                            format!("{value:?} is not allowed: use seconds, more than 0"),
-                        ))
+                        return Err(Error::config(name, format!("{value:?} is not allowed: use seconds, more than 0")))
                     }
                 }
             }
@@ -272,19 +287,13 @@ impl Config {
         self.storage = Some(storage);
         match storage {
             StorageKind::File if self.dir.is_none() => {
-                return Err(Error::config(
-                    "dir",
-                    "storage=file needs dir=PATH, the directory that holds the blocks",
-                ))
+                return Err(Error::config("dir", "storage=file needs dir=PATH, the directory that holds the blocks"))
             }
             StorageKind::S3 if self.s3.bucket.is_empty() => {
                 return Err(Error::config("bucket", "storage=s3 needs bucket=NAME"))
             }
             StorageKind::Memory if self.size.is_none() => {
-                return Err(Error::config(
-                    "size",
-                    "storage=memory needs size=SIZE, e.g. size=1G",
-                ))
+                return Err(Error::config("size", "storage=memory needs size=SIZE, e.g. size=1G"))
             }
             _ => {}
         }
@@ -292,10 +301,7 @@ impl Config {
             self.s3.path_style = Some(self.s3.endpoint.is_some());
         }
         if self.s3.access_key.is_some() != self.s3.secret_key.is_some() {
-            return Err(Error::config(
-                "secret-key",
-                "access-key= and secret-key= go together: give both or neither",
-            ));
+            return Err(Error::config("secret-key", "access-key= and secret-key= go together: give both or neither"));
         }
         let block_size = self.block_size.unwrap_or(DEFAULT_BLOCK_SIZE);
         crate::volume::Geometry::new(self.size.unwrap_or(block_size as u64), block_size)?;
@@ -336,23 +342,13 @@ fn non_empty<'a>(key: &str, value: &'a str) -> Result<&'a str> {
 /// [`Error::Config`] for parameter `key`.
 pub fn parse_size(key: &str, value: &str) -> Result<u64> {
     let bad = || {
-        Error::config(
-            key,
-            format!(
-                "{value:?} is not a size: use a number with an optional K, M, G, T, P or E suffix"
-            ),
-        )
+        Error::config(key, format!("{value:?} is not a size: use a number with an optional K, M, G, T, P or E suffix"))
     };
-    let digits = value
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(value.len());
+    let digits = value.find(|c: char| !c.is_ascii_digit()).unwrap_or(value.len());
     let (number, suffix) = value.split_at(digits);
     let number: u64 = number.parse().map_err(|_| bad())?;
     let suffix = suffix.to_ascii_uppercase();
-    let suffix = suffix
-        .strip_suffix("IB")
-        .or_else(|| suffix.strip_suffix('B'))
-        .unwrap_or(&suffix);
+    let suffix = suffix.strip_suffix("IB").or_else(|| suffix.strip_suffix('B')).unwrap_or(&suffix);
     let shift = match suffix {
         "" => 0,
         "K" => 10,
@@ -373,10 +369,7 @@ fn parse_bool(key: &str, value: &str) -> Result<bool> {
     match value.to_ascii_lowercase().as_str() {
         "1" | "true" | "yes" | "on" => Ok(true),
         "0" | "false" | "no" | "off" => Ok(false),
-        _ => Err(Error::config(
-            key,
-            format!("{value:?} is not a boolean: use true or false"),
-        )),
+        _ => Err(Error::config(key, format!("{value:?} is not a boolean: use true or false"))),
     }
 }
 
@@ -402,13 +395,7 @@ mod tests {
         assert_eq!(parse_size("size", "2KiB").unwrap(), 2048);
         assert_eq!(parse_size("size", "1TB").unwrap(), 1 << 40);
         for bad in ["", "G", "1.5G", "1X", "-1", "abc", "99999999999E"] {
-            assert!(
-                parse_size("size", bad)
-                    .unwrap_err()
-                    .to_string()
-                    .starts_with("size: "),
-                "{bad}"
-            );
+            assert!(parse_size("size", bad).unwrap_err().to_string().starts_with("size: "), "{bad}");
         }
     }
 
@@ -416,13 +403,7 @@ mod tests {
     fn the_examples_from_the_readme_configure() {
         let c = configure(&[("storage", "memory"), ("size", "1G")]).unwrap();
         assert_eq!(c.storage_kind(), StorageKind::Memory);
-        let c = configure(&[
-            ("storage", "file"),
-            ("dir", "/tmp/x"),
-            ("export", "dev"),
-            ("size", "10G"),
-        ])
-        .unwrap();
+        let c = configure(&[("storage", "file"), ("dir", "/tmp/x"), ("export", "dev"), ("size", "10G")]).unwrap();
         assert_eq!(c.storage_kind(), StorageKind::File);
         let c = configure(&[("bucket", "nbd-storage"), ("export", "dev"), ("size", "1G")]).unwrap();
         assert_eq!(c.storage_kind(), StorageKind::S3);
@@ -434,50 +415,19 @@ mod tests {
     #[test]
     fn bad_values_name_the_parameter() {
         let cases: &[(&[(&str, &str)], &str)] = &[
-            (
-                &[
-                    ("storage", "memory"),
-                    ("size", "1G"),
-                    ("block-size", "1000"),
-                ],
-                "block-size: 1000 is not allowed",
-            ),
-            (
-                &[("storage", "memory"), ("size", "4097")],
-                "size: 4097 is not allowed",
-            ),
-            (
-                &[("storage", "memory"), ("size", "lots")],
-                "size: \"lots\" is not a size",
-            ),
+            (&[("storage", "memory"), ("size", "1G"), ("block-size", "1000")], "block-size: 1000 is not allowed"),
+            (&[("storage", "memory"), ("size", "4097")], "size: 4097 is not allowed"),
+            (&[("storage", "memory"), ("size", "lots")], "size: \"lots\" is not a size"),
             (&[("storage", "memory")], "size: storage=memory needs size="),
-            (
-                &[("storage", "file"), ("size", "1G")],
-                "dir: storage=file needs dir=",
-            ),
+            (&[("storage", "file"), ("size", "1G")], "dir: storage=file needs dir="),
             (&[("storage", "s3")], "bucket: storage=s3 needs bucket="),
             (&[("storage", "tape")], "storage: \"tape\" is not a backend"),
-            (
-                &[("colour", "blue")],
-                "colour: unknown parameter; the parameters are storage, export",
-            ),
+            (&[("colour", "blue")], "colour: unknown parameter; the parameters are storage, export"),
             (&[("export", "../etc")], "export: invalid export name"),
-            (
-                &[("bucket", "b"), ("access-key", "a")],
-                "secret-key: access-key= and secret-key= go together",
-            ),
-            (
-                &[("bucket", "b"), ("path-style", "maybe")],
-                "path-style: \"maybe\" is not a boolean",
-            ),
-            (
-                &[("bucket", "b"), ("s3-concurrency", "0")],
-                "s3-concurrency: \"0\" is not allowed",
-            ),
-            (
-                &[("bucket", "b"), ("s3-timeout", "soon")],
-                "s3-timeout: \"soon\" is not allowed",
-            ),
+            (&[("bucket", "b"), ("access-key", "a")], "secret-key: access-key= and secret-key= go together"),
+            (&[("bucket", "b"), ("path-style", "maybe")], "path-style: \"maybe\" is not a boolean"),
+            (&[("bucket", "b"), ("s3-concurrency", "0")], "s3-concurrency: \"0\" is not allowed"),
+            (&[("bucket", "b"), ("s3-timeout", "soon")], "s3-timeout: \"soon\" is not allowed"),
             (&[("bucket", "")], "bucket: an empty value is not allowed"),
             (&[], "storage: no backend chosen"),
         ];
@@ -489,14 +439,8 @@ mod tests {
 
     #[test]
     fn keys_accept_aliases_and_help_lists_every_key() {
-        assert_eq!(
-            "blocksize".parse::<ConfigKey>().unwrap(),
-            ConfigKey::BlockSize
-        );
-        assert_eq!(
-            "block_size".parse::<ConfigKey>().unwrap(),
-            ConfigKey::BlockSize
-        );
+        assert_eq!("blocksize".parse::<ConfigKey>().unwrap(), ConfigKey::BlockSize);
+        assert_eq!("block_size".parse::<ConfigKey>().unwrap(), ConfigKey::BlockSize);
         let help = ConfigKey::help();
         for k in ConfigKey::ALL {
             assert!(help.contains(&format!("{}=", k.name())), "{}", k.name());
@@ -508,20 +452,12 @@ mod tests {
     fn the_readme_documents_every_parameter() {
         let readme = include_str!("../README.md");
         let table = ConfigKey::markdown_table();
-        assert!(
-            readme.contains(&table),
-            "README.md's parameter table is out of date; it should read:\n{table}"
-        );
+        assert!(readme.contains(&table), "README.md's parameter table is out of date; it should read:\n{table}");
     }
 
     #[test]
     fn secrets_do_not_show_in_debug_output() {
-        let c = configure(&[
-            ("bucket", "b"),
-            ("access-key", "AKID"),
-            ("secret-key", "hunter2"),
-        ])
-        .unwrap();
+        let c = configure(&[("bucket", "b"), ("access-key", "AKID"), ("secret-key", "hunter2")]).unwrap();
         let shown = format!("{c:?}");
         assert!(!shown.contains("hunter2"), "{shown}");
         assert!(shown.contains("redacted"));

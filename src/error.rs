@@ -18,9 +18,7 @@ pub enum Error {
         message: String,
     },
     /// A request reaches past the end of the device.
-    #[error(
-        "request of {len} bytes at offset {offset} is beyond the end of the {size}-byte device"
-    )]
+    #[error("request of {len} bytes at offset {offset} is beyond the end of the {size}-byte device")]
     OutOfRange {
         /// First byte of the request.
         offset: u64,
@@ -93,18 +91,12 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Error {
     /// A configuration error for parameter `key`.
     pub fn config(key: impl Into<String>, message: impl fmt::Display) -> Self {
-        Error::Config {
-            key: key.into(),
-            message: message.to_string(),
-        }
+        Error::Config { key: key.into(), message: message.to_string() }
     }
 
     /// A backend failure of `store`.
     pub fn backend(store: impl fmt::Display, message: impl fmt::Display) -> Self {
-        Error::Backend {
-            store: store.to_string(),
-            message: message.to_string(),
-        }
+        Error::Backend { store: store.to_string(), message: message.to_string() }
     }
 
     /// Folds an I/O error of a local file into a category, keeping the path in the message.
@@ -129,10 +121,9 @@ impl Error {
             Error::ReadOnly(_) => libc::EPERM,
             Error::PermissionDenied { .. } | Error::Unauthenticated { .. } => libc::EPERM,
             Error::FastZeroUnsupported => libc::ENOTSUP,
-            Error::NotFound { .. }
-            | Error::CorruptBlock { .. }
-            | Error::Timeout { .. }
-            | Error::Backend { .. } => libc::EIO,
+            Error::NotFound { .. } | Error::CorruptBlock { .. } | Error::Timeout { .. } | Error::Backend { .. } => {
+                libc::EIO
+            }
         }
     }
 }
@@ -147,52 +138,14 @@ mod tests {
         let m = || "m".to_string();
         let cases: Vec<(Error, i32)> = vec![
             (Error::config("size", "bad"), libc::EINVAL),
-            (
-                Error::OutOfRange {
-                    offset: 1,
-                    len: 2,
-                    size: 3,
-                },
-                libc::EINVAL,
-            ),
+            (Error::OutOfRange { offset: 1, len: 2, size: 3 }, libc::EINVAL),
             (Error::ReadOnly("v".into()), libc::EPERM),
-            (
-                Error::PermissionDenied {
-                    store: s(),
-                    message: m(),
-                },
-                libc::EPERM,
-            ),
-            (
-                Error::Unauthenticated {
-                    store: s(),
-                    message: m(),
-                },
-                libc::EPERM,
-            ),
-            (
-                Error::NotFound {
-                    store: s(),
-                    message: m(),
-                },
-                libc::EIO,
-            ),
-            (
-                Error::CorruptBlock {
-                    store: s(),
-                    block: 1,
-                    message: m(),
-                },
-                libc::EIO,
-            ),
+            (Error::PermissionDenied { store: s(), message: m() }, libc::EPERM),
+            (Error::Unauthenticated { store: s(), message: m() }, libc::EPERM),
+            (Error::NotFound { store: s(), message: m() }, libc::EIO),
+            (Error::CorruptBlock { store: s(), block: 1, message: m() }, libc::EIO),
             (Error::FastZeroUnsupported, libc::ENOTSUP),
-            (
-                Error::Timeout {
-                    store: s(),
-                    message: m(),
-                },
-                libc::EIO,
-            ),
+            (Error::Timeout { store: s(), message: m() }, libc::EIO),
             (Error::backend("S", "m"), libc::EIO),
         ];
         for (e, errno) in cases {
@@ -203,10 +156,7 @@ mod tests {
     #[test]
     fn io_errors_fold_into_categories() {
         let denied = std::io::Error::from(std::io::ErrorKind::PermissionDenied);
-        assert!(matches!(
-            Error::io("F", "/x", &denied),
-            Error::PermissionDenied { .. }
-        ));
+        assert!(matches!(Error::io("F", "/x", &denied), Error::PermissionDenied { .. }));
         let other = std::io::Error::other("disk on fire");
         let e = Error::io("F", "/x", &other);
         assert_eq!(e.to_string(), "F: /x: disk on fire");

@@ -28,10 +28,7 @@ impl ExportName {
         let problem = if name.is_empty() {
             Some("the name is empty".to_string())
         } else if name.len() > MAX_EXPORT_NAME {
-            Some(format!(
-                "the name is {} bytes long, the limit is {MAX_EXPORT_NAME}",
-                name.len()
-            ))
+            Some(format!("the name is {} bytes long, the limit is {MAX_EXPORT_NAME}", name.len()))
         } else if name == "." || name == ".." {
             Some(format!("{name:?} is not allowed"))
         } else {
@@ -82,11 +79,7 @@ pub(crate) fn block_leaf(id: BlockId, block_size: usize) -> String {
 /// Returns `None` for anything that is not 16 lowercase hex digits of a block-aligned offset,
 /// so strays (temporary files, someone else's objects) are never mistaken for blocks.
 pub(crate) fn parse_block_leaf(leaf: &str, block_size: usize) -> Option<BlockId> {
-    if leaf.len() != 16
-        || !leaf
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    {
+    if leaf.len() != 16 || !leaf.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
         return None;
     }
     let offset = u64::from_str_radix(leaf, 16).ok()?;
@@ -135,14 +128,8 @@ mod tests {
     #[test]
     fn keys_follow_the_layout() {
         let dev = ExportName::new("dev").unwrap();
-        assert_eq!(
-            dev.block_key(BlockId(1), 4096),
-            "blocks/dev/0000000000001000"
-        );
-        assert_eq!(
-            dev.block_key(BlockId(3), 1 << 20),
-            "blocks/dev/0000000000300000"
-        );
+        assert_eq!(dev.block_key(BlockId(1), 4096), "blocks/dev/0000000000001000");
+        assert_eq!(dev.block_key(BlockId(3), 1 << 20), "blocks/dev/0000000000300000");
         assert_eq!(parse_block_leaf("0000000000001000", 4096), Some(BlockId(1)));
         assert_eq!(parse_block_leaf("0000000000001001", 4096), None);
         assert_eq!(parse_block_leaf("000000000000100A", 4096), None);

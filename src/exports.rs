@@ -22,10 +22,7 @@ pub fn open_backend(config: &Config) -> Result<Arc<dyn Backend>> {
     Ok(match config.storage_kind() {
         StorageKind::Memory => Arc::new(MemoryBackend::default()),
         StorageKind::File => {
-            let dir = config
-                .dir
-                .as_deref()
-                .ok_or_else(|| Error::config("dir", "storage=file needs dir=PATH"))?;
+            let dir = config.dir.as_deref().ok_or_else(|| Error::config("dir", "storage=file needs dir=PATH"))?;
             Arc::new(FileBackend::new(dir)?)
         }
         StorageKind::S3 => Arc::new(S3Backend::new(&config.s3)?),
@@ -74,10 +71,7 @@ pub fn open_geometry(
     })?;
     let geometry = Geometry::new(size, block_size.unwrap_or(DEFAULT_BLOCK_SIZE))?;
     backend.write_record(export, &geometry.to_record())?;
-    log::info!(
-        "export {export}: created, {size} bytes in {}-byte blocks",
-        geometry.block_size()
-    );
+    log::info!("export {export}: created, {size} bytes in {}-byte blocks", geometry.block_size());
     Ok(geometry)
 }
 
@@ -94,11 +88,7 @@ pub struct Exports {
 impl Exports {
     /// The exports of a finished `config`.
     pub fn new(config: Config) -> Self {
-        Exports {
-            config,
-            backend: OnceLock::new(),
-            volumes: Mutex::new(HashMap::new()),
-        }
+        Exports { config, backend: OnceLock::new(), volumes: Mutex::new(HashMap::new()) }
     }
 
     /// The volume for the export a client asked for; `""` means the configured default.
@@ -107,11 +97,7 @@ impl Exports {
     /// [`Error::Config`] for an invalid name or a contradicted geometry, and any error opening
     /// its storage.
     pub fn open(&self, requested: &str) -> Result<Arc<Volume>> {
-        let name = if requested.is_empty() {
-            self.config.export.clone()
-        } else {
-            ExportName::new(requested)?
-        };
+        let name = if requested.is_empty() { self.config.export.clone() } else { ExportName::new(requested)? };
         let mut volumes = lock(&self.volumes);
         if let Some(v) = volumes.get(&name) {
             return Ok(v.clone());
@@ -125,11 +111,7 @@ impl Exports {
         };
         let geometry = open_geometry(&*backend, &name, self.config.size, self.config.block_size)?;
         let storage = backend.open(&name, geometry.block_size())?;
-        log::info!(
-            "export {name}: {} bytes in {}-byte blocks on {storage}",
-            geometry.size(),
-            geometry.block_size()
-        );
+        log::info!("export {name}: {} bytes in {}-byte blocks on {storage}", geometry.size(), geometry.block_size());
         let volume = Arc::new(Volume::new(storage, geometry, self.config.volume_config())?);
         volumes.insert(name, volume.clone());
         Ok(volume)
@@ -137,10 +119,7 @@ impl Exports {
 
     /// Writes back every volume's dirty blocks (at unload); returns how many volumes failed.
     pub fn flush_all(&self) -> usize {
-        let volumes: Vec<_> = lock(&self.volumes)
-            .iter()
-            .map(|(n, v)| (n.clone(), v.clone()))
-            .collect();
+        let volumes: Vec<_> = lock(&self.volumes).iter().map(|(n, v)| (n.clone(), v.clone())).collect();
         let mut failed = 0;
         for (name, volume) in volumes {
             if let Err(e) = volume.flush() {
@@ -162,32 +141,15 @@ mod tests {
         let backend = MemoryBackend::default();
         let dev = ExportName::new("dev").unwrap();
         let e = open_geometry(&backend, &dev, None, None).unwrap_err();
-        assert!(
-            e.to_string()
-                .contains("export dev does not exist; give size= to create it"),
-            "{e}"
-        );
+        assert!(e.to_string().contains("export dev does not exist; give size= to create it"), "{e}");
         let g = open_geometry(&backend, &dev, Some(1 << 20), Some(512)).unwrap();
         assert_eq!((g.size(), g.block_size()), (1 << 20, 512));
         assert_eq!(open_geometry(&backend, &dev, None, None).unwrap(), g);
-        assert_eq!(
-            open_geometry(&backend, &dev, Some(1 << 20), Some(512)).unwrap(),
-            g
-        );
-        let e = open_geometry(&backend, &dev, None, Some(4096))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.starts_with("block-size: export dev was created with block-size=512"),
-            "{e}"
-        );
-        let e = open_geometry(&backend, &dev, Some(2 << 20), None)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.starts_with("size: export dev was created with size=1048576"),
-            "{e}"
-        );
+        assert_eq!(open_geometry(&backend, &dev, Some(1 << 20), Some(512)).unwrap(), g);
+        let e = open_geometry(&backend, &dev, None, Some(4096)).unwrap_err().to_string();
+        assert!(e.starts_with("block-size: export dev was created with block-size=512"), "{e}");
+        let e = open_geometry(&backend, &dev, Some(2 << 20), None).unwrap_err().to_string();
+        assert!(e.starts_with("size: export dev was created with size=1048576"), "{e}");
         assert_eq!(backend.list_exports().unwrap(), vec![dev]);
     }
 }

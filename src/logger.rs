@@ -39,10 +39,7 @@ impl log::Log for NbdkitLogger {
 /// Installs [`NbdkitLogger`]; `NBDS3_LOG=debug` (or trace, warn, ...) sets the level, default info.
 pub fn install() {
     static LOGGER: NbdkitLogger = NbdkitLogger;
-    let level = std::env::var("NBDS3_LOG")
-        .ok()
-        .and_then(|l| l.parse().ok())
-        .unwrap_or(log::LevelFilter::Info);
+    let level = std::env::var("NBDS3_LOG").ok().and_then(|l| l.parse().ok()).unwrap_or(log::LevelFilter::Info);
     if log::set_logger(&LOGGER).is_ok() {
         log::set_max_level(level);
     }

@@ -39,38 +39,27 @@ fn guard<T>(what: &str, f: impl FnOnce() -> Result<T>) -> nbdkit::Result<T> {
                 .map(|s| s.to_string())
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_default();
-            Err(nbdkit::Error::new(
-                libc::EIO,
-                sanitize(&format!("internal error in {what}: {why}")),
-            ))
+            Err(nbdkit::Error::new(libc::EIO, sanitize(&format!("internal error in {what}: {why}"))))
         }
     }
 }
 
 fn exports() -> Result<&'static Exports> {
-    EXPORTS
-        .get()
-        .ok_or_else(|| Error::config("config", "the configuration is not complete"))
+    EXPORTS.get().ok_or_else(|| Error::config("config", "the configuration is not complete"))
 }
 
 /// Reads a password the way nbdkit's own plugins do: `-` prompts, `+FILE` reads a file, `-FD`
 /// reads a file descriptor, anything else is the password itself.
 fn read_password(value: &str) -> Result<String> {
-    let c_value =
-        CString::new(value).map_err(|_| Error::config("secret-key", "contains a NUL byte"))?;
+    let c_value = CString::new(value).map_err(|_| Error::config("secret-key", "contains a NUL byte"))?;
     let mut out: *mut c_char = std::ptr::null_mut();
     // SAFETY: nbdkit fills `out` with a malloc'd NUL-terminated string that we free.
     let rc = unsafe { nbdkit_read_password(c_value.as_ptr(), &mut out) };
     if rc == -1 || out.is_null() {
-        return Err(Error::config(
-            "secret-key",
-            "could not read the secret (see the message above)",
-        ));
+        return Err(Error::config("secret-key", "could not read the secret (see the message above)"));
     }
     // SAFETY: `out` is a valid C string from nbdkit, freed right after copying.
-    let secret = unsafe { CStr::from_ptr(out) }
-        .to_string_lossy()
-        .into_owned();
+    let secret = unsafe { CStr::from_ptr(out) }.to_string_lossy().into_owned();
     unsafe { libc::free(out.cast()) };
     Ok(secret)
 }
@@ -105,10 +94,7 @@ impl Server for Connection {
 
     fn dump_plugin() {
         println!("nbds3_storage_backends=memory,file,s3");
-        println!(
-            "nbds3_default_block_size={}",
-            crate::volume::DEFAULT_BLOCK_SIZE
-        );
+        println!("nbds3_default_block_size={}", crate::volume::DEFAULT_BLOCK_SIZE);
     }
 
     fn thread_model() -> nbdkit::Result<ThreadModel> {
@@ -121,9 +107,7 @@ impl Server for Connection {
                 Ok(ConfigKey::SecretKey) => read_password(value)?,
                 _ => value.to_string(),
             };
-            lock(&CONFIG)
-                .get_or_insert_with(Config::default)
-                .set(key, &value)
+            lock(&CONFIG).get_or_insert_with(Config::default).set(key, &value)
         })
     }
 
@@ -135,9 +119,7 @@ impl Server for Connection {
                 // Fail now, before nbdkit forks and reports success, on a typo or bad credentials.
                 storage::s3::check_bucket(&config.s3)?;
             }
-            EXPORTS
-                .set(Exports::new(config))
-                .map_err(|_| Error::config("config", "configured twice"))
+            EXPORTS.set(Exports::new(config)).map_err(|_| Error::config("config", "configured twice"))
         })
     }
 
@@ -150,9 +132,7 @@ impl Server for Connection {
     }
 
     fn get_size(&self) -> nbdkit::Result<i64> {
-        guard("get_size", || {
-            Ok(i64::try_from(self.volume.geometry().size()).unwrap_or(i64::MAX))
-        })
+        guard("get_size", || Ok(i64::try_from(self.volume.geometry().size()).unwrap_or(i64::MAX)))
     }
 
     fn can_write(&self) -> nbdkit::Result<bool> {
@@ -192,9 +172,7 @@ impl Server for Connection {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64, flags: Flags) -> nbdkit::Result<()> {
-        guard("pwrite", || {
-            self.volume.write(buf, offset, flags.contains(Flags::FUA))
-        })
+        guard("pwrite", || self.volume.write(buf, offset, flags.contains(Flags::FUA)))
     }
 
     fn flush(&self) -> nbdkit::Result<()> {
@@ -202,20 +180,12 @@ impl Server for Connection {
     }
 
     fn trim(&self, count: u32, offset: u64, flags: Flags) -> nbdkit::Result<()> {
-        guard("trim", || {
-            self.volume
-                .zero(count.into(), offset, flags.contains(Flags::FUA), false)
-        })
+        guard("trim", || self.volume.zero(count.into(), offset, flags.contains(Flags::FUA), false))
     }
 
     fn zero(&self, count: u32, offset: u64, flags: Flags) -> nbdkit::Result<()> {
         guard("zero", || {
-            self.volume.zero(
-                count.into(),
-                offset,
-                flags.contains(Flags::FUA),
-                flags.contains(Flags::FAST_ZERO),
-            )
+            self.volume.zero(count.into(), offset, flags.contains(Flags::FUA), flags.contains(Flags::FAST_ZERO))
         })
     }
 }

@@ -7,11 +7,7 @@ use std::process::Command;
 use common::{nbdsh, run, run_ok, Nbdkit};
 
 fn params(extra: &[&str]) -> Vec<String> {
-    ["storage=memory", "size=128M"]
-        .iter()
-        .chain(extra)
-        .map(|s| s.to_string())
-        .collect()
+    ["storage=memory", "size=128M"].iter().chain(extra).map(|s| s.to_string()).collect()
 }
 
 /// A user writes with nbdsh, reads back, flushes; the device reports its size and capabilities.
@@ -48,25 +44,10 @@ fn qemu_img_round_trip() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("in.raw");
     std::fs::write(&image, common::random_bytes(64 << 20, 1)).unwrap();
-    run_ok(
-        Command::new("qemu-img")
-            .args(["convert", "-n", "-f", "raw", "-O", "raw"])
-            .arg(&image)
-            .arg(nbdkit.uri()),
-    );
+    run_ok(Command::new("qemu-img").args(["convert", "-n", "-f", "raw", "-O", "raw"]).arg(&image).arg(nbdkit.uri()));
     let out = dir.path().join("out.raw");
-    run_ok(
-        Command::new("qemu-img")
-            .args(["convert", "-f", "raw", "-O", "raw"])
-            .arg(nbdkit.uri())
-            .arg(&out),
-    );
-    run_ok(
-        Command::new("qemu-img")
-            .args(["compare", "-f", "raw", "-F", "raw"])
-            .arg(&image)
-            .arg(&out),
-    );
+    run_ok(Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "raw"]).arg(nbdkit.uri()).arg(&out));
+    run_ok(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw"]).arg(&image).arg(&out));
 }
 
 /// `nbdcopy` writes an image to the device and reads it back byte for byte.
@@ -82,10 +63,7 @@ fn nbdcopy_round_trip() {
     run_ok(Command::new("nbdcopy").arg(&image).arg(nbdkit.uri()));
     let out = dir.path().join("out.raw");
     run_ok(Command::new("nbdcopy").arg(nbdkit.uri()).arg(&out));
-    assert!(
-        std::fs::read(&out).unwrap() == data,
-        "nbdcopy round trip differs"
-    );
+    assert!(std::fs::read(&out).unwrap() == data, "nbdcopy round trip differs");
 }
 
 /// Without `-f`, nbdkit forks after loading the plugin; the device must still work (no runtime
@@ -94,10 +72,7 @@ fn nbdcopy_round_trip() {
 fn works_when_nbdkit_forks_into_the_background() {
     require!("nbdkit", "/usr/bin/python3");
     let nbdkit = Nbdkit::start_daemon(&params(&[]));
-    let out = nbdsh(
-        &nbdkit.uri(),
-        "h.pwrite(b'x' * 8192, 0); h.flush(); print(bytes(h.pread(3, 8190)))",
-    );
+    let out = nbdsh(&nbdkit.uri(), "h.pwrite(b'x' * 8192, 0); h.flush(); print(bytes(h.pread(3, 8190)))");
     assert_eq!(out.trim(), "b'xx\\x00'");
     nbdkit.stop();
 }
@@ -135,22 +110,11 @@ fn help_and_dump_plugin() {
     let help = run_ok(Command::new("nbdkit").arg(common::plugin()).arg("--help"));
     let help = String::from_utf8_lossy(&help.stdout);
     for key in nbds3::config::ConfigKey::ALL {
-        assert!(
-            help.contains(&format!("\n{}=", key.name())),
-            "--help lacks {}",
-            key.name()
-        );
+        assert!(help.contains(&format!("\n{}=", key.name())), "--help lacks {}", key.name());
     }
-    let dump = run_ok(
-        Command::new("nbdkit")
-            .arg(common::plugin())
-            .arg("--dump-plugin"),
-    );
+    let dump = run_ok(Command::new("nbdkit").arg(common::plugin()).arg("--dump-plugin"));
     let dump = String::from_utf8_lossy(&dump.stdout);
-    assert!(
-        dump.contains("name=nbds3") && dump.contains("thread_model=parallel"),
-        "{dump}"
-    );
+    assert!(dump.contains("name=nbds3") && dump.contains("thread_model=parallel"), "{dump}");
 }
 
 /// Bad parameters stop nbdkit at start-up with one message naming the parameter.
@@ -162,30 +126,12 @@ fn bad_parameters_stop_nbdkit_with_a_clear_message() {
             &["storage=memory", "size=1G", "block-size=1000"],
             "block-size: 1000 is not allowed: use a power of two from 512 to 4M",
         ),
-        (
-            &["storage=memory", "size=4097"],
-            "size: 4097 is not allowed: use a positive multiple of the block size",
-        ),
-        (
-            &["storage=memory", "size=big"],
-            "size: \"big\" is not a size",
-        ),
-        (
-            &["storage=memory", "size=1G", "colour=red"],
-            "colour: unknown parameter",
-        ),
-        (
-            &["storage=file", "size=1G"],
-            "dir: storage=file needs dir=PATH",
-        ),
-        (
-            &["storage=memory", "size=1G", "export=../x"],
-            "export: invalid export name",
-        ),
-        (
-            &["storage=memory", "size=1G", "cache-size=lots"],
-            "cache-size: \"lots\" is not a size",
-        ),
+        (&["storage=memory", "size=4097"], "size: 4097 is not allowed: use a positive multiple of the block size"),
+        (&["storage=memory", "size=big"], "size: \"big\" is not a size"),
+        (&["storage=memory", "size=1G", "colour=red"], "colour: unknown parameter"),
+        (&["storage=file", "size=1G"], "dir: storage=file needs dir=PATH"),
+        (&["storage=memory", "size=1G", "export=../x"], "export: invalid export name"),
+        (&["storage=memory", "size=1G", "cache-size=lots"], "cache-size: \"lots\" is not a size"),
     ];
     for (params, expected) in cases {
         let out = run(Command::new("nbdkit")

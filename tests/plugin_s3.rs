@@ -32,16 +32,9 @@ fn flush_uploads_exactly_the_nonzero_blocks_under_the_seed_keys() {
          print(h.pread(4, 4096 + 4094) + h.pread(2, 3 * 4096 + 4))",
     );
     assert_eq!(out.trim(), "bytearray(b'aa\\x00\\x00\\x00b')");
-    assert_eq!(
-        env.list(TEST_BUCKET, &prefix),
-        Vec::<String>::new(),
-        "objects before FLUSH"
-    );
+    assert_eq!(env.list(TEST_BUCKET, &prefix), Vec::<String>::new(), "objects before FLUSH");
     nbdkit.nbdsh("h.flush()");
-    let keys: Vec<String> = [0x1000, 0x3000, 0x4000, 0x5000]
-        .iter()
-        .map(|o| format!("{prefix}{o:016x}"))
-        .collect();
+    let keys: Vec<String> = [0x1000, 0x3000, 0x4000, 0x5000].iter().map(|o| format!("{prefix}{o:016x}")).collect();
     assert_eq!(env.list(TEST_BUCKET, &prefix), keys);
 }
 
@@ -53,14 +46,10 @@ fn data_survives_a_restart() {
     let Some(env) = common::s3() else { return };
     let export = common::unique("restart");
     let nbdkit = Nbdkit::start(&params(&env, &export, &["block-size=64K"]));
-    nbdkit.nbdsh(
-        "import random\nrandom.seed(3)\nh.pwrite(random.randbytes(3 << 20), 777)\nh.flush()",
-    );
+    nbdkit.nbdsh("import random\nrandom.seed(3)\nh.pwrite(random.randbytes(3 << 20), 777)\nh.flush()");
     nbdkit.stop();
     let nbdkit = Nbdkit::start_daemon(&params(&env, &export, &["block-size=64K"]));
-    let out = nbdkit.nbdsh(
-        "import random\nrandom.seed(3)\nprint(h.pread(3 << 20, 777) == random.randbytes(3 << 20))",
-    );
+    let out = nbdkit.nbdsh("import random\nrandom.seed(3)\nprint(h.pread(3 << 20, 777) == random.randbytes(3 << 20))");
     assert_eq!(out.trim(), "True");
     nbdkit.stop();
 }
@@ -77,12 +66,7 @@ fn zeros_and_trim_delete_objects() {
     assert_eq!(env.list(TEST_BUCKET, &prefix).len(), 3);
     nbdkit.nbdsh("h.pwrite(bytes(4096), 0); h.zero(4096, 4096); h.trim(4096, 8192); h.flush()");
     assert_eq!(env.list(TEST_BUCKET, &prefix), Vec::<String>::new());
-    assert_eq!(
-        nbdkit
-            .nbdsh("print(h.pread(3 * 4096, 0) == bytes(3 * 4096))")
-            .trim(),
-        "True"
-    );
+    assert_eq!(nbdkit.nbdsh("print(h.pread(3 * 4096, 0) == bytes(3 * 4096))").trim(), "True");
 }
 
 /// A stray object of the wrong size under the export's prefix fails that read with EIO and a
@@ -102,10 +86,7 @@ fn an_object_of_the_wrong_size_is_an_error_not_a_crash() {
     );
     assert_eq!(out.trim(), "EIO\nbytearray(b'\\x00\\x00\\x00\\x00')");
     let log = nbdkit.stderr();
-    assert!(
-        log.contains(&format!("object {key} is 11 bytes, expected 4096")),
-        "{log}"
-    );
+    assert!(log.contains(&format!("object {key} is 11 bytes, expected 4096")), "{log}");
 }
 
 /// nbds3 creates a missing bucket when the credentials allow it.
@@ -132,25 +113,15 @@ fn start_up_refuses_bad_s3_settings_with_the_reason() {
     // (environment overrides, parameters, expected message)
     type Case<'a> = (Vec<(&'a str, String)>, Vec<String>, &'a str);
     let cases: Vec<Case> = vec![
+        (vec![("AWS_SECRET_ACCESS_KEY", "0".repeat(64))], env.params(TEST_BUCKET), "credentials rejected"),
         (
-            vec![("AWS_SECRET_ACCESS_KEY", "0".repeat(64))],
-            env.params(TEST_BUCKET),
-            "credentials rejected",
-        ),
-        (
-            vec![
-                ("AWS_ACCESS_KEY_ID", limited_id),
-                ("AWS_SECRET_ACCESS_KEY", limited_secret),
-            ],
+            vec![("AWS_ACCESS_KEY_ID", limited_id), ("AWS_SECRET_ACCESS_KEY", limited_secret)],
             env.params("nbds3-no-such-bucket"),
             "bucket nbds3-no-such-bucket does not exist and could not be created",
         ),
         (
             vec![],
-            vec![
-                format!("bucket={TEST_BUCKET}"),
-                "endpoint=http://127.0.0.1:9".into(),
-            ],
+            vec![format!("bucket={TEST_BUCKET}"), "endpoint=http://127.0.0.1:9".into()],
             "cannot reach the endpoint",
         ),
     ];
@@ -167,11 +138,7 @@ fn start_up_refuses_bad_s3_settings_with_the_reason() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{params:?} started");
         assert!(stderr.contains(expected), "{params:?}: {stderr}");
-        assert!(
-            started.elapsed().as_secs() < 30,
-            "{params:?} took {:?}",
-            started.elapsed()
-        );
+        assert!(started.elapsed().as_secs() < 30, "{params:?} took {:?}", started.elapsed());
     }
 }
 

@@ -23,17 +23,9 @@ fn s3_storage_conformance() {
     conformance::run_all(
         &|place| {
             let export = ExportName::new(&format!("{run}-{place}")).unwrap();
-            Box::new(S3Storage::new(
-                client.clone(),
-                &config,
-                &export,
-                conformance::BLOCK_SIZE,
-            ))
+            Box::new(S3Storage::new(client.clone(), &config, &export, conformance::BLOCK_SIZE))
         },
         true,
     );
-    conformance::backend_records(
-        &nbds3::storage::S3Backend::new(&config).unwrap(),
-        &format!("{run}-rec-"),
-    );
+    conformance::backend_records(&nbds3::storage::S3Backend::new(&config).unwrap(), &format!("{run}-rec-"));
 }

@@ -16,21 +16,13 @@ const BLOCKS: u64 = 64;
 const SIZE: u64 = BLOCKS * BS as u64;
 
 fn small_cache() -> VolumeConfig {
-    VolumeConfig {
-        cache_bytes: 4 * BS as u64,
-        max_dirty_bytes: 6 * BS as u64,
-        concurrency: 3,
-    }
+    VolumeConfig { cache_bytes: 4 * BS as u64, max_dirty_bytes: 6 * BS as u64, concurrency: 3 }
 }
 
 fn random_range(rng: &mut StdRng) -> (u64, usize) {
     let offset = rng.random_range(0..SIZE);
     let max = (SIZE - offset).min(5 * BS as u64) as usize;
-    let len = if rng.random_bool(0.2) {
-        (BS - (offset as usize % BS)).min(max)
-    } else {
-        rng.random_range(0..=max)
-    };
+    let len = if rng.random_bool(0.2) { (BS - (offset as usize % BS)).min(max) } else { rng.random_range(0..=max) };
     (offset, len)
 }
 
@@ -44,29 +36,20 @@ fn run_model(storage: Arc<dyn Storage>, seed: u64, ops: usize) -> Vec<u8> {
         let range = offset as usize..offset as usize + len;
         match rng.random_range(0..10) {
             0..=3 => {
-                let fill: u8 = if rng.random_bool(0.2) {
-                    0
-                } else {
-                    rng.random()
-                };
+                let fill: u8 = if rng.random_bool(0.2) { 0 } else { rng.random() };
                 let data: Vec<u8> = (0..len).map(|i| fill.wrapping_add(i as u8 % 3)).collect();
                 volume.write(&data, offset, rng.random_bool(0.1)).unwrap();
                 model[range].copy_from_slice(&data);
             }
             4 => {
-                volume
-                    .zero(len as u64, offset, rng.random_bool(0.1), false)
-                    .unwrap();
+                volume.zero(len as u64, offset, rng.random_bool(0.1), false).unwrap();
                 model[range].fill(0);
             }
             5 => volume.flush().unwrap(),
             _ => {
                 let mut buf = vec![0xee; len];
                 volume.read(&mut buf, offset).unwrap();
-                assert!(
-                    buf == model[range],
-                    "seed {seed} step {step}: read of {len} at {offset} differs"
-                );
+                assert!(buf == model[range], "seed {seed} step {step}: read of {len} at {offset} differs");
             }
         }
     }
@@ -88,11 +71,7 @@ fn memory_backend_matches_the_model() {
 fn file_backend_matches_the_model_and_survives_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let export = ExportName::new("model").unwrap();
-    let model = run_model(
-        Arc::new(FileStorage::open(dir.path(), &export, BS).unwrap()),
-        100,
-        1500,
-    );
+    let model = run_model(Arc::new(FileStorage::open(dir.path(), &export, BS).unwrap()), 100, 1500);
     // A fresh volume on the same directory sees exactly what the last one flushed.
     let again = Volume::new(
         Arc::new(FileStorage::open(dir.path(), &export, BS).unwrap()),
@@ -115,12 +94,7 @@ fn storage_faults_surface_as_errors_and_never_corrupt_flushed_data() {
         let mut rng = StdRng::seed_from_u64(1000 + seed);
         let storage = Arc::new(FaultyStorage::new(MemoryStorage::new(BS)));
         storage.fail_one_in.store(rng.random_range(3..9), Relaxed);
-        let volume = Volume::new(
-            storage.clone(),
-            Geometry::new(SIZE, BS).unwrap(),
-            small_cache(),
-        )
-        .unwrap();
+        let volume = Volume::new(storage.clone(), Geometry::new(SIZE, BS).unwrap(), small_cache()).unwrap();
         // Bytes a failed write may or may not have changed, until the next successful write there.
         let mut model = vec![0u8; SIZE as usize];
         let mut uncertain = vec![false; SIZE as usize];
@@ -142,10 +116,7 @@ fn storage_faults_surface_as_errors_and_never_corrupt_flushed_data() {
                     if volume.read(&mut buf, offset).is_ok() {
                         for (i, b) in buf.iter().enumerate() {
                             let at = offset as usize + i;
-                            assert!(
-                                uncertain[at] || *b == model[at],
-                                "seed {seed} step {step}: byte {at}"
-                            );
+                            assert!(uncertain[at] || *b == model[at], "seed {seed} step {step}: byte {at}");
                         }
                     } else {
                         errors += 1;
@@ -156,19 +127,11 @@ fn storage_faults_surface_as_errors_and_never_corrupt_flushed_data() {
         assert!(errors > 0, "seed {seed}: no fault was injected");
         storage.fail_one_in.store(0, Relaxed);
         volume.flush().unwrap();
-        let reopened = Volume::new(
-            storage.clone(),
-            Geometry::new(SIZE, BS).unwrap(),
-            small_cache(),
-        )
-        .unwrap();
+        let reopened = Volume::new(storage.clone(), Geometry::new(SIZE, BS).unwrap(), small_cache()).unwrap();
         let mut all = vec![0; SIZE as usize];
         reopened.read(&mut all, 0).unwrap();
         for at in 0..SIZE as usize {
-            assert!(
-                uncertain[at] || all[at] == model[at],
-                "seed {seed}: byte {at} lost after the final flush"
-            );
+            assert!(uncertain[at] || all[at] == model[at], "seed {seed}: byte {at} lost after the final flush");
         }
     }
 }

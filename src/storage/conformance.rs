@@ -16,9 +16,7 @@ pub const BLOCK_SIZE: usize = 4096;
 pub type Open<'a> = &'a (dyn Fn(u32) -> Box<dyn Storage> + Sync);
 
 fn pattern(seed: u8) -> Vec<u8> {
-    (0..BLOCK_SIZE)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) | 1)
-        .collect()
+    (0..BLOCK_SIZE).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) | 1).collect()
 }
 
 fn read(s: &dyn Storage, id: u64) -> (bool, Vec<u8>) {
@@ -32,16 +30,9 @@ pub fn unwritten_reads_zero(open: Open<'_>) {
     let s = open(1);
     assert_eq!(s.block_size(), BLOCK_SIZE);
     for id in [0, 1, 12345, u64::MAX / BLOCK_SIZE as u64] {
-        assert_eq!(
-            read(&*s, id),
-            (false, vec![0; BLOCK_SIZE]),
-            "{s} block {id}"
-        );
+        assert_eq!(read(&*s, id), (false, vec![0; BLOCK_SIZE]), "{s} block {id}");
     }
-    assert!(
-        s.list_blocks().expect("list").is_empty(),
-        "{s}: list of an empty store"
-    );
+    assert!(s.list_blocks().expect("list").is_empty(), "{s}: list of an empty store");
 }
 
 /// What is written reads back, and only that block changes.
@@ -75,30 +66,18 @@ pub fn delete_is_idempotent(open: Open<'_>) {
 pub fn list_reports_stored_blocks(open: Open<'_>) {
     let s = open(5);
     for id in [9, 2, 1 << 20, 5] {
-        s.write_block(BlockId(id), &pattern(id as u8))
-            .expect("write");
+        s.write_block(BlockId(id), &pattern(id as u8)).expect("write");
     }
     s.delete_block(BlockId(5)).expect("delete");
-    let ids: Vec<u64> = s
-        .list_blocks()
-        .expect("list")
-        .into_iter()
-        .map(|b| b.0)
-        .collect();
+    let ids: Vec<u64> = s.list_blocks().expect("list").into_iter().map(|b| b.0).collect();
     assert_eq!(ids, vec![2, 9, 1 << 20], "{s}");
 }
 
 /// A buffer of the wrong length is an error, not a panic or a short block.
 pub fn wrong_length_is_an_error(open: Open<'_>) {
     let s = open(6);
-    assert!(
-        s.write_block(BlockId(0), &[1u8; 100]).is_err(),
-        "{s}: short write"
-    );
-    assert!(
-        s.read_block(BlockId(0), &mut [0u8; 100]).is_err(),
-        "{s}: short read"
-    );
+    assert!(s.write_block(BlockId(0), &[1u8; 100]).is_err(), "{s}: short write");
+    assert!(s.read_block(BlockId(0), &mut [0u8; 100]).is_err(), "{s}: short read");
     assert!(!read(&*s, 0).0, "{s}: failed write stored something");
 }
 
@@ -125,17 +104,10 @@ pub fn concurrent_distinct_blocks(open: Open<'_>) {
 pub fn delete_blocks_removes_each(open: Open<'_>) {
     let s = open(9);
     for id in 0..5 {
-        s.write_block(BlockId(id), &pattern(id as u8))
-            .expect("write");
+        s.write_block(BlockId(id), &pattern(id as u8)).expect("write");
     }
-    s.delete_blocks(&[BlockId(1), BlockId(3), BlockId(77)])
-        .expect("delete_blocks");
-    let ids: Vec<u64> = s
-        .list_blocks()
-        .expect("list")
-        .into_iter()
-        .map(|b| b.0)
-        .collect();
+    s.delete_blocks(&[BlockId(1), BlockId(3), BlockId(77)]).expect("delete_blocks");
+    let ids: Vec<u64> = s.list_blocks().expect("list").into_iter().map(|b| b.0).collect();
     assert_eq!(ids, vec![0, 2, 4], "{s}");
 }
 
@@ -150,11 +122,7 @@ pub fn flush_survives_reopen(open: Open<'_>) {
     let again = open(8);
     assert_eq!(read(&*again, 10), (true, pattern(10)), "{again}");
     assert!(!read(&*again, 11).0, "{again}");
-    assert_eq!(
-        again.list_blocks().expect("list"),
-        vec![BlockId(10)],
-        "{again}"
-    );
+    assert_eq!(again.list_blocks().expect("list"), vec![BlockId(10)], "{again}");
 }
 
 /// Runs every check; `persistent` backends also run the reopen check.
@@ -180,40 +148,17 @@ pub fn backend_records(backend: &dyn Backend, prefix: &str) {
     assert_eq!(backend.read_record(&a).expect("read"), None, "{backend}");
     backend.write_record(&a, "size=1\n").expect("write");
     backend.write_record(&b, "size=2\n").expect("write");
-    assert_eq!(
-        backend.read_record(&a).expect("read").as_deref(),
-        Some("size=1\n"),
-        "{backend}"
-    );
-    let mine = |names: Vec<ExportName>| {
-        names
-            .into_iter()
-            .filter(|n| n.as_str().starts_with(prefix))
-            .collect::<Vec<_>>()
-    };
-    assert_eq!(
-        mine(backend.list_exports().expect("list")),
-        vec![a.clone(), b.clone()],
-        "{backend}"
-    );
+    assert_eq!(backend.read_record(&a).expect("read").as_deref(), Some("size=1\n"), "{backend}");
+    let mine =
+        |names: Vec<ExportName>| names.into_iter().filter(|n| n.as_str().starts_with(prefix)).collect::<Vec<_>>();
+    assert_eq!(mine(backend.list_exports().expect("list")), vec![a.clone(), b.clone()], "{backend}");
     let blocks = backend.open(&a, BLOCK_SIZE).expect("open");
     blocks.write_block(BlockId(1), &pattern(1)).expect("write");
-    assert_eq!(
-        read(&*backend.open(&a, BLOCK_SIZE).expect("open"), 1),
-        (true, pattern(1)),
-        "{backend}: same blocks"
-    );
-    assert!(
-        !read(&*backend.open(&b, BLOCK_SIZE).expect("open"), 1).0,
-        "{backend}: exports share blocks"
-    );
+    assert_eq!(read(&*backend.open(&a, BLOCK_SIZE).expect("open"), 1), (true, pattern(1)), "{backend}: same blocks");
+    assert!(!read(&*backend.open(&b, BLOCK_SIZE).expect("open"), 1).0, "{backend}: exports share blocks");
     blocks.delete_block(BlockId(1)).expect("delete");
     backend.delete_record(&a).expect("delete record");
     backend.delete_record(&a).expect("delete record again");
-    assert_eq!(
-        mine(backend.list_exports().expect("list")),
-        vec![b.clone()],
-        "{backend}"
-    );
+    assert_eq!(mine(backend.list_exports().expect("list")), vec![b.clone()], "{backend}");
     backend.delete_record(&b).expect("delete record");
 }

@@ -56,10 +56,7 @@ impl<S: Storage> FaultyStorage<S> {
         let one_in = self.fail_one_in.load(Relaxed);
         if forced.load(Relaxed) || (one_in != 0 && n % one_in == 0) {
             let block = id.map(|b| format!(" of block {b}")).unwrap_or_default();
-            return Err(Error::backend(
-                self,
-                format!("injected fault in {what}{block}"),
-            ));
+            return Err(Error::backend(self, format!("injected fault in {what}{block}")));
         }
         Ok(())
     }
@@ -119,14 +116,7 @@ mod tests {
 
     #[test]
     fn conformance_with_faults_off() {
-        conformance::run_all(
-            &|_| {
-                Box::new(FaultyStorage::new(MemoryStorage::new(
-                    conformance::BLOCK_SIZE,
-                )))
-            },
-            false,
-        );
+        conformance::run_all(&|_| Box::new(FaultyStorage::new(MemoryStorage::new(conformance::BLOCK_SIZE))), false);
     }
 
     #[test]
@@ -134,10 +124,7 @@ mod tests {
         let s = FaultyStorage::new(MemoryStorage::new(512));
         s.fail_writes.store(true, Relaxed);
         let e = s.write_block(BlockId(4), &[1; 512]).unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "FaultyStorage(MemoryStorage): injected fault in write of block 0000000000000004"
-        );
+        assert_eq!(e.to_string(), "FaultyStorage(MemoryStorage): injected fault in write of block 0000000000000004");
         assert!(s.inner().list_blocks().unwrap().is_empty());
     }
 }

@@ -29,13 +29,8 @@ impl FileBackend {
     /// [`Error::Config`] naming `dir` if `root` is not a directory.
     pub fn new(root: &Path) -> Result<Self> {
         match fs::metadata(root) {
-            Ok(m) if m.is_dir() => Ok(FileBackend {
-                root: root.to_path_buf(),
-            }),
-            Ok(_) => Err(Error::config(
-                "dir",
-                format!("{} is not a directory", root.display()),
-            )),
+            Ok(m) if m.is_dir() => Ok(FileBackend { root: root.to_path_buf() }),
+            Ok(_) => Err(Error::config("dir", format!("{} is not a directory", root.display()))),
             Err(e) => Err(Error::config("dir", format!("{}: {e}", root.display()))),
         }
     }
@@ -103,11 +98,7 @@ impl Backend for FileBackend {
         let mut names = Vec::new();
         for entry in entries {
             let entry = entry.map_err(|e| Error::io(self, dir.display(), &e))?;
-            if let Some(name) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| ExportName::new(n).ok())
-            {
+            if let Some(name) = entry.file_name().to_str().and_then(|n| ExportName::new(n).ok()) {
                 names.push(name);
             }
         }
@@ -133,12 +124,7 @@ impl FileStorage {
         let store = format!("FileStorage({})", root.display());
         match fs::metadata(root) {
             Ok(m) if m.is_dir() => {}
-            Ok(_) => {
-                return Err(Error::config(
-                    "dir",
-                    format!("{} is not a directory", root.display()),
-                ))
-            }
+            Ok(_) => return Err(Error::config("dir", format!("{} is not a directory", root.display()))),
             Err(e) => return Err(Error::io(store, format!("dir {}", root.display()), &e)),
         }
         let dir = root.join(export.block_prefix());
@@ -182,11 +168,7 @@ impl Storage for FileStorage {
             return Err(Error::CorruptBlock {
                 store: self.to_string(),
                 block: id.0,
-                message: format!(
-                    "{} is {len} bytes, expected {}",
-                    path.display(),
-                    self.block_size
-                ),
+                message: format!("{} is {len} bytes, expected {}", path.display(), self.block_size),
             });
         }
         file.read_exact(buf).map_err(|e| self.err(&path, &e))?;
@@ -198,15 +180,9 @@ impl Storage for FileStorage {
         let path = self.path(id);
         // Callers never write one block twice at once, so one temporary name per block suffices;
         // it does not parse as a block, so a crash leaves only an ignored stray.
-        let tmp = self
-            .dir
-            .join(format!(".{}.tmp", block_leaf(id, self.block_size)));
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)
-            .map_err(|e| self.err(&tmp, &e))?;
+        let tmp = self.dir.join(format!(".{}.tmp", block_leaf(id, self.block_size)));
+        let mut file =
+            OpenOptions::new().write(true).create(true).truncate(true).open(&tmp).map_err(|e| self.err(&tmp, &e))?;
         file.write_all(data).map_err(|e| self.err(&tmp, &e))?;
         file.sync_data().map_err(|e| self.err(&tmp, &e))?;
         fs::rename(&tmp, &path).map_err(|e| self.err(&path, &e))
@@ -225,11 +201,7 @@ impl Storage for FileStorage {
         let mut ids = Vec::new();
         for entry in entries {
             let entry = entry.map_err(|e| self.err(&self.dir, &e))?;
-            if let Some(id) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| parse_block_leaf(n, self.block_size))
-            {
+            if let Some(id) = entry.file_name().to_str().and_then(|n| parse_block_leaf(n, self.block_size)) {
                 ids.push(id);
             }
         }
@@ -239,9 +211,7 @@ impl Storage for FileStorage {
 
     fn flush(&self) -> Result<()> {
         // Block files were fsynced before their rename; the directory holds the renames and deletes.
-        File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| self.err(&self.dir, &e))
+        File::open(&self.dir).and_then(|d| d.sync_all()).map_err(|e| self.err(&self.dir, &e))
     }
 }
 
@@ -286,12 +256,7 @@ mod tests {
 
     #[test]
     fn a_missing_root_directory_is_named() {
-        let e = FileStorage::open(
-            Path::new("/nonexistent/nbds3"),
-            &ExportName::new("dev").unwrap(),
-            4096,
-        )
-        .unwrap_err();
+        let e = FileStorage::open(Path::new("/nonexistent/nbds3"), &ExportName::new("dev").unwrap(), 4096).unwrap_err();
         assert!(e.to_string().contains("/nonexistent/nbds3"), "{e}");
     }
 }

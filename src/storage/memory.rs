@@ -26,9 +26,7 @@ impl fmt::Display for MemoryBackend {
 impl Backend for MemoryBackend {
     fn open(&self, export: &ExportName, block_size: usize) -> Result<Arc<dyn Storage>> {
         let mut exports = lock(&self.exports);
-        let storage = exports
-            .entry(export.clone())
-            .or_insert_with(|| Arc::new(MemoryStorage::new(block_size)));
+        let storage = exports.entry(export.clone()).or_insert_with(|| Arc::new(MemoryStorage::new(block_size)));
         Ok(storage.clone())
     }
 
@@ -63,10 +61,7 @@ pub struct MemoryStorage {
 impl MemoryStorage {
     /// An empty store of `block_size`-byte blocks.
     pub fn new(block_size: usize) -> Self {
-        MemoryStorage {
-            block_size,
-            blocks: Mutex::new(BTreeMap::new()),
-        }
+        MemoryStorage { block_size, blocks: Mutex::new(BTreeMap::new()) }
     }
 }
 
@@ -122,9 +117,6 @@ mod tests {
 
     #[test]
     fn conformance() {
-        conformance::run_all(
-            &|_| Box::new(MemoryStorage::new(conformance::BLOCK_SIZE)),
-            false,
-        );
+        conformance::run_all(&|_| Box::new(MemoryStorage::new(conformance::BLOCK_SIZE)), false);
     }
 }

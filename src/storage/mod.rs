@@ -137,10 +137,7 @@ pub(crate) fn check_len(store: &dyn fmt::Display, expected: usize, got: usize) -
     if expected == got {
         Ok(())
     } else {
-        Err(crate::Error::backend(
-            store,
-            format!("buffer of {got} bytes where a {expected}-byte block was expected"),
-        ))
+        Err(crate::Error::backend(store, format!("buffer of {got} bytes where a {expected}-byte block was expected")))
     }
 }
 

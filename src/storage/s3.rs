@@ -71,11 +71,7 @@ impl Default for S3Config {
 
 impl S3Config {
     fn describe(&self) -> String {
-        format!(
-            "S3Storage({}/{})",
-            self.endpoint.as_deref().unwrap_or("aws"),
-            self.bucket
-        )
+        format!("S3Storage({}/{})", self.endpoint.as_deref().unwrap_or("aws"), self.bucket)
     }
 }
 
@@ -84,8 +80,7 @@ impl S3Config {
 /// # Errors
 /// [`Error::Backend`] if the runtime's threads cannot be started.
 pub fn runtime() -> Result<&'static tokio::runtime::Runtime> {
-    static RUNTIME: OnceLock<std::result::Result<tokio::runtime::Runtime, String>> =
-        OnceLock::new();
+    static RUNTIME: OnceLock<std::result::Result<tokio::runtime::Runtime, String>> = OnceLock::new();
     RUNTIME
         .get_or_init(|| {
             tokio::runtime::Builder::new_multi_thread()
@@ -115,8 +110,7 @@ pub async fn client(config: &S3Config) -> Client {
         loader = loader.credentials_provider(Credentials::new(id, &secret.0, None, None, "nbds3"));
     }
     let sdk = loader.load().await;
-    let mut builder = aws_sdk_s3::config::Builder::from(&sdk)
-        .force_path_style(config.path_style.unwrap_or(false));
+    let mut builder = aws_sdk_s3::config::Builder::from(&sdk).force_path_style(config.path_style.unwrap_or(false));
     if let Some(endpoint) = &config.endpoint {
         builder = builder.endpoint_url(endpoint);
     }
@@ -139,13 +133,7 @@ pub fn check_bucket(config: &S3Config) -> Result<()> {
     rt.block_on(async {
         let client = client(config).await;
         let store = config.describe();
-        let probe = client
-            .list_objects_v2()
-            .bucket(&config.bucket)
-            .prefix("blocks/")
-            .max_keys(1)
-            .send()
-            .await;
+        let probe = client.list_objects_v2().bucket(&config.bucket).prefix("blocks/").max_keys(1).send().await;
         let err = match probe {
             Ok(_) => return Ok(()),
             Err(e) => e,
@@ -153,10 +141,7 @@ pub fn check_bucket(config: &S3Config) -> Result<()> {
         if err.code() != Some("NoSuchBucket") {
             return Err(fold(&store, &format!("bucket {}", config.bucket), err));
         }
-        log::info!(
-            "{store}: bucket {} does not exist, creating it",
-            config.bucket
-        );
+        log::info!("{store}: bucket {} does not exist, creating it", config.bucket);
         let mut create = client.create_bucket().bucket(&config.bucket);
         if config.region != "us-east-1" {
             create = create.create_bucket_configuration(
@@ -172,10 +157,7 @@ pub fn check_bucket(config: &S3Config) -> Result<()> {
                 let cause = fold(&store, &format!("create bucket {}", config.bucket), e);
                 Err(Error::NotFound {
                     store,
-                    message: format!(
-                        "bucket {} does not exist and could not be created ({cause})",
-                        config.bucket
-                    ),
+                    message: format!("bucket {} does not exist and could not be created ({cause})", config.bucket),
                 })
             }
         }
@@ -196,27 +178,13 @@ impl S3Backend {
     /// [`Error::Backend`] if the runtime cannot start.
     pub fn new(config: &S3Config) -> Result<Self> {
         let client = runtime()?.block_on(client(config));
-        Ok(S3Backend {
-            client,
-            config: config.clone(),
-        })
+        Ok(S3Backend { client, config: config.clone() })
     }
 
     async fn get_text(&self, key: &str) -> Result<Option<String>> {
-        match self
-            .client
-            .get_object()
-            .bucket(&self.config.bucket)
-            .key(key)
-            .send()
-            .await
-        {
+        match self.client.get_object().bucket(&self.config.bucket).key(key).send().await {
             Ok(o) => {
-                let body = o
-                    .body
-                    .collect()
-                    .await
-                    .map_err(|e| Error::backend(self, format!("GET {key}: {e}")))?;
+                let body = o.body.collect().await.map_err(|e| Error::backend(self, format!("GET {key}: {e}")))?;
                 String::from_utf8(body.into_bytes().to_vec())
                     .map(Some)
                     .map_err(|_| Error::backend(self, format!("GET {key}: not UTF-8 text")))
@@ -235,12 +203,7 @@ impl fmt::Display for S3Backend {
 
 impl Backend for S3Backend {
     fn open(&self, export: &ExportName, block_size: usize) -> Result<Arc<dyn Storage>> {
-        Ok(Arc::new(S3Storage::new(
-            self.client.clone(),
-            &self.config,
-            export,
-            block_size,
-        )))
+        Ok(Arc::new(S3Storage::new(self.client.clone(), &self.config, export, block_size)))
     }
 
     fn read_record(&self, export: &ExportName) -> Result<Option<String>> {
@@ -280,22 +243,14 @@ impl Backend for S3Backend {
 
     fn list_exports(&self) -> Result<Vec<ExportName>> {
         runtime()?.block_on(async {
-            let mut pages = self
-                .client
-                .list_objects_v2()
-                .bucket(&self.config.bucket)
-                .prefix(RECORD_PREFIX)
-                .into_paginator()
-                .send();
+            let mut pages =
+                self.client.list_objects_v2().bucket(&self.config.bucket).prefix(RECORD_PREFIX).into_paginator().send();
             let mut names = Vec::new();
             while let Some(page) = pages.next().await {
-                let page =
-                    page.map_err(|e| fold(&self.to_string(), &format!("LIST {RECORD_PREFIX}"), e))?;
+                let page = page.map_err(|e| fold(&self.to_string(), &format!("LIST {RECORD_PREFIX}"), e))?;
                 let keys = page.contents().iter().filter_map(|o| o.key());
-                names.extend(
-                    keys.filter_map(|k| k.strip_prefix(RECORD_PREFIX))
-                        .filter_map(|n| ExportName::new(n).ok()),
-                );
+                names
+                    .extend(keys.filter_map(|k| k.strip_prefix(RECORD_PREFIX)).filter_map(|n| ExportName::new(n).ok()));
             }
             names.sort();
             Ok(names)
@@ -323,13 +278,7 @@ impl S3Storage {
             config.bucket,
             export.block_prefix()
         );
-        S3Storage {
-            client,
-            bucket: config.bucket.clone(),
-            export: export.clone(),
-            block_size,
-            name,
-        }
+        S3Storage { client, bucket: config.bucket.clone(), export: export.clone(), block_size, name }
     }
 
     fn key(&self, id: BlockId) -> String {
@@ -352,14 +301,7 @@ impl Storage for S3Storage {
         check_len(self, self.block_size, buf.len())?;
         let key = self.key(id);
         runtime()?.block_on(async {
-            let object = match self
-                .client
-                .get_object()
-                .bucket(&self.bucket)
-                .key(&key)
-                .send()
-                .await
-            {
+            let object = match self.client.get_object().bucket(&self.bucket).key(&key).send().await {
                 Ok(o) => o,
                 Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => {
                     buf.fill(0);
@@ -367,20 +309,17 @@ impl Storage for S3Storage {
                 }
                 Err(e) => return Err(fold(&self.name, &format!("GET {key}"), e)),
             };
-            let body =
-                object.body.collect().await.map_err(|e| {
-                    Error::backend(self, format!("GET {key}: reading the body: {e}"))
-                })?;
+            let body = object
+                .body
+                .collect()
+                .await
+                .map_err(|e| Error::backend(self, format!("GET {key}: reading the body: {e}")))?;
             let bytes = body.into_bytes();
             if bytes.len() != buf.len() {
                 return Err(Error::CorruptBlock {
                     store: self.name.clone(),
                     block: id.0,
-                    message: format!(
-                        "object {key} is {} bytes, expected {}",
-                        bytes.len(),
-                        buf.len()
-                    ),
+                    message: format!("object {key} is {} bytes, expected {}", bytes.len(), buf.len()),
                 });
             }
             buf.copy_from_slice(&bytes);
@@ -432,11 +371,7 @@ impl Storage for S3Storage {
                     .quiet(true)
                     .build()
                     .map_err(|e| Error::backend(self, format!("DeleteObjects: {e}")))?;
-                let what = format!(
-                    "DeleteObjects of {} blocks from {}",
-                    chunk.len(),
-                    self.key(chunk[0])
-                );
+                let what = format!("DeleteObjects of {} blocks from {}", chunk.len(), self.key(chunk[0]));
                 let out = self
                     .client
                     .delete_objects()
@@ -464,13 +399,7 @@ impl Storage for S3Storage {
     fn list_blocks(&self) -> Result<Vec<BlockId>> {
         let prefix = self.export.block_prefix();
         runtime()?.block_on(async {
-            let mut pages = self
-                .client
-                .list_objects_v2()
-                .bucket(&self.bucket)
-                .prefix(&prefix)
-                .into_paginator()
-                .send();
+            let mut pages = self.client.list_objects_v2().bucket(&self.bucket).prefix(&prefix).into_paginator().send();
             let mut ids = Vec::new();
             while let Some(page) = pages.next().await {
                 let page = page.map_err(|e| fold(&self.name, &format!("LIST {prefix}"), e))?;
@@ -503,16 +432,10 @@ where
     let code = err.code().unwrap_or_default().to_string();
     let detail = err.message().map(|m| format!(": {m}")).unwrap_or_default();
     match &err {
-        SdkError::TimeoutError(_) => Error::Timeout {
-            store,
-            message: format!("{what}: no answer in time"),
-        },
+        SdkError::TimeoutError(_) => Error::Timeout { store, message: format!("{what}: no answer in time") },
         SdkError::DispatchFailure(d) => {
             let message = if d.is_timeout() {
-                return Error::Timeout {
-                    store,
-                    message: format!("{what}: no answer in time"),
-                };
+                return Error::Timeout { store, message: format!("{what}: no answer in time") };
             } else {
                 format!(
                     "{what}: cannot reach the endpoint: {}",
@@ -524,20 +447,14 @@ where
         _ => {
             let message = format!("{what}: {code}{detail}");
             match code.as_str() {
-                "InvalidAccessKeyId"
-                | "SignatureDoesNotMatch"
-                | "InvalidToken"
-                | "ExpiredToken" => Error::Unauthenticated { store, message },
-                "AccessDenied" | "AllAccessDisabled" | "Forbidden" => {
-                    Error::PermissionDenied { store, message }
+                "InvalidAccessKeyId" | "SignatureDoesNotMatch" | "InvalidToken" | "ExpiredToken" => {
+                    Error::Unauthenticated { store, message }
                 }
+                "AccessDenied" | "AllAccessDisabled" | "Forbidden" => Error::PermissionDenied { store, message },
                 "NoSuchBucket" => Error::NotFound { store, message },
                 "" => Error::Backend {
                     store,
-                    message: format!(
-                        "{what}: {}",
-                        aws_smithy_types::error::display::DisplayErrorContext(&err)
-                    ),
+                    message: format!("{what}: {}", aws_smithy_types::error::display::DisplayErrorContext(&err)),
                 },
                 _ => Error::Backend { store, message },
             }

@@ -1,28 +1,34 @@
-//! `BlockCache`: the per-block state of one export (LRU clean blocks, dirty blocks, per-block locks)
-//! over its [`Storage`].
+//! `BlockCache`: the per-block state of one export (LRU clean blocks, dirty blocks, per-block
+//! locks, and the map of which blocks storage holds) over its [`Storage`].
 //!
-//! Every block that is in use or cached has a [`Slot`]. A slot's `state` mutex is the per-block
-//! lock: a read-modify-write holds it from the read to the modify, so concurrent partial writes
-//! to one block never lose an update, and a miss holds it while it loads, so concurrent misses on
-//! one block share one storage read.
+//! Every block that is in use, cached or dirty has a [`Slot`]. A slot's `state` mutex is the
+//! per-block lock: a read-modify-write holds it from the read to the modify, so concurrent partial
+//! writes to one block never lose an update, and a miss holds it while it loads, so concurrent
+//! misses on one block share one storage read.
 //!
 //! | content    | stored_gen == gen (clean)              | stored_gen < gen (dirty)               |
 //! |------------|----------------------------------------|----------------------------------------|
 //! | `Unloaded` | placeholder, not read yet              | never                                  |
-//! | `Zero`     | known absent in storage                | to be deleted from storage             |
+//! | `Zero`     | only while in use, then dropped        | to be deleted from storage             |
 //! | `Data`     | same bytes as storage                  | to be written to storage               |
 //!
-//! Clean slots live in the `clean` LRU, bounded by `capacity`; dirty slots live in `dirty`, in the
-//! order they became dirty, and are never evicted. A write-back holds the slot's `io` mutex from
-//! the snapshot of its content until storage acknowledged it, so two write-backs of one block can
-//! never land out of order; writers keep writing meanwhile (the snapshot is a shared `Arc`, and a
-//! writer copies on write).
+//! The index holds, under one mutex: clean slots in an LRU bounded by `capacity`; dirty slots in
+//! the order they became dirty (never evicted); and `allocated`, the blocks storage holds, listed
+//! once when the export opens and updated by every write-back. A block with no slot that is not
+//! `allocated` reads as zeros without a storage request, and zeroing it costs nothing.
+//!
+//! A write-back holds the slot's `io` mutex from the snapshot of its content until storage
+//! acknowledged it, so two write-backs of one block never land out of order; writers keep writing
+//! meanwhile (the snapshot is a shared `Arc`, and a writer copies on write). A batch of deletes
+//! takes the `io` mutexes of its blocks in ascending block order, so batches cannot deadlock.
 //!
 //! Lock order: a thread may take the `index` lock while it holds a slot's `state`, but while it
 //! holds `index` it only ever `try_lock`s a `state` (to evict), so the two orders cannot deadlock.
 //! An evicted slot is marked `evicted`; a thread that locks a slot and finds that mark looks the
 //! block up again.
 
+use std::collections::BTreeSet;
+use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
@@ -30,6 +36,10 @@ use lru::LruCache;
 
 use crate::storage::{is_zero, BlockId, Storage};
 use crate::{lock, Error, Result};
+
+/// Whole-block zeroes larger than this many stored blocks are deleted from storage while the
+/// request runs, in batches of this size, so a full-device trim needs no memory per block.
+const DELETE_BATCH: usize = 1000;
 
 /// What a slot knows of its block's bytes.
 #[derive(Debug, Clone)]
@@ -64,20 +74,32 @@ struct Slot {
     state: Mutex<SlotState>,
 }
 
+type SlotRef = (BlockId, Arc<Slot>);
+
 #[derive(Debug)]
 struct Index {
     /// Clean slots, least recently used first.
     clean: LruCache<BlockId, Arc<Slot>>,
     /// Dirty slots, oldest first (used as a FIFO: never promoted).
     dirty: LruCache<BlockId, Arc<Slot>>,
+    /// The blocks storage holds.
+    allocated: BTreeSet<u64>,
+}
+
+impl Index {
+    fn slot(&self, id: &BlockId) -> Option<&Arc<Slot>> {
+        self.dirty.peek(id).or_else(|| self.clean.peek(id))
+    }
 }
 
 /// Counters of one cache, read by tests and logged at unload.
 #[derive(Debug, Default)]
 pub struct CacheStats {
-    /// Reads and writes served without reading storage.
+    /// Block reads served from memory.
     pub hits: AtomicU64,
-    /// Blocks read from storage.
+    /// Block reads of blocks storage does not hold, answered without a request.
+    pub holes: AtomicU64,
+    /// Blocks read from storage (GET).
     pub misses: AtomicU64,
     /// Partial writes that had to read their block first.
     pub read_modify_writes: AtomicU64,
@@ -85,6 +107,21 @@ pub struct CacheStats {
     pub blocks_written: AtomicU64,
     /// Blocks deleted from storage because they became all zeros.
     pub blocks_deleted: AtomicU64,
+}
+
+impl std::fmt::Display for CacheStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "cache hits {} holes {} misses (GET) {} read-modify-writes {} blocks written (PUT) {} deleted {}",
+            self.hits.load(Relaxed),
+            self.holes.load(Relaxed),
+            self.misses.load(Relaxed),
+            self.read_modify_writes.load(Relaxed),
+            self.blocks_written.load(Relaxed),
+            self.blocks_deleted.load(Relaxed)
+        )
+    }
 }
 
 /// The clean and dirty blocks of one export over its storage.
@@ -100,18 +137,19 @@ pub struct BlockCache {
 }
 
 impl BlockCache {
-    /// A cache of at most `capacity` clean blocks over `storage`.
-    pub fn new(storage: Arc<dyn Storage>, capacity: usize) -> Self {
-        BlockCache {
+    /// A cache of at most `capacity` clean blocks over `storage`, listing the stored blocks once.
+    ///
+    /// # Errors
+    /// The storage's error if the blocks cannot be listed.
+    pub fn new(storage: Arc<dyn Storage>, capacity: usize) -> Result<Self> {
+        let allocated = storage.list_blocks()?.into_iter().map(|b| b.0).collect();
+        Ok(BlockCache {
             block_size: storage.block_size(),
             storage,
             capacity,
-            index: Mutex::new(Index {
-                clean: LruCache::unbounded(),
-                dirty: LruCache::unbounded(),
-            }),
+            index: Mutex::new(Index { clean: LruCache::unbounded(), dirty: LruCache::unbounded(), allocated }),
             stats: CacheStats::default(),
-        }
+        })
     }
 
     /// The storage under this cache.
@@ -129,29 +167,54 @@ impl BlockCache {
         lock(&self.index).clean.len()
     }
 
+    /// How many blocks storage holds.
+    pub fn allocated_blocks(&self) -> usize {
+        lock(&self.index).allocated.len()
+    }
+
     /// Copies `out.len()` bytes of block `id`, from `offset` in the block, into `out`.
     pub fn read(&self, id: BlockId, offset: usize, out: &mut [u8]) -> Result<()> {
-        self.with_slot(id, |st| {
+        let range = self.range(id, offset, out.len())?;
+        self.with_slot(id, false, |st| {
             self.load(id, st)?;
             match &st.content {
-                Content::Data(d) => out.copy_from_slice(&d[self.range(id, offset, out.len())?]),
+                Content::Data(d) => out.copy_from_slice(&d[range]),
                 _ => out.fill(0),
             }
             Ok(())
         })
+        .map(|done| {
+            if done.is_none() {
+                self.stats.holes.fetch_add(1, Relaxed);
+                out.fill(0);
+            }
+        })
+    }
+
+    /// Loads the stored blocks among `ids` that are not in memory, up to `concurrency` at a time,
+    /// so a request spanning many blocks waits for one round trip instead of one per block.
+    ///
+    /// # Errors
+    /// The first storage error.
+    pub fn prefetch(&self, ids: impl Iterator<Item = BlockId>, concurrency: usize) -> Result<()> {
+        let missing: Vec<BlockId> = {
+            let index = lock(&self.index);
+            ids.filter(|id| index.allocated.contains(&id.0) && index.slot(id).is_none()).collect()
+        };
+        if missing.len() < 2 || concurrency < 2 {
+            return Ok(());
+        }
+        parallel(missing, concurrency, |id| self.with_slot(id, false, |st| self.load(id, st)).map(drop))
     }
 
     /// Writes `data` into block `id` at `offset`, reading the block first only if the write
-    /// covers part of it.
+    /// covers part of it and storage holds it.
     pub fn write(&self, id: BlockId, offset: usize, data: &[u8]) -> Result<()> {
-        let whole = offset == 0 && data.len() == self.block_size;
-        self.with_slot(id, |st| {
+        let range = self.range(id, offset, data.len())?;
+        let whole = data.len() == self.block_size;
+        self.with_slot(id, true, |st| {
             if whole {
-                st.content = if is_zero(data) {
-                    Content::Zero
-                } else {
-                    Content::Data(Arc::new(data.to_vec()))
-                };
+                st.content = if is_zero(data) { Content::Zero } else { Content::Data(Arc::new(data.to_vec())) };
             } else {
                 if matches!(st.content, Content::Unloaded) {
                     self.stats.read_modify_writes.fetch_add(1, Relaxed);
@@ -163,7 +226,6 @@ impl BlockCache {
                     }
                     st.content = Content::Data(Arc::new(vec![0; self.block_size]));
                 }
-                let range = self.range(id, offset, data.len())?;
                 if let Content::Data(d) = &mut st.content {
                     Arc::make_mut(d)[range].copy_from_slice(data);
                 }
@@ -171,17 +233,71 @@ impl BlockCache {
             st.gen += 1;
             Ok(())
         })
+        .map(drop)
     }
 
-    /// Makes block `id` all zeros without reading it; storage loses it at the next write-back.
-    pub fn zero(&self, id: BlockId) -> Result<()> {
-        self.with_slot(id, |st| {
-            if !matches!(st.content, Content::Zero) {
-                st.content = Content::Zero;
-                st.gen += 1;
+    /// Makes the whole blocks `blocks` read as zeros without reading them. Only blocks that are
+    /// stored or in memory need any work; a large range deletes its stored blocks from storage
+    /// before returning, in batches, rather than holding a dirty slot per block.
+    ///
+    /// # Errors
+    /// A storage error from a batch delete; those blocks stay dirty.
+    pub fn zero_blocks(&self, blocks: Range<u64>) -> Result<()> {
+        let candidates: Vec<BlockId> = {
+            let index = lock(&self.index);
+            let mut ids: BTreeSet<u64> = index.allocated.range(blocks.clone()).copied().collect();
+            let span = blocks.end.saturating_sub(blocks.start);
+            if span < (index.clean.len() + index.dirty.len()) as u64 {
+                ids.extend(blocks.clone().filter(|b| index.slot(&BlockId(*b)).is_some()));
+            } else {
+                let cached = index.clean.iter().chain(index.dirty.iter()).map(|(id, _)| id.0);
+                ids.extend(cached.filter(|b| blocks.contains(b)));
             }
-            Ok(())
-        })
+            ids.into_iter().map(BlockId).collect()
+        };
+        let large = candidates.len() > DELETE_BATCH;
+        for chunk in candidates.chunks(DELETE_BATCH) {
+            for &id in chunk {
+                self.with_slot(id, true, |st| {
+                    if !matches!(st.content, Content::Zero) {
+                        st.content = Content::Zero;
+                        st.gen += 1;
+                    }
+                    Ok(())
+                })?;
+            }
+            if large {
+                self.write_back(chunk, 1)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The ranges of blocks in `blocks` that may hold data (`true`) or are holes that read as
+    /// zeros (`false`), in order and covering `blocks`. Dirty blocks count as data.
+    pub fn extents(&self, blocks: Range<u64>) -> Vec<(Range<u64>, bool)> {
+        let data: BTreeSet<u64> = {
+            let index = lock(&self.index);
+            let mut ids: BTreeSet<u64> = index.allocated.range(blocks.clone()).copied().collect();
+            ids.extend(index.dirty.iter().map(|(id, _)| id.0).filter(|b| blocks.contains(b)));
+            ids
+        };
+        let mut extents: Vec<(Range<u64>, bool)> = Vec::new();
+        let mut at = blocks.start;
+        for b in data {
+            if b > at {
+                extents.push((at..b, false));
+            }
+            match extents.last_mut() {
+                Some((r, true)) if r.end == b => r.end = b + 1,
+                _ => extents.push((b..b + 1, true)),
+            }
+            at = b + 1;
+        }
+        if at < blocks.end {
+            extents.push((at..blocks.end, false));
+        }
+        extents
     }
 
     /// Writes back the dirty blocks among `ids`, up to `concurrency` at a time.
@@ -189,11 +305,22 @@ impl BlockCache {
     /// # Errors
     /// The first storage error; blocks that failed stay dirty, so a later flush retries them.
     pub fn write_back(&self, ids: &[BlockId], concurrency: usize) -> Result<()> {
-        let slots: Vec<(BlockId, Arc<Slot>)> = {
+        let slots: Vec<SlotRef> = {
             let index = lock(&self.index);
-            ids.iter()
-                .filter_map(|id| index.dirty.peek(id).map(|s| (*id, s.clone())))
-                .collect()
+            ids.iter().filter_map(|id| index.dirty.peek(id).map(|s| (*id, s.clone()))).collect()
+        };
+        self.write_back_slots(slots, concurrency)
+    }
+
+    /// Writes back the dirty blocks in `blocks`, up to `concurrency` at a time.
+    ///
+    /// # Errors
+    /// As [`write_back`](Self::write_back).
+    pub fn write_back_range(&self, blocks: Range<u64>, concurrency: usize) -> Result<()> {
+        let slots: Vec<SlotRef> = {
+            let index = lock(&self.index);
+            let dirty = index.dirty.iter().filter(|(id, _)| blocks.contains(&id.0));
+            dirty.map(|(id, s)| (*id, s.clone())).collect()
         };
         self.write_back_slots(slots, concurrency)
     }
@@ -203,11 +330,7 @@ impl BlockCache {
     /// # Errors
     /// As [`write_back`](Self::write_back).
     pub fn write_back_all(&self, concurrency: usize) -> Result<()> {
-        let slots: Vec<_> = lock(&self.index)
-            .dirty
-            .iter()
-            .map(|(id, s)| (*id, s.clone()))
-            .collect();
+        let slots: Vec<SlotRef> = lock(&self.index).dirty.iter().map(|(id, s)| (*id, s.clone())).collect();
         self.write_back_slots(slots, concurrency)
     }
 
@@ -217,48 +340,57 @@ impl BlockCache {
     /// As [`write_back`](Self::write_back).
     pub fn write_back_oldest(&self, limit: usize, concurrency: usize) -> Result<()> {
         loop {
-            let slots: Vec<_> = {
+            let slots: Vec<SlotRef> = {
                 let index = lock(&self.index);
                 let excess = index.dirty.len().saturating_sub(limit);
                 if excess == 0 {
                     return Ok(());
                 }
                 // `iter().rev()` walks from the least recently inserted, i.e. the oldest dirty block.
-                index
-                    .dirty
-                    .iter()
-                    .rev()
-                    .take(excess.min(concurrency * 4))
-                    .map(|(id, s)| (*id, s.clone()))
-                    .collect()
+                index.dirty.iter().rev().take(excess.min(concurrency * 4)).map(|(id, s)| (*id, s.clone())).collect()
             };
             self.write_back_slots(slots, concurrency)?;
         }
     }
 
-    fn write_back_slots(&self, slots: Vec<(BlockId, Arc<Slot>)>, concurrency: usize) -> Result<()> {
-        let workers = concurrency.clamp(1, slots.len().max(1));
-        if workers == 1 {
-            return slots
-                .iter()
-                .try_for_each(|(id, slot)| self.write_back_slot(*id, slot));
-        }
-        let queue = Mutex::new(slots.into_iter());
-        let first_error: Mutex<Option<Error>> = Mutex::new(None);
-        std::thread::scope(|scope| {
-            for _ in 0..workers {
-                scope.spawn(|| loop {
-                    let Some((id, slot)) = lock(&queue).next() else {
-                        break;
-                    };
-                    if let Err(e) = self.write_back_slot(id, &slot) {
-                        lock(&first_error).get_or_insert(e);
-                    }
-                });
+    /// Deletes the blocks that became zeros in batches, and PUTs the rest concurrently.
+    fn write_back_slots(&self, mut slots: Vec<SlotRef>, concurrency: usize) -> Result<()> {
+        slots.sort_by_key(|(id, _)| *id);
+        let (zeros, data): (Vec<SlotRef>, Vec<SlotRef>) =
+            slots.into_iter().partition(|(_, slot)| matches!(lock(&slot.state).content, Content::Zero));
+        let deleted = zeros.chunks(DELETE_BATCH).try_for_each(|chunk| self.delete_batch(chunk));
+        let written = parallel(data, concurrency, |(id, slot)| self.write_back_slot(id, &slot));
+        deleted.and(written)
+    }
+
+    /// Deletes a batch of blocks that became zeros with one storage call.
+    fn delete_batch(&self, slots: &[SlotRef]) -> Result<()> {
+        // Ascending block order (the caller sorted them), so concurrent batches cannot deadlock.
+        let _io: Vec<_> = slots.iter().map(|(_, slot)| lock(&slot.io)).collect();
+        let mut batch = Vec::new();
+        let mut rewritten = Vec::new();
+        for (id, slot) in slots {
+            let st = lock(&slot.state);
+            match st.content {
+                _ if !st.is_dirty() => {}
+                Content::Zero => batch.push((*id, slot, st.gen)),
+                _ => rewritten.push((*id, slot.clone())),
             }
-        });
-        let first_error = lock(&first_error).take();
-        first_error.map_or(Ok(()), Err)
+        }
+        let ids: Vec<BlockId> = {
+            let index = lock(&self.index);
+            batch.iter().map(|(id, _, _)| *id).filter(|id| index.allocated.contains(&id.0)).collect()
+        };
+        if !ids.is_empty() {
+            self.storage.delete_blocks(&ids)?;
+            self.stats.blocks_deleted.fetch_add(ids.len() as u64, Relaxed);
+        }
+        for (id, slot, gen) in batch {
+            self.complete(id, slot, gen, false);
+        }
+        drop(_io);
+        // Written again since the batch was chosen: these go the ordinary way.
+        rewritten.iter().try_for_each(|(id, slot)| self.write_back_slot(*id, slot))
     }
 
     fn write_back_slot(&self, id: BlockId, slot: &Arc<Slot>) -> Result<()> {
@@ -270,39 +402,65 @@ impl BlockCache {
             }
             (st.content.clone(), st.gen)
         };
-        match &content {
+        let stored = match &content {
             Content::Data(d) if !is_zero(d) => {
                 self.storage.write_block(id, d)?;
                 self.stats.blocks_written.fetch_add(1, Relaxed);
+                true
             }
             Content::Data(_) | Content::Zero => {
-                self.storage.delete_block(id)?;
-                self.stats.blocks_deleted.fetch_add(1, Relaxed);
+                // A block storage does not hold needs no delete.
+                if lock(&self.index).allocated.contains(&id.0) {
+                    self.storage.delete_block(id)?;
+                    self.stats.blocks_deleted.fetch_add(1, Relaxed);
+                }
+                false
             }
             Content::Unloaded => {
-                return Err(Error::backend(
-                    &self.storage,
-                    format!("block {id} is dirty but was never loaded"),
-                ))
+                return Err(Error::backend(&self.storage, format!("block {id} is dirty but was never loaded")))
             }
-        }
+        };
         drop(content);
-        let mut st = lock(&slot.state);
-        st.stored_gen = gen;
-        if !st.is_dirty() {
-            let mut index = lock(&self.index);
-            if let Some(slot) = index.dirty.pop(&id) {
-                index.clean.push(id, slot);
-                self.evict_excess(&mut index);
-            }
-        }
+        self.complete(id, slot, gen, stored);
         Ok(())
     }
 
+    /// Records that storage now holds generation `gen` of block `id` (`stored`: as an object;
+    /// otherwise deleted), and moves the slot out of the dirty set if no newer write came.
+    fn complete(&self, id: BlockId, slot: &Arc<Slot>, gen: u64, stored: bool) {
+        let mut st = lock(&slot.state);
+        st.stored_gen = gen;
+        let mut index = lock(&self.index);
+        if stored {
+            index.allocated.insert(id.0);
+        } else {
+            index.allocated.remove(&id.0);
+        }
+        if !st.is_dirty() {
+            if let Some(slot) = index.dirty.pop(&id) {
+                if matches!(st.content, Content::Zero) {
+                    // Not allocated any more: a fresh lookup reads zeros without a slot.
+                    st.evicted = true;
+                } else {
+                    index.clean.push(id, slot);
+                    self.evict_excess(&mut index);
+                }
+            }
+        }
+    }
+
     /// Runs `f` on block `id`'s locked state, keeping the index in step with its dirtiness.
-    fn with_slot<R>(&self, id: BlockId, f: impl FnOnce(&mut SlotState) -> Result<R>) -> Result<R> {
+    ///
+    /// Without `create`, a block that has no slot and is not stored needs none: `f` is not run
+    /// and the result is `None` (the block reads as zeros).
+    fn with_slot<R>(
+        &self,
+        id: BlockId,
+        create: bool,
+        f: impl FnOnce(&mut SlotState) -> Result<R>,
+    ) -> Result<Option<R>> {
         loop {
-            let slot = self.slot(id);
+            let Some(slot) = self.slot(id, create) else { return Ok(None) };
             let mut st = lock(&slot.state);
             if st.evicted {
                 continue;
@@ -314,32 +472,38 @@ impl BlockCache {
                 if let Some(slot) = index.clean.pop(&id) {
                     index.dirty.push(id, slot);
                 }
+            } else if !st.is_dirty() && matches!(st.content, Content::Zero) {
+                // A clean block of zeros (a hole that was read, or a write of zeros over a hole)
+                // is worth nothing in the cache.
+                let mut index = lock(&self.index);
+                if index.clean.pop(&id).is_some() {
+                    st.evicted = true;
+                }
             }
-            return result;
+            return result.map(Some);
         }
     }
 
-    /// The slot of block `id`, created (and the LRU trimmed) if it has none.
-    fn slot(&self, id: BlockId) -> Arc<Slot> {
+    /// The slot of block `id`; created (and the LRU trimmed) if it has none and either `create`
+    /// is set or storage holds the block.
+    fn slot(&self, id: BlockId, create: bool) -> Option<Arc<Slot>> {
         let mut index = lock(&self.index);
         if let Some(slot) = index.dirty.peek(&id) {
-            return slot.clone();
+            return Some(slot.clone());
         }
         if let Some(slot) = index.clean.get(&id) {
-            return slot.clone();
+            return Some(slot.clone());
+        }
+        if !create && !index.allocated.contains(&id.0) {
+            return None;
         }
         let slot = Arc::new(Slot {
             io: Mutex::new(()),
-            state: Mutex::new(SlotState {
-                content: Content::Unloaded,
-                gen: 0,
-                stored_gen: 0,
-                evicted: false,
-            }),
+            state: Mutex::new(SlotState { content: Content::Unloaded, gen: 0, stored_gen: 0, evicted: false }),
         });
         index.clean.push(id, slot.clone());
         self.evict_excess(&mut index);
-        slot
+        Some(slot)
     }
 
     /// Drops least recently used clean slots beyond `capacity`, skipping slots in use and never
@@ -348,9 +512,7 @@ impl BlockCache {
         let mut budget = index.clean.len().saturating_sub(1);
         while index.clean.len() > self.capacity && budget > 0 {
             budget -= 1;
-            let Some((id, slot)) = index.clean.pop_lru() else {
-                break;
-            };
+            let Some((id, slot)) = index.clean.pop_lru() else { break };
             let evicted = match slot.state.try_lock() {
                 Ok(mut st) if !st.is_dirty() => {
                     st.evicted = true;
@@ -364,10 +526,16 @@ impl BlockCache {
         }
     }
 
-    /// Reads block `id` from storage into a slot that has not been read yet.
+    /// Reads block `id` into a slot that has not been read yet; a block storage does not hold
+    /// becomes zeros without a request.
     fn load(&self, id: BlockId, st: &mut SlotState) -> Result<()> {
         if !matches!(st.content, Content::Unloaded) {
             self.stats.hits.fetch_add(1, Relaxed);
+            return Ok(());
+        }
+        if !lock(&self.index).allocated.contains(&id.0) {
+            self.stats.holes.fetch_add(1, Relaxed);
+            st.content = Content::Zero;
             return Ok(());
         }
         self.stats.misses.fetch_add(1, Relaxed);
@@ -381,27 +549,32 @@ impl BlockCache {
     }
 
     /// The bytes `offset..offset + len` of a block, checked so that indexing with them cannot panic.
-    fn range(&self, id: BlockId, offset: usize, len: usize) -> Result<std::ops::Range<usize>> {
+    fn range(&self, id: BlockId, offset: usize, len: usize) -> Result<Range<usize>> {
         match offset.checked_add(len) {
             Some(end) if end <= self.block_size => Ok(offset..end),
-            _ => Err(Error::backend(
-                &self.storage,
-                format!("{len} bytes at {offset} do not fit in block {id}"),
-            )),
+            _ => Err(Error::backend(&self.storage, format!("{len} bytes at {offset} do not fit in block {id}"))),
         }
     }
 }
 
-impl std::fmt::Display for CacheStats {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "cache hits {} misses {} read-modify-writes {} blocks written {} deleted {}",
-            self.hits.load(Relaxed),
-            self.misses.load(Relaxed),
-            self.read_modify_writes.load(Relaxed),
-            self.blocks_written.load(Relaxed),
-            self.blocks_deleted.load(Relaxed)
-        )
+/// Runs `work` on every item, `concurrency` at a time, returning the first error.
+fn parallel<T: Send>(items: Vec<T>, concurrency: usize, work: impl Fn(T) -> Result<()> + Sync) -> Result<()> {
+    let workers = concurrency.clamp(1, items.len().max(1));
+    if workers == 1 {
+        return items.into_iter().try_for_each(work);
     }
+    let queue = Mutex::new(items.into_iter());
+    let first_error: Mutex<Option<Error>> = Mutex::new(None);
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            scope.spawn(|| loop {
+                let Some(item) = lock(&queue).next() else { break };
+                if let Err(e) = work(item) {
+                    lock(&first_error).get_or_insert(e);
+                }
+            });
+        }
+    });
+    let first_error = lock(&first_error).take();
+    first_error.map_or(Ok(()), Err)
 }

@@ -43,13 +43,10 @@ impl Geometry {
     /// # Errors
     /// [`Error::Config`] naming `block-size` or `size` when a value is not allowed.
     pub fn new(size: u64, block_size: usize) -> Result<Self> {
-        if !block_size.is_power_of_two() || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&block_size)
-        {
+        if !block_size.is_power_of_two() || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&block_size) {
             return Err(Error::config(
                 "block-size",
-                format!(
-                    "{block_size} is not allowed: use a power of two from 512 to 4M (default 4096)"
-                ),
+                format!("{block_size} is not allowed: use a power of two from 512 to 4M (default 4096)"),
             ));
         }
         if size == 0 || size % block_size as u64 != 0 || size > i64::MAX as u64 {
@@ -91,11 +88,7 @@ impl Geometry {
     pub fn from_record(text: &str) -> Result<Self> {
         let mut size = None;
         let mut block_size = None;
-        for line in text
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        {
+        for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
             match line.split_once('=') {
                 Some(("size", v)) => size = v.parse::<u64>().ok(),
                 Some(("block-size", v)) => block_size = v.parse::<usize>().ok(),
@@ -104,11 +97,36 @@ impl Geometry {
         }
         match (size, block_size) {
             (Some(size), Some(block_size)) => Geometry::new(size, block_size),
-            _ => Err(Error::config(
-                "export",
-                format!("malformed geometry record {text:?}"),
-            )),
+            _ => Err(Error::config("export", format!("malformed geometry record {text:?}"))),
         }
+    }
+
+    /// The blocks that `len` bytes at `offset` cover entirely (an empty range if none).
+    pub fn whole_blocks(&self, offset: u64, len: u64) -> std::ops::Range<u64> {
+        let bs = self.block_size as u64;
+        let first = offset.div_ceil(bs);
+        let end = offset.saturating_add(len) / bs;
+        first..end.max(first)
+    }
+
+    /// The pieces of `len` bytes at `offset` that cover only part of their block: at most one at
+    /// each end, found without walking the whole blocks between them.
+    ///
+    /// # Errors
+    /// [`Error::OutOfRange`] if the range reaches past the end of the device.
+    pub fn partial_pieces(&self, offset: u64, len: u64) -> Result<Vec<Piece>> {
+        let all = self.pieces(offset, len)?;
+        let bs = self.block_size as u64;
+        let whole = self.whole_blocks(offset, len);
+        if whole.is_empty() {
+            return Ok(all.filter(|p| p.len < self.block_size).collect());
+        }
+        let (head_end, tail_start, end) = (whole.start * bs, whole.end * bs, offset + len);
+        let head = self.pieces(offset, head_end - offset)?;
+        let tail = self
+            .pieces(tail_start, end - tail_start)?
+            .map(|p| Piece { buf_offset: p.buf_offset + (tail_start - offset) as usize, ..p });
+        Ok(head.chain(tail).collect())
     }
 
     /// Splits `len` bytes at `offset` into per-block pieces, in order.
@@ -117,17 +135,10 @@ impl Geometry {
     /// [`Error::OutOfRange`] if the range reaches past the end of the device.
     pub fn pieces(&self, offset: u64, len: u64) -> Result<Pieces> {
         match offset.checked_add(len) {
-            Some(end) if end <= self.size => Ok(Pieces {
-                offset,
-                end,
-                block_size: self.block_size as u64,
-                start: offset,
-            }),
-            _ => Err(Error::OutOfRange {
-                offset,
-                len,
-                size: self.size,
-            }),
+            Some(end) if end <= self.size => {
+                Ok(Pieces { offset, end, block_size: self.block_size as u64, start: offset })
+            }
+            _ => Err(Error::OutOfRange { offset, len, size: self.size }),
         }
     }
 }
@@ -185,12 +196,7 @@ mod tests {
     fn spanning_many_blocks_unaligned_at_both_ends() {
         assert_eq!(
             split(4000, 4096 * 2 + 200),
-            vec![
-                (0, 4000, 96, 0),
-                (1, 0, 4096, 96),
-                (2, 0, 4096, 4192),
-                (3, 0, 104, 8288)
-            ]
+            vec![(0, 4000, 96, 0), (1, 0, 4096, 96), (2, 0, 4096, 4192), (3, 0, 104, 8288)]
         );
     }
 
@@ -198,6 +204,35 @@ mod tests {
     fn touching_the_last_block() {
         assert_eq!(split(4 * 4096 - 1, 1), vec![(3, 4095, 1, 0)]);
         assert_eq!(split(3 * 4096, 4096), vec![(3, 0, 4096, 0)]);
+    }
+
+    #[test]
+    fn whole_blocks_of_a_range() {
+        let g = Geometry::new(4 * 4096, 4096).unwrap();
+        assert_eq!(g.whole_blocks(0, 4 * 4096), 0..4);
+        assert_eq!(g.whole_blocks(1, 4 * 4096 - 2), 1..3);
+        assert_eq!(g.whole_blocks(10, 100), 1..1);
+        assert!(g.whole_blocks(4096, 4095).is_empty());
+    }
+
+    #[test]
+    fn partial_pieces_are_the_edges() {
+        let g = Geometry::new(1 << 40, 4096).unwrap();
+        let edges = |o, l| {
+            g.partial_pieces(o, l)
+                .unwrap()
+                .iter()
+                .map(|p| (p.block.0, p.offset_in_block, p.len, p.buf_offset))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(edges(0, 1 << 40), vec![]);
+        assert_eq!(
+            edges(100, (1 << 40) - 200),
+            vec![(0, 100, 3996, 0), ((1 << 40) / 4096 - 1, 0, 3996, (1 << 40) - 200 - 3996)]
+        );
+        assert_eq!(edges(4096 + 5, 10), vec![(1, 5, 10, 0)]);
+        assert_eq!(edges(4000, 200), vec![(0, 4000, 96, 0), (1, 0, 104, 96)]);
+        assert_eq!(edges(4096, 4096), vec![]);
     }
 
     #[test]
@@ -209,26 +244,15 @@ mod tests {
     #[test]
     fn past_the_end_is_out_of_range() {
         let g = Geometry::new(4 * 4096, 4096).unwrap();
-        assert!(matches!(
-            g.pieces(4 * 4096 - 1, 2),
-            Err(Error::OutOfRange { .. })
-        ));
-        assert!(matches!(
-            g.pieces(u64::MAX, 2),
-            Err(Error::OutOfRange { .. })
-        ));
+        assert!(matches!(g.pieces(4 * 4096 - 1, 2), Err(Error::OutOfRange { .. })));
+        assert!(matches!(g.pieces(u64::MAX, 2), Err(Error::OutOfRange { .. })));
     }
 
     #[test]
     fn records_round_trip_and_malformed_ones_are_refused() {
         let g = Geometry::new(1 << 30, 65536).unwrap();
         assert_eq!(Geometry::from_record(&g.to_record()).unwrap(), g);
-        for bad in [
-            "",
-            "size=1024",
-            "size=x\nblock-size=4096",
-            "size=4097\nblock-size=4096",
-        ] {
+        for bad in ["", "size=1024", "size=x\nblock-size=4096", "size=4097\nblock-size=4096"] {
             assert!(Geometry::from_record(bad).is_err(), "{bad:?}");
         }
     }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 pub use cache::{BlockCache, CacheStats};
 pub use geometry::{Geometry, Piece, DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
 
-use crate::storage::{BlockId, Storage};
+use crate::storage::Storage;
 use crate::{Error, Result};
 
 /// How a `Volume` caches and writes back.
@@ -38,30 +38,24 @@ pub struct Volume {
 }
 
 impl Volume {
-    /// A device of `geometry` over `storage`.
+    /// A device of `geometry` over `storage`, whose stored blocks are listed once, now.
     ///
     /// # Errors
-    /// [`Error::Config`] if the storage's block size is not the geometry's.
-    pub fn new(
-        storage: Arc<dyn Storage>,
-        geometry: Geometry,
-        config: VolumeConfig,
-    ) -> Result<Self> {
+    /// [`Error::Config`] if the storage's block size is not the geometry's; the storage's error
+    /// if its blocks cannot be listed.
+    pub fn new(storage: Arc<dyn Storage>, geometry: Geometry, config: VolumeConfig) -> Result<Self> {
         let block_size = geometry.block_size();
         if storage.block_size() != block_size {
             return Err(Error::config(
                 "block-size",
-                format!(
-                    "{storage} has {}-byte blocks, the volume {block_size}",
-                    storage.block_size()
-                ),
+                format!("{storage} has {}-byte blocks, the volume {block_size}", storage.block_size()),
             ));
         }
         let blocks = |bytes: u64| usize::try_from(bytes / block_size as u64).unwrap_or(usize::MAX);
         Ok(Volume {
             geometry,
             config,
-            cache: BlockCache::new(storage, blocks(config.cache_bytes)),
+            cache: BlockCache::new(storage, blocks(config.cache_bytes))?,
             max_dirty_blocks: blocks(config.max_dirty_bytes).max(1),
         })
     }
@@ -81,7 +75,9 @@ impl Volume {
     /// # Errors
     /// [`Error::OutOfRange`], or the storage's error for a block that could not be read.
     pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        for p in self.geometry.pieces(offset, buf.len() as u64)? {
+        let pieces = self.geometry.pieces(offset, buf.len() as u64)?;
+        self.cache.prefetch(pieces.clone().map(|p| p.block), self.config.concurrency)?;
+        for p in pieces {
             let out = &mut buf[p.buf_offset..p.buf_offset + p.len];
             self.cache.read(p.block, p.offset_in_block, out)?;
         }
@@ -96,43 +92,54 @@ impl Volume {
     pub fn write(&self, data: &[u8], offset: u64, fua: bool) -> Result<()> {
         let pieces = self.geometry.pieces(offset, data.len() as u64)?;
         self.make_room()?;
-        let mut touched = Vec::new();
         for p in pieces {
-            self.cache.write(
-                p.block,
-                p.offset_in_block,
-                &data[p.buf_offset..p.buf_offset + p.len],
-            )?;
-            touched.push(p.block);
+            self.cache.write(p.block, p.offset_in_block, &data[p.buf_offset..p.buf_offset + p.len])?;
         }
-        self.finish(&touched, fua)
+        self.finish(offset, data.len() as u64, fua)
     }
 
-    /// Makes `len` bytes at `offset` read as zeros; whole blocks are dropped from storage without
-    /// being read, partial ones are zeroed by read-modify-write.
+    /// Makes `len` bytes at `offset` read as zeros. Whole blocks are dropped from storage without
+    /// being read, at a cost proportional to the blocks stored there, not to the range; partial
+    /// blocks at the edges are zeroed by read-modify-write.
     ///
     /// # Errors
     /// [`Error::FastZeroUnsupported`] when `fast` is set and the range has partial blocks (that
     /// would need a read); otherwise as [`write`](Self::write).
     pub fn zero(&self, len: u64, offset: u64, fua: bool, fast: bool) -> Result<()> {
         let block_size = self.geometry.block_size();
-        let pieces = self.geometry.pieces(offset, len)?;
-        if fast && pieces.clone().any(|p| !p.is_whole_block(block_size)) {
+        let edges = self.geometry.partial_pieces(offset, len)?;
+        let whole = self.geometry.whole_blocks(offset, len);
+        if fast && !edges.is_empty() {
             return Err(Error::FastZeroUnsupported);
         }
         self.make_room()?;
         let zeros = vec![0u8; block_size];
-        let mut touched = Vec::new();
-        for p in pieces {
-            if p.is_whole_block(block_size) {
-                self.cache.zero(p.block)?;
-            } else {
-                self.cache
-                    .write(p.block, p.offset_in_block, &zeros[..p.len])?;
-            }
-            touched.push(p.block);
+        for p in &edges {
+            self.cache.write(p.block, p.offset_in_block, &zeros[..p.len])?;
         }
-        self.finish(&touched, fua)
+        self.cache.zero_blocks(whole)?;
+        self.finish(offset, len, fua)
+    }
+
+    /// The allocation status of `len` bytes at `offset`: `(offset, length, holds data)` runs in
+    /// order, covering the range. Holes read as zeros and cost nothing in storage.
+    ///
+    /// # Errors
+    /// [`Error::OutOfRange`].
+    pub fn extents(&self, len: u64, offset: u64) -> Result<Vec<(u64, u64, bool)>> {
+        self.geometry.pieces(offset, len)?;
+        let bs = self.geometry.block_size() as u64;
+        let end = offset + len;
+        let blocks = offset / bs..end.div_ceil(bs);
+        Ok(self
+            .cache
+            .extents(blocks)
+            .into_iter()
+            .map(|(r, data)| {
+                let start = (r.start * bs).max(offset);
+                (start, (r.end * bs).min(end) - start, data)
+            })
+            .collect())
     }
 
     /// Writes back every dirty block, then flushes storage: every write acknowledged before this
@@ -145,9 +152,11 @@ impl Volume {
         self.cache.storage().flush()
     }
 
-    fn finish(&self, touched: &[BlockId], fua: bool) -> Result<()> {
+    /// With `fua`, makes the blocks of `len` bytes at `offset` durable.
+    fn finish(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
         if fua {
-            self.cache.write_back(touched, self.config.concurrency)?;
+            let bs = self.geometry.block_size() as u64;
+            self.cache.write_back_range(offset / bs..(offset + len).div_ceil(bs), self.config.concurrency)?;
             self.cache.storage().flush()?;
         }
         Ok(())
@@ -159,12 +168,8 @@ impl Volume {
         if self.cache.dirty_blocks() < self.max_dirty_blocks {
             return Ok(());
         }
-        let target = self
-            .max_dirty_blocks
-            .saturating_sub(self.config.concurrency)
-            .max(self.max_dirty_blocks / 2);
-        self.cache
-            .write_back_oldest(target, self.config.concurrency)
+        let target = self.max_dirty_blocks.saturating_sub(self.config.concurrency).max(self.max_dirty_blocks / 2);
+        self.cache.write_back_oldest(target, self.config.concurrency)
     }
 }
 

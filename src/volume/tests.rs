@@ -5,35 +5,32 @@ use std::sync::Arc;
 
 use super::*;
 use crate::storage::faulty::FaultyStorage;
+use crate::storage::BlockId;
 use crate::storage::MemoryStorage;
 
 const BS: usize = 4096;
 
 fn volume(blocks: u64, config: VolumeConfig) -> (Volume, Arc<FaultyStorage<MemoryStorage>>) {
+    stored_volume(blocks, config, &[])
+}
+
+/// A volume over storage that already holds block `id` filled with `byte`, for each pair.
+fn stored_volume(blocks: u64, config: VolumeConfig, stored: &[(u64, u8)]) -> (Volume, Arc<FaultyStorage<MemoryStorage>>) {
     let storage = Arc::new(FaultyStorage::new(MemoryStorage::new(BS)));
-    let v = Volume::new(
-        storage.clone(),
-        Geometry::new(blocks * BS as u64, BS).unwrap(),
-        config,
-    )
-    .unwrap();
+    for &(id, byte) in stored {
+        storage.inner().write_block(BlockId(id), &[byte; BS]).unwrap();
+    }
+    let v = Volume::new(storage.clone(), Geometry::new(blocks * BS as u64, BS).unwrap(), config).unwrap();
     (v, storage)
 }
 
 fn roomy() -> VolumeConfig {
-    VolumeConfig {
-        cache_bytes: 1 << 20,
-        max_dirty_bytes: 1 << 20,
-        concurrency: 4,
-    }
+    VolumeConfig { cache_bytes: 1 << 20, max_dirty_bytes: 1 << 20, concurrency: 4 }
 }
 
 fn stored(s: &FaultyStorage<MemoryStorage>, id: u64) -> Option<Vec<u8>> {
     let mut buf = vec![0; BS];
-    s.inner()
-        .read_block(BlockId(id), &mut buf)
-        .unwrap()
-        .then_some(buf)
+    s.inner().read_block(BlockId(id), &mut buf).unwrap().then_some(buf)
 }
 
 #[test]
@@ -62,8 +59,7 @@ fn fua_writes_are_durable_before_they_return() {
 
 #[test]
 fn reads_span_blocks_and_see_dirty_clean_and_stored_data() {
-    let (v, s) = volume(16, roomy());
-    s.inner().write_block(BlockId(2), &[2; BS]).unwrap();
+    let (v, _) = stored_volume(16, roomy(), &[(2, 2)]);
     v.write(&[1; BS], BS as u64, false).unwrap();
     let mut buf = vec![0; 3 * BS];
     v.read(&mut buf, 0).unwrap();
@@ -78,12 +74,50 @@ fn a_whole_block_write_never_reads_storage() {
     v.write(&[3; 2 * BS], 0, false).unwrap();
     assert_eq!(s.reads.load(Relaxed), 0);
     v.write(&[3; 10], 5 * BS as u64, false).unwrap();
-    assert_eq!(
-        s.reads.load(Relaxed),
-        1,
-        "a partial write reads its block once"
-    );
+    assert_eq!(s.reads.load(Relaxed), 0, "a partial write over a hole reads nothing");
+    v.flush().unwrap();
+    let (v, s) = stored_volume(16, roomy(), &[(5, 9)]);
+    v.write(&[3; 10], 5 * BS as u64, false).unwrap();
+    v.write(&[3; 10], 5 * BS as u64 + 100, false).unwrap();
+    assert_eq!(s.reads.load(Relaxed), 1, "a partial write over a stored block reads it once");
     assert_eq!(v.cache().stats.read_modify_writes.load(Relaxed), 1);
+}
+
+#[test]
+fn holes_cost_no_requests_and_show_in_extents() {
+    let (v, s) = stored_volume(1 << 20, roomy(), &[(3, 1), (4, 1), (9, 1)]);
+    let mut buf = vec![1; 64 * BS];
+    v.read(&mut buf, 0).unwrap();
+    assert_eq!(s.reads.load(Relaxed), 3, "only stored blocks are read");
+    v.write(&[2; 10], 20 * BS as u64, false).unwrap();
+    let bs = BS as u64;
+    assert_eq!(
+        v.extents(30 * bs, 2 * bs + 100).unwrap(),
+        vec![
+            (2 * bs + 100, bs - 100, false),
+            (3 * bs, 2 * bs, true),
+            (5 * bs, 4 * bs, false),
+            (9 * bs, bs, true),
+            (10 * bs, 10 * bs, false),
+            (20 * bs, bs, true),
+            (21 * bs, 11 * bs + 100, false),
+        ]
+    );
+    assert_eq!(v.extents(bs, (1 << 20) * bs - bs).unwrap().last(), Some(&((1 << 20) * bs - bs, bs, false)));
+}
+
+#[test]
+fn trimming_a_huge_device_costs_requests_per_stored_block_only() {
+    let stored: Vec<(u64, u8)> = (0..2500).map(|b| (b * 1000, 7)).collect();
+    let (v, s) = stored_volume(1 << 30, roomy(), &stored);
+    let size = v.geometry().size();
+    v.zero(size, 0, false, true).unwrap();
+    assert_eq!(s.reads.load(Relaxed), 0);
+    assert_eq!(s.writes.load(Relaxed), 0);
+    assert_eq!(s.inner().list_blocks().unwrap(), vec![], "large trims delete while they run");
+    assert_eq!(s.deletes.load(Relaxed), 2500);
+    v.flush().unwrap();
+    assert_eq!(v.extents(size.min(u32::MAX as u64), 0).unwrap(), vec![(0, size.min(u32::MAX as u64), false)]);
 }
 
 #[test]
@@ -96,30 +130,18 @@ fn zeros_over_a_stored_block_delete_it() {
     v.write(&[0; BS], 0, false).unwrap();
     v.write(&[0; 20], BS as u64 + 100, false).unwrap();
     v.flush().unwrap();
-    assert_eq!(
-        s.inner().list_blocks().unwrap(),
-        vec![],
-        "all-zero blocks are deleted, never stored"
-    );
+    assert_eq!(s.inner().list_blocks().unwrap(), vec![], "all-zero blocks are deleted, never stored");
     assert_eq!(s.writes.load(Relaxed), 2, "zeros were never PUT");
 }
 
 #[test]
 fn zero_drops_whole_blocks_without_reading_and_rmw_the_edges() {
-    let (v, s) = volume(16, roomy());
-    for b in 0..4 {
-        s.inner()
-            .write_block(BlockId(b), &[b as u8 + 1; BS])
-            .unwrap();
-    }
+    let (v, s) = stored_volume(16, roomy(), &[(0, 1), (1, 2), (2, 3), (3, 4)]);
     v.zero(2 * BS as u64, BS as u64, false, false).unwrap();
     assert_eq!(s.reads.load(Relaxed), 0);
     v.zero(10, 10, false, false).unwrap();
     v.flush().unwrap();
-    assert_eq!(
-        s.inner().list_blocks().unwrap(),
-        vec![BlockId(0), BlockId(3)]
-    );
+    assert_eq!(s.inner().list_blocks().unwrap(), vec![BlockId(0), BlockId(3)]);
     let mut buf = vec![0xff; 30];
     v.read(&mut buf, 0).unwrap();
     assert_eq!(&buf[..10], &[1; 10]);
@@ -145,18 +167,9 @@ fn fast_zero_refuses_partial_blocks_without_touching_anything() {
 #[test]
 fn out_of_range_requests_fail() {
     let (v, _) = volume(4, roomy());
-    assert!(matches!(
-        v.read(&mut [0; 2], 4 * BS as u64 - 1),
-        Err(Error::OutOfRange { .. })
-    ));
-    assert!(matches!(
-        v.write(&[0; 1], 4 * BS as u64, false),
-        Err(Error::OutOfRange { .. })
-    ));
-    assert!(matches!(
-        v.zero(1, u64::MAX, false, false),
-        Err(Error::OutOfRange { .. })
-    ));
+    assert!(matches!(v.read(&mut [0; 2], 4 * BS as u64 - 1), Err(Error::OutOfRange { .. })));
+    assert!(matches!(v.write(&[0; 1], 4 * BS as u64, false), Err(Error::OutOfRange { .. })));
+    assert!(matches!(v.zero(1, u64::MAX, false, false), Err(Error::OutOfRange { .. })));
     v.read(&mut [], 4 * BS as u64).unwrap();
 }
 
@@ -165,15 +178,8 @@ fn out_of_range_requests_fail() {
 #[test]
 fn concurrent_partial_writes_to_one_block_lose_nothing() {
     for round in 0..20 {
-        let (v, s) = volume(
-            4,
-            VolumeConfig {
-                cache_bytes: 0,
-                max_dirty_bytes: BS as u64,
-                concurrency: 2,
-            },
-        );
-        s.inner().write_block(BlockId(1), &[0xaa; BS]).unwrap();
+        let config = VolumeConfig { cache_bytes: 0, max_dirty_bytes: BS as u64, concurrency: 2 };
+        let (v, s) = stored_volume(4, config, &[(1, 0xaa)]);
         let chunk = BS / 32;
         std::thread::scope(|scope| {
             for t in 0..32 {
@@ -187,81 +193,39 @@ fn concurrent_partial_writes_to_one_block_lose_nothing() {
         v.flush().unwrap();
         let block = stored(&s, 1).unwrap();
         for t in 0..32 {
-            assert!(
-                block[t * chunk..(t + 1) * chunk]
-                    .iter()
-                    .all(|&b| b == t as u8),
-                "round {round} range {t}"
-            );
+            assert!(block[t * chunk..(t + 1) * chunk].iter().all(|&b| b == t as u8), "round {round} range {t}");
         }
     }
 }
 
 #[test]
 fn clean_cache_is_bounded() {
-    let (v, s) = volume(
-        64,
-        VolumeConfig {
-            cache_bytes: 8 * BS as u64,
-            max_dirty_bytes: 1 << 20,
-            concurrency: 1,
-        },
-    );
-    for b in 0..64 {
-        s.inner()
-            .write_block(BlockId(b), &[b as u8 + 1; BS])
-            .unwrap();
-    }
+    let all: Vec<(u64, u8)> = (0..64).map(|b| (b, b as u8 + 1)).collect();
+    let (v, s) = stored_volume(64, VolumeConfig { cache_bytes: 8 * BS as u64, max_dirty_bytes: 1 << 20, concurrency: 1 }, &all);
     let mut buf = vec![0; BS];
     for b in 0..64 {
         v.read(&mut buf, b * BS as u64).unwrap();
         assert_eq!(buf[0], b as u8 + 1);
-        assert!(
-            v.cache().clean_blocks() <= 8,
-            "{} clean blocks",
-            v.cache().clean_blocks()
-        );
+        assert!(v.cache().clean_blocks() <= 8, "{} clean blocks", v.cache().clean_blocks());
     }
     let reads = s.reads.load(Relaxed);
     v.read(&mut buf, 63 * BS as u64).unwrap();
-    assert_eq!(
-        s.reads.load(Relaxed),
-        reads,
-        "the most recent block is still cached"
-    );
+    assert_eq!(s.reads.load(Relaxed), reads, "the most recent block is still cached");
     v.read(&mut buf, 0).unwrap();
     assert_eq!(s.reads.load(Relaxed), reads + 1, "the oldest was evicted");
 }
 
 #[test]
 fn dirty_data_is_bounded_by_early_write_back() {
-    let (v, s) = volume(
-        256,
-        VolumeConfig {
-            cache_bytes: 0,
-            max_dirty_bytes: 16 * BS as u64,
-            concurrency: 4,
-        },
-    );
+    let (v, s) = volume(256, VolumeConfig { cache_bytes: 0, max_dirty_bytes: 16 * BS as u64, concurrency: 4 });
     for b in 0..256u64 {
         v.write(&[b as u8 | 1; BS], b * BS as u64, false).unwrap();
-        assert!(
-            v.cache().dirty_blocks() <= 16,
-            "{} dirty blocks",
-            v.cache().dirty_blocks()
-        );
+        assert!(v.cache().dirty_blocks() <= 16, "{} dirty blocks", v.cache().dirty_blocks());
     }
-    assert!(
-        s.writes.load(Relaxed) >= 240,
-        "the oldest blocks were written back early"
-    );
+    assert!(s.writes.load(Relaxed) >= 240, "the oldest blocks were written back early");
     v.flush().unwrap();
     assert_eq!(s.inner().list_blocks().unwrap().len(), 256);
-    assert_eq!(
-        s.writes.load(Relaxed),
-        256,
-        "exactly one PUT per dirty block"
-    );
+    assert_eq!(s.writes.load(Relaxed), 256, "exactly one PUT per dirty block");
 }
 
 #[test]
@@ -282,14 +246,10 @@ fn a_failed_flush_keeps_data_dirty_for_the_next_one() {
 
 #[test]
 fn a_failed_read_is_an_error_and_is_retried_next_time() {
-    let (v, s) = volume(16, roomy());
-    s.inner().write_block(BlockId(0), &[6; BS]).unwrap();
+    let (v, s) = stored_volume(16, roomy(), &[(0, 6)]);
     s.fail_reads.store(true, Relaxed);
     assert!(v.read(&mut [0; 10], 0).is_err());
-    assert!(
-        v.write(&[1; 10], 0, false).is_err(),
-        "a read-modify-write cannot guess the block"
-    );
+    assert!(v.write(&[1; 10], 0, false).is_err(), "a read-modify-write cannot guess the block");
     s.fail_reads.store(false, Relaxed);
     let mut buf = [0; 10];
     v.read(&mut buf, 0).unwrap();

@@ -10,16 +10,9 @@ use std::time::{Duration, Instant};
 /// The plugin under test: `target/{profile}/libnbds3.so`, beside the test binary's `deps/`.
 pub fn plugin() -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/{profile}");
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target/{profile}");
     let so = profile_dir.join("libnbds3.so");
-    assert!(
-        so.exists(),
-        "{} is missing: run `cargo build` before `cargo test`",
-        so.display()
-    );
+    assert!(so.exists(), "{} is missing: run `cargo build` before `cargo test`", so.display());
     so
 }
 
@@ -30,15 +23,10 @@ pub fn in_ci() -> bool {
 
 /// Returns false (after saying why) when `tool` is not installed; panics in CI.
 pub fn have(tool: &str) -> bool {
-    let found = Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .is_ok_and(|o| o.status.success());
+    let found =
+        Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().is_ok_and(|o| o.status.success());
     if !found {
-        assert!(
-            !in_ci(),
-            "{tool} is not installed, and CI must run every test"
-        );
+        assert!(!in_ci(), "{tool} is not installed, and CI must run every test");
         eprintln!("SKIPPED: {tool} is not installed");
     }
     found
@@ -55,11 +43,7 @@ macro_rules! require {
 /// A unique name for this test run: process id plus a counter plus `what`.
 pub fn unique(what: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "t{}-{}-{what}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
+    format!("t{}-{}-{what}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
 }
 
 /// The local S3 server of `scripts/garage start`, from the environment it prints.
@@ -76,21 +60,10 @@ pub struct S3Env {
 /// The S3 server to test against, or `None` (after saying why) outside CI.
 pub fn s3() -> Option<S3Env> {
     let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-    match (
-        var("NBDS3_S3_ENDPOINT"),
-        var("AWS_ACCESS_KEY_ID"),
-        var("AWS_SECRET_ACCESS_KEY"),
-    ) {
-        (Some(endpoint), Some(access_key), Some(secret_key)) => Some(S3Env {
-            endpoint,
-            access_key,
-            secret_key,
-        }),
+    match (var("NBDS3_S3_ENDPOINT"), var("AWS_ACCESS_KEY_ID"), var("AWS_SECRET_ACCESS_KEY")) {
+        (Some(endpoint), Some(access_key), Some(secret_key)) => Some(S3Env { endpoint, access_key, secret_key }),
         _ => {
-            assert!(
-                !in_ci(),
-                "NBDS3_S3_ENDPOINT is not set: run `eval \"$(scripts/garage start)\"` first"
-            );
+            assert!(!in_ci(), "NBDS3_S3_ENDPOINT is not set: run `eval \"$(scripts/garage start)\"` first");
             eprintln!("SKIPPED: no S3 server (eval \"$(scripts/garage start)\" first)");
             None
         }
@@ -103,10 +76,7 @@ pub const TEST_BUCKET: &str = "nbds3-test";
 impl S3Env {
     /// The plugin parameters that reach this server.
     pub fn params(&self, bucket: &str) -> Vec<String> {
-        vec![
-            format!("bucket={bucket}"),
-            format!("endpoint={}", self.endpoint),
-        ]
+        vec![format!("bucket={bucket}"), format!("endpoint={}", self.endpoint)]
     }
 
     /// Runs `f` with an SDK client of this server, on a runtime of its own.
@@ -118,10 +88,7 @@ impl S3Env {
             secret_key: Some(nbds3::config::Secret(self.secret_key.clone())),
             ..Default::default()
         };
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async { f(nbds3::storage::s3::client(&config).await).await })
     }
 
@@ -129,19 +96,9 @@ impl S3Env {
     pub fn list(&self, bucket: &str, prefix: &str) -> Vec<String> {
         self.with_client(async |client| {
             let mut keys = Vec::new();
-            let mut pages = client
-                .list_objects_v2()
-                .bucket(bucket)
-                .prefix(prefix)
-                .into_paginator()
-                .send();
+            let mut pages = client.list_objects_v2().bucket(bucket).prefix(prefix).into_paginator().send();
             while let Some(page) = pages.next().await {
-                keys.extend(
-                    page.expect("list")
-                        .contents()
-                        .iter()
-                        .filter_map(|o| o.key().map(String::from)),
-                );
+                keys.extend(page.expect("list").contents().iter().filter_map(|o| o.key().map(String::from)));
             }
             keys
         })
@@ -150,14 +107,7 @@ impl S3Env {
     /// Stores `data` at `key` in `bucket`, as another program might.
     pub fn put(&self, bucket: &str, key: &str, data: &[u8]) {
         self.with_client(async |client| {
-            client
-                .put_object()
-                .bucket(bucket)
-                .key(key)
-                .body(data.to_vec().into())
-                .send()
-                .await
-                .expect("put");
+            client.put_object().bucket(bucket).key(key).body(data.to_vec().into()).send().await.expect("put");
         })
     }
 }
@@ -213,12 +163,7 @@ impl Nbdkit {
             std::thread::sleep(Duration::from_millis(20));
         }
         let pid = child.id();
-        Ok(Nbdkit {
-            child: Some(child),
-            pid,
-            socket,
-            dir,
-        })
+        Ok(Nbdkit { child: Some(child), pid, socket, dir })
     }
 
     /// Starts nbdkit the way users do, without `-f`: it forks into the background, and is found
@@ -236,31 +181,17 @@ impl Nbdkit {
             .args(params)
             .output()
             .expect("run nbdkit");
-        assert!(
-            out.status.success(),
-            "nbdkit failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "nbdkit failed: {}", String::from_utf8_lossy(&out.stderr));
         let deadline = Instant::now() + Duration::from_secs(30);
         let pid: u32 = loop {
-            let pid = std::fs::read_to_string(&pidfile)
-                .ok()
-                .and_then(|p| p.trim().parse().ok());
+            let pid = std::fs::read_to_string(&pidfile).ok().and_then(|p| p.trim().parse().ok());
             match pid {
                 Some(pid) if socket.exists() => break pid,
-                _ => assert!(
-                    Instant::now() < deadline,
-                    "nbdkit did not create its socket and pidfile"
-                ),
+                _ => assert!(Instant::now() < deadline, "nbdkit did not create its socket and pidfile"),
             }
             std::thread::sleep(Duration::from_millis(20));
         };
-        Nbdkit {
-            child: None,
-            pid,
-            socket,
-            dir,
-        }
+        Nbdkit { child: None, pid, socket, dir }
     }
 
     /// What nbdkit wrote to stderr so far (empty for a daemon, which logs to syslog).
@@ -320,22 +251,13 @@ impl Drop for Nbdkit {
 /// Runs a Python snippet in `nbdsh` (Debian's python, whatever python3 is first on PATH).
 pub fn nbdsh(uri: &str, script: &str) -> String {
     let out = run(Command::new("/usr/bin/python3").args(["-m", "nbd", "-u", uri, "-c", script]));
-    assert!(
-        out.status.success(),
-        "nbdsh failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "nbdsh failed:\n{}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Runs a command with a bounded lifetime (5 minutes), returning its output.
 pub fn run(cmd: &mut Command) -> Output {
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
+    let child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
     let pid = child.id();
     let watchdog = std::thread::spawn(move || {
         let deadline = Instant::now() + Duration::from_secs(300);
