@@ -80,8 +80,7 @@ fn an_object_of_the_wrong_size_is_an_error_not_a_crash() {
     env.put(TEST_BUCKET, &key, b"not a block");
     let nbdkit = Nbdkit::start(&params(&env, &export, &[]));
     let out = nbdkit.nbdsh(
-        "import errno\n\
-         try:\n    h.pread(10, 8192)\nexcept nbd.Error as e:\n    print('EIO' if e.errno == errno.EIO else e)\n\
+        "try:\n    h.pread(10, 8192)\nexcept nbd.Error as e:\n    print('EIO' if 'EIO' in str(e) else e)\n\
          print(h.pread(4, 0))",
     );
     assert_eq!(out.trim(), "EIO\nbytearray(b'\\x00\\x00\\x00\\x00')");

@@ -9,15 +9,7 @@ use nbds3::ExportName;
 #[test]
 fn s3_storage_conformance() {
     let Some(env) = common::s3() else { return };
-    let config = S3Config {
-        bucket: common::TEST_BUCKET.into(),
-        endpoint: Some(env.endpoint.clone()),
-        path_style: Some(true),
-        access_key: Some(env.access_key.clone()),
-        secret_key: Some(nbds3::config::Secret(env.secret_key.clone())),
-        ..Default::default()
-    };
-    s3::check_bucket(&config).expect("bucket");
+    let config: S3Config = env.config(common::TEST_BUCKET);
     let client = s3::runtime().unwrap().block_on(s3::client(&config));
     let run = common::unique("conformance");
     conformance::run_all(

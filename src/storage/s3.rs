@@ -94,11 +94,16 @@ pub fn runtime() -> Result<&'static tokio::runtime::Runtime> {
         .map_err(|e| Error::backend("S3Storage", format!("cannot start the tokio runtime: {e}")))
 }
 
-/// Builds an S3 client for `config`. Must run inside a tokio runtime.
+/// Builds an S3 client for `config` that retries transient failures (throttling, 5xx, dropped
+/// connections) with backoff, within `config.timeout`. Must run inside a tokio runtime.
 pub async fn client(config: &S3Config) -> Client {
+    build_client(config, 5).await
+}
+
+async fn build_client(config: &S3Config, max_attempts: u32) -> Client {
     let mut loader = aws_config::defaults(BehaviorVersion::latest())
         .region(Region::new(config.region.clone()))
-        .retry_config(RetryConfig::standard().with_max_attempts(5))
+        .retry_config(RetryConfig::standard().with_max_attempts(max_attempts))
         .timeout_config(
             TimeoutConfig::builder()
                 .connect_timeout(config.timeout.min(Duration::from_secs(5)))
@@ -131,7 +136,8 @@ pub fn check_bucket(config: &S3Config) -> Result<()> {
         .build()
         .map_err(|e| Error::backend(config.describe(), format!("cannot start a runtime: {e}")))?;
     rt.block_on(async {
-        let client = client(config).await;
+        // One retry only: a typo in the endpoint should fail in a second, not after backoff.
+        let client = build_client(config, 2).await;
         let store = config.describe();
         let probe = client.list_objects_v2().bucket(&config.bucket).prefix("blocks/").max_keys(1).send().await;
         let err = match probe {
@@ -446,7 +452,11 @@ where
         }
         _ => {
             let message = format!("{what}: {code}{detail}");
+            // Some servers (Garage) answer a bad key or signature with a plain AccessDenied.
+            let bad_credentials =
+                ["signature", "no such key", "access key"].iter().any(|m| detail.to_ascii_lowercase().contains(m));
             match code.as_str() {
+                "AccessDenied" if bad_credentials => Error::Unauthenticated { store, message },
                 "InvalidAccessKeyId" | "SignatureDoesNotMatch" | "InvalidToken" | "ExpiredToken" => {
                     Error::Unauthenticated { store, message }
                 }

@@ -15,7 +15,11 @@ fn volume(blocks: u64, config: VolumeConfig) -> (Volume, Arc<FaultyStorage<Memor
 }
 
 /// A volume over storage that already holds block `id` filled with `byte`, for each pair.
-fn stored_volume(blocks: u64, config: VolumeConfig, stored: &[(u64, u8)]) -> (Volume, Arc<FaultyStorage<MemoryStorage>>) {
+fn stored_volume(
+    blocks: u64,
+    config: VolumeConfig,
+    stored: &[(u64, u8)],
+) -> (Volume, Arc<FaultyStorage<MemoryStorage>>) {
     let storage = Arc::new(FaultyStorage::new(MemoryStorage::new(BS)));
     for &(id, byte) in stored {
         storage.inner().write_block(BlockId(id), &[byte; BS]).unwrap();
@@ -201,7 +205,8 @@ fn concurrent_partial_writes_to_one_block_lose_nothing() {
 #[test]
 fn clean_cache_is_bounded() {
     let all: Vec<(u64, u8)> = (0..64).map(|b| (b, b as u8 + 1)).collect();
-    let (v, s) = stored_volume(64, VolumeConfig { cache_bytes: 8 * BS as u64, max_dirty_bytes: 1 << 20, concurrency: 1 }, &all);
+    let (v, s) =
+        stored_volume(64, VolumeConfig { cache_bytes: 8 * BS as u64, max_dirty_bytes: 1 << 20, concurrency: 1 }, &all);
     let mut buf = vec![0; BS];
     for b in 0..64 {
         v.read(&mut buf, b * BS as u64).unwrap();

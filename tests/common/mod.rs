@@ -61,7 +61,12 @@ pub struct S3Env {
 pub fn s3() -> Option<S3Env> {
     let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
     match (var("NBDS3_S3_ENDPOINT"), var("AWS_ACCESS_KEY_ID"), var("AWS_SECRET_ACCESS_KEY")) {
-        (Some(endpoint), Some(access_key), Some(secret_key)) => Some(S3Env { endpoint, access_key, secret_key }),
+        (Some(endpoint), Some(access_key), Some(secret_key)) => {
+            let env = S3Env { endpoint, access_key, secret_key };
+            static BUCKET: std::sync::Once = std::sync::Once::new();
+            BUCKET.call_once(|| nbds3::storage::s3::check_bucket(&env.config(TEST_BUCKET)).expect("test bucket"));
+            Some(env)
+        }
         _ => {
             assert!(!in_ci(), "NBDS3_S3_ENDPOINT is not set: run `eval \"$(scripts/garage start)\"` first");
             eprintln!("SKIPPED: no S3 server (eval \"$(scripts/garage start)\" first)");
@@ -79,15 +84,21 @@ impl S3Env {
         vec![format!("bucket={bucket}"), format!("endpoint={}", self.endpoint)]
     }
 
-    /// Runs `f` with an SDK client of this server, on a runtime of its own.
-    pub fn with_client<T>(&self, f: impl AsyncFnOnce(aws_sdk_s3::Client) -> T) -> T {
-        let config = nbds3::storage::S3Config {
+    /// The backend settings that reach `bucket` on this server.
+    pub fn config(&self, bucket: &str) -> nbds3::storage::S3Config {
+        nbds3::storage::S3Config {
+            bucket: bucket.into(),
             endpoint: Some(self.endpoint.clone()),
             path_style: Some(true),
             access_key: Some(self.access_key.clone()),
             secret_key: Some(nbds3::config::Secret(self.secret_key.clone())),
             ..Default::default()
-        };
+        }
+    }
+
+    /// Runs `f` with an SDK client of this server, on a runtime of its own.
+    pub fn with_client<T>(&self, f: impl AsyncFnOnce(aws_sdk_s3::Client) -> T) -> T {
+        let config = self.config("");
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async { f(nbds3::storage::s3::client(&config).await).await })
     }
