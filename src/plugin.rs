@@ -6,7 +6,7 @@ use std::ffi::{c_char, c_int, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use nbdkit::{CacheFlags, Flags, FuaFlags, Server, ThreadModel};
+use nbdkit::{CacheFlags, ExtentHandle, ExtentType, Flags, FuaFlags, Server, ThreadModel};
 
 use crate::config::{ConfigKey, StorageKind};
 use crate::exports::Exports;
@@ -164,7 +164,28 @@ impl Server for Connection {
     }
 
     fn can_cache(&self) -> nbdkit::Result<CacheFlags> {
-        Ok(CacheFlags::Emulate)
+        Ok(CacheFlags::Native)
+    }
+
+    fn can_extents(&self) -> nbdkit::Result<bool> {
+        Ok(true)
+    }
+
+    fn cache(&self, count: u32, offset: u64) -> nbdkit::Result<()> {
+        guard("cache", || self.volume.prefetch(count.into(), offset))
+    }
+
+    fn extents(&self, count: u32, offset: u64, flags: Flags, handle: &mut ExtentHandle) -> nbdkit::Result<()> {
+        guard("extents", || {
+            for (offset, len, data) in self.volume.extents(count.into(), offset)? {
+                let kind = if data { ExtentType::Allocated } else { ExtentType::HoleZero };
+                handle.add(offset, len, kind).map_err(|e| Error::backend("nbdkit", e))?;
+                if flags.contains(Flags::REQ_ONE) {
+                    break;
+                }
+            }
+            Ok(())
+        })
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> nbdkit::Result<()> {
@@ -206,6 +227,9 @@ nbdkit::plugin!(Connection {
     can_zero,
     can_fast_zero,
     can_cache,
+    can_extents,
+    cache,
+    extents,
     write_at,
     flush,
     trim,

@@ -157,6 +157,11 @@ impl BlockCache {
         &self.storage
     }
 
+    /// How many clean blocks the cache keeps.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     /// How many blocks are dirty.
     pub fn dirty_blocks(&self) -> usize {
         lock(&self.index).dirty.len()
@@ -201,9 +206,6 @@ impl BlockCache {
             let index = lock(&self.index);
             ids.filter(|id| index.allocated.contains(&id.0) && index.slot(id).is_none()).collect()
         };
-        if missing.len() < 2 || concurrency < 2 {
-            return Ok(());
-        }
         parallel(missing, concurrency, |id| self.with_slot(id, false, |st| self.load(id, st)).map(drop))
     }
 

@@ -76,12 +76,26 @@ impl Volume {
     /// [`Error::OutOfRange`], or the storage's error for a block that could not be read.
     pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let pieces = self.geometry.pieces(offset, buf.len() as u64)?;
-        self.cache.prefetch(pieces.clone().map(|p| p.block), self.config.concurrency)?;
+        if pieces.clone().nth(1).is_some() {
+            // Fetch every missing block at once rather than one round trip after another.
+            self.cache.prefetch(pieces.clone().map(|p| p.block), self.config.concurrency)?;
+        }
         for p in pieces {
             let out = &mut buf[p.buf_offset..p.buf_offset + p.len];
             self.cache.read(p.block, p.offset_in_block, out)?;
         }
         Ok(())
+    }
+
+    /// Loads the stored blocks of `len` bytes at `offset` into the cache (NBD_CMD_CACHE, and
+    /// read-ahead), as many as the cache holds, without returning them.
+    ///
+    /// # Errors
+    /// [`Error::OutOfRange`], or the storage's error for a block that could not be read.
+    pub fn prefetch(&self, len: u64, offset: u64) -> Result<()> {
+        let pieces = self.geometry.pieces(offset, len)?;
+        let blocks = pieces.map(|p| p.block).take(self.cache.capacity());
+        self.cache.prefetch(blocks, self.config.concurrency)
     }
 
     /// Writes `data` at `offset`; with `fua`, it is durable in storage before this returns.

@@ -1,0 +1,132 @@
+//! Many exports from one nbdkit: independent data, hostile names refused, recorded geometry
+//! enforced, and BLOCK_STATUS extents that show holes to real clients.
+
+mod common;
+
+use std::process::Command;
+
+use common::{run_ok, Nbdkit};
+
+fn file_params(dir: &std::path::Path, extra: &[&str]) -> Vec<String> {
+    let mut p = vec!["storage=file".to_string(), format!("dir={}", dir.display())];
+    p.extend(extra.iter().map(|s| s.to_string()));
+    p
+}
+
+/// Connects to export `name` and runs `script` (`h` is the handle), returning stdout, or the
+/// connection error's text.
+fn nbdsh_export(nbdkit: &Nbdkit, name: &str, script: &str) -> String {
+    let code = format!(
+        "h = nbd.NBD()\nh.set_export_name({name:?})\ntry:\n    h.connect_unix({:?})\nexcept nbd.Error as e:\n    print('refused:', e)\n    raise SystemExit\n{script}",
+        nbdkit.socket.display().to_string()
+    );
+    let out = run_ok(Command::new("/usr/bin/python3").args(["-c", &format!("import nbd\n{code}")]));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Two exports served by one nbdkit hold independent data; the default export is `export=`.
+#[test]
+fn exports_are_independent() {
+    require!("nbdkit", "/usr/bin/python3");
+    let dir = tempfile::tempdir().unwrap();
+    let nbdkit = Nbdkit::start(&file_params(dir.path(), &["size=16M", "export=main"]));
+    nbdsh_export(&nbdkit, "alpha", "h.pwrite(b'A' * 4096, 0); h.flush()");
+    nbdsh_export(&nbdkit, "beta", "h.pwrite(b'B' * 4096, 0); h.flush()");
+    nbdsh_export(&nbdkit, "", "h.pwrite(b'M' * 4096, 0); h.flush()");
+    assert_eq!(nbdsh_export(&nbdkit, "alpha", "print(h.pread(2, 0))").trim(), "bytearray(b'AA')");
+    assert_eq!(nbdsh_export(&nbdkit, "beta", "print(h.pread(2, 0))").trim(), "bytearray(b'BB')");
+    assert_eq!(nbdsh_export(&nbdkit, "main", "print(h.pread(2, 0))").trim(), "bytearray(b'MM')");
+    let mut names: Vec<_> = std::fs::read_dir(dir.path().join("exports"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["alpha", "beta", "main"]);
+}
+
+/// Export names that could escape their prefix or directory are refused at connection time, with
+/// the reason in nbdkit's log, and nothing is created for them.
+#[test]
+fn hostile_export_names_are_refused() {
+    require!("nbdkit", "/usr/bin/python3");
+    let dir = tempfile::tempdir().unwrap();
+    let nbdkit = Nbdkit::start(&file_params(dir.path(), &["size=16M"]));
+    let long = "x".repeat(1000);
+    for name in ["..", ".", "a/b", "../../etc", "tab\there", long.as_str(), "caf\u{e9}"] {
+        let out = nbdsh_export(&nbdkit, name, "print('connected')");
+        assert!(out.starts_with("refused:"), "{name:?}: {out}");
+    }
+    let log = nbdkit.stderr();
+    assert!(log.contains("invalid export name \"../../etc\": character '/' is not allowed"), "{log}");
+    assert!(log.contains("the name is 1000 bytes long, the limit is 128"), "{log}");
+    let created: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(created.is_empty(), "created {created:?}");
+}
+
+/// An export keeps the geometry it was created with: a contradicting size= or block-size= is
+/// refused with what is recorded; no size= opens it as recorded; an unknown export needs size=.
+#[test]
+fn recorded_geometry_is_enforced() {
+    require!("nbdkit", "/usr/bin/python3");
+    let dir = tempfile::tempdir().unwrap();
+    let nbdkit = Nbdkit::start(&file_params(dir.path(), &["size=16M", "block-size=64K", "export=dev"]));
+    nbdkit.nbdsh("h.pwrite(b'g' * 100, 0); h.flush()");
+    nbdkit.stop();
+
+    let nbdkit = Nbdkit::start(&file_params(dir.path(), &["export=dev"]));
+    assert_eq!(nbdkit.nbdsh("print(h.get_size(), h.pread(1, 0))").trim(), "16777216 bytearray(b'g')");
+    nbdkit.stop();
+
+    let nbdkit = Nbdkit::start(&file_params(dir.path(), &["export=dev", "block-size=4096"]));
+    assert!(nbdsh_export(&nbdkit, "", "print('connected')").starts_with("refused:"));
+    assert!(nbdkit.stderr().contains("export dev was created with block-size=65536"), "{}", nbdkit.stderr());
+    assert!(nbdsh_export(&nbdkit, "other", "").starts_with("refused:"));
+    assert!(nbdkit.stderr().contains("export other does not exist; give size= to create it"), "{}", nbdkit.stderr());
+    nbdkit.stop();
+
+    let nbdkit = Nbdkit::start(&file_params(dir.path(), &["export=dev", "size=32M"]));
+    assert!(nbdsh_export(&nbdkit, "", "").starts_with("refused:"));
+    assert!(nbdkit.stderr().contains("export dev was created with size=16777216"), "{}", nbdkit.stderr());
+}
+
+/// `nbdinfo --map` and `qemu-img map` see holes where nothing is stored, and data where it is.
+#[test]
+fn extents_show_holes_to_real_clients() {
+    require!("nbdkit", "/usr/bin/python3", "nbdinfo", "qemu-img");
+    let nbdkit = Nbdkit::start(&["storage=memory".to_string(), "size=64M".into()]);
+    nbdkit.nbdsh("h.pwrite(b'd' * (1 << 20), 8 << 20); h.flush()");
+    let map = run_ok(Command::new("nbdinfo").arg("--map").arg(nbdkit.uri()));
+    let map = String::from_utf8_lossy(&map.stdout);
+    let rows: Vec<Vec<&str>> = map.lines().map(|l| l.split_whitespace().collect()).collect();
+    let summary: Vec<(&str, &str, &str)> = rows.iter().map(|r| (r[0], r[1], r[2])).collect();
+    assert_eq!(summary, [("0", "8388608", "3"), ("8388608", "1048576", "0"), ("9437184", "57671680", "3")], "{map}");
+    let qmap = run_ok(Command::new("qemu-img").args(["map", "--output=json", "-f", "raw"]).arg(nbdkit.uri()));
+    let qmap = String::from_utf8_lossy(&qmap.stdout);
+    assert!(
+        qmap.contains(
+            "\"start\": 8388608, \"length\": 1048576, \"depth\": 0, \"present\": true, \"zero\": false, \"data\": true"
+        ),
+        "{qmap}"
+    );
+}
+
+/// A full-device trim of a 100 GiB S3 export (what mkfs does first) costs requests per stored
+/// block, not per device block: it finishes in seconds and leaves no objects.
+#[test]
+fn trimming_a_100g_s3_export_is_fast_and_leaves_no_objects() {
+    require!("nbdkit", "/usr/bin/python3");
+    let Some(env) = common::s3() else { return };
+    let export = common::unique("trim100g");
+    let mut params = env.params(common::TEST_BUCKET);
+    params.extend([format!("export={export}"), "size=100G".into()]);
+    let nbdkit = Nbdkit::start(&params);
+    nbdkit.nbdsh("for i in range(50):\n    h.pwrite(b'x' * 4096, i * (2 << 30))\nh.flush()");
+    let prefix = format!("blocks/{export}/");
+    assert_eq!(env.list(common::TEST_BUCKET, &prefix).len(), 50);
+    let started = std::time::Instant::now();
+    nbdkit.nbdsh("size = h.get_size()\nfor off in range(0, size, 1 << 30):\n    h.trim(1 << 30, off)\nh.flush()");
+    assert!(started.elapsed().as_secs() < 60, "trim took {:?}", started.elapsed());
+    assert_eq!(env.list(common::TEST_BUCKET, &prefix), Vec::<String>::new());
+    let map = run_ok(Command::new("nbdinfo").arg("--map").arg(nbdkit.uri()));
+    assert_eq!(String::from_utf8_lossy(&map.stdout).lines().count(), 1, "one hole");
+}
