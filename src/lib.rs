@@ -32,6 +32,7 @@
 #![deny(missing_docs)]
 #![warn(unreachable_pub, missing_debug_implementations)]
 
+pub mod admin;
 pub mod config;
 pub mod error;
 pub mod export;

@@ -1,0 +1,455 @@
+//! A real kernel ext4 filesystem on an nbds3 device backed by the real S3 server, across an
+//! nbdkit restart.
+//!
+//! The kernel reaches the NBD export through `nbd-client` and `/dev/nbdN` when the `nbd` module is
+//! loaded, and otherwise through qemu-storage-daemon's FUSE export (the export shows up as a
+//! regular file) and a loop device on that file. Needs root, `/dev/fuse` and `/dev/loop-control`
+//! (or `/dev/nbd0`).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::{run, run_ok, Nbdkit, S3Env, TEST_BUCKET};
+
+/// Longest any qemu-storage-daemon of this test may live before it is stopped regardless.
+const DAEMON_LIFETIME: Duration = Duration::from_secs(300);
+
+/// Number of small files written, in nested directories.
+const SMALL_FILES: usize = 2000;
+
+/// Whether this machine lets us attach block devices and mount them; panics in CI when not.
+fn can_mount() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let why = if !root {
+        "the test needs root (losetup, mount)"
+    } else if !nbd_device_available() && !Path::new("/dev/fuse").exists() {
+        "neither /dev/nbd0 nor /dev/fuse exists"
+    } else if !nbd_device_available() && !Path::new("/dev/loop-control").exists() {
+        "/dev/loop-control does not exist"
+    } else {
+        return true;
+    };
+    assert!(!common::in_ci(), "{why}, and CI must run every test");
+    eprintln!("SKIPPED: {why}");
+    false
+}
+
+/// Whether the kernel NBD client is there (`modprobe nbd` creates /dev/nbd0..15).
+fn nbd_device_available() -> bool {
+    Path::new("/dev/nbd0").exists()
+}
+
+fn params(env: &S3Env, export: &str) -> Vec<String> {
+    let mut p = env.params(TEST_BUCKET);
+    p.push(format!("export={export}"));
+    p.push("size=1G".into());
+    p
+}
+
+/// How the block device reaches the NBD export.
+enum Transport {
+    /// `nbd-client` connected `/dev/nbdN` (disconnect with `nbd-client -d`).
+    Kernel,
+    /// qemu-storage-daemon exports the NBD export as a FUSE file; a loop device sits on it.
+    Fuse {
+        daemon: Child,
+        /// The FUSE mountpoint: a regular file the size of the device.
+        file: PathBuf,
+        /// Stops the watchdog (by being dropped) once the daemon is stopped by us.
+        watchdog: Option<(mpsc::Sender<()>, std::thread::JoinHandle<()>)>,
+    },
+}
+
+/// The NBD export as a kernel block device, optionally mounted. Dropping it (even while a failed
+/// assertion unwinds) unmounts, detaches the device and stops qemu-storage-daemon, so no mount,
+/// loop device or daemon outlives the test.
+struct Device {
+    transport: Transport,
+    /// `/dev/loopN` or `/dev/nbdN`, while attached.
+    dev: Option<String>,
+    /// Where the filesystem is mounted, while it is.
+    mounted: Option<PathBuf>,
+    /// Holds the FUSE file, the daemon's log and the mountpoint.
+    dir: PathBuf,
+}
+
+impl Device {
+    /// Attaches the default export of `nbdkit` as a block device, using files under `dir`.
+    fn attach(nbdkit: &Nbdkit, dir: &Path) -> Device {
+        std::fs::create_dir_all(dir).unwrap();
+        if nbd_device_available() {
+            let dev = free_nbd_device();
+            run_ok(
+                Command::new("nbd-client").arg("-unix").arg(&nbdkit.socket).arg(&dev).args(["-b", "4096", "-t", "60"]),
+            );
+            return Device { transport: Transport::Kernel, dev: Some(dev), mounted: None, dir: dir.into() };
+        }
+        let file = dir.join("disk");
+        std::fs::File::create(&file).unwrap();
+        let log = dir.join("qemu-storage-daemon.log");
+        let log_file = std::fs::File::create(&log).unwrap();
+        let mut cmd = Command::new("qemu-storage-daemon");
+        cmd.arg("--blockdev")
+            .arg(format!("driver=nbd,node-name=nbd0,server.type=unix,server.path={}", nbdkit.socket.display()))
+            .arg("--export")
+            .arg(format!("type=fuse,id=exp0,node-name=nbd0,mountpoint={},writable=on", file.display()))
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().unwrap())
+            .stderr(log_file);
+        // The daemon gets SIGTERM (and unmounts its FUSE file) if the test thread dies.
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        let mut daemon = cmd.spawn().expect("spawn qemu-storage-daemon");
+        let watchdog = watchdog(daemon.id());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !is_mountpoint(&file) {
+            if let Ok(Some(status)) = daemon.try_wait() {
+                panic!(
+                    "qemu-storage-daemon exited with {status}:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            if Instant::now() > deadline {
+                let _ = daemon.kill();
+                let _ = daemon.wait();
+                panic!("qemu-storage-daemon did not export {} within 30 s", file.display());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mut device = Device {
+            transport: Transport::Fuse { daemon, file: file.clone(), watchdog: Some(watchdog) },
+            dev: None,
+            mounted: None,
+            dir: dir.into(),
+        };
+        let out = run_ok(Command::new("losetup").args(["--find", "--show"]).arg(&file));
+        device.dev = Some(String::from_utf8_lossy(&out.stdout).trim().to_string());
+        device
+    }
+
+    fn dev(&self) -> &str {
+        self.dev.as_deref().expect("attached")
+    }
+
+    /// The device size the kernel sees, in bytes.
+    fn size(&self) -> u64 {
+        let out = run_ok(Command::new("blockdev").arg("--getsize64").arg(self.dev()));
+        String::from_utf8_lossy(&out.stdout).trim().parse().expect("blockdev --getsize64")
+    }
+
+    /// Mounts the filesystem on `{dir}/mnt` and returns that path.
+    fn mount(&mut self) -> PathBuf {
+        let mnt = self.dir.join("mnt");
+        std::fs::create_dir_all(&mnt).unwrap();
+        run_ok(Command::new("mount").args(["-t", "ext4"]).arg(self.dev()).arg(&mnt));
+        self.mounted = Some(mnt.clone());
+        mnt
+    }
+
+    /// Unmounts the filesystem (which flushes it to the device, and the device to nbdkit).
+    fn umount(&mut self) {
+        let mnt = self.mounted.take().expect("mounted");
+        run_ok(Command::new("umount").arg(&mnt));
+    }
+
+    /// Detaches the device and stops qemu-storage-daemon cleanly, asserting each step worked.
+    fn detach(mut self) {
+        assert!(self.mounted.is_none(), "detach while mounted");
+        let dev = self.dev.take().expect("attached");
+        match &mut self.transport {
+            Transport::Kernel => {
+                run_ok(Command::new("nbd-client").arg("-d").arg(&dev));
+            }
+            Transport::Fuse { daemon, file, watchdog } => {
+                run_ok(Command::new("losetup").arg("-d").arg(&dev));
+                wait_until_detached(&dev);
+                stop_watchdog(watchdog);
+                // SAFETY: signalling the daemon we started and have not reaped yet.
+                unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+                let status = wait_bounded(daemon, Duration::from_secs(30));
+                assert!(status.is_some_and(|s| s.success()), "qemu-storage-daemon exited with {status:?}");
+                assert!(!is_mountpoint(file), "{} is still mounted", file.display());
+            }
+        }
+    }
+}
+
+impl Drop for Device {
+    /// Best-effort clean-up after a failure; `detach` has done it all on success.
+    fn drop(&mut self) {
+        if let Some(mnt) = self.mounted.take() {
+            if !run(Command::new("umount").arg(&mnt)).status.success() {
+                let _ = run(Command::new("umount").arg("-l").arg(&mnt));
+            }
+        }
+        let dev = self.dev.take();
+        match &mut self.transport {
+            Transport::Kernel => {
+                if let Some(dev) = dev {
+                    let _ = run(Command::new("nbd-client").arg("-d").arg(&dev));
+                }
+            }
+            Transport::Fuse { daemon, file, watchdog } => {
+                if let Some(dev) = dev {
+                    let _ = run(Command::new("losetup").arg("-d").arg(&dev));
+                    wait_until_detached(&dev);
+                }
+                stop_watchdog(watchdog);
+                if let Ok(None) = daemon.try_wait() {
+                    // SAFETY: signalling the daemon we started and have not reaped yet.
+                    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+                    if wait_bounded(daemon, Duration::from_secs(10)).is_none() {
+                        let _ = daemon.kill();
+                        let _ = daemon.wait();
+                    }
+                }
+                if is_mountpoint(file) {
+                    let _ = run(Command::new("umount").arg("-l").arg(&*file));
+                }
+            }
+        }
+    }
+}
+
+/// A thread that sends SIGKILL to `pid` after `DAEMON_LIFETIME` unless told to stop first.
+fn watchdog(pid: u32) -> (mpsc::Sender<()>, std::thread::JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel::<()>();
+    let handle = std::thread::spawn(move || {
+        if let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(DAEMON_LIFETIME) {
+            eprintln!("qemu-storage-daemon {pid} outlived {DAEMON_LIFETIME:?}: killing it");
+            // SAFETY: the owner has not reaped the process yet (it stops us first).
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+    });
+    (tx, handle)
+}
+
+/// Stops the watchdog before its process is reaped, so it never signals a reused PID.
+fn stop_watchdog(watchdog: &mut Option<(mpsc::Sender<()>, std::thread::JoinHandle<()>)>) {
+    if let Some((tx, handle)) = watchdog.take() {
+        drop(tx);
+        let _ = handle.join();
+    }
+}
+
+/// Waits up to `limit` for `child` to exit.
+fn wait_bounded(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Whether `path` is a mountpoint (the FUSE file, while qemu-storage-daemon exports it).
+fn is_mountpoint(path: &Path) -> bool {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let path = path.to_string_lossy();
+    mounts.lines().any(|l| l.split(' ').nth(4) == Some(&*path))
+}
+
+/// `losetup -d` detaches lazily while something (udev, blkid) still has the device open.
+fn wait_until_detached(dev: &str) {
+    let name = dev.trim_start_matches("/dev/");
+    let backing = format!("/sys/block/{name}/loop/backing_file");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Path::new(&backing).exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The first `/dev/nbdN` no client is connected to.
+fn free_nbd_device() -> String {
+    (0..16)
+        .find(|n| Path::new(&format!("/dev/nbd{n}")).exists() && !Path::new(&format!("/sys/block/nbd{n}/pid")).exists())
+        .map(|n| format!("/dev/nbd{n}"))
+        .expect("a free /dev/nbdN")
+}
+
+/// Size of small file `i`: 0 B to 256 KiB, log-uniform, with block-boundary sizes every 50th.
+fn small_file_size(i: usize) -> usize {
+    const EDGES: [usize; 10] = [0, 1, 511, 512, 4095, 4096, 4097, 65536, 65537, 262144];
+    if i % 50 == 0 {
+        return EDGES[(i / 50) % EDGES.len()];
+    }
+    let u = common::random_bytes(8, 1_000_000 + i as u64);
+    let u = u64::from_le_bytes(u.try_into().unwrap()) as f64 / u64::MAX as f64;
+    (2f64.powf(u * 18.0) as usize - 1).min(262144)
+}
+
+/// Writes the deterministic tree: `SMALL_FILES` small files in nested directories, a few files
+/// of several MiB (one with a run of zero blocks, one sparse), returning the bytes written.
+fn write_tree(root: &Path) -> u64 {
+    let mut total = 0u64;
+    for i in 0..SMALL_FILES {
+        let dir = root.join(format!("d{}/e{}", i % 10, (i / 10) % 8));
+        std::fs::create_dir_all(&dir).unwrap();
+        let data = common::random_bytes(small_file_size(i), i as u64);
+        std::fs::write(dir.join(format!("f{i:04}")), &data).unwrap();
+        total += data.len() as u64;
+    }
+    let big = root.join("big");
+    std::fs::create_dir_all(&big).unwrap();
+    for (name, size) in [("three", 3 << 20), ("five", (5 << 20) + 333), ("eight", 8 << 20)] {
+        let data = common::random_bytes(size, size as u64);
+        std::fs::write(big.join(name), &data).unwrap();
+        total += size as u64;
+    }
+    // 2 MiB of data, 1 MiB of zeros (blocks nbds3 never stores), 2 MiB of data.
+    let mut zeros = common::random_bytes(5 << 20, 77);
+    zeros[2 << 20..3 << 20].fill(0);
+    std::fs::write(big.join("zeros"), &zeros).unwrap();
+    total += zeros.len() as u64;
+    // Sparse: 64 KiB at the start and at the end of 16 MiB.
+    let sparse = std::fs::File::create(big.join("sparse")).unwrap();
+    sparse.set_len(16 << 20).unwrap();
+    use std::os::unix::fs::FileExt;
+    sparse.write_all_at(&common::random_bytes(65536, 78), 0).unwrap();
+    sparse.write_all_at(&common::random_bytes(65536, 79), (16 << 20) - 65536).unwrap();
+    total + 2 * 65536
+}
+
+/// `sha256sum` of every regular file under `root`, sorted by path (relative to `root`).
+fn checksums(root: &Path) -> String {
+    let out = run_ok(
+        Command::new("sh")
+            .arg("-c")
+            .arg("find . -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum")
+            .current_dir(root),
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// `fsck.ext4 -fn`: exit 0, or fail with its report and the tail of nbdkit's log.
+fn fsck_clean(device: &Device, nbdkit: &Nbdkit, when: &str) {
+    let out = run(Command::new("fsck.ext4").arg("-fn").arg(device.dev()));
+    assert!(
+        out.status.success(),
+        "fsck.ext4 -fn {} {when} exited with {}:\n{}{}\nnbdkit log (tail):\n{}",
+        device.dev(),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        tail(&nbdkit.stderr(), 40)
+    );
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+fn step(started: Instant, what: &str) {
+    eprintln!("[{:6.1}s] {what}", started.elapsed().as_secs_f64());
+}
+
+/// The scenario, end to end against the real S3 server:
+///
+/// 1. nbdkit serves a new 1 GiB export of bucket `nbds3-test`; the kernel sees it as a block
+///    device (`nbd-client` + `/dev/nbdN`, or qemu-storage-daemon's FUSE export + `losetup`).
+/// 2. `mkfs.ext4 -E discard` (the discard trims the whole device), mount, write 2000 files of
+///    0 B to 256 KiB (block-boundary sizes included) in nested directories plus files of several
+///    MiB (one with a MiB of zeros, one sparse), all of deterministic content; delete every 7th
+///    small file and `fstrim`, so freed blocks are trimmed while live ones must survive.
+/// 3. Record `sha256sum` of every file, `sync`, unmount, `fsck.ext4 -fn` (clean), detach, stop
+///    qemu-storage-daemon, stop nbdkit (SIGTERM, a clean stop). The export's objects are in S3.
+/// 4. A new nbdkit on the same bucket and export, a new block device: `fsck.ext4 -fn` is clean,
+///    and after mounting, every file is there with the same checksum and nothing else is.
+///
+/// Every process is stopped by PID, and the `Device` guard unmounts, detaches and stops the
+/// daemon even when an assertion fails.
+#[test]
+fn ext4_survives_an_nbdkit_restart_on_s3() {
+    require!("nbdkit", "mkfs.ext4", "fsck.ext4", "mount", "umount", "blockdev", "fstrim", "sha256sum");
+    if !can_mount() {
+        return;
+    }
+    if nbd_device_available() {
+        require!("nbd-client");
+    } else {
+        require!("qemu-storage-daemon", "losetup");
+    }
+    let Some(env) = common::s3() else { return };
+    let started = Instant::now();
+    let export = common::unique("ext4");
+    let tmp = tempfile::tempdir().unwrap();
+
+    // Phase 1: make the filesystem and fill it.
+    let nbdkit = Nbdkit::start(&params(&env, &export));
+    let mut device = Device::attach(&nbdkit, &tmp.path().join("first"));
+    step(started, &format!("nbdkit serves export {export}; block device {}", device.dev()));
+    assert_eq!(device.size(), 1 << 30);
+    run_ok(Command::new("mkfs.ext4").args(["-q", "-F", "-E", "discard", "-L", "nbds3"]).arg(device.dev()));
+    step(started, "mkfs.ext4 -E discard done");
+    let mnt = device.mount();
+    let bytes = write_tree(&mnt);
+    step(started, &format!("wrote {} files, {:.1} MiB", SMALL_FILES + 5, bytes as f64 / (1 << 20) as f64));
+    let mut deleted = 0;
+    for i in (0..SMALL_FILES).step_by(7) {
+        std::fs::remove_file(mnt.join(format!("d{}/e{}/f{i:04}", i % 10, (i / 10) % 8))).unwrap();
+        deleted += 1;
+    }
+    run_ok(Command::new("sync").arg("-f").arg(&mnt));
+    let trimmed = run_ok(Command::new("fstrim").arg("-v").arg(&mnt));
+    step(started, &format!("deleted {deleted} files; {}", String::from_utf8_lossy(&trimmed.stdout).trim()));
+    let before = checksums(&mnt);
+    let files = before.lines().count();
+    assert_eq!(files, SMALL_FILES - deleted + 5);
+    run_ok(&mut Command::new("sync"));
+    device.umount();
+    step(started, &format!("checksummed {files} files, synced, unmounted"));
+    fsck_clean(&device, &nbdkit, "before the restart");
+    device.detach();
+    let log = nbdkit.stderr();
+    nbdkit.stop();
+    let objects = env.list(TEST_BUCKET, &format!("blocks/{export}/")).len();
+    step(started, &format!("fsck clean; detached; nbdkit stopped; {objects} objects in S3"));
+    assert!(
+        objects > (bytes as usize) / 4096 / 2,
+        "only {objects} objects in S3 for {bytes} bytes of files\n{}",
+        tail(&log, 40)
+    );
+
+    // Phase 2: a new nbdkit and a new block device on the same bucket and export.
+    let nbdkit = Nbdkit::start(&params(&env, &export));
+    let mut device = Device::attach(&nbdkit, &tmp.path().join("second"));
+    step(started, &format!("new nbdkit; block device {}", device.dev()));
+    assert_eq!(device.size(), 1 << 30);
+    fsck_clean(&device, &nbdkit, "after the restart");
+    step(started, "fsck.ext4 -fn clean after the restart");
+    let mnt = device.mount();
+    let after = checksums(&mnt);
+    if after != before {
+        let old: std::collections::BTreeSet<&str> = before.lines().collect();
+        let new: std::collections::BTreeSet<&str> = after.lines().collect();
+        let lost: Vec<&&str> = old.difference(&new).take(20).collect();
+        let changed: Vec<&&str> = new.difference(&old).take(20).collect();
+        panic!(
+            "{} of {} files differ after the restart\nbefore: {lost:#?}\nafter: {changed:#?}\nnbdkit log (tail):\n{}",
+            old.difference(&new).count(),
+            old.len(),
+            tail(&nbdkit.stderr(), 40)
+        );
+    }
+    step(started, &format!("all {files} checksums match"));
+    device.umount();
+    device.detach();
+    nbdkit.stop();
+    step(started, "unmounted, detached, nbdkit stopped");
+}
