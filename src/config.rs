@@ -53,11 +53,14 @@ pub enum ConfigKey {
     PathStyle,
     S3Concurrency,
     S3Timeout,
+    WritebackDelay,
+    StatsFile,
+    StatsInterval,
 }
 
 impl ConfigKey {
     /// Every key, in the order `--help` lists them.
-    pub const ALL: [ConfigKey; 15] = [
+    pub const ALL: [ConfigKey; 18] = [
         ConfigKey::Storage,
         ConfigKey::Export,
         ConfigKey::Size,
@@ -73,6 +76,9 @@ impl ConfigKey {
         ConfigKey::PathStyle,
         ConfigKey::S3Concurrency,
         ConfigKey::S3Timeout,
+        ConfigKey::WritebackDelay,
+        ConfigKey::StatsFile,
+        ConfigKey::StatsInterval,
     ];
 
     /// The name on the command line.
@@ -128,6 +134,9 @@ impl ConfigKey {
             ConfigKey::S3Timeout => {
                 ("s3-timeout", "SECONDS", "Give up on an S3 request, retries included, after this long (default 30).")
             }
+            ConfigKey::WritebackDelay => ("writeback-delay", "SECONDS", "Write back blocks dirty for this long, bounding what a crash loses (default: only on FLUSH and memory pressure)."),
+            ConfigKey::StatsFile => ("stats-file", "PATH", "Write each export's counters to PATH every stats-interval (one line per export)."),
+            ConfigKey::StatsInterval => ("stats-interval", "SECONDS", "How often stats-file is rewritten (default 10)."),
         }
     }
 
@@ -192,6 +201,12 @@ pub struct Config {
     pub dir: Option<PathBuf>,
     /// The S3 backend's settings.
     pub s3: S3Config,
+    /// Background write-back of blocks dirty this long.
+    pub writeback_delay: Option<Duration>,
+    /// Where to write counters periodically.
+    pub stats_file: Option<PathBuf>,
+    /// How often to write them.
+    pub stats_interval: Duration,
 }
 
 impl Default for Config {
@@ -205,6 +220,9 @@ impl Default for Config {
             max_dirty: 64 << 20,
             dir: None,
             s3: S3Config::default(),
+            writeback_delay: None,
+            stats_file: None,
+            stats_interval: Duration::from_secs(10),
         }
     }
 }
@@ -256,14 +274,10 @@ impl Config {
                     }
                 }
             }
-            ConfigKey::S3Timeout => {
-                self.s3.timeout = match value.parse::<f64>() {
-                    Ok(s) if s > 0.0 && s <= 86400.0 => Duration::from_secs_f64(s),
-                    _ => {
-                        return Err(Error::config(name, format!("{value:?} is not allowed: use seconds, more than 0")))
-                    }
-                }
-            }
+            ConfigKey::S3Timeout => self.s3.timeout = parse_seconds(name, value)?,
+            ConfigKey::WritebackDelay => self.writeback_delay = Some(parse_seconds(name, value)?),
+            ConfigKey::StatsFile => self.stats_file = Some(non_empty(name, value)?.into()),
+            ConfigKey::StatsInterval => self.stats_interval = parse_seconds(name, value)?,
         }
         Ok(())
     }
@@ -323,6 +337,7 @@ impl Config {
                 StorageKind::File => 4,
                 StorageKind::Memory => 1,
             },
+            writeback_delay: self.writeback_delay,
         }
     }
 }
@@ -363,6 +378,13 @@ pub fn parse_size(key: &str, value: &str) -> Result<u64> {
         .checked_mul(1 << shift)
         .filter(|&n| n <= i64::MAX as u64)
         .ok_or_else(|| Error::config(key, format!("{value:?} is too large")))
+}
+
+fn parse_seconds(key: &str, value: &str) -> Result<Duration> {
+    match value.parse::<f64>() {
+        Ok(s) if s > 0.0 && s <= 86400.0 => Ok(Duration::from_secs_f64(s)),
+        _ => Err(Error::config(key, format!("{value:?} is not allowed: use seconds, more than 0 and at most 86400"))),
+    }
 }
 
 fn parse_bool(key: &str, value: &str) -> Result<bool> {
@@ -428,6 +450,7 @@ mod tests {
             (&[("bucket", "b"), ("path-style", "maybe")], "path-style: \"maybe\" is not a boolean"),
             (&[("bucket", "b"), ("s3-concurrency", "0")], "s3-concurrency: \"0\" is not allowed"),
             (&[("bucket", "b"), ("s3-timeout", "soon")], "s3-timeout: \"soon\" is not allowed"),
+            (&[("bucket", "b"), ("writeback-delay", "0")], "writeback-delay: \"0\" is not allowed"),
             (&[("bucket", "")], "bucket: an empty value is not allowed"),
             (&[], "storage: no backend chosen"),
         ];

@@ -113,8 +113,36 @@ impl Exports {
         let storage = backend.open(&name, geometry.block_size())?;
         log::info!("export {name}: {} bytes in {}-byte blocks on {storage}", geometry.size(), geometry.block_size());
         let volume = Arc::new(Volume::new(storage, geometry, self.config.volume_config())?);
+        volume.start_background_writer();
+        if volumes.is_empty() {
+            self.start_stats_writer();
+        }
         volumes.insert(name, volume.clone());
         Ok(volume)
+    }
+
+    /// One line per open export: `export=NAME` and its counters.
+    pub fn stats(&self) -> String {
+        let mut volumes: Vec<_> = lock(&self.volumes).iter().map(|(n, v)| (n.clone(), v.clone())).collect();
+        volumes.sort_by(|a, b| a.0.cmp(&b.0));
+        volumes.iter().map(|(name, v)| format!("export={name} {}\n", v.stats_fields())).collect()
+    }
+
+    /// With `stats-file=`, rewrites that file every `stats-interval` (atomically, by rename).
+    fn start_stats_writer(&self) {
+        let Some(path) = self.config.stats_file.clone() else { return };
+        let interval = self.config.stats_interval;
+        let spawned = std::thread::Builder::new().name("nbds3-stats".into()).spawn(move || loop {
+            std::thread::sleep(interval);
+            let Some(exports) = crate::plugin::exports() else { return };
+            let tmp = path.with_extension("tmp");
+            if let Err(e) = std::fs::write(&tmp, exports.stats()).and_then(|()| std::fs::rename(&tmp, &path)) {
+                log::warn!("stats-file {}: {e}", path.display());
+            }
+        });
+        if let Err(e) = spawned {
+            log::warn!("cannot start the stats writer: {e}");
+        }
     }
 
     /// Writes back every volume's dirty blocks (at unload); returns how many volumes failed.
@@ -126,7 +154,7 @@ impl Exports {
                 log::error!("export {name}: writing back at shutdown failed, unflushed writes are lost: {e}");
                 failed += 1;
             }
-            log::info!("export {name}: {}", volume.cache().stats);
+            log::info!("export {name}: {}", volume.stats_fields());
         }
         failed
     }

@@ -44,8 +44,13 @@ fn guard<T>(what: &str, f: impl FnOnce() -> Result<T>) -> nbdkit::Result<T> {
     }
 }
 
-fn exports() -> Result<&'static Exports> {
-    EXPORTS.get().ok_or_else(|| Error::config("config", "the configuration is not complete"))
+/// The exports of this process, once the configuration is complete.
+pub(crate) fn exports() -> Option<&'static Exports> {
+    EXPORTS.get()
+}
+
+fn configured() -> Result<&'static Exports> {
+    exports().ok_or_else(|| Error::config("config", "the configuration is not complete"))
 }
 
 /// Reads a password the way nbdkit's own plugins do: `-` prompts, `+FILE` reads a file, `-FD`
@@ -126,7 +131,7 @@ impl Server for Connection {
     fn open(readonly: bool) -> nbdkit::Result<Box<dyn Server>> {
         guard("open", || {
             let requested = nbdkit::export_name().unwrap_or_default();
-            let volume = exports()?.open(&requested)?;
+            let volume = configured()?.open(&requested)?;
             Ok(Box::new(Connection { volume, readonly }) as Box<dyn Server>)
         })
     }

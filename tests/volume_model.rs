@@ -16,7 +16,7 @@ const BLOCKS: u64 = 64;
 const SIZE: u64 = BLOCKS * BS as u64;
 
 fn small_cache() -> VolumeConfig {
-    VolumeConfig { cache_bytes: 4 * BS as u64, max_dirty_bytes: 6 * BS as u64, concurrency: 3 }
+    VolumeConfig { cache_bytes: 4 * BS as u64, max_dirty_bytes: 6 * BS as u64, concurrency: 3, writeback_delay: None }
 }
 
 fn random_range(rng: &mut StdRng) -> (u64, usize) {

@@ -13,6 +13,7 @@ use crate::Result;
 
 pub mod file;
 pub mod memory;
+pub mod metered;
 pub mod s3;
 
 pub mod conformance;
@@ -20,6 +21,7 @@ pub mod faulty;
 
 pub use file::{FileBackend, FileStorage};
 pub use memory::{MemoryBackend, MemoryStorage};
+pub use metered::{MeteredStorage, StorageStats};
 pub use s3::{S3Backend, S3Config, S3Storage};
 
 /// The index of a block in its export: block `n` covers bytes `n * block_size ..`.

@@ -103,23 +103,17 @@ pub struct CacheStats {
     pub misses: AtomicU64,
     /// Partial writes that had to read their block first.
     pub read_modify_writes: AtomicU64,
-    /// Blocks written to storage (PUT).
-    pub blocks_written: AtomicU64,
-    /// Blocks deleted from storage because they became all zeros.
-    pub blocks_deleted: AtomicU64,
 }
 
-impl std::fmt::Display for CacheStats {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "cache hits {} holes {} misses (GET) {} read-modify-writes {} blocks written (PUT) {} deleted {}",
+impl CacheStats {
+    /// `key=value` pairs, space-separated, in a fixed order (the stats file's format).
+    pub fn fields(&self) -> String {
+        format!(
+            "hits={} holes={} misses={} read_modify_writes={}",
             self.hits.load(Relaxed),
             self.holes.load(Relaxed),
             self.misses.load(Relaxed),
-            self.read_modify_writes.load(Relaxed),
-            self.blocks_written.load(Relaxed),
-            self.blocks_deleted.load(Relaxed)
+            self.read_modify_writes.load(Relaxed)
         )
     }
 }
@@ -152,11 +146,6 @@ impl BlockCache {
         })
     }
 
-    /// The storage under this cache.
-    pub fn storage(&self) -> &Arc<dyn Storage> {
-        &self.storage
-    }
-
     /// How many clean blocks the cache keeps.
     pub fn capacity(&self) -> usize {
         self.capacity
@@ -165,6 +154,11 @@ impl BlockCache {
     /// How many blocks are dirty.
     pub fn dirty_blocks(&self) -> usize {
         lock(&self.index).dirty.len()
+    }
+
+    /// The dirty blocks, oldest first.
+    pub fn dirty_ids(&self) -> Vec<BlockId> {
+        lock(&self.index).dirty.iter().rev().map(|(id, _)| *id).collect()
     }
 
     /// How many clean blocks are cached.
@@ -385,7 +379,6 @@ impl BlockCache {
         };
         if !ids.is_empty() {
             self.storage.delete_blocks(&ids)?;
-            self.stats.blocks_deleted.fetch_add(ids.len() as u64, Relaxed);
         }
         for (id, slot, gen) in batch {
             self.complete(id, slot, gen, false);
@@ -407,14 +400,12 @@ impl BlockCache {
         let stored = match &content {
             Content::Data(d) if !is_zero(d) => {
                 self.storage.write_block(id, d)?;
-                self.stats.blocks_written.fetch_add(1, Relaxed);
                 true
             }
             Content::Data(_) | Content::Zero => {
                 // A block storage does not hold needs no delete.
                 if lock(&self.index).allocated.contains(&id.0) {
                     self.storage.delete_block(id)?;
-                    self.stats.blocks_deleted.fetch_add(1, Relaxed);
                 }
                 false
             }

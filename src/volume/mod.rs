@@ -8,13 +8,14 @@
 pub mod cache;
 pub mod geometry;
 
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::time::{Duration, Instant};
 
 pub use cache::{BlockCache, CacheStats};
 pub use geometry::{Geometry, Piece, DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
 
-use crate::storage::Storage;
-use crate::{Error, Result};
+use crate::storage::{MeteredStorage, Storage, StorageStats};
+use crate::{lock, Error, Result};
 
 /// How a `Volume` caches and writes back.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -25,6 +26,9 @@ pub struct VolumeConfig {
     pub max_dirty_bytes: u64,
     /// Blocks written back or read at once.
     pub concurrency: usize,
+    /// When set, a block dirty for this long is written back in the background, so a crash
+    /// loses at most about this much of the unflushed writes.
+    pub writeback_delay: Option<Duration>,
 }
 
 /// One export's device.
@@ -33,8 +37,12 @@ pub struct Volume {
     geometry: Geometry,
     config: VolumeConfig,
     cache: BlockCache,
+    /// The storage under the cache, counting its requests.
+    storage: Arc<MeteredStorage>,
     /// `max_dirty_bytes` in blocks, at least 1.
     max_dirty_blocks: usize,
+    /// Wakes the background writer when dirty blocks pass half of `max_dirty_blocks`.
+    wake: (Mutex<bool>, Condvar),
 }
 
 impl Volume {
@@ -52,12 +60,77 @@ impl Volume {
             ));
         }
         let blocks = |bytes: u64| usize::try_from(bytes / block_size as u64).unwrap_or(usize::MAX);
+        let storage = Arc::new(MeteredStorage::new(storage));
         Ok(Volume {
             geometry,
             config,
-            cache: BlockCache::new(storage, blocks(config.cache_bytes))?,
+            cache: BlockCache::new(storage.clone(), blocks(config.cache_bytes))?,
+            storage,
             max_dirty_blocks: blocks(config.max_dirty_bytes).max(1),
+            wake: (Mutex::new(false), Condvar::new()),
         })
+    }
+
+    /// Starts the background writer of this volume: it writes back the oldest dirty blocks once
+    /// more than half of `max-dirty` is dirty (so writers rarely wait), and, with a
+    /// `writeback_delay`, every block that has been dirty that long. It stops when the volume is
+    /// dropped. Call it after nbdkit forks.
+    pub fn start_background_writer(self: &Arc<Self>) {
+        let volume: Weak<Volume> = Arc::downgrade(self);
+        let tick =
+            self.config.writeback_delay.map_or(Duration::from_secs(1), |d| (d / 2).max(Duration::from_millis(10)));
+        let spawned = std::thread::Builder::new().name("nbds3-writeback".into()).spawn(move || {
+            // Dirty blocks seen at the previous tick: still dirty now means dirty for a whole tick.
+            let mut seen = Vec::new();
+            let mut last_error: Option<Instant> = None;
+            loop {
+                let Some(v) = volume.upgrade() else { return };
+                let woken = {
+                    let (flag, condvar) = &v.wake;
+                    let guard = lock(flag);
+                    let (mut guard, _) =
+                        condvar.wait_timeout_while(guard, tick, |woken| !*woken).unwrap_or_else(|e| e.into_inner());
+                    std::mem::take(&mut *guard)
+                };
+                let mut result = Ok(());
+                if woken || v.cache.dirty_blocks() > v.max_dirty_blocks / 2 {
+                    result = v.cache.write_back_oldest(v.max_dirty_blocks / 4, v.config.concurrency);
+                }
+                if v.config.writeback_delay.is_some() {
+                    result = result.and(v.cache.write_back(&seen, v.config.concurrency));
+                    seen = v.cache.dirty_ids();
+                }
+                if let Err(e) = result {
+                    // Data stays dirty and is retried; say so at most once a minute.
+                    if last_error.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
+                        log::warn!("background write-back failed, will retry: {e}");
+                        last_error = Some(Instant::now());
+                    }
+                }
+            }
+        });
+        if let Err(e) = spawned {
+            log::warn!("cannot start the background writer, writers will write back themselves: {e}");
+        }
+    }
+
+    /// Counters of this volume as `key=value` pairs: the cache's, the dirty and cached bytes,
+    /// and the requests that reached storage.
+    pub fn stats_fields(&self) -> String {
+        let bs = self.geometry.block_size() as u64;
+        format!(
+            "dirty_bytes={} cached_bytes={} stored_bytes={} {} {}",
+            self.cache.dirty_blocks() as u64 * bs,
+            self.cache.clean_blocks() as u64 * bs,
+            self.cache.allocated_blocks() as u64 * bs,
+            self.cache.stats.fields(),
+            self.storage.stats.fields()
+        )
+    }
+
+    /// The requests that reached storage.
+    pub fn storage_stats(&self) -> &StorageStats {
+        &self.storage.stats
     }
 
     /// The device's geometry.
@@ -163,7 +236,7 @@ impl Volume {
     /// The first storage error; blocks that failed stay dirty and a later flush retries them.
     pub fn flush(&self) -> Result<()> {
         self.cache.write_back_all(self.config.concurrency)?;
-        self.cache.storage().flush()
+        self.storage.flush()
     }
 
     /// With `fua`, makes the blocks of `len` bytes at `offset` durable.
@@ -171,7 +244,7 @@ impl Volume {
         if fua {
             let bs = self.geometry.block_size() as u64;
             self.cache.write_back_range(offset / bs..(offset + len).div_ceil(bs), self.config.concurrency)?;
-            self.cache.storage().flush()?;
+            self.storage.flush()?;
         }
         Ok(())
     }
@@ -179,7 +252,13 @@ impl Volume {
     /// Writes back the oldest dirty blocks while there are too many, so dirty memory stays bounded
     /// and a writer waits only when storage cannot keep up.
     fn make_room(&self) -> Result<()> {
-        if self.cache.dirty_blocks() < self.max_dirty_blocks {
+        let dirty = self.cache.dirty_blocks();
+        if dirty > self.max_dirty_blocks / 2 {
+            let (flag, condvar) = &self.wake;
+            *lock(flag) = true;
+            condvar.notify_one();
+        }
+        if dirty < self.max_dirty_blocks {
             return Ok(());
         }
         let target = self.max_dirty_blocks.saturating_sub(self.config.concurrency).max(self.max_dirty_blocks / 2);

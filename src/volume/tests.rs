@@ -29,7 +29,7 @@ fn stored_volume(
 }
 
 fn roomy() -> VolumeConfig {
-    VolumeConfig { cache_bytes: 1 << 20, max_dirty_bytes: 1 << 20, concurrency: 4 }
+    VolumeConfig { cache_bytes: 1 << 20, max_dirty_bytes: 1 << 20, concurrency: 4, writeback_delay: None }
 }
 
 fn stored(s: &FaultyStorage<MemoryStorage>, id: u64) -> Option<Vec<u8>> {
@@ -182,7 +182,7 @@ fn out_of_range_requests_fail() {
 #[test]
 fn concurrent_partial_writes_to_one_block_lose_nothing() {
     for round in 0..20 {
-        let config = VolumeConfig { cache_bytes: 0, max_dirty_bytes: BS as u64, concurrency: 2 };
+        let config = VolumeConfig { cache_bytes: 0, max_dirty_bytes: BS as u64, concurrency: 2, writeback_delay: None };
         let (v, s) = stored_volume(4, config, &[(1, 0xaa)]);
         let chunk = BS / 32;
         std::thread::scope(|scope| {
@@ -205,8 +205,11 @@ fn concurrent_partial_writes_to_one_block_lose_nothing() {
 #[test]
 fn clean_cache_is_bounded() {
     let all: Vec<(u64, u8)> = (0..64).map(|b| (b, b as u8 + 1)).collect();
-    let (v, s) =
-        stored_volume(64, VolumeConfig { cache_bytes: 8 * BS as u64, max_dirty_bytes: 1 << 20, concurrency: 1 }, &all);
+    let (v, s) = stored_volume(
+        64,
+        VolumeConfig { cache_bytes: 8 * BS as u64, max_dirty_bytes: 1 << 20, concurrency: 1, writeback_delay: None },
+        &all,
+    );
     let mut buf = vec![0; BS];
     for b in 0..64 {
         v.read(&mut buf, b * BS as u64).unwrap();
@@ -222,7 +225,10 @@ fn clean_cache_is_bounded() {
 
 #[test]
 fn dirty_data_is_bounded_by_early_write_back() {
-    let (v, s) = volume(256, VolumeConfig { cache_bytes: 0, max_dirty_bytes: 16 * BS as u64, concurrency: 4 });
+    let (v, s) = volume(
+        256,
+        VolumeConfig { cache_bytes: 0, max_dirty_bytes: 16 * BS as u64, concurrency: 4, writeback_delay: None },
+    );
     for b in 0..256u64 {
         v.write(&[b as u8 | 1; BS], b * BS as u64, false).unwrap();
         assert!(v.cache().dirty_blocks() <= 16, "{} dirty blocks", v.cache().dirty_blocks());
