@@ -194,7 +194,7 @@ impl Server for Connection {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> nbdkit::Result<()> {
-        guard("pread", || self.volume.read(buf, offset))
+        guard("pread", || self.volume.read_sequentially(buf, offset))
     }
 
     fn write_at(&self, buf: &[u8], offset: u64, flags: Flags) -> nbdkit::Result<()> {

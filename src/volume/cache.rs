@@ -11,6 +11,9 @@
 //! | `Unloaded` | placeholder, not read yet              | never                                  |
 //! | `Zero`     | only while in use, then dropped        | to be deleted from storage             |
 //! | `Data`     | same bytes as storage                  | to be written to storage               |
+//! | `Partial`  | never                                  | some bytes written over an unread      |
+//! |            |                                        | stored block; the rest comes from a    |
+//! |            |                                        | read when the block is read or stored  |
 //!
 //! The index holds, under one mutex: clean slots in an LRU bounded by `capacity`; dirty slots in
 //! the order they became dirty (never evicted); and `allocated`, the blocks storage holds, listed
@@ -47,6 +50,13 @@ enum Content {
     Unloaded,
     Zero,
     Data(Arc<Vec<u8>>),
+    /// Written in part over a stored block that was never read, so the write needed no read:
+    /// `valid` are the bytes written (sorted, disjoint, not touching); the rest of `data` is
+    /// filled from storage when the block is read there or written back.
+    Partial {
+        data: Vec<u8>,
+        valid: Vec<Range<usize>>,
+    },
 }
 
 #[derive(Debug)]
@@ -101,7 +111,7 @@ pub struct CacheStats {
     pub holes: AtomicU64,
     /// Blocks read from storage (GET).
     pub misses: AtomicU64,
-    /// Partial writes that had to read their block first.
+    /// Partially written blocks that had to be completed with a read from storage.
     pub read_modify_writes: AtomicU64,
 }
 
@@ -175,6 +185,13 @@ impl BlockCache {
     pub fn read(&self, id: BlockId, offset: usize, out: &mut [u8]) -> Result<()> {
         let range = self.range(id, offset, out.len())?;
         self.with_slot(id, false, |st| {
+            if let Content::Partial { data, valid } = &st.content {
+                if valid.iter().any(|v| v.start <= range.start && range.end <= v.end) {
+                    self.stats.hits.fetch_add(1, Relaxed);
+                    out.copy_from_slice(&data[range]);
+                    return Ok(());
+                }
+            }
             self.load(id, st)?;
             match &st.content {
                 Content::Data(d) => out.copy_from_slice(&d[range]),
@@ -203,27 +220,39 @@ impl BlockCache {
         parallel(missing, concurrency, |id| self.with_slot(id, false, |st| self.load(id, st)).map(drop))
     }
 
-    /// Writes `data` into block `id` at `offset`, reading the block first only if the write
-    /// covers part of it and storage holds it.
+    /// Writes `data` into block `id` at `offset`. Nothing is read: a partial write over a stored
+    /// block that is not in memory keeps just the bytes written until the block is read or
+    /// written back.
     pub fn write(&self, id: BlockId, offset: usize, data: &[u8]) -> Result<()> {
         let range = self.range(id, offset, data.len())?;
         let whole = data.len() == self.block_size;
         self.with_slot(id, true, |st| {
             if whole {
                 st.content = if is_zero(data) { Content::Zero } else { Content::Data(Arc::new(data.to_vec())) };
-            } else {
-                if matches!(st.content, Content::Unloaded) {
-                    self.stats.read_modify_writes.fetch_add(1, Relaxed);
+                st.gen += 1;
+                return Ok(());
+            }
+            if matches!(st.content, Content::Unloaded) {
+                if lock(&self.index).allocated.contains(&id.0) {
+                    st.content = Content::Partial { data: vec![0; self.block_size], valid: Vec::new() };
+                } else {
+                    self.load(id, st)?;
                 }
-                self.load(id, st)?;
-                if matches!(st.content, Content::Zero) {
-                    if is_zero(data) {
-                        return Ok(());
+            }
+            match &mut st.content {
+                Content::Zero if is_zero(data) => return Ok(()),
+                Content::Zero | Content::Unloaded => {
+                    let mut block = vec![0; self.block_size];
+                    block[range].copy_from_slice(data);
+                    st.content = Content::Data(Arc::new(block));
+                }
+                Content::Data(d) => Arc::make_mut(d)[range].copy_from_slice(data),
+                Content::Partial { data: block, valid } => {
+                    block[range.clone()].copy_from_slice(data);
+                    add_range(valid, range);
+                    if valid.first() == Some(&(0..self.block_size)) {
+                        st.content = Content::Data(Arc::new(std::mem::take(block)));
                     }
-                    st.content = Content::Data(Arc::new(vec![0; self.block_size]));
-                }
-                if let Content::Data(d) = &mut st.content {
-                    Arc::make_mut(d)[range].copy_from_slice(data);
                 }
             }
             st.gen += 1;
@@ -391,9 +420,12 @@ impl BlockCache {
     fn write_back_slot(&self, id: BlockId, slot: &Arc<Slot>) -> Result<()> {
         let _io = lock(&slot.io);
         let (content, gen) = {
-            let st = lock(&slot.state);
+            let mut st = lock(&slot.state);
             if !st.is_dirty() {
                 return Ok(());
+            }
+            if matches!(st.content, Content::Partial { .. }) {
+                self.load(id, &mut st)?;
             }
             (st.content.clone(), st.gen)
         };
@@ -409,7 +441,7 @@ impl BlockCache {
                 }
                 false
             }
-            Content::Unloaded => {
+            Content::Unloaded | Content::Partial { .. } => {
                 return Err(Error::backend(&self.storage, format!("block {id} is dirty but was never loaded")))
             }
         };
@@ -519,25 +551,27 @@ impl BlockCache {
         }
     }
 
-    /// Reads block `id` into a slot that has not been read yet; a block storage does not hold
-    /// becomes zeros without a request.
+    /// Reads block `id` into a slot that has not been read yet, or completes a partial one with
+    /// the stored bytes it lacks; a block storage does not hold becomes zeros without a request.
     fn load(&self, id: BlockId, st: &mut SlotState) -> Result<()> {
-        if !matches!(st.content, Content::Unloaded) {
+        if !matches!(st.content, Content::Unloaded | Content::Partial { .. }) {
             self.stats.hits.fetch_add(1, Relaxed);
             return Ok(());
         }
-        if !lock(&self.index).allocated.contains(&id.0) {
-            self.stats.holes.fetch_add(1, Relaxed);
-            st.content = Content::Zero;
-            return Ok(());
-        }
-        self.stats.misses.fetch_add(1, Relaxed);
         let mut buf = vec![0; self.block_size];
-        st.content = if self.storage.read_block(id, &mut buf)? && !is_zero(&buf) {
-            Content::Data(Arc::new(buf))
+        if lock(&self.index).allocated.contains(&id.0) {
+            self.stats.misses.fetch_add(1, Relaxed);
+            self.storage.read_block(id, &mut buf)?;
         } else {
-            Content::Zero
-        };
+            self.stats.holes.fetch_add(1, Relaxed);
+        }
+        if let Content::Partial { data, valid } = &st.content {
+            self.stats.read_modify_writes.fetch_add(1, Relaxed);
+            for v in valid {
+                buf[v.clone()].copy_from_slice(&data[v.clone()]);
+            }
+        }
+        st.content = if is_zero(&buf) { Content::Zero } else { Content::Data(Arc::new(buf)) };
         Ok(())
     }
 
@@ -548,6 +582,20 @@ impl BlockCache {
             _ => Err(Error::backend(&self.storage, format!("{len} bytes at {offset} do not fit in block {id}"))),
         }
     }
+}
+
+/// Adds `r` to the sorted, disjoint ranges `valid`, merging ranges that overlap or touch.
+fn add_range(valid: &mut Vec<Range<usize>>, r: Range<usize>) {
+    valid.push(r);
+    valid.sort_unstable_by_key(|v| v.start);
+    let mut merged: Vec<Range<usize>> = Vec::with_capacity(valid.len());
+    for v in valid.drain(..) {
+        match merged.last_mut() {
+            Some(last) if v.start <= last.end => last.end = last.end.max(v.end),
+            _ => merged.push(v),
+        }
+    }
+    *valid = merged;
 }
 
 /// Runs `work` on every item, `concurrency` at a time, returning the first error.

@@ -43,6 +43,21 @@ pub struct Volume {
     max_dirty_blocks: usize,
     /// Wakes the background writer when dirty blocks pass half of `max_dirty_blocks`.
     wake: (Mutex<bool>, Condvar),
+    /// Sequential-read detection.
+    read_ahead: Mutex<ReadAhead>,
+}
+
+/// Where the last read ended and how far ahead of it blocks are being loaded.
+#[derive(Debug, Default)]
+struct ReadAhead {
+    /// The byte after the last read; a read starting here is sequential.
+    next: u64,
+    /// Bytes to load ahead; doubles with each sequential read up to a bound, 0 after a seek.
+    window: u64,
+    /// Everything before this offset has been prefetched already.
+    loaded_until: u64,
+    /// A read-ahead thread is running.
+    busy: bool,
 }
 
 impl Volume {
@@ -68,7 +83,50 @@ impl Volume {
             storage,
             max_dirty_blocks: blocks(config.max_dirty_bytes).max(1),
             wake: (Mutex::new(false), Condvar::new()),
+            read_ahead: Mutex::new(ReadAhead::default()),
         })
+    }
+
+    /// After a read of `len` bytes at `offset`: if reads are sequential, loads the blocks after
+    /// it in the background, in a window that doubles with every sequential read (up to a
+    /// quarter of the cache, at most 64 MiB), so the next reads find their blocks in memory.
+    fn read_ahead(self: &Arc<Self>, offset: u64, len: u64) {
+        if self.config.concurrency < 2 {
+            return; // memory storage: nothing to hide
+        }
+        let bs = self.geometry.block_size() as u64;
+        let max = (self.cache.capacity() as u64 * bs / 4).min(64 << 20);
+        let end = offset + len;
+        let (from, to) = {
+            let mut ra = lock(&self.read_ahead);
+            let sequential = offset == ra.next && offset != 0;
+            ra.next = end;
+            if !sequential {
+                ra.window = 0;
+                ra.loaded_until = 0;
+                return;
+            }
+            ra.window = (ra.window * 2).clamp(len.max(bs) * 2, max.max(bs));
+            let from = ra.loaded_until.max(end);
+            let to = (end + ra.window).min(self.geometry.size());
+            // Start more only when half the window is used up, and one batch at a time.
+            if ra.busy || from >= to || from > end + ra.window / 2 {
+                return;
+            }
+            ra.busy = true;
+            ra.loaded_until = to;
+            (from, to)
+        };
+        let volume = Arc::clone(self);
+        let spawned = std::thread::Builder::new().name("nbds3-readahead".into()).spawn(move || {
+            if let Err(e) = volume.prefetch(to - from, from) {
+                log::debug!("read-ahead of {} bytes at {from} failed: {e}", to - from);
+            }
+            lock(&volume.read_ahead).busy = false;
+        });
+        if spawned.is_err() {
+            lock(&self.read_ahead).busy = false;
+        }
     }
 
     /// Starts the background writer of this volume: it writes back the oldest dirty blocks once
@@ -141,6 +199,16 @@ impl Volume {
     /// The cache, for its counters.
     pub fn cache(&self) -> &BlockCache {
         &self.cache
+    }
+
+    /// Reads `buf.len()` bytes at `offset`, and reads ahead when reads are sequential.
+    ///
+    /// # Errors
+    /// [`Error::OutOfRange`], or the storage's error for a block that could not be read.
+    pub fn read_sequentially(self: &Arc<Self>, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.read(buf, offset)?;
+        self.read_ahead(offset, buf.len() as u64);
+        Ok(())
     }
 
     /// Reads `buf.len()` bytes at `offset`.

@@ -82,9 +82,32 @@ fn a_whole_block_write_never_reads_storage() {
     v.flush().unwrap();
     let (v, s) = stored_volume(16, roomy(), &[(5, 9)]);
     v.write(&[3; 10], 5 * BS as u64, false).unwrap();
-    v.write(&[3; 10], 5 * BS as u64 + 100, false).unwrap();
-    assert_eq!(s.reads.load(Relaxed), 1, "a partial write over a stored block reads it once");
+    v.write(&[4; 10], 5 * BS as u64 + 100, false).unwrap();
+    let mut buf = [0; 10];
+    v.read(&mut buf, 5 * BS as u64 + 100).unwrap();
+    assert_eq!(buf, [4; 10], "a read of written bytes needs no storage read");
+    assert_eq!(s.reads.load(Relaxed), 0, "partial writes over a stored block read nothing yet");
+    v.flush().unwrap();
+    assert_eq!(s.reads.load(Relaxed), 1, "write-back completes the block with one read");
     assert_eq!(v.cache().stats.read_modify_writes.load(Relaxed), 1);
+    let block = stored(&s, 5).unwrap();
+    assert_eq!(
+        (&block[..10], &block[10..100], &block[100..110], &block[110..]),
+        (&[3; 10][..], &[9; 90][..], &[4; 10][..], &[9; BS - 110][..])
+    );
+}
+
+#[test]
+fn a_read_of_unwritten_bytes_completes_a_partial_block() {
+    let (v, s) = stored_volume(16, roomy(), &[(2, 7)]);
+    v.write(&[1; 100], 2 * BS as u64 + 50, false).unwrap();
+    let mut buf = vec![0; 200];
+    v.read(&mut buf, 2 * BS as u64).unwrap();
+    assert_eq!((&buf[..50], &buf[50..150], &buf[150..]), (&[7; 50][..], &[1; 100][..], &[7; 50][..]));
+    assert_eq!(s.reads.load(Relaxed), 1);
+    v.write(&[2; 10], 2 * BS as u64, false).unwrap();
+    v.flush().unwrap();
+    assert_eq!(s.reads.load(Relaxed), 1, "completed once");
 }
 
 #[test]
@@ -260,11 +283,13 @@ fn a_failed_read_is_an_error_and_is_retried_next_time() {
     let (v, s) = stored_volume(16, roomy(), &[(0, 6)]);
     s.fail_reads.store(true, Relaxed);
     assert!(v.read(&mut [0; 10], 0).is_err());
-    assert!(v.write(&[1; 10], 0, false).is_err(), "a read-modify-write cannot guess the block");
+    v.write(&[1; 10], 0, false).unwrap();
+    assert!(v.flush().is_err(), "write-back cannot complete the partial block without its bytes");
     s.fail_reads.store(false, Relaxed);
-    let mut buf = [0; 10];
+    let mut buf = [0; 20];
     v.read(&mut buf, 0).unwrap();
-    assert_eq!(buf, [6; 10]);
+    assert_eq!((&buf[..10], &buf[10..]), (&[1; 10][..], &[6; 10][..]));
+    v.flush().unwrap();
 }
 
 #[test]
@@ -272,4 +297,27 @@ fn storage_with_another_block_size_is_refused() {
     let storage = Arc::new(MemoryStorage::new(512));
     let e = Volume::new(storage, Geometry::new(1 << 20, BS).unwrap(), roomy()).unwrap_err();
     assert!(e.to_string().starts_with("block-size: "), "{e}");
+}
+
+#[test]
+fn sequential_reads_load_ahead_in_the_background() {
+    let stored: Vec<(u64, u8)> = (0..256).map(|b| (b, 5)).collect();
+    let (v, s) = stored_volume(256, roomy(), &stored);
+    let v = Arc::new(v);
+    let mut buf = vec![0; BS];
+    v.read_sequentially(&mut buf, 0).unwrap();
+    v.read_sequentially(&mut buf, BS as u64).unwrap();
+    v.read_sequentially(&mut buf, 2 * BS as u64).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while s.reads.load(Relaxed) < 4 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert!(s.reads.load(Relaxed) >= 4, "{} blocks read for 3 sequential reads", s.reads.load(Relaxed));
+    let before = s.reads.load(Relaxed);
+    v.read(&mut buf, 3 * BS as u64).unwrap();
+    assert_eq!(s.reads.load(Relaxed), before, "the next block was already loaded");
+    assert_eq!(buf, vec![5; BS]);
+    // A random read resets the window: nothing more is loaded.
+    v.read_sequentially(&mut buf, 200 * BS as u64).unwrap();
+    assert_eq!(s.reads.load(Relaxed), before + 1);
 }
