@@ -154,7 +154,7 @@ fn run(args: &[String]) -> Result<(), Failure> {
             let show = std::io::stderr().is_terminal();
             let deleted = admin::delete(&*backend, &name, |done, total| {
                 if show {
-                    let pct = if total == 0 { 100 } else { done * 100 / total };
+                    let pct = (done * 100).checked_div(total).unwrap_or(100);
                     let bar = "#".repeat((pct / 4) as usize);
                     eprint!("\rdeleting [{bar:<25}] {done}/{total} objects ({pct}%)");
                     if done == total {
