@@ -216,14 +216,18 @@ impl Volume {
     /// # Errors
     /// [`Error::OutOfRange`], or the storage's error for a block that could not be read.
     pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        let pieces = self.geometry.pieces(offset, buf.len() as u64)?;
-        if pieces.clone().nth(1).is_some() {
-            // Fetch every missing block at once rather than one round trip after another.
-            self.cache.prefetch(pieces.clone().map(|p| p.block), self.config.concurrency)?;
-        }
-        for p in pieces {
-            let out = &mut buf[p.buf_offset..p.buf_offset + p.len];
-            self.cache.read(p.block, p.offset_in_block, out)?;
+        let pieces: Vec<Piece> = self.geometry.pieces(offset, buf.len() as u64)?.collect();
+        // Fetch the missing blocks of a chunk at once rather than one round trip after another;
+        // a chunk is at most half the cache, so nothing fetched is evicted before it is copied.
+        let chunk = (self.cache.capacity() / 2).max(1);
+        for chunk in pieces.chunks(chunk) {
+            if chunk.len() > 1 {
+                self.cache.prefetch(chunk.iter().map(|p| p.block), self.config.concurrency)?;
+            }
+            for p in chunk {
+                let out = &mut buf[p.buf_offset..p.buf_offset + p.len];
+                self.cache.read(p.block, p.offset_in_block, out)?;
+            }
         }
         Ok(())
     }

@@ -2,6 +2,8 @@
 //! real S3 server, and per-test sockets, directories and export names so tests run in parallel.
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
