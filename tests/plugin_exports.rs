@@ -130,3 +130,28 @@ fn trimming_a_100g_s3_export_is_fast_and_leaves_no_objects() {
     let map = run_ok(Command::new("nbdinfo").arg("--map").arg(nbdkit.uri()));
     assert_eq!(String::from_utf8_lossy(&map.stdout).lines().count(), 1, "one hole");
 }
+
+/// The README's filter example works: the exportname filter lists the exports, and the
+/// blocksize-policy filter advertises the block size as the preferred I/O size.
+#[test]
+fn filters_list_exports_and_advertise_the_block_size() {
+    require!("nbdkit", "nbdinfo");
+    let params: Vec<String> = [
+        "storage=memory",
+        "size=64M",
+        "block-size=64K",
+        "exportname-list=explicit",
+        "exportname=vm1",
+        "exportname=vm2",
+        "blocksize-preferred=64K",
+        "blocksize-minimum=512",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let nbdkit = Nbdkit::start_with(&["--filter=exportname", "--filter=blocksize-policy"], &params);
+    let out = run_ok(Command::new("nbdinfo").arg("--list").arg(nbdkit.uri()));
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert!(out.contains("export=\"vm1\":") && out.contains("export=\"vm2\":"), "{out}");
+    assert!(out.contains("block_size_preferred: 65536"), "{out}");
+}
