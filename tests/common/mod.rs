@@ -237,27 +237,40 @@ impl Nbdkit {
         self.terminate(libc::SIGKILL);
     }
 
+    /// Sends `signal` and waits (at most 30 s) for nbdkit to exit, then makes sure it is gone.
     fn terminate(&mut self, signal: i32) {
-        // SAFETY: signalling a process id we started.
+        // SAFETY: signalling and probing a process id we started.
         unsafe { libc::kill(self.pid as i32, signal) };
-        match self.child.take() {
-            Some(mut child) => {
-                let _ = child.wait();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let gone = match self.child.as_mut() {
+                Some(child) => child.try_wait().map(|s| s.is_some()).unwrap_or(true),
+                None => unsafe { libc::kill(self.pid as i32, 0) } != 0,
+            };
+            if gone {
+                break;
             }
-            None => {
-                let deadline = Instant::now() + Duration::from_secs(30);
-                // SAFETY: probing a process id we started.
-                while unsafe { libc::kill(self.pid as i32, 0) } == 0 && Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(20));
+            if Instant::now() > deadline {
+                unsafe { libc::kill(self.pid as i32, libc::SIGKILL) };
+                if let Some(child) = self.child.as_mut() {
+                    let _ = child.wait();
                 }
+                break;
             }
+            std::thread::sleep(Duration::from_millis(10));
         }
+        self.child = None;
+        self.pid = 0;
     }
 }
 
 impl Drop for Nbdkit {
     fn drop(&mut self) {
-        self.terminate(libc::SIGKILL);
+        // SIGTERM, not SIGKILL: nbdkit unloads the plugin cleanly (and a coverage build writes
+        // its profile); crash tests call `crash()` themselves.
+        if self.pid != 0 {
+            self.terminate(libc::SIGTERM);
+        }
     }
 }
 
