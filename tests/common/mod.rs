@@ -245,7 +245,7 @@ impl Nbdkit {
         loop {
             let gone = match self.child.as_mut() {
                 Some(child) => child.try_wait().map(|s| s.is_some()).unwrap_or(true),
-                None => unsafe { libc::kill(self.pid as i32, 0) } != 0,
+                None => (unsafe { libc::kill(self.pid as i32, 0) }) != 0,
             };
             if gone {
                 break;
