@@ -158,3 +158,51 @@ fn the_secret_key_comes_from_a_file_and_never_shows_in_the_log() {
     assert!(log.contains("on S3Storage("), "{log}");
     assert!(!log.contains(&env.secret_key), "the secret is in the log");
 }
+
+/// NBD_CMD_CACHE loads blocks ahead of the reads that use them, and `stats-file` shows what each
+/// step cost in S3 requests: the reads after a CACHE make no GET at all.
+#[test]
+fn cache_command_prefetches_and_stats_file_counts_requests() {
+    require!("nbdkit", "/usr/bin/python3");
+    let Some(env) = common::s3() else { return };
+    let export = common::unique("cachecmd");
+    let dir = tempfile::tempdir().unwrap();
+    let stats = dir.path().join("stats");
+    let with_stats = |extra: &[&str]| {
+        let mut p = params(&env, &export, &["block-size=64K", "stats-interval=0.1"]);
+        p.push(format!("stats-file={}", stats.display()));
+        p.extend(extra.iter().map(|s| s.to_string()));
+        p
+    };
+    let read_stats = || -> std::collections::HashMap<String, u64> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let text = std::fs::read_to_string(&stats).unwrap_or_default();
+            if let Some(line) = text.lines().find(|l| l.starts_with(&format!("export={export} "))) {
+                return line
+                    .split_whitespace()
+                    .filter_map(|kv| kv.split_once('='))
+                    .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
+                    .collect();
+            }
+            assert!(std::time::Instant::now() < deadline, "no stats line in {text:?}");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
+    let nbdkit = Nbdkit::start(&with_stats(&[]));
+    nbdkit.nbdsh("h.pwrite(b'q' * (1 << 20), 0); h.flush()");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let s = read_stats();
+    assert_eq!((s["puts"], s["gets"], s["stored_bytes"]), (16, 0, 1 << 20), "{s:?}");
+    nbdkit.stop();
+    std::fs::remove_file(&stats).unwrap();
+
+    let nbdkit = Nbdkit::start(&with_stats(&[]));
+    nbdkit.nbdsh("h.cache(1 << 20, 0)");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(read_stats()["gets"], 16, "CACHE loaded every block");
+    assert_eq!(nbdkit.nbdsh("print(h.pread(1 << 20, 0) == b'q' * (1 << 20))").trim(), "True");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let s = read_stats();
+    assert_eq!((s["gets"], s["hits"] >= 16), (16, true), "the reads made no GET: {s:?}");
+}
