@@ -343,6 +343,10 @@ impl Storage for S3Storage {
                 .bucket(&self.bucket)
                 .key(&key)
                 .body(body)
+                .customize()
+                // SigV4's payload hash is SHA-256 in software on most CPUs: 70 % of our CPU on
+                // 1M PUTs. The SDK's CRC32 checksum (hardware) still guards the bytes.
+                .disable_payload_signing()
                 .send()
                 .await
                 .map_err(|e| fold(&self.name, &format!("PUT {key}"), e))

@@ -136,6 +136,9 @@ pub struct BlockCache {
     /// How many clean blocks are kept.
     capacity: usize,
     index: Mutex<Index>,
+    /// Memory held by dirty blocks: a whole block for `Data`, the pages written for `Partial`,
+    /// nothing for `Zero`. Changed only by a thread holding the block's `state` lock.
+    dirty_bytes: AtomicU64,
     /// Counters.
     pub stats: CacheStats,
 }
@@ -152,6 +155,7 @@ impl BlockCache {
             storage,
             capacity,
             index: Mutex::new(Index { clean: LruCache::unbounded(), dirty: LruCache::unbounded(), allocated }),
+            dirty_bytes: AtomicU64::new(0),
             stats: CacheStats::default(),
         })
     }
@@ -159,6 +163,11 @@ impl BlockCache {
     /// How many clean blocks the cache keeps.
     pub fn capacity(&self) -> usize {
         self.capacity
+    }
+
+    /// Memory held by dirty blocks, in bytes.
+    pub fn dirty_bytes(&self) -> u64 {
+        self.dirty_bytes.load(Relaxed)
     }
 
     /// How many blocks are dirty.
@@ -359,23 +368,47 @@ impl BlockCache {
         self.write_back_slots(slots, concurrency)
     }
 
-    /// Writes back the oldest dirty blocks until at most `limit` remain dirty.
+    /// Writes back the oldest dirty blocks until they hold at most `limit` bytes.
     ///
     /// # Errors
     /// As [`write_back`](Self::write_back).
-    pub fn write_back_oldest(&self, limit: usize, concurrency: usize) -> Result<()> {
-        loop {
-            let slots: Vec<SlotRef> = {
-                let index = lock(&self.index);
-                let excess = index.dirty.len().saturating_sub(limit);
-                if excess == 0 {
-                    return Ok(());
-                }
-                // `iter().rev()` walks from the least recently inserted, i.e. the oldest dirty block.
-                index.dirty.iter().rev().take(excess.min(concurrency * 4)).map(|(id, s)| (*id, s.clone())).collect()
-            };
+    pub fn write_back_oldest(&self, limit: u64, concurrency: usize) -> Result<()> {
+        while self.dirty_bytes() > limit {
+            // `iter().rev()` walks from the least recently inserted, i.e. the oldest dirty block.
+            let slots: Vec<SlotRef> =
+                lock(&self.index).dirty.iter().rev().take(concurrency * 4).map(|(id, s)| (*id, s.clone())).collect();
+            if slots.is_empty() {
+                return Ok(());
+            }
             self.write_back_slots(slots, concurrency)?;
         }
+        Ok(())
+    }
+
+    /// What `content` costs in memory while it is dirty.
+    fn dirty_cost(&self, content: &Content) -> u64 {
+        match content {
+            Content::Data(_) => self.block_size as u64,
+            // Untouched pages of a large zeroed buffer are never mapped, so only written pages count.
+            Content::Partial { valid, .. } => {
+                let pages: u64 = valid.iter().map(|v| (v.end.div_ceil(4096) - v.start / 4096) as u64).sum();
+                (pages * 4096).min(self.block_size as u64)
+            }
+            Content::Zero | Content::Unloaded => 0,
+        }
+    }
+
+    /// Runs `change` on a slot's state, keeping `dirty_bytes` in step with it.
+    fn accounted<R>(&self, st: &mut SlotState, change: impl FnOnce(&mut SlotState) -> R) -> R {
+        let before = if st.is_dirty() { self.dirty_cost(&st.content) } else { 0 };
+        let result = change(st);
+        let after = if st.is_dirty() { self.dirty_cost(&st.content) } else { 0 };
+        if after >= before {
+            self.dirty_bytes.fetch_add(after - before, Relaxed);
+        } else {
+            self.dirty_bytes.fetch_sub(before - after, Relaxed);
+        }
+        result
     }
 
     /// Deletes the blocks that became zeros in batches, and PUTs the rest concurrently.
@@ -425,7 +458,7 @@ impl BlockCache {
                 return Ok(());
             }
             if matches!(st.content, Content::Partial { .. }) {
-                self.load(id, &mut st)?;
+                self.accounted(&mut st, |st| self.load(id, st))?;
             }
             (st.content.clone(), st.gen)
         };
@@ -454,7 +487,7 @@ impl BlockCache {
     /// otherwise deleted), and moves the slot out of the dirty set if no newer write came.
     fn complete(&self, id: BlockId, slot: &Arc<Slot>, gen: u64, stored: bool) {
         let mut st = lock(&slot.state);
-        st.stored_gen = gen;
+        self.accounted(&mut st, |st| st.stored_gen = gen);
         let mut index = lock(&self.index);
         if stored {
             index.allocated.insert(id.0);
@@ -491,7 +524,7 @@ impl BlockCache {
                 continue;
             }
             let was_dirty = st.is_dirty();
-            let result = f(&mut st);
+            let result = self.accounted(&mut st, f);
             if st.is_dirty() && !was_dirty {
                 let mut index = lock(&self.index);
                 if let Some(slot) = index.clean.pop(&id) {

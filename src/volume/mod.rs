@@ -39,9 +39,7 @@ pub struct Volume {
     cache: BlockCache,
     /// The storage under the cache, counting its requests.
     storage: Arc<MeteredStorage>,
-    /// `max_dirty_bytes` in blocks, at least 1.
-    max_dirty_blocks: usize,
-    /// Wakes the background writer when dirty blocks pass half of `max_dirty_blocks`.
+    /// Wakes the background writer when dirty blocks pass half of `max_dirty_bytes`.
     wake: (Mutex<bool>, Condvar),
     /// Sequential-read detection.
     read_ahead: Mutex<ReadAhead>,
@@ -81,7 +79,6 @@ impl Volume {
             config,
             cache: BlockCache::new(storage.clone(), blocks(config.cache_bytes))?,
             storage,
-            max_dirty_blocks: blocks(config.max_dirty_bytes).max(1),
             wake: (Mutex::new(false), Condvar::new()),
             read_ahead: Mutex::new(ReadAhead::default()),
         })
@@ -151,8 +148,8 @@ impl Volume {
                     std::mem::take(&mut *guard)
                 };
                 let mut result = Ok(());
-                if woken || v.cache.dirty_blocks() > v.max_dirty_blocks / 2 {
-                    result = v.cache.write_back_oldest(v.max_dirty_blocks / 4, v.config.concurrency);
+                if woken || v.cache.dirty_bytes() > v.config.max_dirty_bytes / 2 {
+                    result = v.cache.write_back_oldest(v.config.max_dirty_bytes / 4, v.config.concurrency);
                 }
                 if v.config.writeback_delay.is_some() {
                     result = result.and(v.cache.write_back(&seen, v.config.concurrency));
@@ -178,7 +175,7 @@ impl Volume {
         let bs = self.geometry.block_size() as u64;
         format!(
             "dirty_bytes={} cached_bytes={} stored_bytes={} {} {}",
-            self.cache.dirty_blocks() as u64 * bs,
+            self.cache.dirty_bytes(),
             self.cache.clean_blocks() as u64 * bs,
             self.cache.allocated_blocks() as u64 * bs,
             self.cache.stats.fields(),
@@ -324,16 +321,18 @@ impl Volume {
     /// Writes back the oldest dirty blocks while there are too many, so dirty memory stays bounded
     /// and a writer waits only when storage cannot keep up.
     fn make_room(&self) -> Result<()> {
-        let dirty = self.cache.dirty_blocks();
-        if dirty > self.max_dirty_blocks / 2 {
+        let dirty = self.cache.dirty_bytes();
+        let max = self.config.max_dirty_bytes;
+        if dirty > max / 2 {
             let (flag, condvar) = &self.wake;
             *lock(flag) = true;
             condvar.notify_one();
         }
-        if dirty < self.max_dirty_blocks {
+        if dirty < max {
             return Ok(());
         }
-        let target = self.max_dirty_blocks.saturating_sub(self.config.concurrency).max(self.max_dirty_blocks / 2);
+        let bs = self.geometry.block_size() as u64;
+        let target = max.saturating_sub(self.config.concurrency as u64 * bs).max(max / 2);
         self.cache.write_back_oldest(target, self.config.concurrency)
     }
 }

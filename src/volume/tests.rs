@@ -321,3 +321,28 @@ fn sequential_reads_load_ahead_in_the_background() {
     v.read_sequentially(&mut buf, 200 * BS as u64).unwrap();
     assert_eq!(s.reads.load(Relaxed), before + 1);
 }
+
+#[test]
+fn partial_writes_count_only_their_pages_against_max_dirty() {
+    const BIG: usize = 64 * 1024;
+    let storage = Arc::new(FaultyStorage::new(MemoryStorage::new(BIG)));
+    for id in 0..32 {
+        storage.inner().write_block(BlockId(id), &[1; BIG]).unwrap();
+    }
+    let config = VolumeConfig { cache_bytes: 0, max_dirty_bytes: 16 * 4096, concurrency: 2, writeback_delay: None };
+    let v = Volume::new(storage.clone(), Geometry::new(32 * BIG as u64, BIG).unwrap(), config).unwrap();
+    for id in 0..10u64 {
+        v.write(&[2; 4096], id * BIG as u64 + 8192, false).unwrap();
+    }
+    assert_eq!(v.cache().dirty_bytes(), 10 * 4096);
+    assert_eq!((storage.reads.load(Relaxed), storage.writes.load(Relaxed)), (0, 0), "nothing written back yet");
+    v.flush().unwrap();
+    assert_eq!(v.cache().dirty_bytes(), 0);
+    assert_eq!((storage.reads.load(Relaxed), storage.writes.load(Relaxed)), (10, 10));
+    let mut buf = vec![0; BIG];
+    v.read(&mut buf, 3 * BIG as u64).unwrap();
+    assert_eq!(
+        (&buf[..8192], &buf[8192..12288], &buf[12288..]),
+        (&[1; 8192][..], &[2; 4096][..], &[1; BIG - 12288][..])
+    );
+}
