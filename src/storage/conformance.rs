@@ -73,6 +73,19 @@ pub fn list_reports_stored_blocks(open: Open<'_>) {
     assert_eq!(ids, vec![2, 9, 1 << 20], "{s}");
 }
 
+/// Listing a range of block indexes returns exactly the stored blocks in it.
+pub fn list_in_a_range(open: Open<'_>) {
+    let s = open(10);
+    for id in [0, 1, 999, 1000, 1001, 5000, 1 << 40] {
+        s.write_block(BlockId(id), &pattern(id as u8)).expect("write");
+    }
+    let ids = |r: std::ops::Range<u64>| s.list_blocks_in(r).expect("list").into_iter().map(|b| b.0).collect::<Vec<_>>();
+    assert_eq!(ids(0..1000), vec![0, 1, 999], "{s}");
+    assert_eq!(ids(1000..5000), vec![1000, 1001], "{s}");
+    assert_eq!(ids(1001..u64::MAX), vec![1001, 5000, 1 << 40], "{s}");
+    assert_eq!(ids(2..999), Vec::<u64>::new(), "{s}");
+}
+
 /// A buffer of the wrong length is an error, not a panic or a short block.
 pub fn wrong_length_is_an_error(open: Open<'_>) {
     let s = open(6);
@@ -132,6 +145,7 @@ pub fn run_all(open: Open<'_>, persistent: bool) {
     overwrite(open);
     delete_is_idempotent(open);
     list_reports_stored_blocks(open);
+    list_in_a_range(open);
     wrong_length_is_an_error(open);
     concurrent_distinct_blocks(open);
     delete_blocks_removes_each(open);

@@ -102,6 +102,11 @@ impl<S: Storage> Storage for FaultyStorage<S> {
         self.inner.list_blocks()
     }
 
+    fn list_blocks_in(&self, range: std::ops::Range<u64>) -> Result<Vec<BlockId>> {
+        self.check("list", &self.fail_reads, None)?;
+        self.inner.list_blocks_in(range)
+    }
+
     fn flush(&self) -> Result<()> {
         self.flushes.fetch_add(1, Relaxed);
         self.check("flush", &self.fail_writes, None)?;

@@ -119,6 +119,11 @@ impl Storage for MeteredStorage {
         self.count(&self.stats.lists, 1, result)
     }
 
+    fn list_blocks_in(&self, range: std::ops::Range<u64>) -> Result<Vec<BlockId>> {
+        let result = self.inner.list_blocks_in(range);
+        self.count(&self.stats.lists, 1, result)
+    }
+
     fn flush(&self) -> Result<()> {
         self.inner.flush()
     }

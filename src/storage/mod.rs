@@ -87,6 +87,16 @@ pub trait Storage: Send + Sync + fmt::Debug + fmt::Display {
     /// Backend failures.
     fn list_blocks(&self) -> Result<Vec<BlockId>>;
 
+    /// The indexes of the stored blocks in `range`, in ascending order. Backends that can list a
+    /// key range directly (S3's `start-after`) override this, so that a large export can be
+    /// listed in slices, in parallel.
+    ///
+    /// # Errors
+    /// Backend failures.
+    fn list_blocks_in(&self, range: std::ops::Range<u64>) -> Result<Vec<BlockId>> {
+        Ok(self.list_blocks()?.into_iter().filter(|b| range.contains(&b.0)).collect())
+    }
+
     /// Makes every earlier successful write and delete durable.
     ///
     /// # Errors

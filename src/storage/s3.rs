@@ -407,21 +407,30 @@ impl Storage for S3Storage {
     }
 
     fn list_blocks(&self) -> Result<Vec<BlockId>> {
+        self.list_blocks_in(0..u64::MAX)
+    }
+
+    fn list_blocks_in(&self, range: std::ops::Range<u64>) -> Result<Vec<BlockId>> {
         let prefix = self.export.block_prefix();
         runtime()?.block_on(async {
-            let mut pages = self.client.list_objects_v2().bucket(&self.bucket).prefix(&prefix).into_paginator().send();
+            let mut request = self.client.list_objects_v2().bucket(&self.bucket).prefix(&prefix);
+            if let Some(before) = range.start.checked_sub(1) {
+                // Keys sort like their offsets (fixed-width hex), so the listing can start here.
+                request = request.start_after(self.key(BlockId(before)));
+            }
+            let mut pages = request.into_paginator().send();
             let mut ids = Vec::new();
             while let Some(page) = pages.next().await {
                 let page = page.map_err(|e| fold(&self.name, &format!("LIST {prefix}"), e))?;
                 for object in page.contents() {
                     let leaf = object.key().and_then(|k| k.strip_prefix(&prefix));
                     match leaf.and_then(|l| parse_block_leaf(l, self.block_size)) {
+                        Some(id) if id.0 >= range.end => return Ok(ids),
                         Some(id) => ids.push(id),
                         None => log::debug!("{self}: ignoring stray object {:?}", object.key()),
                     }
                 }
             }
-            ids.sort_unstable();
             Ok(ids)
         })
     }

@@ -144,12 +144,24 @@ pub struct BlockCache {
 }
 
 impl BlockCache {
-    /// A cache of at most `capacity` clean blocks over `storage`, listing the stored blocks once.
+    /// A cache of at most `capacity` clean blocks over `storage`, listing the stored blocks of
+    /// the device's `blocks` once, in up to `concurrency` slices at a time.
     ///
     /// # Errors
     /// The storage's error if the blocks cannot be listed.
-    pub fn new(storage: Arc<dyn Storage>, capacity: usize) -> Result<Self> {
-        let allocated = storage.list_blocks()?.into_iter().map(|b| b.0).collect();
+    pub fn new(storage: Arc<dyn Storage>, capacity: usize, blocks: u64, concurrency: usize) -> Result<Self> {
+        let allocated = Mutex::new(BTreeSet::new());
+        // Eight slices keep a busy S3 server listing a large export eight pages at a time; local
+        // backends list everything in one call.
+        let slices: u64 = if concurrency >= 8 { 8 } else { 1 };
+        let step = blocks.div_ceil(slices).max(1);
+        let ranges: Vec<Range<u64>> = (0..slices).map(|i| i * step..((i + 1) * step).min(blocks)).collect();
+        parallel(ranges, concurrency, |r| {
+            let ids = storage.list_blocks_in(r)?;
+            lock(&allocated).extend(ids.into_iter().map(|b| b.0));
+            Ok(())
+        })?;
+        let allocated = allocated.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
         Ok(BlockCache {
             block_size: storage.block_size(),
             storage,

@@ -77,7 +77,7 @@ impl Volume {
         Ok(Volume {
             geometry,
             config,
-            cache: BlockCache::new(storage.clone(), blocks(config.cache_bytes))?,
+            cache: BlockCache::new(storage.clone(), blocks(config.cache_bytes), geometry.blocks(), config.concurrency)?,
             storage,
             wake: (Mutex::new(false), Condvar::new()),
             read_ahead: Mutex::new(ReadAhead::default()),
