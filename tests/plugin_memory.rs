@@ -112,9 +112,15 @@ fn help_and_dump_plugin() {
     for key in nbds3::config::ConfigKey::ALL {
         assert!(help.contains(&format!("\n{}=", key.name())), "--help lacks {}", key.name());
     }
-    let dump = run_ok(Command::new("nbdkit").arg(common::plugin()).arg("--dump-plugin"));
+    let dump = run_ok(Command::new("nbdkit").arg(common::plugin()).args([
+        "bucket=b",
+        "access-key=AK",
+        "secret-key=hunter2",
+        "--dump-plugin",
+    ]));
     let dump = String::from_utf8_lossy(&dump.stdout);
     assert!(dump.contains("name=nbds3") && dump.contains("thread_model=parallel"), "{dump}");
+    assert!(!dump.contains("hunter2"), "the secret is in --dump-plugin: {dump}");
 }
 
 /// Bad parameters stop nbdkit at start-up with one message naming the parameter.
