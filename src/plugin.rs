@@ -93,7 +93,8 @@ impl Server for Connection {
 
     fn unload() {
         if let Some(exports) = EXPORTS.get() {
-            exports.flush_all();
+            // A panic here would abort nbdkit on its way out; the log already says what failed.
+            let _ = catch_unwind(AssertUnwindSafe(|| exports.flush_all()));
         }
     }
 
