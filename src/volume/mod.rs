@@ -328,7 +328,8 @@ impl Volume {
             *lock(flag) = true;
             condvar.notify_one();
         }
-        if dirty < max {
+        // At the limit but not past it: writes to blocks already dirty add nothing, so let them in.
+        if dirty <= max {
             return Ok(());
         }
         let bs = self.geometry.block_size() as u64;

@@ -254,9 +254,10 @@ fn dirty_data_is_bounded_by_early_write_back() {
     );
     for b in 0..256u64 {
         v.write(&[b as u8 | 1; BS], b * BS as u64, false).unwrap();
-        assert!(v.cache().dirty_blocks() <= 16, "{} dirty blocks", v.cache().dirty_blocks());
+        // The limit is checked before a write, so the write in flight may pass it by its size.
+        assert!(v.cache().dirty_blocks() <= 17, "{} dirty blocks", v.cache().dirty_blocks());
     }
-    assert!(s.writes.load(Relaxed) >= 240, "the oldest blocks were written back early");
+    assert!(s.writes.load(Relaxed) >= 239, "the oldest blocks were written back early");
     v.flush().unwrap();
     assert_eq!(s.inner().list_blocks().unwrap().len(), 256);
     assert_eq!(s.writes.load(Relaxed), 256, "exactly one PUT per dirty block");
@@ -320,6 +321,17 @@ fn sequential_reads_load_ahead_in_the_background() {
     // A random read resets the window: nothing more is loaded.
     v.read_sequentially(&mut buf, 200 * BS as u64).unwrap();
     assert_eq!(s.reads.load(Relaxed), before + 1);
+}
+
+#[test]
+fn rewriting_dirty_blocks_at_the_limit_writes_nothing_back() {
+    let config = VolumeConfig { cache_bytes: 0, max_dirty_bytes: 8 * BS as u64, concurrency: 2, writeback_delay: None };
+    let (v, s) = volume(64, config);
+    v.write(&vec![1; 8 * BS], 0, false).unwrap();
+    for round in 0..50u64 {
+        v.write(&[round as u8 | 1; 100], (round % 8) * BS as u64 + 7, false).unwrap();
+    }
+    assert_eq!(s.writes.load(Relaxed), 0, "a full dirty set that is only rewritten stays in memory");
 }
 
 #[test]
