@@ -44,24 +44,16 @@ pub fn open_geometry(
     if let Some(record) = backend.read_record(export)? {
         let recorded = Geometry::from_record(&record)?;
         if let Some(bs) = block_size.filter(|&bs| bs != recorded.block_size()) {
-            return Err(Error::config(
+            return Err(contradiction(
+                export,
                 "block-size",
-                format!(
-                    "export {export} was created with block-size={}; block-size={bs} would misread its blocks (omit block-size= or give {})",
-                    recorded.block_size(),
-                    recorded.block_size()
-                ),
+                recorded.block_size() as u64,
+                bs as u64,
+                "would misread its blocks",
             ));
         }
         if let Some(size) = size.filter(|&s| s != recorded.size()) {
-            return Err(Error::config(
-                "size",
-                format!(
-                    "export {export} was created with size={}; size={size} contradicts it (omit size= or give {})",
-                    recorded.size(),
-                    recorded.size()
-                ),
-            ));
+            return Err(contradiction(export, "size", recorded.size(), size, "contradicts it"));
         }
         return Ok(recorded);
     }
@@ -73,6 +65,16 @@ pub fn open_geometry(
     backend.write_record(export, &geometry.to_record())?;
     log::info!("export {export}: created, {size} bytes in {}-byte blocks", geometry.block_size());
     Ok(geometry)
+}
+
+/// A parameter `key` that disagrees with the value `recorded` when `export` was created.
+fn contradiction(export: &ExportName, key: &str, recorded: u64, given: u64, why: &str) -> Error {
+    Error::config(
+        key,
+        format!(
+            "export {export} was created with {key}={recorded}; {key}={given} {why} (omit {key}= or give {recorded})"
+        ),
+    )
 }
 
 /// The volumes of this process, opened on first use.
@@ -145,18 +147,15 @@ impl Exports {
         }
     }
 
-    /// Writes back every volume's dirty blocks (at unload); returns how many volumes failed.
-    pub fn flush_all(&self) -> usize {
+    /// Writes back every volume's dirty blocks and logs its counters (at unload).
+    pub fn flush_all(&self) {
         let volumes: Vec<_> = lock(&self.volumes).iter().map(|(n, v)| (n.clone(), v.clone())).collect();
-        let mut failed = 0;
         for (name, volume) in volumes {
             if let Err(e) = volume.flush() {
                 log::error!("export {name}: writing back at shutdown failed, unflushed writes are lost: {e}");
-                failed += 1;
             }
             log::info!("export {name}: {}", volume.stats_fields());
         }
-        failed
     }
 }
 

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 pub use cache::{BlockCache, CacheStats};
 pub use geometry::{Geometry, Piece, DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
 
-use crate::storage::{MeteredStorage, Storage, StorageStats};
+use crate::storage::{MeteredStorage, Storage};
 use crate::{lock, Error, Result};
 
 /// How a `Volume` caches and writes back.
@@ -181,11 +181,6 @@ impl Volume {
             self.cache.stats.fields(),
             self.storage.stats.fields()
         )
-    }
-
-    /// The requests that reached storage.
-    pub fn storage_stats(&self) -> &StorageStats {
-        &self.storage.stats
     }
 
     /// The device's geometry.

@@ -214,12 +214,7 @@ impl Nbdkit {
 
     /// The NBD URI of the default export.
     pub fn uri(&self) -> String {
-        self.uri_of("")
-    }
-
-    /// The NBD URI of export `name`.
-    pub fn uri_of(&self, name: &str) -> String {
-        format!("nbd+unix:///{name}?socket={}", self.socket.display())
+        format!("nbd+unix:///?socket={}", self.socket.display())
     }
 
     /// Runs a Python snippet in `nbdsh` connected to the default export (`h` is the handle).
