@@ -9,6 +9,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use crate::export::ExportName;
+use crate::lease::LeaseConfig;
 use crate::storage::S3Config;
 use crate::volume::{VolumeConfig, DEFAULT_BLOCK_SIZE};
 use crate::{Error, Result};
@@ -56,11 +57,13 @@ pub enum ConfigKey {
     WritebackDelay,
     StatsFile,
     StatsInterval,
+    LeaseTime,
+    LeaseTakeover,
 }
 
 impl ConfigKey {
     /// Every key, in the order `--help` lists them.
-    pub const ALL: [ConfigKey; 18] = [
+    pub const ALL: [ConfigKey; 20] = [
         ConfigKey::Storage,
         ConfigKey::Export,
         ConfigKey::Size,
@@ -79,6 +82,8 @@ impl ConfigKey {
         ConfigKey::WritebackDelay,
         ConfigKey::StatsFile,
         ConfigKey::StatsInterval,
+        ConfigKey::LeaseTime,
+        ConfigKey::LeaseTakeover,
     ];
 
     /// The name on the command line.
@@ -137,6 +142,8 @@ impl ConfigKey {
             ConfigKey::WritebackDelay => ("writeback-delay", "SECONDS", "Write back blocks dirty for this long, bounding what a crash loses (default: only on FLUSH and memory pressure)."),
             ConfigKey::StatsFile => ("stats-file", "PATH", "Write each export's counters to PATH every stats-interval (one line per export)."),
             ConfigKey::StatsInterval => ("stats-interval", "SECONDS", "How often stats-file is rewritten (default 10)."),
+            ConfigKey::LeaseTime => ("lease-time", "SECONDS", "A writer's lease on its export lasts this long unless renewed; at least twice s3-timeout; 0 turns leases off (default 60)."),
+            ConfigKey::LeaseTakeover => ("lease-takeover", "BOOL", "Take the export's lease even from a live writer, which then stops writing (default false)."),
         }
     }
 
@@ -207,6 +214,10 @@ pub struct Config {
     pub stats_file: Option<PathBuf>,
     /// How often to write them.
     pub stats_interval: Duration,
+    /// How long a writer's lease lasts; `None` turns leases off.
+    pub lease_time: Option<Duration>,
+    /// Take the lease from a live holder.
+    pub lease_takeover: bool,
 }
 
 impl Default for Config {
@@ -223,6 +234,8 @@ impl Default for Config {
             writeback_delay: None,
             stats_file: None,
             stats_interval: Duration::from_secs(10),
+            lease_time: Some(Duration::from_secs(60)),
+            lease_takeover: false,
         }
     }
 }
@@ -278,6 +291,10 @@ impl Config {
             ConfigKey::WritebackDelay => self.writeback_delay = Some(parse_seconds(name, value)?),
             ConfigKey::StatsFile => self.stats_file = Some(non_empty(name, value)?.into()),
             ConfigKey::StatsInterval => self.stats_interval = parse_seconds(name, value)?,
+            ConfigKey::LeaseTime => {
+                self.lease_time = if value == "0" { None } else { Some(parse_seconds(name, value)?) }
+            }
+            ConfigKey::LeaseTakeover => self.lease_takeover = parse_bool(name, value)?,
         }
         Ok(())
     }
@@ -317,6 +334,16 @@ impl Config {
         if self.s3.access_key.is_some() != self.s3.secret_key.is_some() {
             return Err(Error::config("secret-key", "access-key= and secret-key= go together: give both or neither"));
         }
+        if let Some(time) = self.lease_time.filter(|&t| t < 2 * self.s3.timeout) {
+            return Err(Error::config(
+                "lease-time",
+                format!(
+                    "{} s is less than twice s3-timeout ({} s): a writer must be able to renew its lease in time",
+                    time.as_secs_f64(),
+                    self.s3.timeout.as_secs_f64()
+                ),
+            ));
+        }
         let block_size = self.block_size.unwrap_or(DEFAULT_BLOCK_SIZE);
         crate::volume::Geometry::new(self.size.unwrap_or(block_size as u64), block_size)?;
         Ok(())
@@ -325,6 +352,13 @@ impl Config {
     /// The backend, once [`finish`](Self::finish) has chosen it.
     pub fn storage_kind(&self) -> StorageKind {
         self.storage.unwrap_or(StorageKind::Memory)
+    }
+
+    /// How writers take their export's lease; `None` for RAM, which no other process can see,
+    /// and with `lease-time=0`.
+    pub fn lease_config(&self) -> Option<LeaseConfig> {
+        let time = self.lease_time.filter(|_| self.storage_kind() != StorageKind::Memory)?;
+        Some(LeaseConfig { time, takeover: self.lease_takeover, request_timeout: self.s3.timeout })
     }
 
     /// How the volumes cache and write back.
@@ -435,6 +469,17 @@ mod tests {
     }
 
     #[test]
+    fn leases_guard_shared_storage_only() {
+        let c = configure(&[("bucket", "b")]).unwrap();
+        assert_eq!(c.lease_config().map(|l| l.time), Some(Duration::from_secs(60)));
+        let c = configure(&[("bucket", "b"), ("lease-time", "10"), ("s3-timeout", "5"), ("lease-takeover", "yes")]);
+        let l = c.unwrap().lease_config().unwrap();
+        assert_eq!((l.time, l.request_timeout, l.takeover), (Duration::from_secs(10), Duration::from_secs(5), true));
+        assert_eq!(configure(&[("bucket", "b"), ("lease-time", "0")]).unwrap().lease_config(), None);
+        assert_eq!(configure(&[("storage", "memory"), ("size", "1M")]).unwrap().lease_config(), None);
+    }
+
+    #[test]
     fn bad_values_name_the_parameter() {
         let cases: &[(&[(&str, &str)], &str)] = &[
             (&[("storage", "memory"), ("size", "1G"), ("block-size", "1000")], "block-size: 1000 is not allowed"),
@@ -452,6 +497,9 @@ mod tests {
             (&[("bucket", "b"), ("s3-timeout", "soon")], "s3-timeout: \"soon\" is not allowed"),
             (&[("bucket", "b"), ("writeback-delay", "0")], "writeback-delay: \"0\" is not allowed"),
             (&[("bucket", "")], "bucket: an empty value is not allowed"),
+            (&[("bucket", "b"), ("lease-time", "-1")], "lease-time: \"-1\" is not allowed"),
+            (&[("bucket", "b"), ("lease-time", "59")], "lease-time: 59 s is less than twice s3-timeout (30 s)"),
+            (&[("bucket", "b"), ("lease-takeover", "please")], "lease-takeover: \"please\" is not a boolean"),
             (&[], "storage: no backend chosen"),
         ];
         for (pairs, expected) in cases {

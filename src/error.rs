@@ -75,6 +75,14 @@ pub enum Error {
         /// The operation that timed out.
         message: String,
     },
+    /// Another writer holds the export's lease, or this process lost it (see [`Lease`](crate::lease::Lease)).
+    #[error("export {export}: {message}")]
+    Lease {
+        /// The export.
+        export: String,
+        /// Who holds the lease, or why this process may not write.
+        message: String,
+    },
     /// Any other backend failure: I/O, 5xx after retries, a connection refused.
     #[error("{store}: {message}")]
     Backend {
@@ -121,9 +129,11 @@ impl Error {
             Error::ReadOnly(_) => libc::EPERM,
             Error::PermissionDenied { .. } | Error::Unauthenticated { .. } => libc::EPERM,
             Error::FastZeroUnsupported => libc::ENOTSUP,
-            Error::NotFound { .. } | Error::CorruptBlock { .. } | Error::Timeout { .. } | Error::Backend { .. } => {
-                libc::EIO
-            }
+            Error::NotFound { .. }
+            | Error::CorruptBlock { .. }
+            | Error::Timeout { .. }
+            | Error::Lease { .. }
+            | Error::Backend { .. } => libc::EIO,
         }
     }
 }
@@ -146,6 +156,7 @@ mod tests {
             (Error::CorruptBlock { store: s(), block: 1, message: m() }, libc::EIO),
             (Error::FastZeroUnsupported, libc::ENOTSUP),
             (Error::Timeout { store: s(), message: m() }, libc::EIO),
+            (Error::Lease { export: "dev".into(), message: m() }, libc::EIO),
             (Error::backend("S", "m"), libc::EIO),
         ];
         for (e, errno) in cases {

@@ -11,6 +11,9 @@ use crate::{Error, Result};
 /// The prefix of every export's geometry record, beside `blocks/`.
 pub const RECORD_PREFIX: &str = "exports/";
 
+/// The prefix of every export's lease (see [`Lease`](crate::lease::Lease)).
+pub const LEASE_PREFIX: &str = "leases/";
+
 /// The longest export name accepted, in bytes.
 pub const MAX_EXPORT_NAME: usize = 128;
 
@@ -61,6 +64,11 @@ impl ExportName {
     /// The key of this export's geometry record: `exports/{export}`.
     pub fn record_key(&self) -> String {
         format!("{RECORD_PREFIX}{}", self.0)
+    }
+
+    /// The key of this export's lease, naming its one writer: `leases/{export}`.
+    pub fn lease_key(&self) -> String {
+        format!("{LEASE_PREFIX}{}", self.0)
     }
 
     /// The key of block `id`: `blocks/{export}/{byte offset as 16 lowercase hex digits}`.

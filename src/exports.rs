@@ -9,7 +9,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::config::{Config, StorageKind};
 use crate::export::ExportName;
-use crate::storage::{Backend, FileBackend, MemoryBackend, S3Backend};
+use crate::lease::Lease;
+use crate::storage::{Backend, FencedStorage, FileBackend, MemoryBackend, S3Backend};
 use crate::volume::{Geometry, Volume, DEFAULT_BLOCK_SIZE};
 use crate::{lock, Error, Result};
 
@@ -77,14 +78,33 @@ fn contradiction(export: &ExportName, key: &str, recorded: u64, given: u64, why:
     )
 }
 
+/// One open export: its volume, and the lease its writers need.
+#[derive(Clone, Debug)]
+pub struct OpenExport {
+    /// The export's blocks, cached, shared by its connections.
+    pub volume: Arc<Volume>,
+    /// The export's lease; `None` when leases are off (RAM, `lease-time=0`).
+    pub lease: Option<Arc<Lease>>,
+}
+
+impl OpenExport {
+    /// Whether this process may write the export now.
+    ///
+    /// # Errors
+    /// [`Error::Lease`] when it does not hold the lease (any more).
+    pub fn check_writable(&self) -> Result<()> {
+        self.lease.as_ref().map_or(Ok(()), |l| l.check())
+    }
+}
+
 /// The volumes of this process, opened on first use.
 #[derive(Debug)]
 pub struct Exports {
     config: Config,
     /// The backend, opened on first use (after nbdkit forks).
     backend: OnceLock<Arc<dyn Backend>>,
-    /// Open volumes by export; kept until the process exits so their caches outlive connections.
-    volumes: Mutex<HashMap<ExportName, Arc<Volume>>>,
+    /// Open exports by name; kept until the process exits so their caches outlive connections.
+    volumes: Mutex<HashMap<ExportName, OpenExport>>,
 }
 
 impl Exports {
@@ -93,16 +113,25 @@ impl Exports {
         Exports { config, backend: OnceLock::new(), volumes: Mutex::new(HashMap::new()) }
     }
 
-    /// The volume for the export a client asked for; `""` means the configured default.
+    /// The export a client asked for (`""` means the configured default), with its lease held
+    /// unless the client is `readonly`.
     ///
     /// # Errors
-    /// [`Error::Config`] for an invalid name or a contradicted geometry, and any error opening
-    /// its storage.
-    pub fn open(&self, requested: &str) -> Result<Arc<Volume>> {
+    /// [`Error::Config`] for an invalid name or a contradicted geometry, [`Error::Lease`] when
+    /// another writer holds the export, and any error opening its storage.
+    pub fn open(&self, requested: &str, readonly: bool) -> Result<OpenExport> {
         let name = if requested.is_empty() { self.config.export.clone() } else { ExportName::new(requested)? };
+        let export = self.open_export(name)?;
+        if let Some(lease) = export.lease.as_ref().filter(|_| !readonly) {
+            lease.hold()?;
+        }
+        Ok(export)
+    }
+
+    fn open_export(&self, name: ExportName) -> Result<OpenExport> {
         let mut volumes = lock(&self.volumes);
-        if let Some(v) = volumes.get(&name) {
-            return Ok(v.clone());
+        if let Some(open) = volumes.get(&name) {
+            return Ok(open.clone());
         }
         let backend = match self.backend.get() {
             Some(b) => b.clone(),
@@ -112,22 +141,27 @@ impl Exports {
             }
         };
         let geometry = open_geometry(&*backend, &name, self.config.size, self.config.block_size)?;
-        let storage = backend.open(&name, geometry.block_size())?;
+        let mut storage = backend.open(&name, geometry.block_size())?;
         log::info!("export {name}: {} bytes in {}-byte blocks on {storage}", geometry.size(), geometry.block_size());
+        let lease = self.config.lease_config().map(|c| Lease::new(backend.clone(), name.clone(), c));
+        if let Some(lease) = &lease {
+            storage = Arc::new(FencedStorage::new(storage, lease.clone()));
+        }
         let volume = Arc::new(Volume::new(storage, geometry, self.config.volume_config())?);
         volume.start_background_writer();
         if volumes.is_empty() {
             self.start_stats_writer();
         }
-        volumes.insert(name, volume.clone());
-        Ok(volume)
+        let open = OpenExport { volume, lease };
+        volumes.insert(name, open.clone());
+        Ok(open)
     }
 
     /// One line per open export: `export=NAME` and its counters.
     pub fn stats(&self) -> String {
-        let mut volumes: Vec<_> = lock(&self.volumes).iter().map(|(n, v)| (n.clone(), v.clone())).collect();
+        let mut volumes = self.snapshot();
         volumes.sort_by(|a, b| a.0.cmp(&b.0));
-        volumes.iter().map(|(name, v)| format!("export={name} {}\n", v.stats_fields())).collect()
+        volumes.iter().map(|(name, open)| format!("export={name} {}\n", open.volume.stats_fields())).collect()
     }
 
     /// With `stats-file=`, rewrites that file every `stats-interval` (atomically, by rename).
@@ -147,14 +181,21 @@ impl Exports {
         }
     }
 
-    /// Writes back every volume's dirty blocks and logs its counters (at unload).
+    fn snapshot(&self) -> Vec<(ExportName, OpenExport)> {
+        lock(&self.volumes).iter().map(|(n, v)| (n.clone(), v.clone())).collect()
+    }
+
+    /// Writes back every volume's dirty blocks, logs its counters and releases its lease (at
+    /// unload).
     pub fn flush_all(&self) {
-        let volumes: Vec<_> = lock(&self.volumes).iter().map(|(n, v)| (n.clone(), v.clone())).collect();
-        for (name, volume) in volumes {
-            if let Err(e) = volume.flush() {
+        for (name, open) in self.snapshot() {
+            if let Err(e) = open.volume.flush() {
                 log::error!("export {name}: writing back at shutdown failed, unflushed writes are lost: {e}");
             }
-            log::info!("export {name}: {}", volume.stats_fields());
+            log::info!("export {name}: {}", open.volume.stats_fields());
+            if let Some(lease) = open.lease {
+                lease.release();
+            }
         }
     }
 }

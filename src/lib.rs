@@ -37,6 +37,7 @@ pub mod config;
 pub mod error;
 pub mod export;
 pub mod exports;
+pub mod lease;
 pub mod logger;
 mod plugin;
 pub mod storage;

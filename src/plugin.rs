@@ -4,14 +4,14 @@
 
 use std::ffi::{c_char, c_int, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Mutex, OnceLock};
 
 use nbdkit::{CacheFlags, ExtentHandle, ExtentType, Flags, FuaFlags, Server, ThreadModel};
 
 use crate::config::{ConfigKey, StorageKind};
-use crate::exports::Exports;
+use crate::exports::{Exports, OpenExport};
 use crate::logger::sanitize;
-use crate::{lock, storage, Config, Error, Result, Volume};
+use crate::{lock, storage, Config, Error, Result};
 
 /// Parameters while nbdkit is still passing them.
 static CONFIG: Mutex<Option<Config>> = Mutex::new(None);
@@ -24,7 +24,7 @@ extern "C" {
 
 /// One client connection: the shared volume of the export it asked for.
 struct Connection {
-    volume: Arc<Volume>,
+    export: OpenExport,
     readonly: bool,
 }
 
@@ -132,13 +132,13 @@ impl Server for Connection {
     fn open(readonly: bool) -> nbdkit::Result<Box<dyn Server>> {
         guard("open", || {
             let requested = nbdkit::export_name().unwrap_or_default();
-            let volume = configured()?.open(&requested)?;
-            Ok(Box::new(Connection { volume, readonly }) as Box<dyn Server>)
+            let export = configured()?.open(&requested, readonly)?;
+            Ok(Box::new(Connection { export, readonly }) as Box<dyn Server>)
         })
     }
 
     fn get_size(&self) -> nbdkit::Result<i64> {
-        guard("get_size", || Ok(i64::try_from(self.volume.geometry().size()).unwrap_or(i64::MAX)))
+        guard("get_size", || Ok(i64::try_from(self.export.volume.geometry().size()).unwrap_or(i64::MAX)))
     }
 
     fn can_write(&self) -> nbdkit::Result<bool> {
@@ -178,12 +178,12 @@ impl Server for Connection {
     }
 
     fn cache(&self, count: u32, offset: u64) -> nbdkit::Result<()> {
-        guard("cache", || self.volume.prefetch(count.into(), offset))
+        guard("cache", || self.export.volume.prefetch(count.into(), offset))
     }
 
     fn extents(&self, count: u32, offset: u64, flags: Flags, handle: &mut ExtentHandle) -> nbdkit::Result<()> {
         guard("extents", || {
-            for (offset, len, data) in self.volume.extents(count.into(), offset)? {
+            for (offset, len, data) in self.export.volume.extents(count.into(), offset)? {
                 let kind = if data { ExtentType::Allocated } else { ExtentType::HoleZero };
                 handle.add(offset, len, kind).map_err(|e| Error::backend("nbdkit", e))?;
                 if flags.contains(Flags::REQ_ONE) {
@@ -195,24 +195,34 @@ impl Server for Connection {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> nbdkit::Result<()> {
-        guard("pread", || self.volume.read_sequentially(buf, offset))
+        guard("pread", || self.export.volume.read_sequentially(buf, offset))
     }
 
     fn write_at(&self, buf: &[u8], offset: u64, flags: Flags) -> nbdkit::Result<()> {
-        guard("pwrite", || self.volume.write(buf, offset, flags.contains(Flags::FUA)))
+        guard("pwrite", || {
+            self.export.check_writable()?;
+            self.export.volume.write(buf, offset, flags.contains(Flags::FUA))
+        })
     }
 
     fn flush(&self) -> nbdkit::Result<()> {
-        guard("flush", || self.volume.flush())
+        guard("flush", || {
+            self.export.check_writable()?;
+            self.export.volume.flush()
+        })
     }
 
     fn trim(&self, count: u32, offset: u64, flags: Flags) -> nbdkit::Result<()> {
-        guard("trim", || self.volume.zero(count.into(), offset, flags.contains(Flags::FUA), false))
+        guard("trim", || {
+            self.export.check_writable()?;
+            self.export.volume.zero(count.into(), offset, flags.contains(Flags::FUA), false)
+        })
     }
 
     fn zero(&self, count: u32, offset: u64, flags: Flags) -> nbdkit::Result<()> {
         guard("zero", || {
-            self.volume.zero(count.into(), offset, flags.contains(Flags::FUA), flags.contains(Flags::FAST_ZERO))
+            self.export.check_writable()?;
+            self.export.volume.zero(count.into(), offset, flags.contains(Flags::FUA), flags.contains(Flags::FAST_ZERO))
         })
     }
 }

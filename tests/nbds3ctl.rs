@@ -18,8 +18,9 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-/// Create an export with nbds3ctl, serve it with nbdkit without size=, write to it, see the
-/// stored bytes in `list` and `info`, then delete it: its objects are gone.
+/// Create an export with nbds3ctl, serve it with nbdkit without size=, write to it (deleting it
+/// meanwhile is refused), see the stored bytes in `list` and `info`, then delete it: its
+/// objects are gone.
 fn lifecycle(params: Vec<String>, objects: impl Fn(&str) -> usize) {
     let export = common::unique("ctl");
     let out = ctl(&params, &["create", &export, "--size", "64M", "--block-size", "64K"]);
@@ -33,6 +34,13 @@ fn lifecycle(params: Vec<String>, objects: impl Fn(&str) -> usize) {
     serve.push(format!("export={export}"));
     let nbdkit = Nbdkit::start(&serve);
     assert_eq!(nbdkit.nbdsh("h.pwrite(b'c' * 200000, 0); h.flush(); print(h.get_size())").trim(), "67108864");
+    let busy = ctl(&params, &["delete", &export, "--yes"]);
+    assert_eq!(busy.status.code(), Some(1), "deleting a served export: {}", stderr(&busy));
+    assert!(
+        stderr(&busy).contains(&format!("is held by another writer, nbds3 pid {}", nbdkit.pid())),
+        "{}",
+        stderr(&busy)
+    );
     nbdkit.stop();
 
     let list = ctl(&params, &["list"]);

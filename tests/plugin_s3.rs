@@ -102,7 +102,7 @@ fn a_missing_bucket_is_created() {
 }
 
 /// Start-up fails fast, with the bucket and the reason, on bad credentials, a bucket the
-/// credentials may not create, and an endpoint nothing listens on.
+/// credentials may not create, and an endpoint nothing listens on; no message shows a secret.
 #[test]
 fn start_up_refuses_bad_s3_settings_with_the_reason() {
     require!("nbdkit");
@@ -111,8 +111,13 @@ fn start_up_refuses_bad_s3_settings_with_the_reason() {
     let limited_secret = std::env::var("NBDS3_S3_LIMITED_SECRET").expect("scripts/garage env");
     // (environment overrides, parameters, expected message)
     type Case<'a> = (Vec<(&'a str, String)>, Vec<String>, &'a str);
+    let wrong_secret = "Wr0ngS3cretThatMustNeverBeShown1234567890";
+    let secrets = [env.secret_key.clone(), limited_secret.clone(), wrong_secret.to_string()];
+    let mut wrong_secret_params = env.params(TEST_BUCKET);
+    wrong_secret_params.extend([format!("access-key={}", env.access_key), format!("secret-key={wrong_secret}")]);
     let cases: Vec<Case> = vec![
         (vec![("AWS_SECRET_ACCESS_KEY", "0".repeat(64))], env.params(TEST_BUCKET), "credentials rejected"),
+        (vec![], wrong_secret_params, "credentials rejected"),
         (
             vec![("AWS_ACCESS_KEY_ID", limited_id), ("AWS_SECRET_ACCESS_KEY", limited_secret)],
             env.params("nbds3-no-such-bucket"),
@@ -138,6 +143,7 @@ fn start_up_refuses_bad_s3_settings_with_the_reason() {
         assert!(!out.status.success(), "{params:?} started");
         assert!(stderr.contains(expected), "{params:?}: {stderr}");
         assert!(started.elapsed().as_secs() < 30, "{params:?} took {:?}", started.elapsed());
+        assert!(!secrets.iter().any(|secret| stderr.contains(secret.as_str())), "a secret in: {stderr}");
     }
 }
 

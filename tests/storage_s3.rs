@@ -1,14 +1,14 @@
-//! The shared Storage conformance suite against a real S3 server (Garage in CI).
+//! The shared Storage and Backend conformance suites against real S3 servers: Garage (as users
+//! run it, and in CI) and moto's server, which, unlike Garage, honours conditional writes.
 
 mod common;
 
-use nbds3::storage::{conformance, s3, S3Config, S3Storage};
+use common::S3Env;
+use nbds3::storage::{conformance, s3, Backend, S3Backend, S3Config, S3Storage};
 use nbds3::ExportName;
 
-/// `S3Storage` keeps the same contract as the memory and file backends.
-#[test]
-fn s3_storage_conformance() {
-    let Some(env) = common::s3() else { return };
+/// Runs every conformance check on `env`'s server; returns whether its leases are atomic.
+fn conformance_on(env: &S3Env) -> bool {
     let config: S3Config = env.config(common::TEST_BUCKET);
     let client = s3::runtime().unwrap().block_on(s3::client(&config));
     let run = common::unique("conformance");
@@ -19,5 +19,26 @@ fn s3_storage_conformance() {
         },
         true,
     );
-    conformance::backend_records(&nbds3::storage::S3Backend::new(&config).unwrap(), &format!("{run}-rec-"));
+    let backend = S3Backend::new(&config).unwrap();
+    conformance::backend_records(&backend, &format!("{run}-rec-"));
+    conformance::backend_leases(&backend, &format!("{run}-lease-"));
+    let atomic = backend.atomic_leases().unwrap();
+    assert!(env.list(common::TEST_BUCKET, "leases/probe/").is_empty(), "the conditional-write probe is cleaned up");
+    atomic
+}
+
+/// `S3Storage` keeps the same contract as the memory and file backends, on Garage. Garage
+/// ignores conditional writes, and the backend finds that out rather than trusting them.
+#[test]
+fn s3_storage_conformance() {
+    let Some(env) = common::s3() else { return };
+    assert!(!conformance_on(&env), "Garage ignores If-None-Match; did it learn conditional writes?");
+}
+
+/// On a server with conditional writes, leases are compare-and-swaps: racing creators, stale
+/// versions and re-creations are refused (the checks `backend_leases` runs when atomic).
+#[test]
+fn s3_conformance_with_conditional_writes() {
+    let Some(moto) = common::moto() else { return };
+    assert!(conformance_on(&moto.env), "moto honours If-None-Match and If-Match");
 }

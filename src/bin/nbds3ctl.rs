@@ -19,7 +19,8 @@ Commands:
   info NAME                                   one export
   create NAME --size SIZE [--block-size SIZE] record a new export (sizes take K/M/G/T suffixes)
   delete NAME [--yes]                         delete an export and all its blocks; asks first
-                                              unless --yes (never delete an export being served)
+                                              unless --yes; refused while a writer holds the
+                                              export's lease (see lease-time=, lease-takeover=)
 
 Exit status: 0 done, 1 failed (the message says why), 2 bad usage, 3 no such export.
 
@@ -152,7 +153,7 @@ fn run(args: &[String]) -> Result<(), Failure> {
                 ), name.as_str())?;
             }
             let show = std::io::stderr().is_terminal();
-            let deleted = admin::delete(&*backend, &name, |done, total| {
+            let deleted = admin::delete(&backend, &name, config.lease_config(), |done, total| {
                 if show {
                     let pct = (done * 100).checked_div(total).unwrap_or(100);
                     let bar = "#".repeat((pct / 4) as usize);

@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use super::{Backend, BlockId, Storage};
+use super::{Backend, BlockId, Expect, Storage};
 use crate::ExportName;
 
 /// The block size the suite uses.
@@ -175,4 +175,39 @@ pub fn backend_records(backend: &dyn Backend, prefix: &str) {
     backend.delete_record(&a).expect("delete record again");
     assert_eq!(mine(backend.list_exports().expect("list")), vec![b.clone()], "{backend}");
     backend.delete_record(&b).expect("delete record");
+}
+
+/// A backend keeps each export's lease, and when it says its leases are atomic, a replace that
+/// expects a stale state fails, and of two racing creators exactly one wins.
+pub fn backend_leases(backend: &dyn Backend, prefix: &str) {
+    let a = ExportName::new(&format!("{prefix}leased")).expect("name");
+    backend.write_record(&a, "size=1\n").expect("write");
+    assert_eq!(backend.read_lease(&a).expect("read"), None, "{backend}");
+    let atomic = backend.atomic_leases().expect("atomic_leases");
+    let v1 = backend.replace_lease(&a, Expect::Absent, "one").expect("create").expect("created");
+    let read = backend.read_lease(&a).expect("read").expect("a lease");
+    assert_eq!((read.text.as_str(), &read.version), ("one", &v1), "{backend}");
+    let v2 = backend.replace_lease(&a, Expect::Version(&v1), "two").expect("replace").expect("replaced");
+    assert_ne!(v1, v2, "{backend}: a new lease needs a new version");
+    if atomic {
+        assert_eq!(backend.replace_lease(&a, Expect::Absent, "x").expect("replace"), None, "{backend}");
+        assert_eq!(backend.replace_lease(&a, Expect::Version(&v1), "x").expect("replace"), None, "{backend}");
+    }
+    assert_eq!(backend.read_lease(&a).expect("read").map(|v| v.text).as_deref(), Some("two"), "{backend}");
+    assert!(!backend.list_exports().expect("list").iter().any(|n| n.as_str().starts_with("leases")), "{backend}");
+    backend.delete_record(&a).expect("delete record");
+    assert_eq!(backend.read_lease(&a).expect("read"), None, "{backend}: deleting an export deletes its lease");
+
+    if atomic {
+        let b = ExportName::new(&format!("{prefix}raced")).expect("name");
+        let b = &b;
+        let winners = std::thread::scope(|s| {
+            let racers: Vec<_> = (0..8)
+                .map(|i| s.spawn(move || backend.replace_lease(b, Expect::Absent, &format!("racer {i}"))))
+                .collect();
+            racers.into_iter().map(|r| r.join().expect("racer")).filter(|r| matches!(r, Ok(Some(_)))).count()
+        });
+        assert_eq!(winners, 1, "{backend}: racing creators");
+        backend.delete_record(b).expect("delete record");
+    }
 }

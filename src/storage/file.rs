@@ -12,11 +12,14 @@ use std::path::{Path, PathBuf};
 
 use std::sync::Arc;
 
-use super::{check_len, Backend, BlockId, Storage};
-use crate::export::{block_leaf, parse_block_leaf, ExportName, RECORD_PREFIX};
+use std::os::fd::AsRawFd;
+
+use super::{check_len, Backend, BlockId, Expect, Storage, VersionedText};
+use crate::export::{block_leaf, parse_block_leaf, ExportName, LEASE_PREFIX, RECORD_PREFIX};
 use crate::{Error, Result};
 
-/// The exports of one directory: records in `{dir}/exports/`, blocks in `{dir}/blocks/`.
+/// The exports of one directory: records in `{dir}/exports/`, leases in `{dir}/leases/`, blocks
+/// in `{dir}/blocks/`.
 #[derive(Debug)]
 pub struct FileBackend {
     root: PathBuf,
@@ -35,8 +38,47 @@ impl FileBackend {
         }
     }
 
-    fn record_path(&self, export: &ExportName) -> PathBuf {
-        self.root.join(export.record_key())
+    /// The text at `key` (a path under the root), or `None` if there is no such file.
+    fn read_text(&self, key: &str) -> Result<Option<String>> {
+        let path = self.root.join(key);
+        match fs::read_to_string(&path) {
+            Ok(text) => Ok(Some(text)),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(self, path.display(), &e)),
+        }
+    }
+
+    /// Replaces the text at `key` durably: a crash leaves the old or the new text.
+    fn write_text(&self, key: &str, text: &str) -> Result<()> {
+        let path = self.root.join(key);
+        let (dir, leaf) = key.rsplit_once('/').unwrap_or(("", key));
+        let dir = self.root.join(dir);
+        // "~" never appears in an export name, so a leftover temporary file is never listed.
+        let tmp = dir.join(format!("tmp~{leaf}"));
+        let write = || -> std::io::Result<()> {
+            fs::create_dir_all(&dir)?;
+            let mut file = File::create(&tmp)?;
+            file.write_all(text.as_bytes())?;
+            file.sync_all()?;
+            fs::rename(&tmp, &path)?;
+            File::open(&dir)?.sync_all()
+        };
+        write().map_err(|e| Error::io(self, path.display(), &e))
+    }
+
+    /// Runs `f` holding an exclusive `flock` on `{dir}/leases/lock~`, which serialises lease
+    /// changes between processes on this machine.
+    fn with_lease_lock<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let dir = self.root.join(LEASE_PREFIX);
+        let path = dir.join("lock~");
+        let file = fs::create_dir_all(&dir)
+            .and_then(|()| OpenOptions::new().create(true).truncate(false).write(true).open(&path))
+            .map_err(|e| Error::io(self, path.display(), &e))?;
+        // SAFETY: flock on a descriptor we own; the lock goes with the descriptor when `file` drops.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(Error::io(self, path.display(), &std::io::Error::last_os_error()));
+        }
+        f()
     }
 }
 
@@ -52,40 +94,48 @@ impl Backend for FileBackend {
     }
 
     fn read_record(&self, export: &ExportName) -> Result<Option<String>> {
-        let path = self.record_path(export);
-        match fs::read_to_string(&path) {
-            Ok(text) => Ok(Some(text)),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(Error::io(self, path.display(), &e)),
-        }
+        self.read_text(&export.record_key())
     }
 
     fn write_record(&self, export: &ExportName, record: &str) -> Result<()> {
-        let path = self.record_path(export);
-        let dir = self.root.join(RECORD_PREFIX);
-        // "~" never appears in an export name, so a leftover temporary file is never listed.
-        let tmp = dir.join(format!("tmp~{export}"));
-        let write = || -> std::io::Result<()> {
-            fs::create_dir_all(&dir)?;
-            let mut file = File::create(&tmp)?;
-            file.write_all(record.as_bytes())?;
-            file.sync_all()?;
-            fs::rename(&tmp, &path)?;
-            File::open(&dir)?.sync_all()
-        };
-        write().map_err(|e| Error::io(self, path.display(), &e))
+        self.write_text(&export.record_key(), record)
     }
 
     fn delete_record(&self, export: &ExportName) -> Result<()> {
-        let path = self.record_path(export);
-        match fs::remove_file(&path) {
-            Err(e) if e.kind() != ErrorKind::NotFound => Err(Error::io(self, path.display(), &e)),
-            _ => {
-                // The export's block directory is empty by now; leaving it would be harmless.
-                let _ = fs::remove_dir(self.root.join(export.block_prefix()));
-                Ok(())
+        for key in [export.record_key(), export.lease_key()] {
+            let path = self.root.join(key);
+            match fs::remove_file(&path) {
+                Err(e) if e.kind() != ErrorKind::NotFound => return Err(Error::io(self, path.display(), &e)),
+                _ => {}
             }
         }
+        // The export's block directory is empty by now; leaving it would be harmless.
+        let _ = fs::remove_dir(self.root.join(export.block_prefix()));
+        Ok(())
+    }
+
+    fn read_lease(&self, export: &ExportName) -> Result<Option<VersionedText>> {
+        // The text is its own version: every lease text carries a fresh token and expiry.
+        Ok(self.read_text(&export.lease_key())?.map(|text| VersionedText { version: text.clone(), text }))
+    }
+
+    fn replace_lease(&self, export: &ExportName, expected: Expect<'_>, text: &str) -> Result<Option<String>> {
+        self.with_lease_lock(|| {
+            let current = self.read_text(&export.lease_key())?;
+            let as_expected = match expected {
+                Expect::Absent => current.is_none(),
+                Expect::Version(v) => current.as_deref() == Some(v),
+            };
+            if !as_expected {
+                return Ok(None);
+            }
+            self.write_text(&export.lease_key(), text)?;
+            Ok(Some(text.to_string()))
+        })
+    }
+
+    fn atomic_leases(&self) -> Result<bool> {
+        Ok(true)
     }
 
     fn list_exports(&self) -> Result<Vec<ExportName>> {
@@ -231,6 +281,7 @@ mod tests {
             true,
         );
         conformance::backend_records(&FileBackend::new(root.path()).unwrap(), "");
+        conformance::backend_leases(&FileBackend::new(root.path()).unwrap(), "");
     }
 
     #[test]

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::{Arc, Mutex};
 
-use super::{check_len, Backend, BlockId, Storage};
+use super::{check_len, Backend, BlockId, Expect, Storage, VersionedText};
 use crate::export::ExportName;
 use crate::{lock, Result};
 
@@ -15,6 +15,8 @@ pub struct MemoryBackend {
     exports: Mutex<BTreeMap<ExportName, Arc<MemoryStorage>>>,
     /// Each export's record.
     records: Mutex<BTreeMap<ExportName, String>>,
+    /// Each export's lease; its text is its version.
+    leases: Mutex<BTreeMap<ExportName, String>>,
 }
 
 impl fmt::Display for MemoryBackend {
@@ -41,12 +43,34 @@ impl Backend for MemoryBackend {
 
     fn delete_record(&self, export: &ExportName) -> Result<()> {
         lock(&self.records).remove(export);
+        lock(&self.leases).remove(export);
         lock(&self.exports).remove(export);
         Ok(())
     }
 
     fn list_exports(&self) -> Result<Vec<ExportName>> {
         Ok(lock(&self.records).keys().cloned().collect())
+    }
+
+    fn read_lease(&self, export: &ExportName) -> Result<Option<VersionedText>> {
+        Ok(lock(&self.leases).get(export).map(|text| VersionedText { text: text.clone(), version: text.clone() }))
+    }
+
+    fn replace_lease(&self, export: &ExportName, expected: Expect<'_>, text: &str) -> Result<Option<String>> {
+        let mut leases = lock(&self.leases);
+        let current = leases.get(export).map(String::as_str);
+        let as_expected = match expected {
+            Expect::Absent => current.is_none(),
+            Expect::Version(v) => current == Some(v),
+        };
+        Ok(as_expected.then(|| {
+            leases.insert(export.clone(), text.to_string());
+            text.to_string()
+        }))
+    }
+
+    fn atomic_leases(&self) -> Result<bool> {
+        Ok(true)
     }
 }
 
@@ -118,5 +142,7 @@ mod tests {
     #[test]
     fn conformance() {
         conformance::run_all(&|_| Box::new(MemoryStorage::new(conformance::BLOCK_SIZE)), false);
+        conformance::backend_records(&MemoryBackend::default(), "");
+        conformance::backend_leases(&MemoryBackend::default(), "");
     }
 }

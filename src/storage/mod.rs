@@ -11,6 +11,7 @@ use std::sync::Arc;
 use crate::export::ExportName;
 use crate::Result;
 
+pub mod fenced;
 pub mod file;
 pub mod memory;
 pub mod metered;
@@ -19,6 +20,7 @@ pub mod s3;
 pub mod conformance;
 pub mod faulty;
 
+pub use fenced::FencedStorage;
 pub use file::{FileBackend, FileStorage};
 pub use memory::{MemoryBackend, MemoryStorage};
 pub use metered::{MeteredStorage, StorageStats};
@@ -104,14 +106,36 @@ pub trait Storage: Send + Sync + fmt::Debug + fmt::Display {
     fn flush(&self) -> Result<()>;
 }
 
+/// A lease's text and the version the backend gave it, for [`Backend::replace_lease`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VersionedText {
+    /// What the holder wrote.
+    pub text: String,
+    /// Opaque; changes with every write (an S3 ETag, or the text itself).
+    pub version: String,
+}
+
+/// What [`Backend::replace_lease`] expects to find before it writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expect<'a> {
+    /// No lease at all (S3 `If-None-Match: *`).
+    Absent,
+    /// The lease at this version (S3 `If-Match: ETag`).
+    Version(&'a str),
+}
+
 /// Where the exports of one bucket, directory or process live: each export's geometry record,
-/// and its blocks.
+/// its lease, and its blocks.
 ///
 /// # Contract
 /// * An export's record is a short text written once, when the export is created; it says how
 ///   to open the export's blocks (see [`Geometry::to_record`](crate::Geometry::to_record)).
 /// * `list_exports` returns the exports that have a record, in order.
 /// * Opening the same export twice reaches the same blocks.
+/// * When [`atomic_leases`](Backend::atomic_leases) is true, `replace_lease` is a
+///   compare-and-swap: of two callers expecting the same state, at most one succeeds, even in
+///   different processes. When it is false the backend cannot tell (an S3 server that ignores
+///   conditional writes), and the last writer wins.
 pub trait Backend: Send + Sync + fmt::Debug + fmt::Display {
     /// The blocks of `export`, in blocks of `block_size` bytes.
     ///
@@ -131,7 +155,7 @@ pub trait Backend: Send + Sync + fmt::Debug + fmt::Display {
     /// Backend failures.
     fn write_record(&self, export: &ExportName, record: &str) -> Result<()>;
 
-    /// Removes the record of `export`; removing a missing record is not an error.
+    /// Removes the record and the lease of `export`; removing a missing one is not an error.
     ///
     /// # Errors
     /// Backend failures.
@@ -142,6 +166,25 @@ pub trait Backend: Send + Sync + fmt::Debug + fmt::Display {
     /// # Errors
     /// Backend failures.
     fn list_exports(&self) -> Result<Vec<ExportName>>;
+
+    /// The lease of `export` (see [`Lease`](crate::lease::Lease)), or `None` if it has none.
+    ///
+    /// # Errors
+    /// Backend failures.
+    fn read_lease(&self, export: &ExportName) -> Result<Option<VersionedText>>;
+
+    /// Writes the lease of `export` if it is still as `expected`, returning the new version, or
+    /// `None` when it is not (another writer got there first).
+    ///
+    /// # Errors
+    /// Backend failures.
+    fn replace_lease(&self, export: &ExportName, expected: Expect<'_>, text: &str) -> Result<Option<String>>;
+
+    /// Whether [`replace_lease`](Backend::replace_lease) really is a compare-and-swap here.
+    ///
+    /// # Errors
+    /// Backend failures while finding out.
+    fn atomic_leases(&self) -> Result<bool>;
 }
 
 /// Checks the length of a caller's buffer against the contract, so no backend indexes out of bounds.

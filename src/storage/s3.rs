@@ -25,9 +25,9 @@ use std::sync::Arc;
 
 use aws_sdk_s3::types::{Delete, ObjectIdentifier};
 
-use super::{check_len, Backend, BlockId, Storage};
+use super::{check_len, Backend, BlockId, Expect, Storage, VersionedText};
 use crate::config::Secret;
-use crate::export::{parse_block_leaf, ExportName, RECORD_PREFIX};
+use crate::export::{parse_block_leaf, ExportName, LEASE_PREFIX, RECORD_PREFIX};
 use crate::{Error, Result};
 
 /// S3 allows at most this many keys in one DeleteObjects request.
@@ -170,11 +170,14 @@ pub fn check_bucket(config: &S3Config) -> Result<()> {
     })
 }
 
-/// The exports of one bucket: records at `exports/{export}`, blocks under `blocks/{export}/`.
+/// The exports of one bucket: records at `exports/{export}`, leases at `leases/{export}`, blocks
+/// under `blocks/{export}/`.
 #[derive(Debug)]
 pub struct S3Backend {
     client: Client,
     config: S3Config,
+    /// Whether the server honours conditional writes, found out on first use.
+    atomic_leases: OnceLock<bool>,
 }
 
 impl S3Backend {
@@ -184,20 +187,49 @@ impl S3Backend {
     /// [`Error::Backend`] if the runtime cannot start.
     pub fn new(config: &S3Config) -> Result<Self> {
         let client = runtime()?.block_on(client(config));
-        Ok(S3Backend { client, config: config.clone() })
+        Ok(S3Backend { client, config: config.clone(), atomic_leases: OnceLock::new() })
     }
 
-    async fn get_text(&self, key: &str) -> Result<Option<String>> {
+    /// The text at `key` and its ETag, or `None` if there is no such object.
+    async fn get_text(&self, key: &str) -> Result<Option<VersionedText>> {
         match self.client.get_object().bucket(&self.config.bucket).key(key).send().await {
             Ok(o) => {
+                let version = o.e_tag().unwrap_or_default().to_string();
                 let body = o.body.collect().await.map_err(|e| Error::backend(self, format!("GET {key}: {e}")))?;
-                String::from_utf8(body.into_bytes().to_vec())
-                    .map(Some)
-                    .map_err(|_| Error::backend(self, format!("GET {key}: not UTF-8 text")))
+                let text = String::from_utf8(body.into_bytes().to_vec())
+                    .map_err(|_| Error::backend(self, format!("GET {key}: not UTF-8 text")))?;
+                Ok(Some(VersionedText { text, version }))
             }
             Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => Ok(None),
             Err(e) => Err(fold(&self.to_string(), &format!("GET {key}"), e)),
         }
+    }
+
+    /// PUTs `text` at `key` if the object is as `expected`; `None` when it is not (HTTP 412, or
+    /// 409 for a concurrent conditional write, or 404 for `If-Match` on a deleted object).
+    async fn put_text_if(&self, key: &str, expected: Expect<'_>, text: &str) -> Result<Option<String>> {
+        let put = self.client.put_object().bucket(&self.config.bucket).key(key).content_type("text/plain");
+        let put = match expected {
+            Expect::Absent => put.if_none_match("*"),
+            Expect::Version(etag) => put.if_match(etag),
+        };
+        match put.body(ByteStream::from(text.as_bytes().to_vec())).send().await {
+            Ok(o) => Ok(Some(o.e_tag().unwrap_or_default().to_string())),
+            Err(e) if matches!(e.raw_response().map(|r| r.status().as_u16()), Some(404 | 409 | 412)) => Ok(None),
+            Err(e) => Err(fold(&self.to_string(), &format!("PUT {key}"), e)),
+        }
+    }
+
+    /// Finds out whether the server honours `If-None-Match: *`, by creating a probe object twice.
+    async fn probe_conditional_writes(&self) -> Result<bool> {
+        // "/" never appears in an export name, so the probe never meets a real lease.
+        let key = format!("{LEASE_PREFIX}probe/{}-{}", std::process::id(), crate::lease::unix_nanos());
+        self.put_text_if(&key, Expect::Absent, "probe").await?;
+        let honoured = self.put_text_if(&key, Expect::Absent, "probe").await?.is_none();
+        if let Err(e) = self.client.delete_object().bucket(&self.config.bucket).key(&key).send().await {
+            log::warn!("{self}: could not delete the probe object {key}: {}", fold(&self.to_string(), "DELETE", e));
+        }
+        Ok(honoured)
     }
 }
 
@@ -213,7 +245,23 @@ impl Backend for S3Backend {
     }
 
     fn read_record(&self, export: &ExportName) -> Result<Option<String>> {
-        runtime()?.block_on(self.get_text(&export.record_key()))
+        Ok(runtime()?.block_on(self.get_text(&export.record_key()))?.map(|v| v.text))
+    }
+
+    fn read_lease(&self, export: &ExportName) -> Result<Option<VersionedText>> {
+        runtime()?.block_on(self.get_text(&export.lease_key()))
+    }
+
+    fn replace_lease(&self, export: &ExportName, expected: Expect<'_>, text: &str) -> Result<Option<String>> {
+        runtime()?.block_on(self.put_text_if(&export.lease_key(), expected, text))
+    }
+
+    fn atomic_leases(&self) -> Result<bool> {
+        if let Some(&known) = self.atomic_leases.get() {
+            return Ok(known);
+        }
+        let honoured = runtime()?.block_on(self.probe_conditional_writes())?;
+        Ok(*self.atomic_leases.get_or_init(|| honoured))
     }
 
     fn write_record(&self, export: &ExportName, record: &str) -> Result<()> {
@@ -234,16 +282,12 @@ impl Backend for S3Backend {
     }
 
     fn delete_record(&self, export: &ExportName) -> Result<()> {
-        let key = export.record_key();
         runtime()?.block_on(async {
-            self.client
-                .delete_object()
-                .bucket(&self.config.bucket)
-                .key(&key)
-                .send()
-                .await
-                .map_err(|e| fold(&self.to_string(), &format!("DELETE {key}"), e))
-                .map(drop)
+            for key in [export.record_key(), export.lease_key()] {
+                let deleted = self.client.delete_object().bucket(&self.config.bucket).key(&key).send().await;
+                deleted.map_err(|e| fold(&self.to_string(), &format!("DELETE {key}"), e))?;
+            }
+            Ok(())
         })
     }
 

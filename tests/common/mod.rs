@@ -117,11 +117,71 @@ impl S3Env {
         })
     }
 
+    /// The object at `key` in `bucket` as text, or `None` if there is none.
+    pub fn get_text(&self, bucket: &str, key: &str) -> Option<String> {
+        self.with_client(async |client| {
+            let object = client.get_object().bucket(bucket).key(key).send().await.ok()?;
+            let body = object.body.collect().await.expect("body").into_bytes();
+            Some(String::from_utf8_lossy(&body).into_owned())
+        })
+    }
+
     /// Stores `data` at `key` in `bucket`, as another program might.
     pub fn put(&self, bucket: &str, key: &str, data: &[u8]) {
         self.with_client(async |client| {
             client.put_object().bucket(bucket).key(key).body(data.to_vec().into()).send().await.expect("put");
         })
+    }
+}
+
+/// A private S3 server from the `moto` package (`scripts/install-deps` installs it), for what
+/// Garage lacks: Garage ignores conditional writes, which the export lease needs. Stopped by
+/// PID on drop.
+pub struct MotoServer {
+    child: Child,
+    /// How to reach it.
+    pub env: S3Env,
+}
+
+/// Starts a moto S3 server on a free port, or returns `None` (after saying why) outside CI.
+pub fn moto() -> Option<MotoServer> {
+    let home = std::env::var("HOME").unwrap_or_default();
+    let binary =
+        std::env::var("NBDS3_MOTO_SERVER").unwrap_or_else(|_| format!("{home}/.cache/nbds3/moto/bin/moto_server"));
+    if !Path::new(&binary).exists() {
+        assert!(!in_ci(), "{binary} is missing: run scripts/install-deps");
+        eprintln!("SKIPPED: {binary} is missing (scripts/install-deps installs it)");
+        return None;
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
+    let child = Command::new(&binary)
+        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn moto_server");
+    let server = MotoServer {
+        child,
+        env: S3Env {
+            endpoint: format!("http://127.0.0.1:{port}"),
+            access_key: "moto-key".into(),
+            secret_key: "moto-secret".into(),
+        },
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "moto_server did not listen on port {port} within 30 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    nbds3::storage::s3::check_bucket(&server.env.config(TEST_BUCKET)).expect("create the test bucket in moto");
+    Some(server)
+}
+
+impl Drop for MotoServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -205,6 +265,11 @@ impl Nbdkit {
             std::thread::sleep(Duration::from_millis(20));
         };
         Nbdkit { child: None, pid, socket, dir }
+    }
+
+    /// nbdkit's process id.
+    pub fn pid(&self) -> u32 {
+        self.pid
     }
 
     /// What nbdkit wrote to stderr so far (empty for a daemon, which logs to syslog).

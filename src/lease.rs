@@ -1,0 +1,510 @@
+//! `Lease`: at most one writer per export, across processes and hosts.
+//!
+//! Two nbdkit processes writing one export would each cache and write back blocks the other
+//! cannot see, and the device would silently become a mix of both. So the first writable open of
+//! an export takes its lease, a small object `leases/{export}` naming the holder and when the
+//! lease expires, and renews it while it runs; another writer is refused with the holder's name.
+//! Taking and renewing are compare-and-swaps (S3 `If-None-Match: *` to create, `If-Match: ETag`
+//! to renew or take over), so two writers can never both believe they hold the lease. Read-only
+//! opens (`nbdkit -r`) never take it.
+//!
+//! | phase    | how it gets there                                       | writes to storage        |
+//! |----------|---------------------------------------------------------|--------------------------|
+//! | Free     | created; only read-only connections so far              | refused                  |
+//! | Held     | taken; renewed every `window / 3`                        | allowed until `valid_until` |
+//! | Lost     | a renewal found another writer's lease                  | refused (EIO)            |
+//! | Released | nbdkit is shutting down, after the last write-back      | refused                  |
+//!
+//! `valid_until` is when the last successful renewal *started* plus `window`, which is
+//! `lease-time` minus `s3-timeout`: the holder stops writing early enough that a PUT it started
+//! in time has landed, or failed, before anyone else may take the lease over. A holder that
+//! cannot renew (S3 unreachable) therefore fails writes with EIO once its window is over, and
+//! resumes when a renewal succeeds (which proves nobody took over in between).
+//!
+//! Another writer may take the lease over when it has expired (by the wall clock: hosts' clocks
+//! must agree to within a few seconds), when its holder released it, when its holder was a
+//! process of this very machine and boot that no longer exists (a `kill -9` and restart needs no
+//! waiting), or when the user says so with `lease-takeover=true`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::export::ExportName;
+use crate::storage::{Backend, Expect};
+use crate::{lock, Error, Result};
+
+/// How leases are taken and kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeaseConfig {
+    /// How long a lease lasts without renewal, in the eyes of other writers.
+    pub time: Duration,
+    /// Take the lease even from a live holder.
+    pub takeover: bool,
+    /// The bound on one storage request: the holder stops writing this long before its lease
+    /// could expire.
+    pub request_timeout: Duration,
+}
+
+impl LeaseConfig {
+    /// How long after a renewal starts writes stay allowed.
+    fn window(&self) -> Duration {
+        self.time.saturating_sub(self.request_timeout)
+    }
+}
+
+/// Nanoseconds since the Unix epoch, by the wall clock.
+pub(crate) fn unix_nanos() -> u128 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or_default()
+}
+
+fn unix_seconds() -> u64 {
+    (unix_nanos() / 1_000_000_000) as u64
+}
+
+/// This process, as a lease names it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Holder {
+    host: String,
+    /// The kernel's boot id: a pid means something only within one boot of one host.
+    boot: String,
+    pid: u32,
+}
+
+impl Holder {
+    fn this_process() -> Holder {
+        let mut name = [0u8; 256];
+        // SAFETY: gethostname writes at most `name.len()` bytes into the buffer we own.
+        let host = if unsafe { libc::gethostname(name.as_mut_ptr().cast(), name.len()) } == 0 {
+            let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+            String::from_utf8_lossy(name.get(..end).unwrap_or_default()).into_owned()
+        } else {
+            "unknown-host".into()
+        };
+        let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default().trim().to_string();
+        Holder { host, boot, pid: std::process::id() }
+    }
+
+    /// Whether this holder is a process of this machine's current boot that has exited.
+    fn is_gone(&self, me: &Holder) -> bool {
+        if self.host != me.host || self.boot.is_empty() {
+            return false;
+        }
+        if self.boot != me.boot {
+            return true;
+        }
+        let Ok(pid) = libc::pid_t::try_from(self.pid) else { return false };
+        // SAFETY: signal 0 only asks whether the process exists.
+        pid > 0
+            && unsafe { libc::kill(pid, 0) } != 0
+            && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
+    }
+}
+
+/// What a lease object says: `key=value` lines, readable by a person with `aws s3 cp`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct LeaseRecord {
+    holder: Holder,
+    /// Unique to one taking of the lease, so a renewal can tell its own lease from a successor's.
+    token: String,
+    /// Unix seconds after which others may take the lease; 0 once released.
+    expires: u64,
+}
+
+impl LeaseRecord {
+    fn to_text(&self) -> String {
+        let Holder { host, boot, pid } = &self.holder;
+        format!(
+            "holder=nbds3 {} pid {pid} on {host}\nhost={host}\nboot={boot}\npid={pid}\ntoken={}\nexpires={}\n",
+            env!("CARGO_PKG_VERSION"),
+            self.token,
+            self.expires
+        )
+    }
+
+    fn parse(text: &str) -> Option<LeaseRecord> {
+        let field = |name: &str| {
+            text.lines().find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix('='))).map(str::to_string)
+        };
+        Some(LeaseRecord {
+            holder: Holder { host: field("host")?, boot: field("boot")?, pid: field("pid")?.parse().ok()? },
+            token: field("token")?,
+            expires: field("expires")?.parse().ok()?,
+        })
+    }
+
+    /// `nbds3 pid 123 on host-a`, for messages.
+    fn describe(&self) -> String {
+        format!("pid {} on {}", self.holder.pid, self.holder.host)
+    }
+}
+
+#[derive(Debug)]
+enum Phase {
+    Free,
+    Held { version: String, token: String },
+    Lost(String),
+    Released,
+}
+
+/// The lease of one export, shared by its volume's storage and its writable connections.
+#[derive(Debug)]
+pub struct Lease {
+    backend: Arc<dyn Backend>,
+    export: ExportName,
+    config: LeaseConfig,
+    me: Holder,
+    phase: Mutex<Phase>,
+    /// Held while a renewal or the release talks to the backend, so that the release never
+    /// races a renewal of the same version (and loses to it, leaving the lease unreleased).
+    writing: Mutex<()>,
+    /// Wakes the renewal thread early, at release.
+    wake: Condvar,
+    /// Writes are allowed while `epoch.elapsed()` is below this many nanoseconds; 0 when not
+    /// held. Read without the lock on every write.
+    valid_until: AtomicU64,
+    epoch: Instant,
+}
+
+impl Lease {
+    /// The lease of `export` in `backend`, not yet taken.
+    pub fn new(backend: Arc<dyn Backend>, export: ExportName, config: LeaseConfig) -> Arc<Lease> {
+        Arc::new(Lease {
+            backend,
+            export,
+            config,
+            me: Holder::this_process(),
+            phase: Mutex::new(Phase::Free),
+            writing: Mutex::new(()),
+            wake: Condvar::new(),
+            valid_until: AtomicU64::new(0),
+            epoch: Instant::now(),
+        })
+    }
+
+    /// Takes the lease unless this process already holds it, and keeps renewing it.
+    ///
+    /// # Errors
+    /// [`Error::Lease`] naming the holder when another writer holds it, or when this process
+    /// lost it; backend failures while reading or writing the lease.
+    pub fn hold(self: &Arc<Self>) -> Result<()> {
+        let mut phase = lock(&self.phase);
+        match &*phase {
+            Phase::Held { .. } => Ok(()),
+            Phase::Lost(why) => Err(self.error(why.clone())),
+            Phase::Released => Err(self.error("the lease was released at shutdown")),
+            Phase::Free => {
+                let (version, token) = self.take()?;
+                *phase = Phase::Held { version, token };
+                drop(phase);
+                self.spawn_renewer();
+                Ok(())
+            }
+        }
+    }
+
+    /// Whether writes are allowed now: the lease is held and renewed within its window.
+    ///
+    /// # Errors
+    /// [`Error::Lease`] saying why not.
+    pub fn check(&self) -> Result<()> {
+        if self.elapsed_nanos() < self.valid_until.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        Err(self.error(match &*lock(&self.phase) {
+            Phase::Free => "this process does not hold the lease (it was opened read-only)".to_string(),
+            Phase::Held { .. } => format!(
+                "the lease could not be renewed within {} s (is S3 reachable?); writes fail until it is",
+                self.config.window().as_secs()
+            ),
+            Phase::Lost(why) => why.clone(),
+            Phase::Released => "the lease was released at shutdown".to_string(),
+        }))
+    }
+
+    /// Gives the lease up so that another writer can take it at once (at unload, after the last
+    /// write-back).
+    pub fn release(&self) {
+        let _writing = lock(&self.writing);
+        let mut phase = lock(&self.phase);
+        let Phase::Held { version, token } = std::mem::replace(&mut *phase, Phase::Released) else { return };
+        self.valid_until.store(0, Ordering::Release);
+        self.wake.notify_all();
+        let record = LeaseRecord { holder: self.me.clone(), token, expires: 0 };
+        match self.backend.replace_lease(&self.export, Expect::Version(&version), &record.to_text()) {
+            Ok(Some(_)) => log::info!("export {}: lease released", self.export),
+            Ok(None) => log::warn!("export {}: the lease had been taken over by another writer", self.export),
+            Err(e) => log::warn!("export {}: could not release the lease, it expires by itself: {e}", self.export),
+        }
+    }
+
+    fn error(&self, message: impl Into<String>) -> Error {
+        Error::Lease { export: self.export.to_string(), message: message.into() }
+    }
+
+    fn elapsed_nanos(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Allows writes until `window` after `started`.
+    fn extend_from(&self, started: Instant) {
+        let until = started.saturating_duration_since(self.epoch) + self.config.window();
+        self.valid_until.store(u64::try_from(until.as_nanos()).unwrap_or(u64::MAX), Ordering::Release);
+    }
+
+    fn new_record(&self, token: &str) -> LeaseRecord {
+        LeaseRecord {
+            holder: self.me.clone(),
+            token: token.to_string(),
+            expires: unix_seconds() + self.config.time.as_secs(),
+        }
+    }
+
+    /// Why the lease `current` may be taken over, and until when (Unix seconds) its holder may
+    /// still be writing; `None` if it may not be taken.
+    fn may_take(&self, current: Option<&LeaseRecord>) -> Option<(String, u64)> {
+        let now = unix_seconds();
+        match current {
+            Some(r) if r.expires == 0 => Some((format!("{} released it", r.describe()), 0)),
+            Some(r) if r.expires < now => {
+                Some((format!("the lease of {} expired {} s ago", r.describe(), now - r.expires), 0))
+            }
+            Some(r) if r.holder.is_gone(&self.me) => Some((format!("{} no longer runs", r.describe()), 0)),
+            // A live holder stops writing when it fails to renew, which is at the latest when
+            // its lease expires: until then the new holder must not write.
+            Some(r) if self.config.takeover => Some((format!("lease-takeover=true, from {}", r.describe()), r.expires)),
+            None if self.config.takeover => Some(("lease-takeover=true".into(), now + self.config.time.as_secs())),
+            _ => None,
+        }
+    }
+
+    /// Takes the lease: creates it if there is none, or replaces one that may be taken over.
+    fn take(&self) -> Result<(String, String)> {
+        let atomic = self.backend.atomic_leases()?;
+        if !atomic {
+            log::warn!(
+                "{}: the S3 server ignores conditional writes (If-None-Match, If-Match), so the lease of export {} \
+                 cannot stop two writers that start at the same moment; it still refuses a writer that starts \
+                 while another holds it. See \"One writer per export\" in the README.",
+                self.backend,
+                self.export
+            );
+        }
+        let token = format!("{:x}-{:x}", self.me.pid, unix_nanos());
+        // A lost race means another writer changed the lease between our read and our write:
+        // read it again, and refuse if that writer now holds it.
+        for _ in 0..3 {
+            let current = self.backend.read_lease(&self.export)?;
+            let started = Instant::now();
+            let text = self.new_record(&token).to_text();
+            let (written, previous_until) = match &current {
+                None => (self.backend.replace_lease(&self.export, Expect::Absent, &text)?, 0),
+                Some(v) => {
+                    let record = LeaseRecord::parse(&v.text);
+                    let Some((why, until)) = self.may_take(record.as_ref()) else {
+                        return Err(self.refusal(record.as_ref()));
+                    };
+                    log::warn!("export {}: taking over the lease: {why}", self.export);
+                    (self.backend.replace_lease(&self.export, Expect::Version(&v.version), &text)?, until)
+                }
+            };
+            let Some(version) = written else { continue };
+            let version = self.outwait(previous_until, version, &token)?;
+            if previous_until == 0 {
+                self.extend_from(started);
+            }
+            log::info!("export {}: lease taken (renewed every {} s)", self.export, self.renew_interval().as_secs());
+            return Ok((version, token));
+        }
+        Err(self.error("another writer kept changing the lease; try again"))
+    }
+
+    /// Waits until `until` (Unix seconds, plus a second for clock skew), when the previous holder
+    /// has stopped writing, then renews the lease it took at `version`; returns the new version.
+    fn outwait(&self, until: u64, version: String, token: &str) -> Result<String> {
+        if until == 0 {
+            return Ok(version);
+        }
+        let wait = Duration::from_secs((until + 1).saturating_sub(unix_seconds()));
+        log::warn!("export {}: waiting {} s for the previous writer's lease to run out", self.export, wait.as_secs());
+        std::thread::sleep(wait);
+        let started = Instant::now();
+        let renewed =
+            self.backend.replace_lease(&self.export, Expect::Version(&version), &self.new_record(token).to_text())?;
+        let version =
+            renewed.ok_or_else(|| self.error("another writer took the lease while this one waited for it"))?;
+        self.extend_from(started);
+        Ok(version)
+    }
+
+    fn refusal(&self, holder: Option<&LeaseRecord>) -> Error {
+        let who = match holder {
+            Some(r) => {
+                let left = r.expires.saturating_sub(unix_seconds());
+                format!("is held by another writer, nbds3 {}, for {left} s more unless renewed", r.describe())
+            }
+            None => format!("has a lease object ({}) this version cannot read", self.export.lease_key()),
+        };
+        self.error(format!(
+            "{who}; open it read-only (nbdkit -r), stop that writer, or take the lease with lease-takeover=true"
+        ))
+    }
+
+    fn renew_interval(&self) -> Duration {
+        (self.config.window() / 3).max(Duration::from_millis(100))
+    }
+
+    fn spawn_renewer(self: &Arc<Self>) {
+        let lease = self.clone();
+        let spawned = std::thread::Builder::new().name("nbds3-lease".into()).spawn(move || lease.renew_loop());
+        if let Err(e) = spawned {
+            log::error!("export {}: cannot start the lease renewal thread, writes will stop: {e}", self.export);
+        }
+    }
+
+    fn renew_loop(&self) {
+        let mut pause = self.renew_interval();
+        loop {
+            let phase = lock(&self.phase);
+            let (phase, _) = self.wake.wait_timeout(phase, pause).unwrap_or_else(std::sync::PoisonError::into_inner);
+            let Phase::Held { version, token } = &*phase else { return };
+            let (version, token) = (version.clone(), token.clone());
+            drop(phase);
+            pause = match self.renew(&version, &token) {
+                Ok(()) => self.renew_interval(),
+                Err(e) => {
+                    log::warn!("export {}: could not renew the lease, retrying: {e}", self.export);
+                    Duration::from_secs(1).min(self.renew_interval())
+                }
+            };
+        }
+    }
+
+    /// Renews the lease at `version`; marks it lost when another writer has replaced it.
+    fn renew(&self, version: &str, token: &str) -> Result<()> {
+        let _writing = lock(&self.writing);
+        if !matches!(&*lock(&self.phase), Phase::Held { version: v, .. } if v == version) {
+            return Ok(());
+        }
+        let started = Instant::now();
+        // A server that ignores If-Match cannot refuse a renewal over a successor's lease, so
+        // look first (this narrows the race; it cannot close it).
+        let successor = if self.backend.atomic_leases()? {
+            None
+        } else {
+            let current = self.backend.read_lease(&self.export)?;
+            current.map(|v| LeaseRecord::parse(&v.text)).filter(|r| r.as_ref().is_none_or(|r| r.token != token))
+        };
+        let written = match successor {
+            Some(_) => None,
+            None => {
+                self.backend.replace_lease(&self.export, Expect::Version(version), &self.new_record(token).to_text())?
+            }
+        };
+        let mut phase = lock(&self.phase);
+        let Phase::Held { version: held, .. } = &mut *phase else { return Ok(()) };
+        match written {
+            Some(new_version) => {
+                *held = new_version;
+                self.extend_from(started);
+            }
+            None => {
+                self.valid_until.store(0, Ordering::Release);
+                let holder =
+                    self.backend.read_lease(&self.export).ok().flatten().and_then(|v| LeaseRecord::parse(&v.text));
+                let who = holder.map(|r| format!("nbds3 {}", r.describe())).unwrap_or_else(|| "another writer".into());
+                let why = format!("the lease was taken over by {who}; this process no longer writes to the export");
+                log::error!("export {}: {why}", self.export);
+                *phase = Phase::Lost(why);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::MemoryBackend;
+
+    fn config(takeover: bool) -> LeaseConfig {
+        LeaseConfig { time: Duration::from_secs(6), takeover, request_timeout: Duration::from_secs(2) }
+    }
+
+    #[test]
+    fn records_round_trip_and_junk_is_not_a_record() {
+        let r = LeaseRecord { holder: Holder::this_process(), token: "t1".into(), expires: 123 };
+        assert_eq!(LeaseRecord::parse(&r.to_text()), Some(r));
+        assert_eq!(LeaseRecord::parse("hello"), None);
+        assert_eq!(LeaseRecord::parse("host=a\nboot=b\npid=x\ntoken=t\nexpires=1\n"), None);
+    }
+
+    #[test]
+    fn a_second_writer_is_refused_until_the_first_releases() {
+        let backend: Arc<dyn Backend> = Arc::new(MemoryBackend::default());
+        let dev = ExportName::new("dev").unwrap();
+        let first = Lease::new(backend.clone(), dev.clone(), config(false));
+        assert!(first.check().unwrap_err().to_string().contains("read-only"));
+        first.hold().unwrap();
+        first.hold().unwrap();
+        first.check().unwrap();
+
+        let second = Lease::new(backend.clone(), dev.clone(), config(false));
+        let e = second.hold().unwrap_err().to_string();
+        assert!(e.starts_with("export dev: is held by another writer, nbds3 pid"), "{e}");
+        assert!(e.contains("lease-takeover=true"), "{e}");
+
+        first.release();
+        assert!(first.check().unwrap_err().to_string().contains("released"));
+        second.hold().unwrap();
+        second.check().unwrap();
+        second.release();
+    }
+
+    #[test]
+    fn a_takeover_waits_out_the_old_lease_which_fences_its_holder() {
+        let backend: Arc<dyn Backend> = Arc::new(MemoryBackend::default());
+        let dev = ExportName::new("dev").unwrap();
+        let short = |takeover| LeaseConfig {
+            time: Duration::from_secs(2),
+            takeover,
+            request_timeout: Duration::from_millis(500),
+        };
+        let first = Lease::new(backend.clone(), dev.clone(), short(false));
+        first.hold().unwrap();
+        let second = Lease::new(backend.clone(), dev.clone(), short(true));
+        let started = Instant::now();
+        second.hold().unwrap();
+        assert!(started.elapsed() >= Duration::from_secs(1), "the takeover did not wait: {:?}", started.elapsed());
+        // By then the first holder's renewal has found the successor's lease.
+        let e = first.check().unwrap_err().to_string();
+        assert!(e.contains("the lease was taken over by nbds3 pid"), "{e}");
+        assert!(first.hold().is_err());
+        second.check().unwrap();
+    }
+
+    #[test]
+    fn expired_released_and_dead_holders_may_be_taken_over() {
+        let backend: Arc<dyn Backend> = Arc::new(MemoryBackend::default());
+        let lease = Lease::new(backend, ExportName::new("dev").unwrap(), config(false));
+        let me = Holder::this_process();
+        let record = |holder: Holder, expires| LeaseRecord { holder, token: "t".into(), expires };
+        let far = unix_seconds() + 3600;
+        let elsewhere = Holder { host: "elsewhere".into(), ..me.clone() };
+        assert_eq!(lease.may_take(Some(&record(elsewhere.clone(), far))), None);
+        let (why, until) = lease.may_take(Some(&record(elsewhere.clone(), 0))).unwrap();
+        assert!(why.contains("released") && until == 0, "{why}");
+        assert!(lease.may_take(Some(&record(elsewhere.clone(), 1))).unwrap().0.contains("expired"));
+        assert_eq!(lease.may_take(Some(&record(me.clone(), far))), None, "this very process is alive");
+        let dead = Holder { pid: u32::MAX >> 2, ..me.clone() };
+        assert_eq!(lease.may_take(Some(&record(dead, far))).unwrap().1, 0, "no wait for a dead holder");
+        let rebooted = Holder { boot: "another-boot".into(), ..me };
+        assert!(lease.may_take(Some(&record(rebooted, far))).unwrap().0.contains("no longer runs"));
+        assert_eq!(lease.may_take(None), None, "an unreadable lease is not taken without lease-takeover");
+
+        let forced = Lease::new(Arc::new(MemoryBackend::default()), ExportName::new("dev").unwrap(), config(true));
+        let (why, until) = forced.may_take(Some(&record(elsewhere, far))).unwrap();
+        assert!(why.starts_with("lease-takeover=true, from pid"), "{why}");
+        assert_eq!(until, far, "a live holder may write until its lease expires");
+    }
+}
