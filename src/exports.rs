@@ -103,14 +103,17 @@ pub struct Exports {
     config: Config,
     /// The backend, opened on first use (after nbdkit forks).
     backend: OnceLock<Arc<dyn Backend>>,
-    /// Open exports by name; kept until the process exits so their caches outlive connections.
-    volumes: Mutex<HashMap<ExportName, OpenExport>>,
+    /// Open exports by name, each opened once under its own lock; kept until the process exits
+    /// so their caches outlive connections. `None` while opening, or after opening failed.
+    volumes: Mutex<HashMap<ExportName, Arc<Mutex<Option<OpenExport>>>>>,
+    /// Set once the stats-file writer has been started (with the first export).
+    stats_writer: OnceLock<()>,
 }
 
 impl Exports {
     /// The exports of a finished `config`.
     pub fn new(config: Config) -> Self {
-        Exports { config, backend: OnceLock::new(), volumes: Mutex::new(HashMap::new()) }
+        Exports { config, backend: OnceLock::new(), volumes: Mutex::new(HashMap::new()), stats_writer: OnceLock::new() }
     }
 
     /// The export a client asked for (`""` means the configured default), with its lease held
@@ -129,8 +132,11 @@ impl Exports {
     }
 
     fn open_export(&self, name: ExportName) -> Result<OpenExport> {
-        let mut volumes = lock(&self.volumes);
-        if let Some(open) = volumes.get(&name) {
+        // The map is locked only to find the export's slot: opening one export (which lists its
+        // blocks in S3) must not hold up connections to the others.
+        let slot = lock(&self.volumes).entry(name.clone()).or_default().clone();
+        let mut slot = lock(&slot);
+        if let Some(open) = &*slot {
             return Ok(open.clone());
         }
         let backend = match self.backend.get() {
@@ -149,11 +155,9 @@ impl Exports {
         }
         let volume = Arc::new(Volume::new(storage, geometry, self.config.volume_config())?);
         volume.start_background_writer();
-        if volumes.is_empty() {
-            self.start_stats_writer();
-        }
+        self.stats_writer.get_or_init(|| self.start_stats_writer());
         let open = OpenExport { volume, lease };
-        volumes.insert(name, open.clone());
+        *slot = Some(open.clone());
         Ok(open)
     }
 
@@ -182,7 +186,9 @@ impl Exports {
     }
 
     fn snapshot(&self) -> Vec<(ExportName, OpenExport)> {
-        lock(&self.volumes).iter().map(|(n, v)| (n.clone(), v.clone())).collect()
+        let slots: Vec<_> = lock(&self.volumes).iter().map(|(n, slot)| (n.clone(), slot.clone())).collect();
+        // An export still opening has nothing to count or write back yet: skip it, don't wait.
+        slots.into_iter().filter_map(|(name, slot)| slot.try_lock().ok()?.clone().map(|open| (name, open))).collect()
     }
 
     /// Writes back every volume's dirty blocks, logs its counters and releases its lease (at

@@ -386,13 +386,14 @@ impl BlockCache {
     /// As [`write_back`](Self::write_back).
     pub fn write_back_oldest(&self, limit: u64, concurrency: usize) -> Result<()> {
         while self.dirty_bytes() > limit {
-            // `iter().rev()` walks from the least recently inserted, i.e. the oldest dirty block.
-            let slots: Vec<SlotRef> =
-                lock(&self.index).dirty.iter().rev().take(concurrency * 4).map(|(id, s)| (*id, s.clone())).collect();
+            // Oldest first (`iter().rev()` walks from the least recently inserted), all of them:
+            // the workers stop taking blocks once enough are written, so `concurrency` requests
+            // stay in flight until then rather than draining batch by batch.
+            let slots: Vec<SlotRef> = lock(&self.index).dirty.iter().rev().map(|(id, s)| (*id, s.clone())).collect();
             if slots.is_empty() {
                 return Ok(());
             }
-            self.write_back_slots(slots, concurrency)?;
+            self.write_back_slots_while(slots, concurrency, &|| self.dirty_bytes() > limit)?;
         }
         Ok(())
     }
@@ -423,13 +424,26 @@ impl BlockCache {
         result
     }
 
-    /// Deletes the blocks that became zeros in batches, and PUTs the rest concurrently.
+    /// Deletes the blocks that became zeros in batches, and PUTs the rest concurrently, in
+    /// ascending block order.
     fn write_back_slots(&self, mut slots: Vec<SlotRef>, concurrency: usize) -> Result<()> {
         slots.sort_by_key(|(id, _)| *id);
-        let (zeros, data): (Vec<SlotRef>, Vec<SlotRef>) =
+        self.write_back_slots_while(slots, concurrency, &|| true)
+    }
+
+    /// As [`write_back_slots`](Self::write_back_slots), in the order given, taking no new block
+    /// once `keep_going` says no.
+    fn write_back_slots_while(
+        &self,
+        slots: Vec<SlotRef>,
+        concurrency: usize,
+        keep_going: &(dyn Fn() -> bool + Sync),
+    ) -> Result<()> {
+        let (mut zeros, data): (Vec<SlotRef>, Vec<SlotRef>) =
             slots.into_iter().partition(|(_, slot)| matches!(lock(&slot.state).content, Content::Zero));
+        zeros.sort_by_key(|(id, _)| *id);
         let deleted = zeros.chunks(DELETE_BATCH).try_for_each(|chunk| self.delete_batch(chunk));
-        let written = parallel(data, concurrency, |(id, slot)| self.write_back_slot(id, &slot));
+        let written = parallel_while(data, concurrency, keep_going, |(id, slot)| self.write_back_slot(id, &slot));
         deleted.and(written)
     }
 
@@ -645,18 +659,30 @@ fn add_range(valid: &mut Vec<Range<usize>>, r: Range<usize>) {
 
 /// Runs `work` on every item, `concurrency` at a time, returning the first error.
 fn parallel<T: Send>(items: Vec<T>, concurrency: usize, work: impl Fn(T) -> Result<()> + Sync) -> Result<()> {
+    parallel_while(items, concurrency, &|| true, work)
+}
+
+/// As [`parallel`], but no worker takes a new item once `keep_going` returns false.
+fn parallel_while<T: Send>(
+    items: Vec<T>,
+    concurrency: usize,
+    keep_going: &(dyn Fn() -> bool + Sync),
+    work: impl Fn(T) -> Result<()> + Sync,
+) -> Result<()> {
     let workers = concurrency.clamp(1, items.len().max(1));
-    if workers == 1 {
-        return items.into_iter().try_for_each(work);
-    }
     let queue = Mutex::new(items.into_iter());
+    let next = || if keep_going() { lock(&queue).next() } else { None };
+    if workers == 1 {
+        return std::iter::from_fn(next).try_for_each(work);
+    }
     let first_error: Mutex<Option<Error>> = Mutex::new(None);
     std::thread::scope(|scope| {
         for _ in 0..workers {
-            scope.spawn(|| loop {
-                let Some(item) = lock(&queue).next() else { break };
-                if let Err(e) = work(item) {
-                    lock(&first_error).get_or_insert(e);
+            scope.spawn(|| {
+                while let Some(item) = next() {
+                    if let Err(e) = work(item) {
+                        lock(&first_error).get_or_insert(e);
+                    }
                 }
             });
         }

@@ -7,6 +7,7 @@
 
 pub mod cache;
 pub mod geometry;
+mod read_ahead;
 
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -16,6 +17,7 @@ pub use geometry::{Geometry, Piece, DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE, MIN_BLOC
 
 use crate::storage::{MeteredStorage, Storage};
 use crate::{lock, Error, Result};
+use read_ahead::ReadAhead;
 
 /// How a `Volume` caches and writes back.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,21 +43,8 @@ pub struct Volume {
     storage: Arc<MeteredStorage>,
     /// Wakes the background writer when dirty blocks pass half of `max_dirty_bytes`.
     wake: (Mutex<bool>, Condvar),
-    /// Sequential-read detection.
-    read_ahead: Mutex<ReadAhead>,
-}
-
-/// Where the last read ended and how far ahead of it blocks are being loaded.
-#[derive(Debug, Default)]
-struct ReadAhead {
-    /// The byte after the last read; a read starting here is sequential.
-    next: u64,
-    /// Bytes to load ahead; doubles with each sequential read up to a bound, 0 after a seek.
-    window: u64,
-    /// Everything before this offset has been prefetched already.
-    loaded_until: u64,
-    /// A read-ahead thread is running.
-    busy: bool,
+    /// Sequential-read detection, and the workers that load ahead.
+    read_ahead: ReadAhead,
 }
 
 impl Volume {
@@ -80,50 +69,8 @@ impl Volume {
             cache: BlockCache::new(storage.clone(), blocks(config.cache_bytes), geometry.blocks(), config.concurrency)?,
             storage,
             wake: (Mutex::new(false), Condvar::new()),
-            read_ahead: Mutex::new(ReadAhead::default()),
+            read_ahead: ReadAhead::default(),
         })
-    }
-
-    /// After a read of `len` bytes at `offset`: if reads are sequential, loads the blocks after
-    /// it in the background, in a window that doubles with every sequential read (up to a
-    /// quarter of the cache, at most 64 MiB), so the next reads find their blocks in memory.
-    fn read_ahead(self: &Arc<Self>, offset: u64, len: u64) {
-        if self.config.concurrency < 2 {
-            return; // memory storage: nothing to hide
-        }
-        let bs = self.geometry.block_size() as u64;
-        let max = (self.cache.capacity() as u64 * bs / 4).min(64 << 20);
-        let end = offset + len;
-        let (from, to) = {
-            let mut ra = lock(&self.read_ahead);
-            let sequential = offset == ra.next && offset != 0;
-            ra.next = end;
-            if !sequential {
-                ra.window = 0;
-                ra.loaded_until = 0;
-                return;
-            }
-            ra.window = (ra.window * 2).clamp(len.max(bs) * 2, max.max(bs));
-            let from = ra.loaded_until.max(end);
-            let to = (end + ra.window).min(self.geometry.size());
-            // Start more only when half the window is used up, and one batch at a time.
-            if ra.busy || from >= to || from > end + ra.window / 2 {
-                return;
-            }
-            ra.busy = true;
-            ra.loaded_until = to;
-            (from, to)
-        };
-        let volume = Arc::clone(self);
-        let spawned = std::thread::Builder::new().name("nbds3-readahead".into()).spawn(move || {
-            if let Err(e) = volume.prefetch(to - from, from) {
-                log::debug!("read-ahead of {} bytes at {from} failed: {e}", to - from);
-            }
-            lock(&volume.read_ahead).busy = false;
-        });
-        if spawned.is_err() {
-            lock(&self.read_ahead).busy = false;
-        }
     }
 
     /// Starts the background writer of this volume: it writes back the oldest dirty blocks once
@@ -199,7 +146,7 @@ impl Volume {
     /// [`Error::OutOfRange`], or the storage's error for a block that could not be read.
     pub fn read_sequentially(self: &Arc<Self>, buf: &mut [u8], offset: u64) -> Result<()> {
         self.read(buf, offset)?;
-        self.read_ahead(offset, buf.len() as u64);
+        self.read_ahead.after_read(self, offset, buf.len() as u64);
         Ok(())
     }
 

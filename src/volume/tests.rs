@@ -314,7 +314,16 @@ fn sequential_reads_load_ahead_in_the_background() {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
     assert!(s.reads.load(Relaxed) >= 4, "{} blocks read for 3 sequential reads", s.reads.load(Relaxed));
-    let before = s.reads.load(Relaxed);
+    // The workers go on through the window; wait until they are done.
+    let mut before = s.reads.load(Relaxed);
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let now = s.reads.load(Relaxed);
+        if now == before {
+            break;
+        }
+        before = now;
+    }
     v.read(&mut buf, 3 * BS as u64).unwrap();
     assert_eq!(s.reads.load(Relaxed), before, "the next block was already loaded");
     assert_eq!(buf, vec![5; BS]);
