@@ -7,7 +7,8 @@
 //!
 //! Concurrency comes from the callers: nbdkit's worker threads, and the write-back workers of the
 //! [`BlockCache`](crate::volume::BlockCache), each blocking on their own request. Retries with
-//! backoff (throttling and 5xx included) and timeouts are the SDK's, bounded by `s3-timeout`.
+//! backoff (throttling and 5xx included) and timeouts are the SDK's, bounded by `s3-timeout`,
+//! without the SDK's process-wide retry quota.
 
 use std::fmt;
 use std::sync::OnceLock;
@@ -16,6 +17,7 @@ use std::time::Duration;
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::BehaviorVersion;
+use aws_sdk_s3::config::retry::{RetryPartition, TokenBucket};
 use aws_sdk_s3::config::{Credentials, Region};
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
@@ -115,7 +117,14 @@ async fn build_client(config: &S3Config, max_attempts: u32) -> Client {
         loader = loader.credentials_provider(Credentials::new(id, &secret.0, None, None, "nbds3"));
     }
     let sdk = loader.load().await;
-    let mut builder = aws_sdk_s3::config::Builder::from(&sdk).force_path_style(config.path_style.unwrap_or(false));
+    // The SDK's default retry quota is one bucket of 500 tokens per process, and a throttled
+    // retry costs 5: a burst of 503 SlowDown over the requests of one large FLUSH empties it,
+    // after which the SDK stops retrying at all and the FLUSH fails. A block device must retry
+    // within `s3-timeout` instead; attempts and backoff still bound each request.
+    let unlimited = RetryPartition::custom("nbds3").token_bucket(TokenBucket::unlimited()).build();
+    let mut builder = aws_sdk_s3::config::Builder::from(&sdk)
+        .force_path_style(config.path_style.unwrap_or(false))
+        .retry_partition(unlimited);
     if let Some(endpoint) = &config.endpoint {
         builder = builder.endpoint_url(endpoint);
     }
