@@ -22,8 +22,8 @@ const DAEMON_LIFETIME: Duration = Duration::from_secs(600);
 /// Number of small files written, in nested directories.
 const SMALL_FILES: usize = 2000;
 
-/// Whether the tools, the privileges and the S3 server these tests need are here (when not: a
-/// printed reason outside CI, a panic in CI).
+/// Whether the tools and privileges these tests need are here (when not: a printed reason
+/// outside CI, a panic in CI).
 fn ready() -> bool {
     let mut tools = vec!["nbdkit", "mkfs.ext4", "fsck.ext4", "mount", "umount", "blockdev", "fstrim", "sha256sum"];
     tools.extend(if nbd_device_available() { &["nbd-client"][..] } else { &["qemu-storage-daemon", "losetup"] });
@@ -666,8 +666,8 @@ fn check_durable(mnt: &Path, durable: &[StreamFile], nbdkit: &Nbdkit) {
 ///    `mkfs.ext4 -b 4096`.
 /// 2. `CRASH_ROUNDS` times: mount; two threads write files (0 B to 1.3 MiB; every 3rd one
 ///    fsync'd with its directory, some others deleted again) as fast as they can; once at least
-///    30 fsyncs have returned and a few seconds (more each round) have passed, nbdkit gets
-///    SIGKILL while they are still writing. The dead device is torn down without hanging: the
+///    30 fsyncs have returned and a few seconds (more each round) have passed or 32 MiB were
+///    written, nbdkit gets SIGKILL while they are still writing. The dead device is torn down without hanging: the
 ///    writers stop at their first error, lazy unmount, detach, qemu-storage-daemon stopped,
 ///    every wait bounded, and nothing is left behind. A new nbdkit on the same export, a new
 ///    block device: mounting replays the journal; every file whose fsync returned before any of
