@@ -1,5 +1,5 @@
-//! A real kernel ext4 filesystem on an nbds3 device backed by the real S3 server, across an
-//! nbdkit restart.
+//! A real kernel ext4 filesystem on an nbds3 device, across a clean nbdkit restart (S3) and a
+//! `kill -9` in the middle of a stream of writes (S3 and a directory).
 //!
 //! The kernel reaches the NBD export through `nbd-client` and `/dev/nbdN` when the `nbd` module is
 //! loaded, and otherwise through qemu-storage-daemon's FUSE export (the export shows up as a
@@ -10,16 +10,25 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{run, run_ok, Nbdkit, S3Env, TEST_BUCKET};
+use common::{run, run_ok, Nbdkit, TEST_BUCKET};
 
 /// Longest any qemu-storage-daemon of this test may live before it is stopped regardless.
 const DAEMON_LIFETIME: Duration = Duration::from_secs(600);
 
 /// Number of small files written, in nested directories.
 const SMALL_FILES: usize = 2000;
+
+/// Whether the tools and privileges these tests need are here (when not: a printed reason
+/// outside CI, a panic in CI).
+fn ready() -> bool {
+    let mut tools = vec!["nbdkit", "mkfs.ext4", "fsck.ext4", "mount", "umount", "blockdev", "fstrim", "sha256sum"];
+    tools.extend(if nbd_device_available() { &["nbd-client"][..] } else { &["qemu-storage-daemon", "losetup"] });
+    tools.into_iter().all(common::have) && can_mount()
+}
 
 /// Whether this machine lets us attach block devices and mount them; panics in CI when not.
 fn can_mount() -> bool {
@@ -44,14 +53,17 @@ fn nbd_device_available() -> bool {
     Path::new("/dev/nbd0").exists()
 }
 
-fn params(env: &S3Env, export: &str) -> Vec<String> {
-    let mut p = env.params(TEST_BUCKET);
+/// The parameters of `export` (`size` when new) on the backend `store` names (`bucket=...` or
+/// `storage=file dir=...`), with `extra` ones.
+fn params(store: &[String], export: &str, size: &str, extra: &[&str]) -> Vec<String> {
+    let mut p = store.to_vec();
     p.push(format!("export={export}"));
-    p.push("size=1G".into());
+    p.push(format!("size={size}"));
     // Far less cache and dirty data than the files written, so evictions and early write-back
     // happen while the filesystem is busy, not only at sync.
     p.push("cache-size=32M".into());
     p.push("max-dirty=8M".into());
+    p.extend(extra.iter().map(|s| s.to_string()));
     p
 }
 
@@ -187,13 +199,31 @@ impl Device {
             }
         }
     }
-}
 
-impl Drop for Device {
-    /// Best-effort clean-up after a failure; `detach` has done it all on success.
-    fn drop(&mut self) {
+    /// Tears the device down after its nbdkit died, when every I/O fails: lazy unmount (the
+    /// kernel lets go of the filesystem once nothing uses it), detach, stop qemu-storage-daemon,
+    /// every wait bounded; then asserts that no mount, loop device or daemon is left.
+    fn abandon(mut self) {
+        let dev = self.dev.clone().expect("attached");
+        let mnt = self.mounted.clone();
+        self.release(true);
+        if let Some(mnt) = mnt {
+            assert!(!is_mountpoint(&mnt), "{} is still mounted", mnt.display());
+        }
+        if let Transport::Fuse { daemon, file, .. } = &mut self.transport {
+            assert!(matches!(daemon.try_wait(), Ok(Some(_))), "qemu-storage-daemon is still running");
+            assert!(!is_mountpoint(file), "{} is still mounted", file.display());
+            wait_until_detached(&dev);
+            assert!(!loop_attached(&dev), "{dev} is still attached");
+        }
+    }
+
+    /// Unmounts (lazily if `lazy`, else lazily only when a plain umount fails), detaches and
+    /// stops qemu-storage-daemon, as far as each is still to be done; never panics, every wait
+    /// bounded.
+    fn release(&mut self, lazy: bool) {
         if let Some(mnt) = self.mounted.take() {
-            if !run(Command::new("umount").arg(&mnt)).status.success() {
+            if lazy || !run(Command::new("umount").arg(&mnt)).status.success() {
                 let _ = run(Command::new("umount").arg("-l").arg(&mnt));
             }
         }
@@ -223,6 +253,13 @@ impl Drop for Device {
                 }
             }
         }
+    }
+}
+
+impl Drop for Device {
+    /// Best-effort clean-up after a failure; `detach` or `abandon` has done it all otherwise.
+    fn drop(&mut self) {
+        self.release(false);
     }
 }
 
@@ -268,12 +305,16 @@ fn is_mountpoint(path: &Path) -> bool {
     mounts.lines().any(|l| l.split(' ').nth(4) == Some(&*path))
 }
 
-/// `losetup -d` detaches lazily while something (udev, blkid) still has the device open.
+/// Whether loop device `dev` still has a backing file.
+fn loop_attached(dev: &str) -> bool {
+    Path::new(&format!("/sys/block/{}/loop/backing_file", dev.trim_start_matches("/dev/"))).exists()
+}
+
+/// `losetup -d` detaches lazily while something (udev, blkid, a lazily unmounted filesystem)
+/// still has the device open: waits up to 10 s for that.
 fn wait_until_detached(dev: &str) {
-    let name = dev.trim_start_matches("/dev/");
-    let backing = format!("/sys/block/{name}/loop/backing_file");
     let deadline = Instant::now() + Duration::from_secs(10);
-    while Path::new(&backing).exists() && Instant::now() < deadline {
+    while loop_attached(dev) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -389,22 +430,17 @@ fn step(started: Instant, what: &str) {
 /// daemon even when an assertion fails.
 #[test]
 fn ext4_survives_an_nbdkit_restart_on_s3() {
-    require!("nbdkit", "mkfs.ext4", "fsck.ext4", "mount", "umount", "blockdev", "fstrim", "sha256sum");
-    if !can_mount() {
+    if !ready() {
         return;
-    }
-    if nbd_device_available() {
-        require!("nbd-client");
-    } else {
-        require!("qemu-storage-daemon", "losetup");
     }
     let Some(env) = common::s3() else { return };
     let started = Instant::now();
     let export = common::unique("ext4");
     let tmp = tempfile::tempdir().unwrap();
+    let params = params(&env.params(TEST_BUCKET), &export, "1G", &[]);
 
     // Phase 1: make the filesystem and fill it.
-    let nbdkit = Nbdkit::start(&params(&env, &export));
+    let nbdkit = Nbdkit::start(&params);
     let mut device = Device::attach(&nbdkit, &tmp.path().join("first"));
     step(started, &format!("nbdkit serves export {export}; block device {}", device.dev()));
     assert_eq!(device.size(), 1 << 30);
@@ -440,7 +476,7 @@ fn ext4_survives_an_nbdkit_restart_on_s3() {
     );
 
     // Phase 2: a new nbdkit and a new block device on the same bucket and export.
-    let nbdkit = Nbdkit::start(&params(&env, &export));
+    let nbdkit = Nbdkit::start(&params);
     let mut device = Device::attach(&nbdkit, &tmp.path().join("second"));
     step(started, &format!("new nbdkit; block device {}", device.dev()));
     assert_eq!(device.size(), 1 << 30);
@@ -465,4 +501,227 @@ fn ext4_survives_an_nbdkit_restart_on_s3() {
     device.detach();
     nbdkit.stop();
     step(started, "unmounted, detached, nbdkit stopped");
+}
+
+/// Crash rounds per crash test: write, `kill -9`, restart, check; each starts where the last
+/// one's journal replay left the filesystem.
+const CRASH_ROUNDS: usize = 3;
+
+/// Threads writing files at once in each crash round, each its own stream of files.
+const WRITERS: usize = 2;
+
+/// fsyncs that must have returned in a crash round before nbdkit is killed.
+const FSYNCS_BEFORE_KILL: usize = 30;
+
+/// Bytes of files after which a crash round kills nbdkit even if its time is not up, so a fast
+/// machine cannot fill the 256 MiB filesystem in `CRASH_ROUNDS` rounds.
+const BYTES_BEFORE_KILL: u64 = 32 << 20;
+
+/// A file of the crash tests' write streams: (stream, index in the stream).
+type StreamFile = (usize, usize);
+
+/// Path (relative to the filesystem's root) of file `k` of write stream `stream`.
+fn stream_file((stream, k): StreamFile) -> String {
+    format!("w{stream}/f{k:05}")
+}
+
+/// Content of a stream's file: a small file's size, plus 1 MiB for every 16th file.
+fn stream_data((stream, k): StreamFile) -> Vec<u8> {
+    let extra = if k % 16 == 0 { 1 << 20 } else { 0 };
+    common::random_bytes(small_file_size(k) + extra, 2_000_000 + 100_000 * stream as u64 + k as u64)
+}
+
+/// Whether the write stream fsyncs file `k` (and its directory).
+fn stream_fsyncs(k: usize) -> bool {
+    k % 3 == 0
+}
+
+/// Writes the files of write stream `stream` into directory `w{stream}` under `root` until
+/// `stop` is set or something fails, and returns how many it wrote and why it stopped. Every 3rd
+/// file is fsync'd together with its directory, and only then pushed onto `synced`; every 10th
+/// file that is not fsync'd is deleted again 9 files later, so the journal carries frees as well
+/// as allocations. Adds the size of every file written to `bytes`.
+fn write_stream(
+    root: &Path,
+    stream: usize,
+    stop: &AtomicBool,
+    synced: &Mutex<Vec<StreamFile>>,
+    bytes: &AtomicU64,
+) -> (usize, String) {
+    use std::io::Write;
+    let dir = root.join(format!("w{stream}"));
+    let made = std::fs::create_dir(&dir)
+        .and_then(|()| std::fs::File::open(&dir)?.sync_all())
+        .and_then(|()| std::fs::File::open(root)?.sync_all());
+    if let Err(e) = made {
+        return (0, format!("mkdir {}: {e}", dir.display()));
+    }
+    for k in 0.. {
+        if stop.load(Ordering::SeqCst) {
+            return (k, "stopped".into());
+        }
+        let path = root.join(stream_file((stream, k)));
+        let data = stream_data((stream, k));
+        let written = std::fs::File::create(&path).and_then(|mut f| {
+            f.write_all(&data)?;
+            if stream_fsyncs(k) {
+                f.sync_all()?;
+                std::fs::File::open(&dir)?.sync_all()?;
+            }
+            Ok(())
+        });
+        if let Err(e) = written {
+            return (k, format!("file {k}: {e}"));
+        }
+        bytes.fetch_add(data.len() as u64, Ordering::SeqCst);
+        if stream_fsyncs(k) {
+            synced.lock().unwrap().push((stream, k));
+        }
+        if k % 10 == 9 && !stream_fsyncs(k - 9) {
+            if let Err(e) = std::fs::remove_file(root.join(stream_file((stream, k - 9)))) {
+                return (k + 1, format!("unlink {}: {e}", k - 9));
+            }
+        }
+    }
+    unreachable!()
+}
+
+/// Runs `WRITERS` write streams (numbered from `first_stream`) on the filesystem at `mnt` until
+/// at least `FSYNCS_BEFORE_KILL` fsyncs have returned and `at_least` has passed (or
+/// `BYTES_BEFORE_KILL` were written), then kills
+/// `nbdkit` with SIGKILL while they are still writing, and waits (bounded) for them to stop at
+/// their first error. Returns the files whose fsync had returned before the kill, and the bytes
+/// of files written by then.
+fn kill_9_while_writing(nbdkit: Nbdkit, mnt: &Path, first_stream: usize, at_least: Duration) -> (Vec<StreamFile>, u64) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let synced = Arc::new(Mutex::new(Vec::new()));
+    let bytes = Arc::new(AtomicU64::new(0));
+    let (done_tx, done_rx) = mpsc::channel();
+    let writers: Vec<_> = (first_stream..first_stream + WRITERS)
+        .map(|stream| {
+            let (stop, synced, bytes, done_tx) = (stop.clone(), synced.clone(), bytes.clone(), done_tx.clone());
+            let mnt = mnt.to_path_buf();
+            std::thread::spawn(move || {
+                let _ = done_tx.send((stream, write_stream(&mnt, stream, &stop, &synced, &bytes)));
+            })
+        })
+        .collect();
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(90);
+    let time_up = || started.elapsed() >= at_least || bytes.load(Ordering::SeqCst) >= BYTES_BEFORE_KILL;
+    while synced.lock().unwrap().len() < FSYNCS_BEFORE_KILL || !time_up() {
+        if let Ok((stream, (files, why))) = done_rx.try_recv() {
+            stop.store(true, Ordering::SeqCst);
+            panic!(
+                "stream {stream} stopped before the kill, after {files} files: {why}\n{}",
+                tail(&nbdkit.stderr(), 40)
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "fewer than {FSYNCS_BEFORE_KILL} fsyncs returned in 90 s\n{}",
+            tail(&nbdkit.stderr(), 40)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let durable = synced.lock().unwrap().clone();
+    let written = bytes.load(Ordering::SeqCst);
+    nbdkit.crash();
+    stop.store(true, Ordering::SeqCst);
+    for _ in &writers {
+        let (stream, (files, why)) =
+            done_rx.recv_timeout(Duration::from_secs(60)).expect("every writer stops within 60 s of the kill");
+        eprintln!("           stream {stream} stopped after {files} files: {why}");
+    }
+    writers.into_iter().for_each(|w| w.join().unwrap());
+    (durable, written)
+}
+
+/// Asserts that every file of `durable` under `mnt` has exactly its content.
+fn check_durable(mnt: &Path, durable: &[StreamFile], nbdkit: &Nbdkit) {
+    let mut wrong = Vec::new();
+    for &file in durable {
+        let expected = stream_data(file);
+        match std::fs::read(mnt.join(stream_file(file))) {
+            Ok(data) if data == expected => {}
+            Ok(data) => wrong.push(format!("{}: {} bytes, expected {}", stream_file(file), data.len(), expected.len())),
+            Err(e) => wrong.push(format!("{}: {e}", stream_file(file))),
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} of {} fsync'd files are wrong after kill -9 (wrong content where the sizes match): {:#?}\n\
+         nbdkit log (tail):\n{}",
+        wrong.len(),
+        durable.len(),
+        &wrong[..wrong.len().min(20)],
+        tail(&nbdkit.stderr(), 40)
+    );
+}
+
+/// `kill -9` during streams of writes, on the backend `store` names:
+///
+/// 1. nbdkit serves a new 256 MiB export (4 KiB blocks, 8 MiB dirty limit, `writeback-delay=1`
+///    so the background writer is busy too); the kernel sees it as a block device;
+///    `mkfs.ext4 -b 4096`.
+/// 2. `CRASH_ROUNDS` times: mount; two threads write files (0 B to 1.3 MiB; every 3rd one
+///    fsync'd with its directory, some others deleted again) as fast as they can; once at least
+///    30 fsyncs have returned and a few seconds (more each round) have passed or 32 MiB were
+///    written, nbdkit gets SIGKILL while they are still writing. The dead device is torn down without hanging: the
+///    writers stop at their first error, lazy unmount, detach, qemu-storage-daemon stopped,
+///    every wait bounded, and nothing is left behind. A new nbdkit on the same export, a new
+///    block device: mounting replays the journal; every file whose fsync returned before any of
+///    the kills so far has its exact content; after unmounting, `fsck.ext4 -fn` is clean.
+fn ext4_survives_kill_9_during_writes(store: &[String]) {
+    let started = Instant::now();
+    let export = common::unique("ext4-kill9");
+    let tmp = tempfile::tempdir().unwrap();
+    let params = params(store, &export, "256M", &["writeback-delay=1"]);
+
+    let mut nbdkit = Nbdkit::start(&params);
+    let mut device = Device::attach(&nbdkit, &tmp.path().join("dev0"));
+    run_ok(Command::new("mkfs.ext4").args(["-q", "-F", "-b", "4096", "-L", "nbds3"]).arg(device.dev()));
+    step(started, &format!("nbdkit serves export {export}; block device {}; mkfs.ext4 done", device.dev()));
+    let mut durable = Vec::new();
+    for round in 0..CRASH_ROUNDS {
+        let mnt = device.mount();
+        let at_least = Duration::from_millis(2000 + 1500 * round as u64);
+        let (synced, bytes) = kill_9_while_writing(nbdkit, &mnt, round * WRITERS, at_least);
+        let mib = bytes as f64 / (1 << 20) as f64;
+        step(started, &format!("round {round}: killed nbdkit (SIGKILL) after {mib:.1} MiB, {} fsyncs", synced.len()));
+        durable.extend(synced);
+        device.abandon();
+        step(started, "lazily unmounted, detached, qemu-storage-daemon stopped");
+
+        nbdkit = Nbdkit::start(&params);
+        device = Device::attach(&nbdkit, &tmp.path().join(format!("dev{}", round + 1)));
+        let mnt = device.mount();
+        step(started, &format!("new nbdkit; block device {}; mounted (journal replayed)", device.dev()));
+        check_durable(&mnt, &durable, &nbdkit);
+        device.umount();
+        fsck_clean(&device, &nbdkit, &format!("after kill -9 number {} and journal replay", round + 1));
+        step(started, &format!("all {} fsync'd files intact; unmounted; fsck.ext4 -fn clean", durable.len()));
+    }
+    device.detach();
+    nbdkit.stop();
+}
+
+/// The crash scenario of [`ext4_survives_kill_9_during_writes`] on the real S3 server.
+#[test]
+fn ext4_survives_kill_9_during_writes_on_s3() {
+    if !ready() {
+        return;
+    }
+    let Some(env) = common::s3() else { return };
+    ext4_survives_kill_9_during_writes(&env.params(TEST_BUCKET));
+}
+
+/// The crash scenario of [`ext4_survives_kill_9_during_writes`] on the file backend.
+#[test]
+fn ext4_survives_kill_9_during_writes_on_files() {
+    if !ready() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    ext4_survives_kill_9_during_writes(&["storage=file".into(), format!("dir={}", dir.path().display())]);
 }

@@ -77,6 +77,70 @@ fn slow_s3_is_slow_but_loses_nothing() {
     assert_eq!(nbdkit.nbdsh(&format!("{DATA}print(h.pread(3 << 20, 12345) == data(3, 3 << 20))")).trim(), "True");
 }
 
+/// S3 throttles (`503 SlowDown`) while a FLUSH writes back: the SDK retries each throttled PUT
+/// with backoff, the FLUSH succeeds in bounded time, and every byte is in S3 (a crash right after
+/// the FLUSH loses nothing); reads on a cold cache are throttled too and come back right.
+#[test]
+fn s3_throttling_is_retried_with_backoff() {
+    require!("nbdkit", "/usr/bin/python3");
+    let Some(env) = common::s3() else { return };
+    let proxy = Proxy::start(&env.endpoint);
+    let export = common::unique("throttle");
+    // 4 MiB in 64 KiB blocks: 64 PUTs at FLUSH, well below max-dirty so none goes out earlier.
+    let extra = ["s3-timeout=20", "block-size=64K"];
+    let nbdkit = Nbdkit::start(&params(&proxy.endpoint(), &export, &extra));
+    nbdkit.nbdsh(&format!("{DATA}h.pwrite(data(5, 4 << 20), 0)"));
+
+    // Each throttled operation gets at most 3 of the 8 503s, and the SDK makes 5 attempts; its
+    // throttling backoff is at most 1 + 2 + 4 s, so 20 s of s3-timeout is never reached. 8 is
+    // also far from exhausting the SDK's retry quota (see the ignored test below).
+    proxy.throttle(8);
+    let started = Instant::now();
+    nbdkit.nbdsh("h.flush()");
+    let elapsed = started.elapsed();
+    let throttled = proxy.throttled();
+    assert_eq!(throttled.len(), 8, "503s served during the FLUSH: {throttled:#?}");
+    assert!(throttled.iter().all(|r| r.starts_with("PUT ") && r.contains("/blocks/")), "throttled: {throttled:#?}");
+    assert!(elapsed < Duration::from_secs(20), "FLUSH took {elapsed:?} with at most 7 s of backoff per request");
+    nbdkit.crash();
+
+    let nbdkit = Nbdkit::start(&params(&env.endpoint, &export, &[]));
+    assert_eq!(nbdkit.nbdsh(&format!("{DATA}print(h.pread(4 << 20, 0) == data(5, 4 << 20))")).trim(), "True");
+    nbdkit.stop();
+
+    // Opening the export (LIST, the export record) and cold reads (GETs), throttled.
+    let nbdkit = Nbdkit::start(&params(&proxy.endpoint(), &export, &extra));
+    proxy.throttle(8);
+    let out = nbdkit.nbdsh(&format!("{DATA}print(h.pread(4 << 20, 0) == data(5, 4 << 20))"));
+    assert_eq!(out.trim(), "True", "read back through the throttling proxy");
+    let throttled = proxy.throttled();
+    assert_eq!(throttled.len(), 16, "503s served in all: {throttled:#?}");
+    assert!(throttled[8..].iter().all(|r| r.starts_with("GET ")), "throttled: {throttled:#?}");
+}
+
+/// Known bug, ignored until fixed: a burst of throttling spread over the requests of one FLUSH
+/// (200 `503 SlowDown` over 256 PUTs, at most 3 per request, so each request would succeed on
+/// its 4th of 5 attempts, well within s3-timeout) fails the FLUSH with EIO. The SDK's standard
+/// retry mode keeps a process-wide retry quota (500 tokens; a throttled retry takes 5, which are
+/// lost when the request needs yet another retry), and once it is empty the SDK stops retrying
+/// altogether, so every request that meets a 503 fails on its first attempt.
+#[test]
+#[ignore = "known bug: the AWS SDK's retry quota runs out under a burst of throttling"]
+fn a_burst_of_throttling_does_not_fail_a_flush() {
+    require!("nbdkit", "/usr/bin/python3");
+    let Some(env) = common::s3() else { return };
+    let proxy = Proxy::start(&env.endpoint);
+    let export = common::unique("burst");
+    let nbdkit = Nbdkit::start(&params(&proxy.endpoint(), &export, &["s3-timeout=30", "block-size=64K"]));
+    nbdkit.nbdsh(&format!("{DATA}h.pwrite(data(6, 16 << 20), 0)"));
+    proxy.throttle(200);
+    nbdkit.nbdsh("h.flush()");
+    assert_eq!(proxy.throttled().len(), 200, "503s served during the FLUSH");
+    nbdkit.crash();
+    let nbdkit = Nbdkit::start(&params(&env.endpoint, &export, &[]));
+    assert_eq!(nbdkit.nbdsh(&format!("{DATA}print(h.pread(16 << 20, 0) == data(6, 16 << 20))")).trim(), "True");
+}
+
 /// `kill -9` right after FLUSH returned: every flushed byte is there after a restart.
 #[test]
 fn flushed_data_survives_kill_9() {
