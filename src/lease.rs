@@ -26,7 +26,7 @@
 //! process of this very machine and boot that no longer exists (a `kill -9` and restart needs no
 //! waiting), or when the user says so with `lease-takeover=true`.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -50,6 +50,19 @@ impl LeaseConfig {
     /// How long after a renewal starts writes stay allowed.
     fn window(&self) -> Duration {
         self.time.saturating_sub(self.request_timeout)
+    }
+}
+
+/// Says, once per process, that the S3 server behind `store` ignores conditional writes and what
+/// that means for the lease.
+pub fn warn_without_conditional_writes(store: &str) {
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    if !WARNED.swap(true, Ordering::Relaxed) {
+        log::warn!(
+            "{store}: the S3 server ignores conditional writes (If-None-Match, If-Match), so the export lease \
+             cannot stop two writers that start at the same moment; it still refuses a writer that starts \
+             while another holds the export. See \"One writer per export\" in the README."
+        );
     }
 }
 
@@ -280,15 +293,8 @@ impl Lease {
 
     /// Takes the lease: creates it if there is none, or replaces one that may be taken over.
     fn take(&self) -> Result<(String, String)> {
-        let atomic = self.backend.atomic_leases()?;
-        if !atomic {
-            log::warn!(
-                "{}: the S3 server ignores conditional writes (If-None-Match, If-Match), so the lease of export {} \
-                 cannot stop two writers that start at the same moment; it still refuses a writer that starts \
-                 while another holds it. See \"One writer per export\" in the README.",
-                self.backend,
-                self.export
-            );
+        if !self.backend.atomic_leases()? {
+            warn_without_conditional_writes(&self.backend.to_string());
         }
         let token = format!("{:x}-{:x}", self.me.pid, unix_nanos());
         // A lost race means another writer changed the lease between our read and our write:

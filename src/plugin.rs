@@ -124,6 +124,9 @@ impl Server for Connection {
             if config.storage_kind() == StorageKind::S3 {
                 // Fail now, before nbdkit forks and reports success, on a typo or bad credentials.
                 storage::s3::check_bucket(&config.s3)?;
+                if config.lease_config().is_some() && !storage::s3::probe_conditional_writes(&config.s3)? {
+                    crate::lease::warn_without_conditional_writes(&config.s3.describe());
+                }
             }
             EXPORTS.set(Exports::new(config)).map_err(|_| Error::config("config", "configured twice"))
         })

@@ -126,16 +126,18 @@ fn a_lease_from_another_host_expires() {
     assert!(a.stderr().contains("expired"), "{}", a.stderr());
 }
 
-/// Garage ignores conditional writes: nbds3 says so, and still refuses a writer that starts
-/// while another holds the export.
+/// Garage ignores conditional writes: nbds3 says so at start-up, and still refuses a writer that
+/// starts while another holds the export.
 #[test]
 fn without_conditional_writes_a_warning_and_best_effort_refusal() {
     require!("nbdkit", "/usr/bin/python3");
     let Some(env) = common::s3() else { return };
     let export = common::unique("garage-lease");
     let a = Nbdkit::start(&params(&env, &export, &[]));
-    a.nbdsh("h.pwrite(b'a' * 4096, 0)\nh.flush()");
+    // Said at start-up, before any client connects, and only once.
     assert!(a.stderr().contains("the S3 server ignores conditional writes"), "{}", a.stderr());
+    a.nbdsh("h.pwrite(b'a' * 4096, 0)\nh.flush()");
+    assert_eq!(a.stderr().matches("ignores conditional writes").count(), 1, "{}", a.stderr());
     let b = Nbdkit::start(&params(&env, &export, &[]));
     assert!(!try_nbdsh(&b, "print(1)").status.success());
     assert!(b.stderr().contains(&format!("is held by another writer, nbds3 pid {} on", a.pid())), "{}", b.stderr());

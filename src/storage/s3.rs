@@ -11,7 +11,7 @@
 //! without the SDK's process-wide retry quota.
 
 use std::fmt;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use aws_config::retry::RetryConfig;
@@ -72,7 +72,8 @@ impl Default for S3Config {
 }
 
 impl S3Config {
-    fn describe(&self) -> String {
+    /// `S3Storage(endpoint/bucket)`, how messages name this store.
+    pub fn describe(&self) -> String {
         format!("S3Storage({}/{})", self.endpoint.as_deref().unwrap_or("aws"), self.bucket)
     }
 }
@@ -140,11 +141,7 @@ async fn build_client(config: &S3Config, max_attempts: u32) -> Client {
 /// [`Error::NotFound`], [`Error::PermissionDenied`], [`Error::Unauthenticated`] or
 /// [`Error::Backend`], each naming the bucket and endpoint.
 pub fn check_bucket(config: &S3Config) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| Error::backend(config.describe(), format!("cannot start a runtime: {e}")))?;
-    rt.block_on(async {
+    before_fork(config, async {
         // One retry only: a typo in the endpoint should fail in a second, not after backoff.
         let client = build_client(config, 2).await;
         let store = config.describe();
@@ -179,6 +176,35 @@ pub fn check_bucket(config: &S3Config) -> Result<()> {
     })
 }
 
+/// Runs `work` on a short-lived runtime of its own, which is gone when this returns: safe before
+/// nbdkit forks.
+fn before_fork<T>(config: &S3Config, work: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::backend(config.describe(), format!("cannot start a runtime: {e}")))?;
+    rt.block_on(work)
+}
+
+/// What [`probe_conditional_writes`] found, by store, for the backends opened after the fork.
+static CONDITIONAL_WRITES: Mutex<Vec<(String, bool)>> = Mutex::new(Vec::new());
+
+/// Finds out, at start-up, whether the server honours conditional writes (which the export
+/// lease relies on), by creating a probe object twice; the backends opened later reuse the
+/// answer. Runs on its own short-lived runtime, so it can be called before nbdkit forks.
+///
+/// # Errors
+/// As [`check_bucket`].
+pub fn probe_conditional_writes(config: &S3Config) -> Result<bool> {
+    let honoured = before_fork(config, async {
+        let backend =
+            S3Backend { client: build_client(config, 2).await, config: config.clone(), atomic_leases: OnceLock::new() };
+        backend.probe_conditional_writes().await
+    })?;
+    crate::lock(&CONDITIONAL_WRITES).push((config.describe(), honoured));
+    Ok(honoured)
+}
+
 /// The exports of one bucket: records at `exports/{export}`, leases at `leases/{export}`, blocks
 /// under `blocks/{export}/`.
 #[derive(Debug)]
@@ -196,7 +222,11 @@ impl S3Backend {
     /// [`Error::Backend`] if the runtime cannot start.
     pub fn new(config: &S3Config) -> Result<Self> {
         let client = runtime()?.block_on(client(config));
-        Ok(S3Backend { client, config: config.clone(), atomic_leases: OnceLock::new() })
+        let atomic_leases = OnceLock::new();
+        if let Some((_, known)) = crate::lock(&CONDITIONAL_WRITES).iter().find(|(s, _)| *s == config.describe()) {
+            let _ = atomic_leases.set(*known);
+        }
+        Ok(S3Backend { client, config: config.clone(), atomic_leases })
     }
 
     /// The text at `key` and its ETag, or `None` if there is no such object.
