@@ -7,11 +7,12 @@
 //!        │  pread/pwrite/flush/trim/zero callbacks
 //!   plugin.rs      thin glue: parameters → Config, Error → errno, panics caught
 //!        │
-//!   exports.rs     one Volume per export name, shared by all its connections
-//!        │
+//!   exports.rs     one Volume per export name, shared by all its connections, and the
+//!        │         export's Lease (lease.rs): at most one writing process per export
 //!   Volume         byte offsets → blocks; partial reads; read-modify-write; FUA; FLUSH
 //!   BlockCache     per-block locks, LRU of clean blocks, bounded set of dirty blocks
 //!        │  whole blocks only
+//!   MeteredStorage counts requests; FencedStorage lets writes through only under the lease
 //!   Storage        MemoryStorage │ FileStorage │ S3Storage
 //! ```
 //!
@@ -29,6 +30,8 @@
 //! * Concurrent partial writes to one block never lose an update.
 //! * Clean cached data never exceeds `cache-size`; dirty data is written back early once it
 //!   reaches `max-dirty`.
+//! * Blocks reach storage only while this process holds the export's lease; a process that
+//!   lost it fails writes and FLUSH with EIO rather than write over its successor's blocks.
 #![deny(missing_docs)]
 #![warn(unreachable_pub, missing_debug_implementations)]
 

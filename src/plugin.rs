@@ -20,6 +20,7 @@ static EXPORTS: OnceLock<Exports> = OnceLock::new();
 
 extern "C" {
     fn nbdkit_read_password(value: *const c_char, password: *mut *mut c_char) -> c_int;
+    fn nbdkit_export_name() -> *const c_char;
 }
 
 /// One client connection: the shared volume of the export it asked for.
@@ -67,6 +68,22 @@ fn read_password(value: &str) -> Result<String> {
     let secret = unsafe { CStr::from_ptr(out) }.to_string_lossy().into_owned();
     unsafe { libc::free(out.cast()) };
     Ok(secret)
+}
+
+/// The export name the client asked for, inside `open`: `""` when it named none. Read here
+/// rather than with `nbdkit::export_name()`, whose error for a name that is not UTF-8 would be
+/// indistinguishable from no name, and would quietly serve the default export.
+fn requested_export() -> Result<String> {
+    // SAFETY: during `open` nbdkit returns NULL or a NUL-terminated string it keeps alive.
+    let name = unsafe { nbdkit_export_name() };
+    if name.is_null() {
+        return Ok(String::new());
+    }
+    let bytes = unsafe { CStr::from_ptr(name) }.to_bytes();
+    String::from_utf8(bytes.to_vec()).map_err(|_| {
+        let shown = String::from_utf8_lossy(bytes).escape_debug().to_string();
+        Error::config("export", format!("invalid export name \"{shown}\": it is not UTF-8"))
+    })
 }
 
 impl Server for Connection {
@@ -141,7 +158,7 @@ impl Server for Connection {
 
     fn open(readonly: bool) -> nbdkit::Result<Box<dyn Server>> {
         guard("open", || {
-            let requested = nbdkit::export_name().unwrap_or_default();
+            let requested = requested_export()?;
             let export = configured()?.open(&requested, readonly)?;
             Ok(Box::new(Connection { export, readonly }) as Box<dyn Server>)
         })

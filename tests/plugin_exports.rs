@@ -48,7 +48,7 @@ fn exports_are_independent() {
 /// the reason in nbdkit's log, and nothing is created for them.
 #[test]
 fn hostile_export_names_are_refused() {
-    require!("nbdkit", "/usr/bin/python3");
+    require!("nbdkit", "/usr/bin/python3", "nbdinfo");
     let dir = tempfile::tempdir().unwrap();
     let nbdkit = Nbdkit::start(&file_params(dir.path(), &["size=16M"]));
     let long = "x".repeat(1000);
@@ -56,7 +56,12 @@ fn hostile_export_names_are_refused() {
         let out = nbdsh_export(&nbdkit, name, "print('connected')");
         assert!(out.starts_with("refused:"), "{name:?}: {out}");
     }
+    // A name that is not UTF-8 (%FF in the URI) is refused too, not mistaken for the default.
+    let uri = format!("nbd+unix:///caf%FF?socket={}", nbdkit.socket.display());
+    let out = common::run(Command::new("nbdinfo").arg("--size").arg(&uri));
+    assert!(!out.status.success(), "served: {}", String::from_utf8_lossy(&out.stdout));
     let log = nbdkit.stderr();
+    assert!(log.contains("invalid export name \"caf\u{fffd}\": it is not UTF-8"), "{log}");
     assert!(log.contains("invalid export name \"../../etc\": character '/' is not allowed"), "{log}");
     assert!(log.contains("the name is 1000 bytes long, the limit is 128"), "{log}");
     let created: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
