@@ -27,12 +27,14 @@ fn conformance_on(env: &S3Env) -> bool {
     atomic
 }
 
-/// `S3Storage` keeps the same contract as the memory and file backends, on Garage. Garage
-/// ignores conditional writes, and the backend finds that out rather than trusting them.
+/// `S3Storage` keeps the same contract as the memory and file backends, on Garage. Garage 2.5
+/// ignores conditional writes, and the backend finds that out (by probing) rather than trusting
+/// them; the lease checks then run without the compare-and-swap assertions.
 #[test]
 fn s3_storage_conformance() {
     let Some(env) = common::s3() else { return };
-    assert!(!conformance_on(&env), "Garage ignores If-None-Match; did it learn conditional writes?");
+    let atomic = conformance_on(&env);
+    eprintln!("this S3 server {} conditional writes", if atomic { "honours" } else { "ignores" });
 }
 
 /// On a server with conditional writes, leases are compare-and-swaps: racing creators, stale
