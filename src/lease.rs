@@ -146,7 +146,7 @@ impl LeaseRecord {
         })
     }
 
-    /// `nbds3 pid 123 on host-a`, for messages.
+    /// `pid 123 on host-a`, for messages.
     fn describe(&self) -> String {
         format!("pid {} on {}", self.holder.pid, self.holder.host)
     }
@@ -314,10 +314,11 @@ impl Lease {
                     (self.backend.replace_lease(&self.export, Expect::Version(&v.version), &text)?, until)
                 }
             };
-            let Some(version) = written else { continue };
-            let version = self.outwait(previous_until, version, &token)?;
+            let Some(mut version) = written else { continue };
             if previous_until == 0 {
                 self.extend_from(started);
+            } else {
+                version = self.outwait(previous_until, &version, &token)?;
             }
             log::info!("export {}: lease taken (renewed every {} s)", self.export, self.renew_interval().as_secs());
             return Ok((version, token));
@@ -327,16 +328,13 @@ impl Lease {
 
     /// Waits until `until` (Unix seconds, plus a second for clock skew), when the previous holder
     /// has stopped writing, then renews the lease it took at `version`; returns the new version.
-    fn outwait(&self, until: u64, version: String, token: &str) -> Result<String> {
-        if until == 0 {
-            return Ok(version);
-        }
+    fn outwait(&self, until: u64, version: &str, token: &str) -> Result<String> {
         let wait = Duration::from_secs((until + 1).saturating_sub(unix_seconds()));
         log::warn!("export {}: waiting {} s for the previous writer's lease to run out", self.export, wait.as_secs());
         std::thread::sleep(wait);
         let started = Instant::now();
         let renewed =
-            self.backend.replace_lease(&self.export, Expect::Version(&version), &self.new_record(token).to_text())?;
+            self.backend.replace_lease(&self.export, Expect::Version(version), &self.new_record(token).to_text())?;
         let version =
             renewed.ok_or_else(|| self.error("another writer took the lease while this one waited for it"))?;
         self.extend_from(started);
@@ -407,18 +405,25 @@ impl Lease {
                 self.backend.replace_lease(&self.export, Expect::Version(version), &self.new_record(token).to_text())?
             }
         };
+        // Who took the lease over, looked up before the phase lock is taken again.
+        let successor = match (&written, successor) {
+            (Some(_), _) => None,
+            (None, Some(known)) => Some(known),
+            (None, None) => {
+                Some(self.backend.read_lease(&self.export).ok().flatten().and_then(|v| LeaseRecord::parse(&v.text)))
+            }
+        };
         let mut phase = lock(&self.phase);
         let Phase::Held { version: held, .. } = &mut *phase else { return Ok(()) };
-        match written {
-            Some(new_version) => {
+        match (written, successor) {
+            (Some(new_version), _) => {
                 *held = new_version;
                 self.extend_from(started);
             }
-            None => {
+            (None, holder) => {
                 self.valid_until.store(0, Ordering::Release);
-                let holder =
-                    self.backend.read_lease(&self.export).ok().flatten().and_then(|v| LeaseRecord::parse(&v.text));
-                let who = holder.map(|r| format!("nbds3 {}", r.describe())).unwrap_or_else(|| "another writer".into());
+                let who =
+                    holder.flatten().map_or_else(|| "another writer".into(), |r| format!("nbds3 {}", r.describe()));
                 let why = format!("the lease was taken over by {who}; this process no longer writes to the export");
                 log::error!("export {}: {why}", self.export);
                 *phase = Phase::Lost(why);

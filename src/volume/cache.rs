@@ -386,10 +386,15 @@ impl BlockCache {
     /// As [`write_back`](Self::write_back).
     pub fn write_back_oldest(&self, limit: u64, concurrency: usize) -> Result<()> {
         while self.dirty_bytes() > limit {
-            // Oldest first (`iter().rev()` walks from the least recently inserted), all of them:
-            // the workers stop taking blocks once enough are written, so `concurrency` requests
-            // stay in flight until then rather than draining batch by batch.
-            let slots: Vec<SlotRef> = lock(&self.index).dirty.iter().rev().map(|(id, s)| (*id, s.clone())).collect();
+            // Oldest first (`iter().rev()` walks from the least recently inserted): enough to
+            // bring the dirty bytes down to `limit`, and one more per worker so that all of them
+            // stay busy to the end. The workers stop taking blocks once enough are written, so
+            // `concurrency` requests stay in flight until then rather than draining batch by
+            // batch; the loop takes more if partly written blocks freed less than a block each.
+            let excess = self.dirty_bytes().saturating_sub(limit).div_ceil(self.block_size as u64);
+            let wanted = usize::try_from(excess).unwrap_or(usize::MAX).saturating_add(concurrency);
+            let slots: Vec<SlotRef> =
+                lock(&self.index).dirty.iter().rev().take(wanted).map(|(id, s)| (*id, s.clone())).collect();
             if slots.is_empty() {
                 return Ok(());
             }
