@@ -154,7 +154,13 @@ def _worker(args):
     bucket, prefix, size, worker, put_start, seconds, get_start = args
     client = Client()
     client._connect()
-    payload = os.urandom(size)
+    # Every PUT carries bytes no other PUT carried: Garage stores data by content hash, so
+    # repeating one payload would be deduplicated (no disk write, much less CPU) and the
+    # "ceiling" would be one no block device can reach (measured: 2.3x less Garage CPU per 1 MiB
+    # PUT). Rewriting a 16-byte stamp in every 4 KiB makes each object and each of Garage's
+    # blocks unique, at the cost of a few microseconds here.
+    payload = bytearray(os.urandom(size))
+    stamps = range(0, size, 4096)
     keys = []
     put_ops = put_err = 0
     put_end = put_start
@@ -163,7 +169,10 @@ def _worker(args):
     deadline = put_start + seconds
     while time.time() < deadline:
         key = f"/{bucket}/{prefix}/w{worker:02d}/{put_ops:08d}"
-        status, _ = client.request("PUT", key, body=payload)
+        stamp = f"{worker:04d}{put_ops + put_err:012d}".encode()
+        for at in stamps:
+            payload[at:at + 16] = stamp
+        status, _ = client.request("PUT", key, body=bytes(payload))
         if status == 200:
             keys.append(key)
             put_ops += 1

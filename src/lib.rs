@@ -36,6 +36,7 @@
 #![warn(unreachable_pub, missing_debug_implementations)]
 
 pub mod admin;
+pub mod block_buf;
 pub mod config;
 pub mod error;
 pub mod export;

@@ -228,7 +228,7 @@ impl Server for Connection {
     fn write_at(&self, buf: &[u8], offset: u64, flags: Flags) -> nbdkit::Result<()> {
         guard("pwrite", || {
             self.export.check_writable()?;
-            self.export.volume.write(buf, offset, flags.contains(Flags::FUA))
+            self.export.volume.write_sequentially(buf, offset, flags.contains(Flags::FUA))
         })
     }
 

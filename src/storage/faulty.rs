@@ -6,7 +6,7 @@
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 
-use super::{BlockId, Storage};
+use super::{BlockBuf, BlockId, Storage};
 use crate::{Error, Result};
 
 /// Wraps `inner`, counting calls and failing chosen ones with [`Error::Backend`].
@@ -73,7 +73,7 @@ impl<S: Storage> Storage for FaultyStorage<S> {
         self.inner.block_size()
     }
 
-    fn read_block(&self, id: BlockId, buf: &mut [u8]) -> Result<bool> {
+    fn read_block(&self, id: BlockId, buf: &mut BlockBuf) -> Result<bool> {
         self.reads.fetch_add(1, Relaxed);
         self.check("read", &self.fail_reads, Some(id))?;
         self.inner.read_block(id, buf)

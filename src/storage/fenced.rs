@@ -7,7 +7,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use super::{BlockId, Storage};
+use super::{BlockBuf, BlockId, Storage};
 use crate::lease::Lease;
 use crate::Result;
 
@@ -36,7 +36,7 @@ impl Storage for FencedStorage {
         self.inner.block_size()
     }
 
-    fn read_block(&self, id: BlockId, buf: &mut [u8]) -> Result<bool> {
+    fn read_block(&self, id: BlockId, buf: &mut BlockBuf) -> Result<bool> {
         self.inner.read_block(id, buf)
     }
 
@@ -109,7 +109,7 @@ mod tests {
         ] {
             assert!(e.to_string().starts_with("export dev: this process does not hold the lease"), "{e}");
         }
-        assert!(!s.read_block(BlockId(1), &mut [0; 512]).unwrap());
+        assert!(!s.read_block(BlockId(1), &mut BlockBuf::zeroed(512)).unwrap());
         assert!(s.list_blocks().unwrap().is_empty());
         lease.hold().unwrap();
         s.write_block(BlockId(1), &[1; 512]).unwrap();

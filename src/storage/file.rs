@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use std::os::fd::AsRawFd;
 
-use super::{check_len, Backend, BlockId, Expect, Storage, VersionedText};
+use super::{check_len, Backend, BlockBuf, BlockId, Expect, Storage, VersionedText};
 use crate::export::{block_leaf, parse_block_leaf, ExportName, LEASE_PREFIX, RECORD_PREFIX};
 use crate::{Error, Result};
 
@@ -202,7 +202,7 @@ impl Storage for FileStorage {
         self.block_size
     }
 
-    fn read_block(&self, id: BlockId, buf: &mut [u8]) -> Result<bool> {
+    fn read_block(&self, id: BlockId, buf: &mut BlockBuf) -> Result<bool> {
         check_len(self, self.block_size, buf.len())?;
         let path = self.path(id);
         let mut file = match File::open(&path) {
@@ -290,7 +290,7 @@ mod tests {
         let export = ExportName::new("dev").unwrap();
         let s = FileStorage::open(root.path(), &export, 4096).unwrap();
         fs::write(root.path().join("blocks/dev/0000000000002000"), b"short").unwrap();
-        let e = s.read_block(BlockId(2), &mut [0u8; 4096]).unwrap_err();
+        let e = s.read_block(BlockId(2), &mut BlockBuf::zeroed(4096)).unwrap_err();
         assert!(matches!(e, Error::CorruptBlock { block: 2, .. }), "{e}");
         assert!(e.to_string().contains("is 5 bytes, expected 4096"), "{e}");
     }

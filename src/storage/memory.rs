@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::{Arc, Mutex};
 
-use super::{check_len, Backend, BlockId, Expect, Storage, VersionedText};
+use super::{check_len, Backend, BlockBuf, BlockId, Expect, Storage, VersionedText};
 use crate::export::ExportName;
 use crate::{lock, Result};
 
@@ -100,7 +100,7 @@ impl Storage for MemoryStorage {
         self.block_size
     }
 
-    fn read_block(&self, id: BlockId, buf: &mut [u8]) -> Result<bool> {
+    fn read_block(&self, id: BlockId, buf: &mut BlockBuf) -> Result<bool> {
         check_len(self, self.block_size, buf.len())?;
         match lock(&self.blocks).get(&id.0) {
             Some(data) => {

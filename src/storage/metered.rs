@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::{BlockId, Storage};
+use super::{BlockBuf, BlockId, Storage};
 use crate::Result;
 
 /// Request counters of one store.
@@ -85,7 +85,7 @@ impl Storage for MeteredStorage {
         self.inner.block_size()
     }
 
-    fn read_block(&self, id: BlockId, buf: &mut [u8]) -> Result<bool> {
+    fn read_block(&self, id: BlockId, buf: &mut BlockBuf) -> Result<bool> {
         let result = self.inner.read_block(id, buf);
         if let Ok(true) = result {
             self.stats.bytes_down.fetch_add(buf.len() as u64, Relaxed);
@@ -142,8 +142,8 @@ mod tests {
         );
         let s = MeteredStorage::new(Arc::new(MemoryStorage::new(512)));
         s.write_block(BlockId(1), &[1; 512]).unwrap();
-        s.read_block(BlockId(1), &mut [0; 512]).unwrap();
-        s.read_block(BlockId(2), &mut [0; 512]).unwrap();
+        s.read_block(BlockId(1), &mut BlockBuf::zeroed(512)).unwrap();
+        s.read_block(BlockId(2), &mut BlockBuf::zeroed(512)).unwrap();
         s.delete_blocks(&[BlockId(1), BlockId(2)]).unwrap();
         assert!(s.write_block(BlockId(1), &[1; 3]).is_err());
         let f = s.stats.fields();

@@ -8,6 +8,7 @@
 use std::fmt;
 use std::sync::Arc;
 
+pub use crate::block_buf::BlockBuf;
 use crate::export::ExportName;
 use crate::Result;
 
@@ -57,11 +58,13 @@ pub trait Storage: Send + Sync + fmt::Debug + fmt::Display {
     fn block_size(&self) -> usize;
 
     /// Reads block `id` into `buf`, returning whether it is stored (`false`: `buf` is zeroed).
+    /// Every byte of `buf` is overwritten (callers pass recycled buffers); a backend may also
+    /// replace the buffer with one of its own of the same length.
     ///
     /// # Errors
     /// Backend failures, and [`Error::CorruptBlock`](crate::Error::CorruptBlock) for a stored
     /// object of the wrong size.
-    fn read_block(&self, id: BlockId, buf: &mut [u8]) -> Result<bool>;
+    fn read_block(&self, id: BlockId, buf: &mut BlockBuf) -> Result<bool>;
 
     /// Stores `data` as block `id`, replacing what was there.
     ///

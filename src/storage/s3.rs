@@ -11,7 +11,7 @@
 //! without the SDK's process-wide retry quota.
 
 use std::fmt;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use aws_config::retry::RetryConfig;
@@ -21,13 +21,12 @@ use aws_sdk_s3::config::retry::{RetryPartition, TokenBucket};
 use aws_sdk_s3::config::{Credentials, Region};
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
-use aws_sdk_s3::Client;
-
-use std::sync::Arc;
-
 use aws_sdk_s3::types::{Delete, ObjectIdentifier};
+use aws_sdk_s3::Client;
+use bytes::Bytes;
+use tokio::sync::{Semaphore, SemaphorePermit};
 
-use super::{check_len, Backend, BlockId, Expect, Storage, VersionedText};
+use super::{check_len, Backend, BlockBuf, BlockId, Expect, Storage, VersionedText};
 use crate::config::Secret;
 use crate::export::{parse_block_leaf, ExportName, LEASE_PREFIX, RECORD_PREFIX};
 use crate::{Error, Result};
@@ -356,6 +355,10 @@ pub struct S3Storage {
     block_size: usize,
     /// `S3Storage(endpoint/bucket/blocks/export/)`, for messages.
     name: String,
+    /// One permit per block request in flight: however many callers (readers, read-ahead,
+    /// write-behind, the background writer, FLUSH) want S3 at once, `s3-concurrency` bounds the
+    /// requests, and the memory of the PUT bodies with them.
+    permits: Arc<Semaphore>,
 }
 
 impl S3Storage {
@@ -367,7 +370,13 @@ impl S3Storage {
             config.bucket,
             export.block_prefix()
         );
-        S3Storage { client, bucket: config.bucket.clone(), export: export.clone(), block_size, name }
+        let permits = Arc::new(Semaphore::new(config.concurrency.max(1)));
+        S3Storage { client, bucket: config.bucket.clone(), export: export.clone(), block_size, name, permits }
+    }
+
+    /// Waits for a request permit. The semaphore is never closed, so this cannot fail.
+    async fn permit(&self) -> Option<SemaphorePermit<'_>> {
+        self.permits.acquire().await.ok()
     }
 
     fn key(&self, id: BlockId) -> String {
@@ -386,41 +395,44 @@ impl Storage for S3Storage {
         self.block_size
     }
 
-    fn read_block(&self, id: BlockId, buf: &mut [u8]) -> Result<bool> {
+    fn read_block(&self, id: BlockId, buf: &mut BlockBuf) -> Result<bool> {
         check_len(self, self.block_size, buf.len())?;
-        let key = self.key(id);
-        runtime()?.block_on(async {
-            let object = match self.client.get_object().bucket(&self.bucket).key(&key).send().await {
-                Ok(o) => o,
-                Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => {
-                    buf.fill(0);
-                    return Ok(false);
-                }
-                Err(e) => return Err(fold(&self.name, &format!("GET {key}"), e)),
-            };
-            let body = object
-                .body
-                .collect()
-                .await
-                .map_err(|e| Error::backend(self, format!("GET {key}: reading the body: {e}")))?;
-            let bytes = body.into_bytes();
-            if bytes.len() != buf.len() {
-                return Err(Error::CorruptBlock {
-                    store: self.name.clone(),
-                    block: id.0,
-                    message: format!("object {key} is {} bytes, expected {}", bytes.len(), buf.len()),
-                });
+        // The body reaches the runtime in many chunks; awaited on this (nbdkit) thread, each one
+        // would cost a thread wake-up. A task on the runtime gathers the whole block into a
+        // buffer of its own, wakes this thread once, and the buffers are swapped.
+        let get = Get {
+            client: self.client.clone(),
+            bucket: self.bucket.clone(),
+            key: self.key(id),
+            name: self.name.clone(),
+            block: id,
+            len: buf.len(),
+            permits: self.permits.clone(),
+        };
+        let rt = runtime()?;
+        let fetched = rt
+            .block_on(rt.spawn(get.run()))
+            .map_err(|e| Error::backend(self, format!("GET {}: the request's task failed: {e}", self.key(id))))??;
+        match fetched {
+            Some(block) => {
+                *buf = block;
+                Ok(true)
             }
-            buf.copy_from_slice(&bytes);
-            Ok(true)
-        })
+            None => {
+                buf.fill(0);
+                Ok(false)
+            }
+        }
     }
 
     fn write_block(&self, id: BlockId, data: &[u8]) -> Result<()> {
         check_len(self, self.block_size, data.len())?;
         let key = self.key(id);
-        let body = ByteStream::from(data.to_vec());
         runtime()?.block_on(async {
+            let _permit = self.permit().await;
+            // The SDK needs an owned body (it may resend it); a recycled buffer spares the page
+            // faults of a fresh one.
+            let body = ByteStream::from(Bytes::from_owner(BlockBuf::copy_of(data)));
             self.client
                 .put_object()
                 .bucket(&self.bucket)
@@ -440,6 +452,7 @@ impl Storage for S3Storage {
     fn delete_block(&self, id: BlockId) -> Result<()> {
         let key = self.key(id);
         runtime()?.block_on(async {
+            let _permit = self.permit().await;
             self.client
                 .delete_object()
                 .bucket(&self.bucket)
@@ -521,6 +534,58 @@ impl Storage for S3Storage {
     fn flush(&self) -> Result<()> {
         // S3 acknowledges a PUT or DELETE only once it is durable: there is nothing to flush.
         Ok(())
+    }
+}
+
+/// One block GET, owning what it needs so that it can run as a task of its own.
+struct Get {
+    client: Client,
+    bucket: String,
+    key: String,
+    name: String,
+    block: BlockId,
+    len: usize,
+    permits: Arc<Semaphore>,
+}
+
+impl Get {
+    /// The block's bytes, or `None` if it is not stored.
+    async fn run(self) -> Result<Option<BlockBuf>> {
+        let _permit = self.permits.acquire().await.ok();
+        let key = &self.key;
+        let object = match self.client.get_object().bucket(&self.bucket).key(key).send().await {
+            Ok(o) => o,
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => return Ok(None),
+            Err(e) => return Err(fold(&self.name, &format!("GET {key}"), e)),
+        };
+        let expected = self.len;
+        let corrupt = |size: String| Error::CorruptBlock {
+            store: self.name.clone(),
+            block: self.block.0,
+            message: format!("object {key} is {size} bytes, expected {expected}"),
+        };
+        if let Some(len) = object.content_length().filter(|&len| len != expected as i64) {
+            return Err(corrupt(len.to_string()));
+        }
+        // Chunk by chunk into one buffer: collecting the body first would cost a second
+        // block-sized buffer and copy. Storage overwrites all of it, so a recycled one will do.
+        let mut buf = BlockBuf::recycled(expected);
+        let mut body = object.body;
+        let mut filled = 0;
+        while let Some(chunk) = body
+            .try_next()
+            .await
+            .map_err(|e| Error::backend(&self.name, format!("GET {key}: reading the body: {e}")))?
+        {
+            let end = filled + chunk.len();
+            let Some(dst) = buf.get_mut(filled..end) else { return Err(corrupt(format!("more than {filled}"))) };
+            dst.copy_from_slice(&chunk);
+            filled = end;
+        }
+        if filled != expected {
+            return Err(corrupt(filled.to_string()));
+        }
+        Ok(Some(buf))
     }
 }
 

@@ -37,6 +37,7 @@ use std::sync::{Arc, Mutex};
 
 use lru::LruCache;
 
+use crate::block_buf::BlockBuf;
 use crate::storage::{is_zero, BlockId, Storage};
 use crate::{lock, Error, Result};
 
@@ -49,7 +50,7 @@ const DELETE_BATCH: usize = 1000;
 enum Content {
     Unloaded,
     Zero,
-    Data(Arc<Vec<u8>>),
+    Data(Arc<BlockBuf>),
     /// Written in part over a stored block that was never read, so the write needed no read:
     /// `valid` are the bytes written (sorted, disjoint, not touching); the rest of `data` is
     /// filled from storage when the block is read there or written back.
@@ -249,7 +250,8 @@ impl BlockCache {
         let whole = data.len() == self.block_size;
         self.with_slot(id, true, |st| {
             if whole {
-                st.content = if is_zero(data) { Content::Zero } else { Content::Data(Arc::new(data.to_vec())) };
+                st.content =
+                    if is_zero(data) { Content::Zero } else { Content::Data(Arc::new(BlockBuf::copy_of(data))) };
                 st.gen += 1;
                 return Ok(());
             }
@@ -263,7 +265,7 @@ impl BlockCache {
             match &mut st.content {
                 Content::Zero if is_zero(data) => return Ok(()),
                 Content::Zero | Content::Unloaded => {
-                    let mut block = vec![0; self.block_size];
+                    let mut block = BlockBuf::zeroed(self.block_size);
                     block[range].copy_from_slice(data);
                     st.content = Content::Data(Arc::new(block));
                 }
@@ -272,7 +274,7 @@ impl BlockCache {
                     block[range.clone()].copy_from_slice(data);
                     add_range(valid, range);
                     if valid.first() == Some(&(0..self.block_size)) {
-                        st.content = Content::Data(Arc::new(std::mem::take(block)));
+                        st.content = Content::Data(Arc::new(BlockBuf::copy_of(block)));
                     }
                 }
             }
@@ -622,13 +624,21 @@ impl BlockCache {
             self.stats.hits.fetch_add(1, Relaxed);
             return Ok(());
         }
-        let mut buf = vec![0; self.block_size];
-        if lock(&self.index).allocated.contains(&id.0) {
+        let stored = lock(&self.index).allocated.contains(&id.0);
+        let mut buf = if stored {
             self.stats.misses.fetch_add(1, Relaxed);
+            // Storage overwrites all of it.
+            let mut buf = BlockBuf::recycled(self.block_size);
             self.storage.read_block(id, &mut buf)?;
+            buf
         } else {
             self.stats.holes.fetch_add(1, Relaxed);
-        }
+            if !matches!(st.content, Content::Partial { .. }) {
+                st.content = Content::Zero;
+                return Ok(());
+            }
+            BlockBuf::zeroed(self.block_size)
+        };
         if let Content::Partial { data, valid } = &st.content {
             self.stats.read_modify_writes.fetch_add(1, Relaxed);
             for v in valid {

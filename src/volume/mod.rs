@@ -7,7 +7,7 @@
 
 pub mod cache;
 pub mod geometry;
-mod read_ahead;
+mod streams;
 
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -17,7 +17,7 @@ pub use geometry::{Geometry, Piece, DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE, MIN_BLOC
 
 use crate::storage::{MeteredStorage, Storage};
 use crate::{lock, Error, Result};
-use read_ahead::ReadAhead;
+use streams::Streams;
 
 /// How a `Volume` caches and writes back.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,10 +41,10 @@ pub struct Volume {
     cache: BlockCache,
     /// The storage under the cache, counting its requests.
     storage: Arc<MeteredStorage>,
-    /// Wakes the background writer when dirty blocks pass half of `max_dirty_bytes`.
+    /// Wakes the background writer when dirty blocks pass `max_dirty_bytes`.
     wake: (Mutex<bool>, Condvar),
-    /// Sequential-read detection, and the workers that load ahead.
-    read_ahead: ReadAhead,
+    /// Sequential reads and writes, and the workers that load ahead and write behind them.
+    streams: Streams,
 }
 
 impl Volume {
@@ -69,14 +69,17 @@ impl Volume {
             cache: BlockCache::new(storage.clone(), blocks(config.cache_bytes), geometry.blocks(), config.concurrency)?,
             storage,
             wake: (Mutex::new(false), Condvar::new()),
-            read_ahead: ReadAhead::default(),
+            streams: Streams::default(),
         })
     }
 
     /// Starts the background writer of this volume: it writes back the oldest dirty blocks once
-    /// more than half of `max-dirty` is dirty (so writers rarely wait), and, with a
-    /// `writeback_delay`, every block that has been dirty that long. It stops when the volume is
-    /// dropped. Call it after nbdkit forks.
+    /// more than `max-dirty` is dirty, and, with a `writeback_delay`, every block that has been
+    /// dirty that long. It stops when the volume is dropped. Call it after nbdkit forks.
+    ///
+    /// Below `max-dirty` nothing is written back early (but what sequential writers leave behind,
+    /// see [`streams`]): a working set of random writes that fits costs one PUT per block at
+    /// FLUSH, however often it is rewritten.
     pub fn start_background_writer(self: &Arc<Self>) {
         let volume: Weak<Volume> = Arc::downgrade(self);
         let tick =
@@ -95,8 +98,8 @@ impl Volume {
                     std::mem::take(&mut *guard)
                 };
                 let mut result = Ok(());
-                if woken || v.cache.dirty_bytes() > v.config.max_dirty_bytes / 2 {
-                    result = v.cache.write_back_oldest(v.config.max_dirty_bytes / 4, v.config.concurrency);
+                if woken || v.cache.dirty_bytes() > v.config.max_dirty_bytes {
+                    result = v.cache.write_back_oldest(v.background_target(), v.config.concurrency);
                 }
                 if v.config.writeback_delay.is_some() {
                     result = result.and(v.cache.write_back(&seen, v.config.concurrency));
@@ -143,10 +146,20 @@ impl Volume {
     /// Reads `buf.len()` bytes at `offset`, and reads ahead when reads are sequential.
     ///
     /// # Errors
-    /// [`Error::OutOfRange`], or the storage's error for a block that could not be read.
+    /// As [`read`](Self::read).
     pub fn read_sequentially(self: &Arc<Self>, buf: &mut [u8], offset: u64) -> Result<()> {
         self.read(buf, offset)?;
-        self.read_ahead.after_read(self, offset, buf.len() as u64);
+        self.streams.after_read(self, offset, buf.len() as u64);
+        Ok(())
+    }
+
+    /// Writes `data` at `offset`, and writes back behind writes that are sequential.
+    ///
+    /// # Errors
+    /// As [`write`](Self::write).
+    pub fn write_sequentially(self: &Arc<Self>, data: &[u8], offset: u64, fua: bool) -> Result<()> {
+        self.write(data, offset, fua)?;
+        self.streams.after_write(self, offset, data.len() as u64);
         Ok(())
     }
 
@@ -260,23 +273,28 @@ impl Volume {
         Ok(())
     }
 
-    /// Writes back the oldest dirty blocks while there are too many, so dirty memory stays bounded
-    /// and a writer waits only when storage cannot keep up.
+    /// Past `max-dirty`, wakes the background writer and writes back the oldest blocks until
+    /// there is room: a writer waits only when write-back cannot keep up.
     fn make_room(&self) -> Result<()> {
-        let dirty = self.cache.dirty_bytes();
         let max = self.config.max_dirty_bytes;
-        if dirty > max / 2 {
+        // At the limit but not past it: writes to blocks already dirty add nothing, so let them in.
+        if self.cache.dirty_bytes() <= max {
+            return Ok(());
+        }
+        {
             let (flag, condvar) = &self.wake;
             *lock(flag) = true;
             condvar.notify_one();
         }
-        // At the limit but not past it: writes to blocks already dirty add nothing, so let them in.
-        if dirty <= max {
-            return Ok(());
-        }
-        let bs = self.geometry.block_size() as u64;
-        let target = max.saturating_sub(self.config.concurrency as u64 * bs).max(max / 2);
-        self.cache.write_back_oldest(target, self.config.concurrency)
+        self.cache.write_back_oldest(max, self.config.concurrency)
+    }
+
+    /// Where the background writer stops: a round of requests (`concurrency` blocks, at most a
+    /// quarter of `max-dirty`) below `max-dirty`, so that writers find room for a while.
+    fn background_target(&self) -> u64 {
+        let round = self.config.concurrency as u64 * self.geometry.block_size() as u64;
+        let max = self.config.max_dirty_bytes;
+        max - round.min(max / 4)
     }
 }
 

@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use super::*;
 use crate::storage::faulty::FaultyStorage;
-use crate::storage::BlockId;
 use crate::storage::MemoryStorage;
+use crate::storage::{BlockBuf, BlockId};
 
 const BS: usize = 4096;
 
@@ -33,8 +33,8 @@ fn roomy() -> VolumeConfig {
 }
 
 fn stored(s: &FaultyStorage<MemoryStorage>, id: u64) -> Option<Vec<u8>> {
-    let mut buf = vec![0; BS];
-    s.inner().read_block(BlockId(id), &mut buf).unwrap().then_some(buf)
+    let mut buf = BlockBuf::zeroed(BS);
+    s.inner().read_block(BlockId(id), &mut buf).unwrap().then(|| buf.to_vec())
 }
 
 #[test]
@@ -330,6 +330,44 @@ fn sequential_reads_load_ahead_in_the_background() {
     // A random read resets the window: nothing more is loaded.
     v.read_sequentially(&mut buf, 200 * BS as u64).unwrap();
     assert_eq!(s.reads.load(Relaxed), before + 1);
+}
+
+#[test]
+fn sequential_reads_longer_than_the_read_ahead_bound_are_served() {
+    // A 4-block cache bounds read-ahead to one block; each read is 8 (this used to panic).
+    let config =
+        VolumeConfig { cache_bytes: 4 * BS as u64, max_dirty_bytes: 1 << 20, concurrency: 4, writeback_delay: None };
+    let (v, _) = stored_volume(64, config, &[(9, 2), (20, 3)]);
+    let v = Arc::new(v);
+    let mut buf = vec![0; 8 * BS];
+    for i in 0..4u64 {
+        v.read_sequentially(&mut buf, i * 8 * BS as u64).unwrap();
+    }
+    v.read_sequentially(&mut buf, 16 * BS as u64).unwrap();
+    assert_eq!((buf[0], buf[4 * BS], buf[5 * BS]), (0, 3, 0));
+}
+
+#[test]
+fn sequential_writes_are_written_back_behind_the_writer_and_random_ones_wait_for_flush() {
+    let (v, s) = volume(256, roomy());
+    let v = Arc::new(v);
+    for b in [200u64, 90, 170, 240, 130] {
+        v.write_sequentially(&[3; BS], b * BS as u64, false).unwrap();
+    }
+    for b in 0..64u64 {
+        v.write_sequentially(&[b as u8 | 1; BS], b * BS as u64, false).unwrap();
+    }
+    // All but the last 16 blocks (the requests a client may still have in flight) are behind
+    // the writer.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while s.writes.load(Relaxed) < 48 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert_eq!(s.writes.load(Relaxed), 48, "blocks written back before any FLUSH");
+    assert_eq!(v.cache().dirty_blocks(), 16 + 5, "the stream's head and the random writes");
+    v.flush().unwrap();
+    assert_eq!(s.writes.load(Relaxed), 64 + 5, "one PUT per block");
 }
 
 #[test]

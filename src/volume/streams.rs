@@ -1,0 +1,189 @@
+//! `Streams`: notices sequential reads and writes, loads blocks ahead of a reader and writes
+//! them back behind a writer.
+//!
+//! A reader that reads on from where it was will want the next blocks: each sequential read
+//! doubles a window (bounded by a quarter of the cache and 64 MiB) of blocks to load ahead. A
+//! writer that writes on is done with the blocks it left behind (a file copy, an image upload,
+//! a journal): those are written back at once (write-behind), so S3 works while the writer still
+//! writes, and a FLUSH at the end finds little left to do. Random writes are left dirty until
+//! FLUSH, `max-dirty` or `writeback-delay`, so blocks rewritten often cost one PUT, not many.
+//!
+//! Both go into one queue that long-lived workers, as many as the volume's concurrency, take one
+//! block at a time: `concurrency` requests stay in flight as long as a stream goes on, without the
+//! gap that waiting for a whole batch leaves at its tail. A read elsewhere (a seek) drops the
+//! queued loads: those blocks are no longer wanted.
+//!
+//! Concurrent requests of one stream (a client with several in flight) reach us out of order, so
+//! a request counts as sequential when it starts within a few requests of where the stream is.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
+use std::time::Duration;
+
+use super::Volume;
+use crate::lock;
+use crate::storage::BlockId;
+
+/// How many requests of one stream may be in flight, and so arrive out of order. The slack this
+/// allows is in requests, not blocks, so that small random requests on large blocks are not
+/// taken for a stream.
+const REORDER: u64 = 16;
+
+/// Sequential-access detection and the queue of blocks to load or write back.
+#[derive(Debug, Default)]
+pub(crate) struct Streams {
+    reads: Mutex<Detector>,
+    writes: Mutex<Detector>,
+    /// Work for the workers, in the order it was queued.
+    queue: Mutex<VecDeque<Job>>,
+    /// Signalled when work is queued.
+    queued: Condvar,
+    /// The workers start with the first stream, which is after nbdkit forks.
+    workers: OnceLock<()>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Job {
+    Load(BlockId),
+    WriteBack(BlockId),
+}
+
+/// One stream: where it is and how far work has been queued for it.
+#[derive(Debug, Default)]
+struct Detector {
+    /// The byte after the furthest request of the stream.
+    next: u64,
+    /// Reads: bytes to load ahead; doubles with each sequential read up to a bound.
+    window: u64,
+    /// Reads: everything before this was queued to load. Writes: everything from the stream's
+    /// start to this was queued to write back.
+    queued_until: u64,
+}
+
+impl Detector {
+    /// Whether a request of `len` bytes at `offset` continues the stream (starts within `slack`
+    /// bytes of its head, either side); if not, it starts a new one.
+    fn continues(&mut self, offset: u64, len: u64, slack: u64) -> bool {
+        let end = offset + len;
+        let sequential = self.next != 0 && offset <= self.next + slack && offset + slack >= self.next;
+        if sequential {
+            self.next = self.next.max(end);
+        } else {
+            *self = Detector { next: end, window: 0, queued_until: offset };
+        }
+        sequential
+    }
+}
+
+impl Streams {
+    /// After a read of `len` bytes at `offset` of `volume`: if reads are sequential, queues the
+    /// blocks of the window ahead of them that are not queued yet; otherwise drops queued loads.
+    pub(crate) fn after_read(&self, volume: &Arc<Volume>, offset: u64, len: u64) {
+        let Some(bs) = Self::block_size_if_useful(volume) else { return };
+        let max = (volume.cache.capacity() as u64 * bs / 4).min(64 << 20);
+        let (from, to) = {
+            let mut d = lock(&self.reads);
+            if !d.continues(offset, len, REORDER * len) {
+                lock(&self.queue).retain(|job| matches!(job, Job::WriteBack(_)));
+                return;
+            }
+            // Never `clamp`: a read longer than half the bound would make it panic.
+            d.window = (d.window * 2).max(len.max(bs) * 2).min(max.max(bs));
+            let from = d.queued_until.max(d.next).next_multiple_of(bs);
+            let to = (d.next + d.window).min(volume.geometry.size());
+            if from >= to {
+                return;
+            }
+            d.queued_until = to;
+            (from / bs, to.div_ceil(bs))
+        };
+        self.push(volume, (from..to).map(|b| Job::Load(BlockId(b))));
+    }
+
+    /// After a write of `len` bytes at `offset` of `volume`: if writes are sequential, queues the
+    /// write-back of the whole blocks the stream has left behind.
+    pub(crate) fn after_write(&self, volume: &Arc<Volume>, offset: u64, len: u64) {
+        let Some(bs) = Self::block_size_if_useful(volume) else { return };
+        let slack = REORDER * len;
+        let (from, to) = {
+            let mut d = lock(&self.writes);
+            if !d.continues(offset, len, slack) {
+                return;
+            }
+            // Blocks the stream's requests still in flight may write are left for later.
+            let from = d.queued_until / bs;
+            let to = d.next.saturating_sub(slack) / bs;
+            if from >= to {
+                return;
+            }
+            d.queued_until = to * bs;
+            (from, to)
+        };
+        self.push(volume, (from..to).map(|b| Job::WriteBack(BlockId(b))));
+    }
+
+    /// The volume's block size, or `None` when it has nothing to gain (one request at a time:
+    /// memory storage).
+    fn block_size_if_useful(volume: &Volume) -> Option<u64> {
+        (volume.config.concurrency >= 2).then(|| volume.geometry.block_size() as u64)
+    }
+
+    fn push(&self, volume: &Arc<Volume>, jobs: impl Iterator<Item = Job>) {
+        self.workers.get_or_init(|| self.start_workers(Arc::downgrade(volume), volume.config.concurrency));
+        lock(&self.queue).extend(jobs);
+        self.queued.notify_all();
+    }
+
+    fn start_workers(&self, volume: Weak<Volume>, n: usize) {
+        for _ in 0..n {
+            let volume = volume.clone();
+            let spawned = std::thread::Builder::new().name("nbds3-streams".into()).spawn(move || loop {
+                let Some(v) = volume.upgrade() else { return };
+                let next = {
+                    let queue = lock(&v.streams.queue);
+                    let (mut queue, _) = v
+                        .streams
+                        .queued
+                        .wait_timeout_while(queue, Duration::from_secs(1), |q| q.is_empty())
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    queue.pop_front()
+                };
+                // A failure leaves the block as it was (not loaded, or dirty for the next
+                // write-back to retry); the request that needs it sees the error, if it recurs.
+                match next {
+                    Some(Job::Load(id)) => {
+                        if let Err(e) = v.cache.prefetch(std::iter::once(id), 1) {
+                            log::debug!("read-ahead of block {id} failed: {e}");
+                        }
+                    }
+                    Some(Job::WriteBack(id)) => {
+                        if let Err(e) = v.cache.write_back(&[id], 1) {
+                            log::debug!("write-behind of block {id} failed: {e}");
+                        }
+                    }
+                    None => {}
+                }
+            });
+            if let Err(e) = spawned {
+                log::warn!("cannot start a read-ahead and write-behind worker: {e}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Detector;
+
+    #[test]
+    fn requests_of_one_stream_may_arrive_out_of_order() {
+        let mut d = Detector::default();
+        assert!(!d.continues(0, 10, 40), "the first request starts a stream");
+        assert!(d.continues(20, 10, 40), "a request ahead of one still in flight");
+        assert!(d.continues(10, 10, 40), "the one that was in flight");
+        assert_eq!(d.next, 30);
+        assert!(!d.continues(1000, 10, 40), "a seek");
+        assert_eq!((d.next, d.queued_until), (1010, 1000), "a new stream from there");
+        assert!(!d.continues(900, 10, 40), "behind by more than the slack");
+    }
+}
