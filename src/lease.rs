@@ -310,7 +310,12 @@ impl Lease {
                     let Some((why, until)) = self.may_take(record.as_ref()) else {
                         return Err(self.refusal(record.as_ref()));
                     };
-                    log::warn!("export {}: taking over the lease: {why}", self.export);
+                    // Taking a released lease is the normal restart; anything else is worth a warning.
+                    if record.as_ref().is_some_and(|r| r.expires == 0) {
+                        log::info!("export {}: taking the lease: {why}", self.export);
+                    } else {
+                        log::warn!("export {}: taking over the lease: {why}", self.export);
+                    }
                     (self.backend.replace_lease(&self.export, Expect::Version(&v.version), &text)?, until)
                 }
             };

@@ -9,7 +9,8 @@
 //!        │
 //!   exports.rs     one Volume per export name, shared by all its connections, and the
 //!        │         export's Lease (lease.rs): at most one writing process per export
-//!   Volume         byte offsets → blocks; partial reads; read-modify-write; FUA; FLUSH
+//!   Volume         byte offsets → blocks; partial reads; read-modify-write; FUA; FLUSH;
+//!        │         read-ahead and write-behind of sequential streams (volume/streams.rs)
 //!   BlockCache     per-block locks, LRU of clean blocks, bounded set of dirty blocks
 //!        │  whole blocks only
 //!   MeteredStorage counts requests; FencedStorage lets writes through only under the lease

@@ -212,3 +212,38 @@ fn cache_command_prefetches_and_stats_file_counts_requests() {
     let s = read_stats();
     assert_eq!((s["gets"], s["hits"] >= 16), (16, true), "the reads made no GET: {s:?}");
 }
+
+/// However many parts of nbds3 want S3 at once (write-behind of a sequential writer, the
+/// background writer and every writer thread past `max-dirty`, FLUSH), at most `s3-concurrency`
+/// block requests are in flight: the HTTP client never needs more connections than that, plus
+/// one for the lease renewal.
+#[test]
+fn block_requests_in_flight_are_bounded_by_s3_concurrency() {
+    require!("nbdkit", "/usr/bin/python3");
+    let Some(env) = common::s3() else { return };
+    let proxy = common::proxy::Proxy::start(&env.endpoint);
+    // Slow enough that requests overlap, so a missing bound would show as more connections.
+    proxy.slow(std::time::Duration::from_millis(20));
+    let export = common::unique("inflight");
+    let mut p = params(&env, &export, &["block-size=64K", "max-dirty=1M", "s3-concurrency=2"]);
+    p.retain(|kv| !kv.starts_with("endpoint="));
+    p.push(format!("endpoint={}", proxy.endpoint()));
+    let nbdkit = Nbdkit::start(&p);
+    let before = proxy.connections();
+    let out = nbdkit.nbdsh(
+        "import random\n\
+         data = random.Random(7).randbytes(16 << 20)\n\
+         for at in range(0, 16 << 20, 256 << 10):\n    h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(data[at:at + (256 << 10)])), at)\n\
+         while h.aio_in_flight() > 0:\n    h.poll(-1)\n\
+         scattered = {random.Random(i).randrange(0, 256) for i in range(64)}\n\
+         for b in scattered:\n    h.pwrite(data[:4096], (32 << 20) + (b << 16))\n\
+         h.flush()\n\
+         print(h.pread(16 << 20, 0) == data, len(scattered))",
+    );
+    let (ok, scattered) = out.trim().split_once(' ').expect("two words");
+    assert_eq!(ok, "True");
+    let used = proxy.connections() - before;
+    assert!(used <= 2 + 1, "{used} connections for s3-concurrency=2");
+    let stored = env.list(TEST_BUCKET, &format!("blocks/{export}/")).len();
+    assert_eq!(stored, 256 + scattered.parse::<usize>().expect("a count"), "one object per block written");
+}

@@ -15,6 +15,9 @@
 //!
 //! Concurrent requests of one stream (a client with several in flight) reach us out of order, so
 //! a request counts as sequential when it starts within a few requests of where the stream is.
+//! Writes are written behind only once the stream has moved on by twice that much without
+//! writing bytes twice, so small writes clustered in one place (file system metadata) are not
+//! taken for a stream.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
@@ -51,6 +54,10 @@ enum Job {
 /// One stream: where it is and how far work has been queued for it.
 #[derive(Debug, Default)]
 struct Detector {
+    /// Where the stream started.
+    start: u64,
+    /// Bytes its requests covered, counting overlaps again.
+    covered: u64,
     /// The byte after the furthest request of the stream.
     next: u64,
     /// Reads: bytes to load ahead; doubles with each sequential read up to a bound.
@@ -68,10 +75,18 @@ impl Detector {
         let sequential = self.next != 0 && offset <= self.next + slack && offset + slack >= self.next;
         if sequential {
             self.next = self.next.max(end);
+            self.covered += len;
         } else {
-            *self = Detector { next: end, window: 0, queued_until: offset };
+            *self = Detector { start: offset, covered: len, next: end, window: 0, queued_until: offset };
         }
         sequential
+    }
+
+    /// Whether the stream has gone on for `2 * slack` bytes without writing them twice: a writer
+    /// moving on, not requests clustered around one place.
+    fn moving_on(&self, slack: u64) -> bool {
+        let span = self.next.saturating_sub(self.start);
+        span >= 2 * slack && self.covered <= span + slack
     }
 }
 
@@ -107,7 +122,7 @@ impl Streams {
         let slack = REORDER * len;
         let (from, to) = {
             let mut d = lock(&self.writes);
-            if !d.continues(offset, len, slack) {
+            if !d.continues(offset, len, slack) || !d.moving_on(slack) {
                 return;
             }
             // Blocks the stream's requests still in flight may write are left for later.
@@ -185,5 +200,19 @@ mod tests {
         assert!(!d.continues(1000, 10, 40), "a seek");
         assert_eq!((d.next, d.queued_until), (1010, 1000), "a new stream from there");
         assert!(!d.continues(900, 10, 40), "behind by more than the slack");
+    }
+
+    #[test]
+    fn a_stream_moves_on_once_it_spans_twice_the_slack_without_rewriting() {
+        let mut d = Detector::default();
+        for at in (0..80).step_by(10) {
+            d.continues(at, 10, 40);
+        }
+        assert!(d.moving_on(40), "80 bytes written once each");
+        let mut d = Detector::default();
+        for at in [0, 20, 10, 30, 20, 40, 30, 50, 40, 60, 50, 70, 60, 80] {
+            d.continues(at, 10, 40);
+        }
+        assert!(!d.moving_on(40), "90 bytes spanned, 140 written: requests around one place");
     }
 }

@@ -40,6 +40,9 @@ struct State {
     open: Mutex<Vec<TcpStream>>,
     /// Requests still to be answered with `503 SlowDown`, and who got them.
     throttle: Mutex<Throttle>,
+    /// Connections forwarded so far. An HTTP client opens one only when all of its open ones are
+    /// busy, so this is the most requests it had in flight at once (while none was closed).
+    connections: AtomicU64,
 }
 
 /// What `Proxy::throttle` armed, and what was served.
@@ -84,6 +87,7 @@ impl Proxy {
             stop: AtomicBool::new(false),
             open: Mutex::new(Vec::new()),
             throttle: Mutex::new(Throttle::default()),
+            connections: AtomicU64::new(0),
         });
         let s = state.clone();
         std::thread::spawn(move || {
@@ -97,6 +101,7 @@ impl Proxy {
                     continue;
                 }
                 let Ok(server) = TcpStream::connect(s.upstream) else { continue };
+                s.connections.fetch_add(1, SeqCst);
                 let _ = client.set_nodelay(true);
                 let _ = server.set_nodelay(true);
                 if let (Ok(c), Ok(sv)) = (client.try_clone(), server.try_clone()) {
@@ -137,6 +142,11 @@ impl Proxy {
     /// operation, whose further attempts are forwarded.
     pub fn throttle(&self, requests: u32) {
         self.state.throttle.lock().unwrap().remaining += requests;
+    }
+
+    /// Connections forwarded so far.
+    pub fn connections(&self) -> u64 {
+        self.state.connections.load(SeqCst)
     }
 
     /// The requests (request lines, e.g. `PUT /bucket/key?x-id=PutObject HTTP/1.1`) answered
