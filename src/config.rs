@@ -134,7 +134,7 @@ impl ConfigKey {
                 "Path-style S3 URLs, needed by MinIO and Garage (default: true if endpoint= is set).",
             ),
             ConfigKey::S3Concurrency => {
-                ("s3-concurrency", "N", "Block requests (GET, PUT, DELETE) in flight to S3 per export, for reads, read-ahead, write-back and FLUSH together (default 16).")
+                ("s3-concurrency", "N", "Block uploads and deletes in flight per export, for write-back and FLUSH together; also the blocks one read fetches at once (default 16).")
             }
             ConfigKey::S3Timeout => {
                 ("s3-timeout", "SECONDS", "Give up on an S3 request, retries included, after this long (default 30).")

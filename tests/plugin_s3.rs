@@ -213,12 +213,12 @@ fn cache_command_prefetches_and_stats_file_counts_requests() {
     assert_eq!((s["gets"], s["hits"] >= 16), (16, true), "the reads made no GET: {s:?}");
 }
 
-/// However many parts of nbds3 want S3 at once (write-behind of a sequential writer, the
+/// However many parts of nbds3 write back at once (write-behind of a sequential writer, the
 /// background writer and every writer thread past `max-dirty`, FLUSH), at most `s3-concurrency`
-/// block requests are in flight: the HTTP client never needs more connections than that, plus
+/// block uploads are in flight: the HTTP client never needs more connections than that, plus
 /// one for the lease renewal.
 #[test]
-fn block_requests_in_flight_are_bounded_by_s3_concurrency() {
+fn block_uploads_in_flight_are_bounded_by_s3_concurrency() {
     require!("nbdkit", "/usr/bin/python3");
     let Some(env) = common::s3() else { return };
     let proxy = common::proxy::Proxy::start(&env.endpoint);

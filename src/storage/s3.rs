@@ -355,10 +355,12 @@ pub struct S3Storage {
     block_size: usize,
     /// `S3Storage(endpoint/bucket/blocks/export/)`, for messages.
     name: String,
-    /// One permit per block request in flight: however many callers (readers, read-ahead,
-    /// write-behind, the background writer, FLUSH) want S3 at once, `s3-concurrency` bounds the
-    /// requests, and the memory of the PUT bodies with them.
-    permits: Arc<Semaphore>,
+    /// One permit per block upload or delete in flight: however many callers (write-behind, the
+    /// background writer, writers past `max-dirty`, FLUSH) write back at once, `s3-concurrency`
+    /// bounds the requests, and the memory of the PUT bodies with them. GETs take none: a read
+    /// waits for them, and small GETs from a server that leaves Nagle on (Garage) can each stall
+    /// ~40 ms behind our delayed ACK, so reads need all the concurrency their callers give them.
+    permits: Semaphore,
 }
 
 impl S3Storage {
@@ -370,7 +372,7 @@ impl S3Storage {
             config.bucket,
             export.block_prefix()
         );
-        let permits = Arc::new(Semaphore::new(config.concurrency.max(1)));
+        let permits = Semaphore::new(config.concurrency.max(1));
         S3Storage { client, bucket: config.bucket.clone(), export: export.clone(), block_size, name, permits }
     }
 
@@ -407,7 +409,6 @@ impl Storage for S3Storage {
             name: self.name.clone(),
             block: id,
             len: buf.len(),
-            permits: self.permits.clone(),
         };
         let rt = runtime()?;
         let fetched = rt
@@ -545,13 +546,11 @@ struct Get {
     name: String,
     block: BlockId,
     len: usize,
-    permits: Arc<Semaphore>,
 }
 
 impl Get {
     /// The block's bytes, or `None` if it is not stored.
     async fn run(self) -> Result<Option<BlockBuf>> {
-        let _permit = self.permits.acquire().await.ok();
         let key = &self.key;
         let object = match self.client.get_object().bucket(&self.bucket).key(key).send().await {
             Ok(o) => o,
