@@ -40,9 +40,29 @@ struct State {
     open: Mutex<Vec<TcpStream>>,
     /// Requests still to be answered with `503 SlowDown`, and who got them.
     throttle: Mutex<Throttle>,
-    /// Connections forwarded so far. An HTTP client opens one only when all of its open ones are
-    /// busy, so this is the most requests it had in flight at once (while none was closed).
-    connections: AtomicU64,
+    /// Requests forwarded whose response has not started yet, and the most there were at once.
+    in_flight: AtomicU64,
+    peak_in_flight: AtomicU64,
+}
+
+/// One connection's request in flight: set when a request is forwarded, cleared by the first
+/// bytes of its response, keeping `State::in_flight` in step.
+#[derive(Clone, Default)]
+struct Awaiting(Arc<AtomicBool>);
+
+impl Awaiting {
+    fn start(&self, state: &State) {
+        if !self.0.swap(true, SeqCst) {
+            let now = state.in_flight.fetch_add(1, SeqCst) + 1;
+            state.peak_in_flight.fetch_max(now, SeqCst);
+        }
+    }
+
+    fn end(&self, state: &State) {
+        if self.0.swap(false, SeqCst) {
+            state.in_flight.fetch_sub(1, SeqCst);
+        }
+    }
 }
 
 /// What `Proxy::throttle` armed, and what was served.
@@ -87,7 +107,8 @@ impl Proxy {
             stop: AtomicBool::new(false),
             open: Mutex::new(Vec::new()),
             throttle: Mutex::new(Throttle::default()),
-            connections: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            peak_in_flight: AtomicU64::new(0),
         });
         let s = state.clone();
         std::thread::spawn(move || {
@@ -101,14 +122,14 @@ impl Proxy {
                     continue;
                 }
                 let Ok(server) = TcpStream::connect(s.upstream) else { continue };
-                s.connections.fetch_add(1, SeqCst);
                 let _ = client.set_nodelay(true);
                 let _ = server.set_nodelay(true);
                 if let (Ok(c), Ok(sv)) = (client.try_clone(), server.try_clone()) {
                     s.open.lock().unwrap().extend([c, sv]);
                 }
-                forward_requests(&s, &client, &server);
-                pipe(&s, &server, &client);
+                let awaiting = Awaiting::default();
+                forward_requests(&s, &client, &server, awaiting.clone());
+                pipe(&s, &server, &client, awaiting);
             }
         });
         Proxy { addr, state }
@@ -144,9 +165,9 @@ impl Proxy {
         self.state.throttle.lock().unwrap().remaining += requests;
     }
 
-    /// Connections forwarded so far.
-    pub fn connections(&self) -> u64 {
-        self.state.connections.load(SeqCst)
+    /// The most requests that were forwarded to the server and waiting for its response at once.
+    pub fn peak_in_flight(&self) -> u64 {
+        self.state.peak_in_flight.load(SeqCst)
     }
 
     /// The requests (request lines, e.g. `PUT /bucket/key?x-id=PutObject HTTP/1.1`) answered
@@ -175,7 +196,7 @@ fn forward(state: &State, to: &mut TcpStream, data: &[u8]) -> bool {
 
 /// Forwards the client's requests to the server one at a time, answering those the throttle
 /// takes with a 503 itself, on a thread of its own.
-fn forward_requests(state: &Arc<State>, client: &TcpStream, server: &TcpStream) {
+fn forward_requests(state: &Arc<State>, client: &TcpStream, server: &TcpStream, awaiting: Awaiting) {
     let (Ok(from), Ok(mut to), Ok(mut reply)) = (client.try_clone(), server.try_clone(), client.try_clone()) else {
         return;
     };
@@ -213,7 +234,9 @@ fn forward_requests(state: &Arc<State>, client: &TcpStream, server: &TcpStream) 
                 let _ = std::io::copy(&mut from, &mut std::io::sink());
                 break;
             }
+            awaiting.start(&state);
             if !forward(&state, &mut to, &raw) {
+                awaiting.end(&state);
                 break;
             }
             // A body without a length runs, as far as the proxy can tell, to the end of the
@@ -263,8 +286,8 @@ fn shut(to: &TcpStream) {
     let _ = to.shutdown(Shutdown::Write);
 }
 
-/// Passes everything from `from` to `to`, on a thread of its own.
-fn pipe(state: &Arc<State>, from: &TcpStream, to: &TcpStream) {
+/// Passes the server's responses from `from` to `to`, on a thread of its own.
+fn pipe(state: &Arc<State>, from: &TcpStream, to: &TcpStream, awaiting: Awaiting) {
     let (Ok(mut from), Ok(mut to)) = (from.try_clone(), to.try_clone()) else { return };
     let state = state.clone();
     std::thread::spawn(move || {
@@ -274,10 +297,12 @@ fn pipe(state: &Arc<State>, from: &TcpStream, to: &TcpStream) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
+            awaiting.end(&state);
             if !forward(&state, &mut to, &buf[..n]) {
                 break;
             }
         }
+        awaiting.end(&state);
         let _ = to.shutdown(Shutdown::Write);
     });
 }
