@@ -404,31 +404,31 @@ impl Lease {
             let current = self.backend.read_lease(&self.export)?;
             current.map(|v| LeaseRecord::parse(&v.text)).filter(|r| r.as_ref().is_none_or(|r| r.token != token))
         };
-        let written = match successor {
-            Some(_) => None,
-            None => {
-                self.backend.replace_lease(&self.export, Expect::Version(version), &self.new_record(token).to_text())?
-            }
-        };
-        // Who took the lease over, looked up before the phase lock is taken again.
-        let successor = match (&written, successor) {
-            (Some(_), _) => None,
-            (None, Some(known)) => Some(known),
-            (None, None) => {
-                Some(self.backend.read_lease(&self.export).ok().flatten().and_then(|v| LeaseRecord::parse(&v.text)))
-            }
+        // The new version, or who took the lease over (looked up before the phase lock is taken
+        // again).
+        let renewed = match successor {
+            Some(holder) => Err(holder),
+            None => match self.backend.replace_lease(
+                &self.export,
+                Expect::Version(version),
+                &self.new_record(token).to_text(),
+            )? {
+                Some(new_version) => Ok(new_version),
+                None => {
+                    Err(self.backend.read_lease(&self.export).ok().flatten().and_then(|v| LeaseRecord::parse(&v.text)))
+                }
+            },
         };
         let mut phase = lock(&self.phase);
         let Phase::Held { version: held, .. } = &mut *phase else { return Ok(()) };
-        match (written, successor) {
-            (Some(new_version), _) => {
+        match renewed {
+            Ok(new_version) => {
                 *held = new_version;
                 self.extend_from(started);
             }
-            (None, holder) => {
+            Err(holder) => {
                 self.valid_until.store(0, Ordering::Release);
-                let who =
-                    holder.flatten().map_or_else(|| "another writer".into(), |r| format!("nbds3 {}", r.describe()));
+                let who = holder.map_or_else(|| "another writer".into(), |r| format!("nbds3 {}", r.describe()));
                 let why = format!("the lease was taken over by {who}; this process no longer writes to the export");
                 log::error!("export {}: {why}", self.export);
                 *phase = Phase::Lost(why);
