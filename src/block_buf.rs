@@ -37,7 +37,11 @@ impl BlockBuf {
                 return BlockBuf(pool.swap_remove(i));
             }
         }
-        BlockBuf(vec![0; len])
+        let buf = vec![0; len];
+        if len >= MIN_POOLED {
+            prefault(&buf);
+        }
+        BlockBuf(buf)
     }
 
     /// A buffer of `len` zero bytes.
@@ -52,6 +56,22 @@ impl BlockBuf {
         let mut buf = Self::recycled(data.len());
         buf.0.copy_from_slice(data);
         buf
+    }
+}
+
+/// Maps all of a fresh buffer's pages at once. A fresh large buffer is a new mapping that would
+/// otherwise take one page fault per 4 KiB as it is first written; one `madvise` does that work
+/// without the faults (measured on a cold 1M sequential read: about a tenth less CPU in the
+/// threads that fill blocks). Best effort: kernels before 5.14 refuse it, and then the pages
+/// fault in as before.
+fn prefault(buf: &[u8]) {
+    const PAGE: usize = 4096;
+    let start = (buf.as_ptr() as usize).next_multiple_of(PAGE);
+    let end = (buf.as_ptr() as usize + buf.len()) & !(PAGE - 1);
+    if end > start {
+        // SAFETY: [start, end) lies inside `buf`'s allocation, which this process owns and
+        // which is still zero; populating writable pages does not change their content.
+        unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_POPULATE_WRITE) };
     }
 }
 
