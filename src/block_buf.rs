@@ -1,93 +1,130 @@
 //! `BlockBuf`: a block's bytes in a buffer that goes back to a small process-wide pool when
 //! dropped, so the next block can reuse it.
 //!
-//! Why: glibc serves every allocation of 128 KiB or more with a fresh `mmap` (the threshold
-//! `plugin::load` fixes, so that freed blocks go back to the kernel and RSS stays bounded). A
-//! fresh buffer costs a page fault and a page clear for each 4 KiB it is written, and freeing it
-//! an `munmap`: with 1 MiB blocks that was about 60 % of nbds3's CPU on a cold sequential read,
-//! CPU that the S3 server, often on the same machine, then lacks. Blocks come and go at a steady
-//! rate (one fetched, one evicted; one written, one written back), so a few recycled buffers make
-//! that churn free, and the pool's cap keeps the memory it holds small.
+//! Why: large blocks (1 MiB is common) come and go at a steady rate: one fetched, one evicted;
+//! one written, one written back. Left to malloc, each would either be a fresh `mmap` (a page
+//! fault and a page clear for every 4 KiB written, then an `munmap`: about 60 % of nbds3's CPU
+//! on a cold 1M sequential read, CPU that the S3 server, often on the same machine, then lacks)
+//! or sit in one of glibc's per-thread arenas, where a freed block serves only that thread
+//! (measured: RSS then outgrew `cache-size` + `max-dirty` by a third during a long sequential
+//! write). So a large block is a mapping of its own, mapped with all its pages at once, recycled
+//! through the pool and unmapped past the pool's cap: block memory goes back to the system as
+//! soon as the cache lets go of it, and malloc keeps its own policy for everything else (such
+//! as the HTTP client's read buffers, which it then recycles without faults).
 
 use std::fmt;
 use std::ops::{Deref, DerefMut};
+use std::ptr::NonNull;
 use std::sync::Mutex;
 
 use crate::lock;
 
-/// Buffers smaller than this come from malloc's free lists, which recycle them already.
-const MIN_POOLED: usize = 64 * 1024;
+/// Buffers smaller than this come from malloc, whose free lists recycle them already.
+const MIN_MAPPED: usize = 64 * 1024;
 
-/// Free buffers kept, in bytes; past it the oldest are freed (so sizes no longer used age out).
+/// Free mappings kept, in bytes; past it the oldest are unmapped (so sizes no longer used age
+/// out).
 const POOL_BYTES: usize = 8 << 20;
 
-/// Free buffers, oldest first.
-static POOL: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+/// Free mappings, oldest first.
+static POOL: Mutex<Vec<Mapping>> = Mutex::new(Vec::new());
 
-/// One block's bytes. Dereferences to the slice; dropping it returns the buffer to the pool.
-pub struct BlockBuf(Vec<u8>);
+/// One block's bytes. Dereferences to the slice; dropping it returns a mapping to the pool.
+pub struct BlockBuf(Memory);
+
+enum Memory {
+    Heap(Vec<u8>),
+    Mapped(Mapping),
+}
 
 impl BlockBuf {
     /// A buffer of `len` bytes whose content is left from an earlier block: for callers that
     /// overwrite all of it.
     pub fn recycled(len: usize) -> Self {
-        if len >= MIN_POOLED {
+        if len < MIN_MAPPED {
+            return BlockBuf(Memory::Heap(vec![0; len]));
+        }
+        let reused = {
             let mut pool = lock(&POOL);
-            if let Some(i) = pool.iter().rposition(|b| b.len() == len) {
-                return BlockBuf(pool.swap_remove(i));
-            }
-        }
-        let buf = vec![0; len];
-        if len >= MIN_POOLED {
-            prefault(&buf);
-        }
-        BlockBuf(buf)
+            pool.iter().rposition(|m| m.len == len).map(|i| pool.swap_remove(i))
+        };
+        BlockBuf(Memory::Mapped(reused.unwrap_or_else(|| Mapping::new(len))))
     }
 
     /// A buffer of `len` zero bytes.
     pub fn zeroed(len: usize) -> Self {
         let mut buf = Self::recycled(len);
-        buf.0.fill(0);
+        buf.fill(0);
         buf
     }
 
     /// A buffer holding a copy of `data`.
     pub fn copy_of(data: &[u8]) -> Self {
         let mut buf = Self::recycled(data.len());
-        buf.0.copy_from_slice(data);
+        buf.copy_from_slice(data);
         buf
     }
 }
 
-/// Maps all of a fresh buffer's pages at once. A fresh large buffer is a new mapping that would
-/// otherwise take one page fault per 4 KiB as it is first written; one `madvise` does that work
-/// without the faults (measured on a cold 1M sequential read: about a tenth less CPU in the
-/// threads that fill blocks). Best effort: kernels before 5.14 refuse it, and then the pages
-/// fault in as before.
-fn prefault(buf: &[u8]) {
-    const PAGE: usize = 4096;
-    let start = (buf.as_ptr() as usize).next_multiple_of(PAGE);
-    let end = (buf.as_ptr() as usize + buf.len()) & !(PAGE - 1);
-    if end > start {
-        // SAFETY: [start, end) lies inside `buf`'s allocation, which this process owns and
-        // which is still zero; populating writable pages does not change their content.
-        unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_POPULATE_WRITE) };
+/// Anonymous memory of `len` bytes, mapped for this buffer alone.
+struct Mapping {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: a `Mapping` is plain memory owned by one `BlockBuf` (or the pool) at a time; access
+// to its bytes goes through `&`/`&mut BlockBuf`, so the usual borrow rules guard it.
+unsafe impl Send for Mapping {}
+// SAFETY: as above: `&Mapping` only hands out shared slices.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// Maps `len` (> 0) zero bytes with every page present (`MAP_POPULATE`): one system call
+    /// instead of a page fault per 4 KiB as the block is first written. Aborts like a failed
+    /// allocation if the system has no memory left.
+    fn new(len: usize) -> Self {
+        // SAFETY: an anonymous private mapping touches no existing memory.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
+                -1,
+                0,
+            )
+        };
+        match NonNull::new(ptr.cast::<u8>()).filter(|_| ptr != libc::MAP_FAILED) {
+            Some(ptr) => Mapping { ptr, len },
+            None => {
+                let layout = std::alloc::Layout::array::<u8>(len).unwrap_or_else(|_| std::alloc::Layout::new::<u8>());
+                std::alloc::handle_alloc_error(layout)
+            }
+        }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: `ptr` and `len` are exactly what `mmap` returned and nothing refers to the
+        // memory any more.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
     }
 }
 
 impl Drop for BlockBuf {
     fn drop(&mut self) {
-        let len = self.0.len();
-        if !(MIN_POOLED..=POOL_BYTES).contains(&len) {
+        // An empty `Vec` allocates nothing: this only moves the mapping out.
+        let Memory::Mapped(mapping) = std::mem::replace(&mut self.0, Memory::Heap(Vec::new())) else { return };
+        if mapping.len > POOL_BYTES {
             return;
         }
-        let buf = std::mem::take(&mut self.0);
         let mut pool = lock(&POOL);
-        let mut held: usize = pool.iter().map(Vec::len).sum();
-        while held + len > POOL_BYTES && !pool.is_empty() {
-            held -= pool.remove(0).len();
+        let mut held: usize = pool.iter().map(|m| m.len).sum();
+        while held + mapping.len > POOL_BYTES && !pool.is_empty() {
+            held -= pool.remove(0).len;
         }
-        pool.push(buf);
+        pool.push(mapping);
     }
 }
 
@@ -100,25 +137,34 @@ impl Clone for BlockBuf {
 impl Deref for BlockBuf {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        &self.0
+        match &self.0 {
+            Memory::Heap(v) => v,
+            // SAFETY: the mapping is `len` bytes, initialised (zero at first) and owned by this
+            // buffer, which `&self` borrows.
+            Memory::Mapped(m) => unsafe { std::slice::from_raw_parts(m.ptr.as_ptr(), m.len) },
+        }
     }
 }
 
 impl DerefMut for BlockBuf {
     fn deref_mut(&mut self) -> &mut [u8] {
-        &mut self.0
+        match &mut self.0 {
+            Memory::Heap(v) => v,
+            // SAFETY: as in `deref`, and `&mut self` makes this the only reference.
+            Memory::Mapped(m) => unsafe { std::slice::from_raw_parts_mut(m.ptr.as_ptr(), m.len) },
+        }
     }
 }
 
 impl AsRef<[u8]> for BlockBuf {
     fn as_ref(&self) -> &[u8] {
-        &self.0
+        self
     }
 }
 
 impl fmt::Debug for BlockBuf {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "BlockBuf({} bytes)", self.0.len())
+        write!(f, "BlockBuf({} bytes)", self.len())
     }
 }
 
@@ -129,7 +175,7 @@ mod tests {
     #[test]
     fn a_dropped_buffer_is_reused_and_the_pool_stays_within_its_cap() {
         // A size no other test uses, so tests running in parallel do not take these buffers.
-        let len = MIN_POOLED + 4096 * 7;
+        let len = MIN_MAPPED + 4096 * 7;
         let first = BlockBuf::copy_of(&vec![7u8; len]);
         let addr = first.as_ptr();
         drop(first);
@@ -141,8 +187,19 @@ mod tests {
 
         let many: Vec<BlockBuf> = (0..POOL_BYTES / len + 4).map(|_| BlockBuf::recycled(len)).collect();
         drop(many);
-        let held: usize = lock(&POOL).iter().map(Vec::len).sum();
+        let held: usize = lock(&POOL).iter().map(|m| m.len).sum();
         assert!(held <= POOL_BYTES, "the pool holds {held} bytes");
+    }
+
+    #[test]
+    fn a_fresh_buffer_is_zero_and_one_larger_than_the_pool_is_unmapped() {
+        let len = MIN_MAPPED + 4096 * 5;
+        assert!(BlockBuf::recycled(len).iter().all(|&b| b == 0), "a fresh mapping is zero");
+        let huge = POOL_BYTES + 4096;
+        let mut buf = BlockBuf::recycled(huge);
+        buf[huge - 1] = 1;
+        drop(buf);
+        assert!(lock(&POOL).iter().all(|m| m.len != huge), "not kept past the pool's cap");
     }
 
     #[test]
@@ -150,6 +207,6 @@ mod tests {
         let buf = BlockBuf::copy_of(&[1, 2, 3]);
         assert_eq!(&*buf, &[1, 2, 3]);
         drop(buf);
-        assert!(lock(&POOL).iter().all(|b| b.len() >= MIN_POOLED));
+        assert!(lock(&POOL).iter().all(|m| m.len >= MIN_MAPPED));
     }
 }

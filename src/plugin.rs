@@ -106,13 +106,6 @@ impl Server for Connection {
 
     fn load() {
         crate::logger::install();
-        // Blocks of 128 KiB and more get their own mapping, returned to the system when freed.
-        // Left to itself glibc raises this threshold after the first such free and then keeps
-        // freed 1 MiB blocks in its per-thread arenas: measured, RSS then outgrew
-        // cache-size + max-dirty by a third during a long sequential write.
-        // SAFETY: mallopt only changes glibc's allocation policy; it is called before any
-        // thread of ours exists.
-        unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024) };
     }
 
     fn unload() {
