@@ -8,7 +8,9 @@ and the number mostly shows what the S3 server itself can do on this machine.
     bench-raw-s3.py mkbucket BUCKET
     bench-raw-s3.py bench BUCKET PREFIX OBJECT_SIZE CONCURRENCY SECONDS
         PUT objects of OBJECT_SIZE bytes for SECONDS with CONCURRENCY processes, then GET them
-        back for SECONDS; prints one line per phase:  put|get <ops> <bytes> <seconds> <errors>
+        back for SECONDS; prints one line per phase:
+            put|get <ops> <bytes> <seconds> <errors> <machine busy ticks> <Garage ticks>
+        (clock ticks of all cores busy, and of the process BENCH_GARAGE_PID, during the phase)
     bench-raw-s3.py cleanup BUCKET PREFIX
         deletes every object under PREFIX (ListObjectsV2 + DeleteObjects, 1000 at a time)
 
@@ -195,20 +197,51 @@ def _worker(args):
     return put_ops, put_err, put_end, get_ops, get_err, get_end
 
 
+def _busy_ticks():
+    """Clock ticks all cores spent busy (neither idle nor waiting for I/O), from /proc/stat."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return v[0] + v[1] + v[2] + v[5] + v[6] + v[7]
+
+
+def _garage_ticks():
+    """Clock ticks of the process BENCH_GARAGE_PID (0 if unset or gone)."""
+    try:
+        with open(f"/proc/{os.environ['BENCH_GARAGE_PID']}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+    except (KeyError, OSError, ValueError, IndexError):
+        return 0
+
+
+def _cpu_during(start, seconds):
+    """(machine busy ticks, Garage ticks) from `start` for `seconds`, sleeping until then."""
+    time.sleep(max(0.0, start - time.time()))
+    busy, garage = _busy_ticks(), _garage_ticks()
+    time.sleep(max(0.0, start + seconds - time.time()))
+    return _busy_ticks() - busy, _garage_ticks() - garage
+
+
 def bench(bucket, prefix, size, concurrency, seconds):
     put_start = time.time() + 1.0 + 0.05 * concurrency  # time for every process to connect
     get_start = put_start + seconds + 1.5  # the slowest PUT in flight finishes before GETs begin
     jobs = [(bucket, prefix, size, w, put_start, seconds, get_start) for w in range(concurrency)]
     with multiprocessing.Pool(concurrency) as pool:
-        results = pool.map(_worker, jobs)
+        pending = pool.map_async(_worker, jobs)
+        put_cpu = _cpu_during(put_start, seconds)
+        get_cpu = _cpu_during(get_start, seconds)
+        results = pending.get()
     put_ops = sum(r[0] for r in results)
     put_err = sum(r[1] for r in results)
     put_secs = max(r[2] for r in results) - put_start
     get_ops = sum(r[3] for r in results)
     get_err = sum(r[4] for r in results)
     get_secs = max(r[5] for r in results) - get_start
-    print(f"put {put_ops} {put_ops * size} {put_secs:.3f} {put_err}")
-    print(f"get {get_ops} {get_ops * size} {get_secs:.3f} {get_err}")
+    for op, ops, secs, err, (busy, garage) in (("put", put_ops, put_secs, put_err, put_cpu),
+                                               ("get", get_ops, get_secs, get_err, get_cpu)):
+        # CPU rates over the phase's planned window, scaled to the time it really took.
+        scale = secs / seconds
+        print(f"{op} {ops} {ops * size} {secs:.3f} {err} {busy * scale:.0f} {garage * scale:.0f}")
     return 0 if put_ops and get_ops else 1
 
 
