@@ -41,21 +41,38 @@ impl BlockBuf {
     /// A buffer of `len` bytes whose content is left from an earlier block: for callers that
     /// overwrite all of it.
     pub fn recycled(len: usize) -> Self {
-        if len < MIN_MAPPED {
-            return BlockBuf(Memory::Heap(vec![0; len]));
-        }
-        let reused = {
-            let mut pool = lock(&POOL);
-            pool.iter().rposition(|m| m.len == len).map(|i| pool.swap_remove(i))
-        };
-        BlockBuf(Memory::Mapped(reused.unwrap_or_else(|| Mapping::new(len))))
+        Self::pooled(len).unwrap_or_else(|| Self::fresh(len))
     }
 
     /// A buffer of `len` zero bytes.
     pub fn zeroed(len: usize) -> Self {
-        let mut buf = Self::recycled(len);
-        buf.fill(0);
-        buf
+        match Self::pooled(len) {
+            Some(mut buf) => {
+                buf.fill(0);
+                buf
+            }
+            None => Self::fresh(len),
+        }
+    }
+
+    /// A free mapping of `len` bytes from the pool, the one freed last.
+    fn pooled(len: usize) -> Option<Self> {
+        if len < MIN_MAPPED {
+            return None;
+        }
+        let mut pool = lock(&POOL);
+        let i = pool.iter().rposition(|m| m.len == len)?;
+        // `remove`, not `swap_remove`: the pool stays oldest first.
+        Some(BlockBuf(Memory::Mapped(pool.remove(i))))
+    }
+
+    /// New memory of `len` bytes, all zero.
+    fn fresh(len: usize) -> Self {
+        if len < MIN_MAPPED {
+            BlockBuf(Memory::Heap(vec![0; len]))
+        } else {
+            BlockBuf(Memory::Mapped(Mapping::new(len)))
+        }
     }
 
     /// A buffer holding a copy of `data`.
