@@ -9,8 +9,9 @@ and the number mostly shows what the S3 server itself can do on this machine.
     bench-raw-s3.py bench BUCKET PREFIX OBJECT_SIZE CONCURRENCY SECONDS
         PUT objects of OBJECT_SIZE bytes for SECONDS with CONCURRENCY processes, then GET them
         back for SECONDS; prints one line per phase:
-            put|get <ops> <bytes> <seconds> <errors> <machine busy ticks> <Garage ticks>
-        (clock ticks of all cores busy, and of the process BENCH_GARAGE_PID, during the phase)
+            put|get <ops> <bytes> <seconds> <errors> <machine busy ticks> <Garage ticks> <stolen %>
+        (clock ticks of all cores busy, and of the process BENCH_GARAGE_PID, during the phase;
+        the share of the machine's time the hypervisor gave to others meanwhile)
     bench-raw-s3.py cleanup BUCKET PREFIX
         deletes every object under PREFIX (ListObjectsV2 + DeleteObjects, 1000 at a time)
 
@@ -197,11 +198,12 @@ def _worker(args):
     return put_ops, put_err, put_end, get_ops, get_err, get_end
 
 
-def _busy_ticks():
-    """Clock ticks all cores spent busy (neither idle nor waiting for I/O), from /proc/stat."""
+def _machine_ticks():
+    """(busy, stolen, all) clock ticks of all cores, from /proc/stat: busy is neither idle nor
+    waiting for I/O, stolen (counted in busy too) is time the hypervisor gave to others."""
     with open("/proc/stat") as f:
         v = [int(x) for x in f.readline().split()[1:]]
-    return v[0] + v[1] + v[2] + v[5] + v[6] + v[7]
+    return v[0] + v[1] + v[2] + v[5] + v[6] + v[7], v[7], sum(v[:8])
 
 
 def _garage_ticks():
@@ -215,11 +217,13 @@ def _garage_ticks():
 
 
 def _cpu_during(start, seconds):
-    """(machine busy ticks, Garage ticks) from `start` for `seconds`, sleeping until then."""
+    """(machine busy ticks, Garage ticks, % stolen) from `start` for `seconds`, sleeping until
+    then."""
     time.sleep(max(0.0, start - time.time()))
-    busy, garage = _busy_ticks(), _garage_ticks()
+    machine, garage = _machine_ticks(), _garage_ticks()
     time.sleep(max(0.0, start + seconds - time.time()))
-    return _busy_ticks() - busy, _garage_ticks() - garage
+    busy, stolen, total = (b - a for a, b in zip(machine, _machine_ticks()))
+    return busy, _garage_ticks() - garage, 100 * stolen / total if total else 0
 
 
 def bench(bucket, prefix, size, concurrency, seconds):
@@ -237,11 +241,11 @@ def bench(bucket, prefix, size, concurrency, seconds):
     get_ops = sum(r[3] for r in results)
     get_err = sum(r[4] for r in results)
     get_secs = max(r[5] for r in results) - get_start
-    for op, ops, secs, err, (busy, garage) in (("put", put_ops, put_secs, put_err, put_cpu),
-                                               ("get", get_ops, get_secs, get_err, get_cpu)):
+    for op, ops, secs, err, (busy, garage, stolen) in (("put", put_ops, put_secs, put_err, put_cpu),
+                                                       ("get", get_ops, get_secs, get_err, get_cpu)):
         # CPU rates over the phase's planned window, scaled to the time it really took.
         scale = secs / seconds
-        print(f"{op} {ops} {ops * size} {secs:.3f} {err} {busy * scale:.0f} {garage * scale:.0f}")
+        print(f"{op} {ops} {ops * size} {secs:.3f} {err} {busy * scale:.0f} {garage * scale:.0f} {stolen:.0f}")
     return 0 if put_ops and get_ops else 1
 
 
