@@ -50,7 +50,7 @@ fn main() -> Result<()> {
     };
     let size = setting("S3_GET_SIZE", 1 << 20)?;
     let objects = setting("S3_GET_OBJECTS", 64)?.max(1);
-    let count = setting("S3_GET_COUNT", 1024)?;
+    let count = setting("S3_GET_COUNT", 1024)?.max(1);
     let concurrency = setting("S3_GET_CONCURRENCY", 8)?.max(1);
     let endpoint =
         var("NBDS3_S3_ENDPOINT").map_err(|_| "NBDS3_S3_ENDPOINT is not set: eval \"$(scripts/garage start)\"")?;
