@@ -4,13 +4,15 @@
 //! sequential read is CPU-bound, so every CPU-second our client spends per GiB is one the server
 //! does not get. `scripts/bench` measures the whole path through nbdkit; this isolates the S3
 //! client. It stores `S3_GET_OBJECTS` blocks of `S3_GET_SIZE` bytes through `S3Storage`, then
-//! reads `S3_GET_COUNT` of them back, `S3_GET_CONCURRENCY` at a time, three ways:
+//! reads `S3_GET_COUNT` of them back, `S3_GET_CONCURRENCY` at a time, four ways:
 //!
-//! - `S3Storage::read_block`: what the plugin does (aws-sdk-s3, with its CRC32 check of the body);
-//! - the same without the SDK's response checksum validation, to show what the CRC32 costs;
+//! - `S3Storage::read_block`: what the plugin does (on an http:// endpoint, its own
+//!   [`DirectGet`](nbds3::storage::direct_get::DirectGet) path, with the CRC32 check);
+//! - the same through aws-sdk-s3, the path https:// endpoints take;
+//! - that without the SDK's response checksum validation, to show what the CRC32 costs there;
 //! - a bare client: one keep-alive TCP connection per thread, a SigV4-signed GET written by
-//!   hand, the body read straight into the block (http:// endpoints only). It is the floor any
-//!   HTTP client has to pay: the kernel's copy and the signature.
+//!   hand, the body read straight into the block, nothing checked (http:// endpoints only). It
+//!   is the floor any HTTP client has to pay: the kernel's copy and the signature.
 //!
 //! and prints MiB/s, CPU microseconds per GET and CPU-seconds per GiB of this process, and of
 //! the S3 server if `S3_GET_SERVER_PID` names its process (`$(cat /tmp/nbds3-garage/garage.pid)`).
@@ -32,8 +34,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use aws_credential_types::Credentials;
-use aws_sdk_s3::config::ResponseChecksumValidation;
+use aws_sdk_s3::config::{Credentials, ResponseChecksumValidation};
 use aws_sigv4::http_request::{sign, PayloadChecksumKind, SignableBody, SignableRequest, SigningSettings};
 use aws_sigv4::sign::v4;
 use aws_smithy_runtime_api::client::identity::Identity;
@@ -84,13 +85,17 @@ fn main() -> Result<()> {
     println!("{count} GETs of {size}-byte objects, {concurrency} at a time, from {endpoint}");
     println!("{:<40} {:>8} {:>12} {:>10} {:>17}", "client", "MiB/s", "CPU us/GET", "CPU s/GiB", "server CPU s/GiB");
     let plugin =
-        measure("S3Storage::read_block (nbds3)", size, count, concurrency, || sdk_reader(Arc::clone(&store), &ids))?;
+        measure("S3Storage::read_block (nbds3)", size, count, concurrency, || block_reader(Arc::clone(&store), &ids))?;
+    let through_sdk = Arc::new(S3Storage::new(sdk.sdk.clone().into(), &config, &export, size));
+    let sdk_path = measure("  through aws-sdk-s3 (https endpoints)", size, count, concurrency, || {
+        block_reader(Arc::clone(&through_sdk), &ids)
+    })?;
     let unchecked = aws_sdk_s3::Client::from_conf(
-        sdk.config().to_builder().response_checksum_validation(ResponseChecksumValidation::WhenRequired).build(),
+        sdk.sdk.config().to_builder().response_checksum_validation(ResponseChecksumValidation::WhenRequired).build(),
     );
-    let unchecked = Arc::new(S3Storage::new(unchecked, &config, &export, size));
+    let unchecked = Arc::new(S3Storage::new(unchecked.into(), &config, &export, size));
     measure("  the same without the SDK's CRC32 check", size, count, concurrency, || {
-        sdk_reader(Arc::clone(&unchecked), &ids)
+        block_reader(Arc::clone(&unchecked), &ids)
     })?;
     let bare = match endpoint.strip_prefix("http://") {
         Some(host) => {
@@ -110,7 +115,11 @@ fn main() -> Result<()> {
         }
     };
     if let Some(bare) = bare {
-        println!("nbds3 spends {:.2}x the CPU of the bare client per GET", plugin / bare);
+        println!(
+            "per GET, nbds3 spends {:.2}x the CPU of the bare client; through aws-sdk-s3 it would spend {:.2}x",
+            plugin / bare,
+            sdk_path / bare
+        );
     }
     store.delete_blocks(&ids)?;
     Ok(())
@@ -119,7 +128,7 @@ fn main() -> Result<()> {
 /// Reads the `n`th GET's object into a buffer of its own.
 type Reader = Box<dyn FnMut(usize) -> Result<()> + Send>;
 
-fn sdk_reader(store: Arc<S3Storage>, ids: &[BlockId]) -> Result<Reader> {
+fn block_reader(store: Arc<S3Storage>, ids: &[BlockId]) -> Result<Reader> {
     let ids = ids.to_vec();
     let mut block = BlockBuf::recycled(store.block_size());
     Ok(Box::new(move |n| {

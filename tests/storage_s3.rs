@@ -4,21 +4,26 @@
 mod common;
 
 use common::S3Env;
-use nbds3::storage::{conformance, s3, Backend, S3Backend, S3Config, S3Storage};
-use nbds3::ExportName;
+use nbds3::storage::{conformance, s3, Backend, BlockBuf, S3Backend, S3Client, S3Config, S3Storage};
+use nbds3::{BlockId, Error, ExportName, Storage};
 
-/// Runs every conformance check on `env`'s server; returns whether its leases are atomic.
+/// Runs every conformance check on `env`'s server, with block GETs both ways (the direct path
+/// http:// endpoints take, and the SDK's, which https:// endpoints take); returns whether its
+/// leases are atomic.
 fn conformance_on(env: &S3Env) -> bool {
     let config: S3Config = env.config(common::TEST_BUCKET);
     let client = s3::runtime().unwrap().block_on(s3::client(&config));
+    assert!(client.gets_directly(), "an http:// endpoint with static keys: block GETs go direct");
     let run = common::unique("conformance");
-    conformance::run_all(
-        &|place| {
-            let export = ExportName::new(&format!("{run}-{place}")).unwrap();
-            Box::new(S3Storage::new(client.clone(), &config, &export, conformance::BLOCK_SIZE))
-        },
-        true,
-    );
+    for (path, client) in [("direct", client.clone()), ("sdk", S3Client::from(client.sdk.clone()))] {
+        conformance::run_all(
+            &|place| {
+                let export = ExportName::new(&format!("{run}-{path}-{place}")).unwrap();
+                Box::new(S3Storage::new(client.clone(), &config, &export, conformance::BLOCK_SIZE))
+            },
+            true,
+        );
+    }
     let backend = S3Backend::new(&config).unwrap();
     conformance::backend_records(&backend, &format!("{run}-rec-"));
     conformance::backend_leases(&backend, &format!("{run}-lease-"));
@@ -43,4 +48,41 @@ fn s3_storage_conformance() {
 fn s3_conformance_with_conditional_writes() {
     let Some(moto) = common::moto() else { return };
     assert!(conformance_on(&moto.env), "moto honours If-None-Match and If-Match");
+}
+
+/// A block GET refused by the server fails with the reason, by category, both ways: a wrong
+/// secret is "credentials rejected"; a key without access to the bucket is "not found" (Garage
+/// hides the bucket from it: NoSuchBucket); neither is retried into a timeout.
+#[test]
+fn refused_block_gets_say_why() {
+    let Some(env) = common::s3() else { return };
+    let limited = common::S3Env {
+        access_key: std::env::var("NBDS3_S3_LIMITED_KEY_ID").expect("scripts/garage env"),
+        secret_key: std::env::var("NBDS3_S3_LIMITED_SECRET").expect("scripts/garage env"),
+        ..env.clone()
+    };
+    let wrong_secret = common::S3Env { secret_key: "0".repeat(64), ..env.clone() };
+    let export = ExportName::new(&common::unique("refused")).unwrap();
+    let written = S3Storage::new(
+        s3::runtime().unwrap().block_on(s3::client(&env.config(common::TEST_BUCKET))),
+        &env.config(common::TEST_BUCKET),
+        &export,
+        4096,
+    );
+    written.write_block(BlockId(1), &[7; 4096]).unwrap();
+    for (who, env, expected) in
+        [("a wrong secret", wrong_secret, "credentials rejected"), ("a key without access", limited, "not found")]
+    {
+        let config = S3Config { timeout: std::time::Duration::from_secs(20), ..env.config(common::TEST_BUCKET) };
+        let client = s3::runtime().unwrap().block_on(s3::client(&config));
+        for (path, client) in [("direct", client.clone()), ("sdk", S3Client::from(client.sdk.clone()))] {
+            let store = S3Storage::new(client, &config, &export, 4096);
+            let started = std::time::Instant::now();
+            let err = store.read_block(BlockId(1), &mut BlockBuf::zeroed(4096)).unwrap_err();
+            assert!(err.to_string().contains(expected), "{who}, {path}: {err}");
+            assert!(!matches!(err, Error::Timeout { .. } | Error::Backend { .. }), "{who}, {path}: {err:?}");
+            assert!(started.elapsed().as_secs() < 10, "{who}, {path}: retried for {:?}", started.elapsed());
+        }
+    }
+    written.delete_block(BlockId(1)).unwrap();
 }

@@ -12,6 +12,7 @@ pub use crate::block_buf::BlockBuf;
 use crate::export::ExportName;
 use crate::Result;
 
+pub mod direct_get;
 pub mod fenced;
 pub mod file;
 pub mod memory;
@@ -25,7 +26,7 @@ pub use fenced::FencedStorage;
 pub use file::{FileBackend, FileStorage};
 pub use memory::{MemoryBackend, MemoryStorage};
 pub use metered::{MeteredStorage, StorageStats};
-pub use s3::{S3Backend, S3Config, S3Storage};
+pub use s3::{S3Backend, S3Client, S3Config, S3Storage};
 
 /// The index of a block in its export: block `n` covers bytes `n * block_size ..`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -18,7 +18,7 @@ use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::BehaviorVersion;
 use aws_sdk_s3::config::retry::{RetryPartition, TokenBucket};
-use aws_sdk_s3::config::{Credentials, Region};
+use aws_sdk_s3::config::{Credentials, Region, SharedCredentialsProvider};
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{Delete, ObjectIdentifier};
@@ -26,6 +26,7 @@ use aws_sdk_s3::Client;
 use bytes::Bytes;
 use tokio::sync::{Semaphore, SemaphorePermit};
 
+use super::direct_get::DirectGet;
 use super::{check_len, Backend, BlockBuf, BlockId, Expect, Storage, VersionedText};
 use crate::config::Secret;
 use crate::export::{parse_block_leaf, ExportName, LEASE_PREFIX, RECORD_PREFIX};
@@ -96,13 +97,45 @@ pub fn runtime() -> Result<&'static tokio::runtime::Runtime> {
         .map_err(|e| Error::backend("S3Storage", format!("cannot start the tokio runtime: {e}")))
 }
 
+/// The SDK's client, and for block GETs the [`DirectGet`] path where it applies.
+#[derive(Clone, Debug)]
+pub struct S3Client {
+    /// Every request but block GETs, and those too where `direct` is `None`.
+    pub sdk: Client,
+    direct: Option<Arc<DirectGet>>,
+}
+
+impl S3Client {
+    /// Whether block GETs take the [`DirectGet`] path.
+    pub fn gets_directly(&self) -> bool {
+        self.direct.is_some()
+    }
+}
+
+impl From<Client> for S3Client {
+    /// Everything through the SDK.
+    fn from(sdk: Client) -> Self {
+        S3Client { sdk, direct: None }
+    }
+}
+
 /// Builds an S3 client for `config` that retries transient failures (throttling, 5xx, dropped
 /// connections) with backoff, within `config.timeout`. Must run inside a tokio runtime.
-pub async fn client(config: &S3Config) -> Client {
-    build_client(config, 5).await
+pub async fn client(config: &S3Config) -> S3Client {
+    let (sdk, credentials) = build_sdk(config, 5).await;
+    let direct = match credentials {
+        Some(credentials) => DirectGet::new(config, &credentials).await.map(Arc::new),
+        None => None,
+    };
+    S3Client { sdk, direct }
 }
 
 async fn build_client(config: &S3Config, max_attempts: u32) -> Client {
+    build_sdk(config, max_attempts).await.0
+}
+
+/// The SDK's client, and the credentials it signs with.
+async fn build_sdk(config: &S3Config, max_attempts: u32) -> (Client, Option<SharedCredentialsProvider>) {
     let mut loader = aws_config::defaults(BehaviorVersion::latest())
         .region(Region::new(config.region.clone()))
         .retry_config(RetryConfig::standard().with_max_attempts(max_attempts))
@@ -128,7 +161,7 @@ async fn build_client(config: &S3Config, max_attempts: u32) -> Client {
     if let Some(endpoint) = &config.endpoint {
         builder = builder.endpoint_url(endpoint);
     }
-    Client::from_conf(builder.build())
+    (Client::from_conf(builder.build()), sdk.credentials_provider())
 }
 
 /// Checks once, at start-up, that the bucket is reachable with these credentials, creating it
@@ -196,8 +229,8 @@ static CONDITIONAL_WRITES: Mutex<Vec<(String, bool)>> = Mutex::new(Vec::new());
 /// As [`check_bucket`].
 pub fn probe_conditional_writes(config: &S3Config) -> Result<bool> {
     let honoured = before_fork(config, async {
-        let backend =
-            S3Backend { client: build_client(config, 2).await, config: config.clone(), atomic_leases: OnceLock::new() };
+        let client = build_client(config, 2).await.into();
+        let backend = S3Backend { client, config: config.clone(), atomic_leases: OnceLock::new() };
         backend.probe_conditional_writes().await
     })?;
     crate::lock(&CONDITIONAL_WRITES).push((config.describe(), honoured));
@@ -208,7 +241,7 @@ pub fn probe_conditional_writes(config: &S3Config) -> Result<bool> {
 /// under `blocks/{export}/`.
 #[derive(Debug)]
 pub struct S3Backend {
-    client: Client,
+    client: S3Client,
     config: S3Config,
     /// Whether the server honours conditional writes, found out on first use.
     atomic_leases: OnceLock<bool>,
@@ -230,7 +263,7 @@ impl S3Backend {
 
     /// The text at `key` and its ETag, or `None` if there is no such object.
     async fn get_text(&self, key: &str) -> Result<Option<VersionedText>> {
-        match self.client.get_object().bucket(&self.config.bucket).key(key).send().await {
+        match self.client.sdk.get_object().bucket(&self.config.bucket).key(key).send().await {
             Ok(o) => {
                 let version = o.e_tag().unwrap_or_default().to_string();
                 let body = o.body.collect().await.map_err(|e| Error::backend(self, format!("GET {key}: {e}")))?;
@@ -246,7 +279,7 @@ impl S3Backend {
     /// PUTs `text` at `key` if the object is as `expected`; `None` when it is not (HTTP 412, or
     /// 409 for a concurrent conditional write, or 404 for `If-Match` on a deleted object).
     async fn put_text_if(&self, key: &str, expected: Expect<'_>, text: &str) -> Result<Option<String>> {
-        let put = self.client.put_object().bucket(&self.config.bucket).key(key).content_type("text/plain");
+        let put = self.client.sdk.put_object().bucket(&self.config.bucket).key(key).content_type("text/plain");
         let put = match expected {
             Expect::Absent => put.if_none_match("*"),
             Expect::Version(etag) => put.if_match(etag),
@@ -264,7 +297,7 @@ impl S3Backend {
         let key = format!("{LEASE_PREFIX}probe/{}-{}", std::process::id(), crate::lease::unix_nanos());
         self.put_text_if(&key, Expect::Absent, "probe").await?;
         let honoured = self.put_text_if(&key, Expect::Absent, "probe").await?.is_none();
-        if let Err(e) = self.client.delete_object().bucket(&self.config.bucket).key(&key).send().await {
+        if let Err(e) = self.client.sdk.delete_object().bucket(&self.config.bucket).key(&key).send().await {
             log::warn!("{self}: could not delete the probe object {key}: {}", fold(&self.to_string(), "DELETE", e));
         }
         Ok(honoured)
@@ -307,6 +340,7 @@ impl Backend for S3Backend {
         let body = ByteStream::from(record.as_bytes().to_vec());
         runtime()?.block_on(async {
             self.client
+                .sdk
                 .put_object()
                 .bucket(&self.config.bucket)
                 .key(&key)
@@ -322,7 +356,7 @@ impl Backend for S3Backend {
     fn delete_record(&self, export: &ExportName) -> Result<()> {
         runtime()?.block_on(async {
             for key in [export.record_key(), export.lease_key()] {
-                let deleted = self.client.delete_object().bucket(&self.config.bucket).key(&key).send().await;
+                let deleted = self.client.sdk.delete_object().bucket(&self.config.bucket).key(&key).send().await;
                 deleted.map_err(|e| fold(&self.to_string(), &format!("DELETE {key}"), e))?;
             }
             Ok(())
@@ -331,8 +365,14 @@ impl Backend for S3Backend {
 
     fn list_exports(&self) -> Result<Vec<ExportName>> {
         runtime()?.block_on(async {
-            let mut pages =
-                self.client.list_objects_v2().bucket(&self.config.bucket).prefix(RECORD_PREFIX).into_paginator().send();
+            let mut pages = self
+                .client
+                .sdk
+                .list_objects_v2()
+                .bucket(&self.config.bucket)
+                .prefix(RECORD_PREFIX)
+                .into_paginator()
+                .send();
             let mut names = Vec::new();
             while let Some(page) = pages.next().await {
                 let page = page.map_err(|e| fold(&self.to_string(), &format!("LIST {RECORD_PREFIX}"), e))?;
@@ -350,6 +390,8 @@ impl Backend for S3Backend {
 #[derive(Debug)]
 pub struct S3Storage {
     client: Client,
+    /// Block GETs without the SDK, where that applies.
+    direct: Option<Arc<DirectGet>>,
     bucket: String,
     export: ExportName,
     block_size: usize,
@@ -365,7 +407,7 @@ pub struct S3Storage {
 
 impl S3Storage {
     /// The store of `export` in `config.bucket`, through `client`.
-    pub fn new(client: Client, config: &S3Config, export: &ExportName, block_size: usize) -> Self {
+    pub fn new(client: S3Client, config: &S3Config, export: &ExportName, block_size: usize) -> Self {
         let name = format!(
             "S3Storage({}/{}/{})",
             config.endpoint.as_deref().unwrap_or("aws"),
@@ -373,7 +415,15 @@ impl S3Storage {
             export.block_prefix()
         );
         let permits = Semaphore::new(config.concurrency.max(1));
-        S3Storage { client, bucket: config.bucket.clone(), export: export.clone(), block_size, name, permits }
+        S3Storage {
+            client: client.sdk,
+            direct: client.direct,
+            bucket: config.bucket.clone(),
+            export: export.clone(),
+            block_size,
+            name,
+            permits,
+        }
     }
 
     /// Waits for a request permit. The semaphore is never closed, so this cannot fail.
@@ -399,6 +449,13 @@ impl Storage for S3Storage {
 
     fn read_block(&self, id: BlockId, buf: &mut BlockBuf) -> Result<bool> {
         check_len(self, self.block_size, buf.len())?;
+        if let Some(direct) = &self.direct {
+            let stored = direct.get(&self.name, &self.key(id), id, buf)?;
+            if !stored {
+                buf.fill(0);
+            }
+            return Ok(stored);
+        }
         // The body reaches the runtime in many chunks; awaited on this (nbdkit) thread, each one
         // would cost a thread wake-up. A task on the runtime gathers the whole block into a
         // buffer of its own, wakes this thread once, and the buffers are swapped.
@@ -610,24 +667,28 @@ where
             };
             Error::Backend { store, message }
         }
-        _ => {
-            let message = format!("{what}: {code}{detail}");
-            // Some servers (Garage) answer a bad key or signature with a plain AccessDenied.
-            let bad_credentials =
-                ["signature", "no such key", "access key"].iter().any(|m| detail.to_ascii_lowercase().contains(m));
-            match code.as_str() {
-                "AccessDenied" if bad_credentials => Error::Unauthenticated { store, message },
-                "InvalidAccessKeyId" | "SignatureDoesNotMatch" | "InvalidToken" | "ExpiredToken" => {
-                    Error::Unauthenticated { store, message }
-                }
-                "AccessDenied" | "AllAccessDisabled" | "Forbidden" => Error::PermissionDenied { store, message },
-                "NoSuchBucket" => Error::NotFound { store, message },
-                "" => Error::Backend {
-                    store,
-                    message: format!("{what}: {}", aws_smithy_types::error::display::DisplayErrorContext(&err)),
-                },
-                _ => Error::Backend { store, message },
-            }
+        _ if code.is_empty() => Error::Backend {
+            store,
+            message: format!("{what}: {}", aws_smithy_types::error::display::DisplayErrorContext(&err)),
+        },
+        _ => classify(&store, what, &code, &detail),
+    }
+}
+
+/// The error category of an S3 error answer, from its code: `detail` is ": message" or "".
+pub(super) fn classify(store: &str, what: &str, code: &str, detail: &str) -> Error {
+    let store = store.to_string();
+    let message = format!("{what}: {code}{detail}");
+    // Some servers (Garage) answer a bad key or signature with a plain AccessDenied.
+    let bad_credentials =
+        ["signature", "no such key", "access key"].iter().any(|m| detail.to_ascii_lowercase().contains(m));
+    match code {
+        "AccessDenied" if bad_credentials => Error::Unauthenticated { store, message },
+        "InvalidAccessKeyId" | "SignatureDoesNotMatch" | "InvalidToken" | "ExpiredToken" => {
+            Error::Unauthenticated { store, message }
         }
+        "AccessDenied" | "AllAccessDisabled" | "Forbidden" | "HTTP 403" => Error::PermissionDenied { store, message },
+        "NoSuchBucket" => Error::NotFound { store, message },
+        _ => Error::Backend { store, message },
     }
 }
