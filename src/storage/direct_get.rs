@@ -93,7 +93,9 @@ impl DirectGet {
     pub async fn new(config: &S3Config, credentials: &SharedCredentialsProvider) -> Option<Self> {
         let authority = config.endpoint.as_deref()?.strip_prefix("http://")?;
         let authority = authority.strip_suffix('/').unwrap_or(authority);
-        if authority.is_empty() || authority.contains(['/', '?', '#', '@']) {
+        // Keys need no escaping (export names are [A-Za-z0-9._-]); nor must the bucket's name.
+        let plain = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_');
+        if authority.is_empty() || authority.contains(['/', '?', '#', '@']) || !config.bucket.chars().all(plain) {
             return None;
         }
         let credentials = match tokio::time::timeout(CONNECT_TIMEOUT, credentials.provide_credentials()).await {
@@ -499,6 +501,152 @@ mod tests {
         assert_eq!(base64_u32(0), "AAAAAA==");
         assert_eq!(base64_u32(0xffff_ffff), "/////w==");
         assert_eq!(base64_u32(crc32fast::hash(b"123456789")), "y/Q5Jg==");
+    }
+
+    /// What the canned server does with the next request.
+    enum Answer {
+        /// Writes these bytes, then waits for the next request on the same connection.
+        Send(String),
+        /// Writes these bytes and closes the connection.
+        SendAndClose(String),
+        /// Holds the connection without answering.
+        Silent,
+    }
+
+    fn ok(body: &[u8], crc32: &str) -> String {
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nx-amz-checksum-crc32: {crc32}\r\n\r\n{}",
+            body.len(),
+            String::from_utf8_lossy(body)
+        )
+    }
+
+    fn error(status: &str, code: &str) -> String {
+        let body = format!("<Error><Code>{code}</Code><Message>as canned</Message></Error>");
+        format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\n\r\n{body}", body.len())
+    }
+
+    /// A server on loopback giving `answers` in turn, for the protocol's corners a real S3
+    /// server does not show on demand; returns a `DirectGet` to it and the request heads seen.
+    fn canned(answers: Vec<Answer>, timeout: Duration) -> (DirectGet, std::sync::Arc<Mutex<Vec<String>>>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let authority = listener.local_addr().unwrap().to_string();
+        let seen = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let answers = std::sync::Arc::new(Mutex::new(std::collections::VecDeque::from(answers)));
+        let requests = seen.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { return };
+                let (answers, requests) = (answers.clone(), requests.clone());
+                std::thread::spawn(move || {
+                    let mut reader = BufReader::new(stream.try_clone().unwrap());
+                    let mut stream = stream;
+                    loop {
+                        let mut head = String::new();
+                        while !head.ends_with("\r\n\r\n") {
+                            if reader.read_line(&mut head).unwrap_or(0) == 0 {
+                                return;
+                            }
+                        }
+                        requests.lock().unwrap().push(head);
+                        match answers.lock().unwrap().pop_front() {
+                            Some(Answer::Send(bytes)) => stream.write_all(bytes.as_bytes()).unwrap(),
+                            Some(Answer::SendAndClose(bytes)) => return stream.write_all(bytes.as_bytes()).unwrap(),
+                            Some(Answer::Silent) => std::thread::sleep(Duration::from_secs(30)),
+                            None => return,
+                        }
+                    }
+                });
+            }
+        });
+        let config = S3Config {
+            bucket: "bucket".into(),
+            endpoint: Some(format!("http://{authority}")),
+            path_style: Some(true),
+            timeout,
+            ..Default::default()
+        };
+        let credentials = Credentials::new("AKID", "secret", None, None, "test");
+        (DirectGet::with_credentials(&config, &authority, credentials).unwrap(), seen)
+    }
+
+    fn get(direct: &DirectGet, buf: &mut [u8]) -> Result<bool> {
+        direct.get("store", "blocks/e/0000000000000000", BlockId(0), buf)
+    }
+
+    #[test]
+    fn throttling_is_retried_as_one_operation() {
+        let body = b"0123456789";
+        let crc = base64_u32(crc32fast::hash(body));
+        let answers = vec![
+            Answer::SendAndClose(error("503 Slow Down", "SlowDown")),
+            Answer::Send(error("500 Internal Server Error", "InternalError")),
+            Answer::Send(ok(body, &crc)),
+        ];
+        let (direct, seen) = canned(answers, Duration::from_secs(20));
+        let mut buf = [0; 10];
+        assert!(get(&direct, &mut buf).unwrap());
+        assert_eq!(&buf, body);
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 3);
+        let id = |h: &String| h.lines().find(|l| l.starts_with("amz-sdk-invocation-id")).map(str::to_string);
+        assert!(id(&seen[0]).is_some() && seen.iter().all(|h| id(h) == id(&seen[0])), "{seen:#?}");
+        assert!(seen[0].starts_with("GET /bucket/blocks/e/0000000000000000 HTTP/1.1\r\n"), "{seen:#?}");
+        assert!(seen[0].contains("authorization: AWS4-HMAC-SHA256 Credential=AKID/"), "{seen:#?}");
+    }
+
+    #[test]
+    fn a_kept_alive_connection_the_server_closed_is_replaced() {
+        let body = b"abc";
+        let crc = base64_u32(crc32fast::hash(body));
+        // The first answer keeps the connection (no "Connection: close"), then the server drops it.
+        let answers = vec![Answer::SendAndClose(ok(body, &crc)), Answer::Send(ok(body, &crc))];
+        let (direct, seen) = canned(answers, Duration::from_secs(20));
+        let mut buf = [0; 3];
+        assert!(get(&direct, &mut buf).unwrap());
+        std::thread::sleep(Duration::from_millis(50));
+        let started = Instant::now();
+        assert!(get(&direct, &mut buf).unwrap());
+        assert!(started.elapsed() < Duration::from_millis(500), "no backoff for a stale connection");
+        assert_eq!(seen.lock().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn missing_objects_and_refusals() {
+        let (direct, _) = canned(vec![Answer::Send(error("404 Not Found", "NoSuchKey"))], Duration::from_secs(5));
+        let mut buf = [7; 4];
+        assert!(!get(&direct, &mut buf).unwrap());
+        assert_eq!(buf, [7; 4], "untouched");
+        let (direct, _) = canned(vec![Answer::Send(error("404 Not Found", "NoSuchBucket"))], Duration::from_secs(5));
+        assert!(matches!(get(&direct, &mut buf), Err(Error::NotFound { .. })));
+        let (direct, _) =
+            canned(vec![Answer::Send(error("403 Forbidden", "SignatureDoesNotMatch"))], Duration::from_secs(5));
+        assert!(matches!(get(&direct, &mut buf), Err(Error::Unauthenticated { .. })));
+    }
+
+    #[test]
+    fn wrong_bytes_are_corrupt_blocks() {
+        let mut buf = [0; 4];
+        let (direct, _) = canned(vec![Answer::Send(ok(b"abcd", "AAAAAA=="))], Duration::from_secs(5));
+        let err = get(&direct, &mut buf).unwrap_err();
+        assert!(matches!(err, Error::CorruptBlock { .. }) && err.to_string().contains("checksum"), "{err}");
+        let (direct, _) =
+            canned(vec![Answer::Send(ok(b"abcde", &base64_u32(crc32fast::hash(b"abcde"))))], Duration::from_secs(5));
+        let err = get(&direct, &mut buf).unwrap_err();
+        assert!(err.to_string().contains("is 5 bytes, expected 4"), "{err}");
+        let chunked = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nabcd\r\n0\r\n\r\n".to_string();
+        let (direct, _) = canned(vec![Answer::Send(chunked)], Duration::from_secs(5));
+        let err = get(&direct, &mut buf).unwrap_err();
+        assert!(err.to_string().contains("no Content-Length"), "{err}");
+    }
+
+    #[test]
+    fn a_server_that_does_not_answer_times_out_within_the_bound() {
+        let (direct, _) = canned(vec![Answer::Silent, Answer::Silent], Duration::from_secs(2));
+        let started = Instant::now();
+        let err = get(&direct, &mut [0; 4]).unwrap_err();
+        assert!(matches!(err, Error::Timeout { .. }), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(4), "took {:?}", started.elapsed());
     }
 
     #[test]

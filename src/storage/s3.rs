@@ -9,6 +9,10 @@
 //! [`BlockCache`](crate::volume::BlockCache), each blocking on their own request. Retries with
 //! backoff (throttling and 5xx included) and timeouts are the SDK's, bounded by `s3-timeout`,
 //! without the SDK's process-wide retry quota.
+//!
+//! Block GETs from an `http://` endpoint (a local MinIO or Garage, where the server competes
+//! with us for the same cores) skip the SDK and the runtime: [`DirectGet`] does them on the
+//! caller's thread, with the same checks and retry policy, at half the CPU.
 
 use std::fmt;
 use std::sync::{Arc, Mutex, OnceLock};
