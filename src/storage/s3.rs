@@ -404,8 +404,9 @@ pub struct S3Storage {
     /// One permit per block upload or delete in flight: however many callers (write-behind, the
     /// background writer, writers past `max-dirty`, FLUSH) write back at once, `s3-concurrency`
     /// bounds the requests, and the memory of the PUT bodies with them. GETs take none: a read
-    /// waits for them, and small GETs from a server that leaves Nagle on (Garage) can each stall
-    /// ~40 ms behind our delayed ACK, so reads need all the concurrency their callers give them.
+    /// waits for them, and through the SDK small GETs from a server that leaves Nagle on (Garage)
+    /// can each stall ~40 ms behind our delayed ACK, so reads need all the concurrency their
+    /// callers give them.
     permits: Semaphore,
 }
 
