@@ -7,7 +7,7 @@
 //! reads `S3_GET_COUNT` of them back, `S3_GET_CONCURRENCY` at a time, four ways:
 //!
 //! - `S3Storage::read_block`: what the plugin does (on an http:// endpoint, its own
-//!   [`DirectGet`](nbds3::storage::direct_get::DirectGet) path, with the CRC32 check);
+//!   [`DirectClient`](nbds3::storage::direct::DirectClient) path, with the CRC32 check);
 //! - the same through aws-sdk-s3, the path https:// endpoints take;
 //! - that without the SDK's response checksum validation, to show what the CRC32 costs there;
 //! - a bare client: one keep-alive TCP connection per thread, a SigV4-signed GET written by

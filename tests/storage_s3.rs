@@ -7,13 +7,13 @@ use common::S3Env;
 use nbds3::storage::{conformance, s3, Backend, BlockBuf, S3Backend, S3Client, S3Config, S3Storage};
 use nbds3::{BlockId, Error, ExportName, Storage};
 
-/// Runs every conformance check on `env`'s server, with block GETs both ways (the direct path
+/// Runs every conformance check on `env`'s server, with block requests both ways (the direct path
 /// http:// endpoints take, and the SDK's, which https:// endpoints take); returns whether its
 /// leases are atomic.
 fn conformance_on(env: &S3Env) -> bool {
     let config: S3Config = env.config(common::TEST_BUCKET);
     let client = s3::runtime().unwrap().block_on(s3::client(&config));
-    assert!(client.gets_directly(), "an http:// endpoint with static keys: block GETs go direct");
+    assert!(client.is_direct(), "an http:// endpoint with static keys: block requests go direct");
     let run = common::unique("conformance");
     for (path, client) in [("direct", client.clone()), ("sdk", S3Client::from(client.sdk.clone()))] {
         conformance::run_all(
@@ -50,11 +50,12 @@ fn s3_conformance_with_conditional_writes() {
     assert!(conformance_on(&moto.env), "moto honours If-None-Match and If-Match");
 }
 
-/// A block GET refused by the server fails with the reason, by category, both ways: a wrong
+/// Block requests refused by the server fail with the reason, by category, both ways: a wrong
 /// secret is "credentials rejected"; a key without access to the bucket is "not found" (Garage
-/// hides the bucket from it: NoSuchBucket); neither is retried into a timeout.
+/// hides the bucket from it: NoSuchBucket); none is retried into a timeout, and a refused PUT
+/// of a whole 1 MiB body (which a server may refuse before reading it) says why too.
 #[test]
-fn refused_block_gets_say_why() {
+fn refused_block_requests_say_why() {
     let Some(env) = common::s3() else { return };
     let limited = common::S3Env {
         access_key: std::env::var("NBDS3_S3_LIMITED_KEY_ID").expect("scripts/garage env"),
@@ -76,13 +77,29 @@ fn refused_block_gets_say_why() {
         let config = S3Config { timeout: std::time::Duration::from_secs(20), ..env.config(common::TEST_BUCKET) };
         let client = s3::runtime().unwrap().block_on(s3::client(&config));
         for (path, client) in [("direct", client.clone()), ("sdk", S3Client::from(client.sdk.clone()))] {
-            let store = S3Storage::new(client, &config, &export, 4096);
-            let started = std::time::Instant::now();
-            let err = store.read_block(BlockId(1), &mut BlockBuf::zeroed(4096)).unwrap_err();
-            assert!(err.to_string().contains(expected), "{who}, {path}: {err}");
-            assert!(!matches!(err, Error::Timeout { .. } | Error::Backend { .. }), "{who}, {path}: {err:?}");
-            assert!(started.elapsed().as_secs() < 10, "{who}, {path}: retried for {:?}", started.elapsed());
+            let store = S3Storage::new(client.clone(), &config, &export, 4096);
+            let big = S3Storage::new(client, &config, &export, 1 << 20);
+            let big_block = vec![9; 1 << 20];
+            let requests: [(&str, &dyn Fn() -> nbds3::Result<()>); 3] = [
+                ("GET", &|| store.read_block(BlockId(1), &mut BlockBuf::zeroed(4096)).map(drop)),
+                ("PUT", &|| big.write_block(BlockId(3), &big_block)),
+                ("DELETE", &|| store.delete_block(BlockId(1))),
+            ];
+            for (what, request) in requests {
+                let started = std::time::Instant::now();
+                let err = request().unwrap_err();
+                assert!(err.to_string().contains(expected), "{who}, {path}, {what}: {err}");
+                assert!(err.to_string().contains(what), "{who}, {path}, {what}: {err}");
+                assert!(
+                    !matches!(err, Error::Timeout { .. } | Error::Backend { .. }),
+                    "{who}, {path}, {what}: {err:?}"
+                );
+                assert!(started.elapsed().as_secs() < 10, "{who}, {path}, {what}: retried for {:?}", started.elapsed());
+            }
         }
     }
+    let mut buf = BlockBuf::zeroed(4096);
+    assert!(written.read_block(BlockId(1), &mut buf).unwrap(), "no refused DELETE deleted it");
+    assert_eq!(&buf[..], &[7; 4096][..]);
     written.delete_block(BlockId(1)).unwrap();
 }

@@ -12,7 +12,7 @@ pub use crate::block_buf::BlockBuf;
 use crate::export::ExportName;
 use crate::Result;
 
-pub mod direct_get;
+pub mod direct;
 pub mod fenced;
 pub mod file;
 pub mod memory;

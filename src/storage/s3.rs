@@ -10,9 +10,9 @@
 //! backoff (throttling and 5xx included) and timeouts are the SDK's, bounded by `s3-timeout`,
 //! without the SDK's process-wide retry quota.
 //!
-//! Block GETs from an `http://` endpoint (a local MinIO or Garage, where the server competes
-//! with us for the same cores) skip the SDK and the runtime: [`DirectGet`] does them on the
-//! caller's thread, with the same checks and retry policy, at half the CPU.
+//! Block GETs, PUTs and DELETEs to an `http://` endpoint (a local MinIO or Garage, where the
+//! server competes with us for the same cores) skip the SDK and the runtime: [`DirectClient`]
+//! does them on the caller's thread, with the same checks and retry policy, at half the CPU.
 
 use std::fmt;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -30,7 +30,7 @@ use aws_sdk_s3::Client;
 use bytes::Bytes;
 use tokio::sync::{Semaphore, SemaphorePermit};
 
-use super::direct_get::DirectGet;
+use super::direct::DirectClient;
 use super::{check_len, Backend, BlockBuf, BlockId, Expect, Storage, VersionedText};
 use crate::config::Secret;
 use crate::export::{parse_block_leaf, ExportName, LEASE_PREFIX, RECORD_PREFIX};
@@ -101,17 +101,17 @@ pub fn runtime() -> Result<&'static tokio::runtime::Runtime> {
         .map_err(|e| Error::backend("S3Storage", format!("cannot start the tokio runtime: {e}")))
 }
 
-/// The SDK's client, and for block GETs the [`DirectGet`] path where it applies.
+/// The SDK's client, and for block requests the [`DirectClient`] path where it applies.
 #[derive(Clone, Debug)]
 pub struct S3Client {
-    /// Every request but block GETs, and those too where `direct` is `None`.
+    /// Every request but single-block ones, and those too where `direct` is `None`.
     pub sdk: Client,
-    direct: Option<Arc<DirectGet>>,
+    direct: Option<Arc<DirectClient>>,
 }
 
 impl S3Client {
-    /// Whether block GETs take the [`DirectGet`] path.
-    pub fn gets_directly(&self) -> bool {
+    /// Whether block GETs, PUTs and DELETEs take the [`DirectClient`] path.
+    pub fn is_direct(&self) -> bool {
         self.direct.is_some()
     }
 }
@@ -128,7 +128,7 @@ impl From<Client> for S3Client {
 pub async fn client(config: &S3Config) -> S3Client {
     let (sdk, credentials) = build_sdk(config, 5).await;
     let direct = match credentials {
-        Some(credentials) => DirectGet::new(config, &credentials).await.map(Arc::new),
+        Some(credentials) => DirectClient::new(config, &credentials).await.map(Arc::new),
         None => None,
     };
     S3Client { sdk, direct }
@@ -394,8 +394,8 @@ impl Backend for S3Backend {
 #[derive(Debug)]
 pub struct S3Storage {
     client: Client,
-    /// Block GETs without the SDK, where that applies.
-    direct: Option<Arc<DirectGet>>,
+    /// Block GETs, PUTs and DELETEs without the SDK, where that applies.
+    direct: Option<Arc<DirectClient>>,
     bucket: String,
     export: ExportName,
     block_size: usize,
@@ -491,6 +491,10 @@ impl Storage for S3Storage {
     fn write_block(&self, id: BlockId, data: &[u8]) -> Result<()> {
         check_len(self, self.block_size, data.len())?;
         let key = self.key(id);
+        if let Some(direct) = &self.direct {
+            let _permit = runtime()?.block_on(self.permit());
+            return direct.put(&self.name, &key, id, data);
+        }
         runtime()?.block_on(async {
             let _permit = self.permit().await;
             // The SDK needs an owned body (it may resend it); a recycled buffer spares the page
@@ -514,6 +518,10 @@ impl Storage for S3Storage {
 
     fn delete_block(&self, id: BlockId) -> Result<()> {
         let key = self.key(id);
+        if let Some(direct) = &self.direct {
+            let _permit = runtime()?.block_on(self.permit());
+            return direct.delete(&self.name, &key, id);
+        }
         runtime()?.block_on(async {
             let _permit = self.permit().await;
             self.client

@@ -1,23 +1,27 @@
-//! `DirectGet`: block GETs over plain HTTP/1.1 on the caller's thread, straight into the block.
+//! `DirectClient`: block GETs, PUTs and DELETEs over plain HTTP/1.1 on the caller's thread,
+//! straight between the block and the socket.
 //!
 //! Why: with the S3 server on the same machine (MinIO or Garage on loopback, the usual way to run
-//! nbds3 outside AWS), a cold sequential read is CPU-bound, and every CPU-second the client
-//! spends is one the server does not get. Per 1 MiB GET, aws-sdk-s3 cost this process 2.1-2.8x
-//! the CPU of a bare client (`cargo bench --bench s3_get`): the body arrives in many chunks
-//! through hyper and tokio, and the nbdkit thread hands every request to the runtime and waits.
-//! Here the nbdkit thread itself signs the request (SigV4), writes it on a kept-alive connection,
-//! and reads the body straight into the block, checking the object's CRC32 as the SDK does.
+//! nbds3 outside AWS), cold sequential reads and bulk writes are CPU-bound, and every CPU-second
+//! the client spends is one the server does not get. Per 1 MiB GET, aws-sdk-s3 cost this process
+//! 2.1-2.8x the CPU of a bare client (`cargo bench --bench s3_get`): the body arrives in many
+//! chunks through hyper and tokio, and the nbdkit thread hands every request to the runtime and
+//! waits. A PUT through the SDK also copies the block into a body the SDK owns, and frames it in
+//! aws-chunked encoding to send its checksum after it. Here the calling thread itself signs the
+//! request (SigV4), writes it on a kept-alive connection, and reads the body straight into the
+//! block or writes it straight from the block, with the object's CRC32 checked on the way in and
+//! sent (for the server to check) on the way out, as the SDK does.
 //!
-//! It covers only what a block read needs: `http://` endpoints (TLS stays with the SDK),
-//! credentials that do not expire, and bodies framed by `Content-Length`. Every other request,
-//! and block GETs that do not fit, go through the SDK. Retries follow the SDK's standard policy:
-//! 5xx, throttling and dropped connections are retried with jittered exponential backoff, at
-//! most 5 attempts, all within `s3-timeout`.
+//! It covers only what block I/O needs: `http://` endpoints (TLS stays with the SDK), credentials
+//! that do not expire, and bodies framed by `Content-Length`. Every other request (listings,
+//! batch deletes, records, leases), and all requests when these do not hold, go through the SDK.
+//! Retries follow the SDK's standard policy: 5xx, throttling and dropped connections are retried
+//! with jittered exponential backoff, at most 5 attempts, all within `s3-timeout`.
 
 use std::collections::hash_map::RandomState;
 use std::fmt;
 use std::hash::{BuildHasher, Hasher};
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, BufRead, BufReader, IoSlice, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
 use std::sync::Mutex;
@@ -36,7 +40,8 @@ use crate::{lock, Error, Result};
 const MAX_ATTEMPTS: u32 = 5;
 const MAX_BACKOFF: Duration = Duration::from_secs(20);
 
-/// Bounds on one attempt's connect and on the wait for each read, as the SDK's client has them.
+/// Bounds on one attempt's connect and on the wait for each read or write, as the SDK's client
+/// has them.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -44,14 +49,14 @@ const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_HEAD: u64 = 64 * 1024;
 
 /// Kept-alive connections kept idle; more than the callers ever use at once (nbdkit's threads
-/// plus the read-ahead workers).
+/// plus the read-ahead and write-back workers).
 const MAX_IDLE: usize = 64;
 
-/// SHA-256 of the empty body, which SigV4 signs for a GET.
+/// SHA-256 of the empty body, which SigV4 signs for a GET or DELETE.
 const EMPTY_SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
 
-/// Block GETs from one bucket over plain HTTP/1.1, with a pool of kept-alive connections.
-pub struct DirectGet {
+/// Block requests to one bucket over plain HTTP/1.1, with a pool of kept-alive connections.
+pub struct DirectClient {
     /// `host:port` to connect to.
     addr: String,
     /// The `Host` header, also signed.
@@ -64,17 +69,37 @@ pub struct DirectGet {
     idle: Mutex<Vec<Connection>>,
 }
 
-impl fmt::Debug for DirectGet {
+impl fmt::Debug for DirectClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("DirectGet").field("host", &self.host).field("prefix", &self.prefix).finish_non_exhaustive()
+        f.debug_struct("DirectClient").field("host", &self.host).field("prefix", &self.prefix).finish_non_exhaustive()
+    }
+}
+
+/// What one request does with the block.
+enum Body<'b> {
+    /// GET: the object's bytes, which must fill this exactly.
+    Into(&'b mut [u8]),
+    /// PUT these bytes, with their CRC32 in S3's form.
+    From(&'b [u8], String),
+    /// DELETE.
+    None,
+}
+
+impl Body<'_> {
+    fn method(&self) -> &'static str {
+        match self {
+            Body::Into(_) => "GET",
+            Body::From(..) => "PUT",
+            Body::None => "DELETE",
+        }
     }
 }
 
 /// What one attempt came to.
 enum Outcome {
-    /// The block's bytes are in the buffer.
-    Found,
-    /// There is no such object.
+    /// Done: the block's bytes are in the buffer, or stored, or deleted.
+    Done,
+    /// There is no such object (GET).
     Missing,
     /// A failure worth another attempt (5xx, throttling, a dropped connection); the error if no
     /// attempt is left. `stale` when a kept-alive connection turned out closed before it
@@ -86,7 +111,7 @@ enum Outcome {
 /// stream beneath it.
 struct Connection(BufReader<TcpStream>);
 
-impl DirectGet {
+impl DirectClient {
     /// The direct path for `config`'s bucket with the SDK's `credentials`, or `None` when it does
     /// not apply (an `https://` or AWS endpoint, credentials that expire or cannot be had).
     pub async fn new(config: &S3Config, credentials: &SharedCredentialsProvider) -> Option<Self> {
@@ -102,7 +127,7 @@ impl DirectGet {
             failed => {
                 let why = failed
                     .map_or_else(|_| "timed out".to_string(), |r| r.err().map(|e| e.to_string()).unwrap_or_default());
-                log::debug!("{}: block GETs go through the SDK: no credentials yet ({why})", config.describe());
+                log::debug!("{}: block requests go through the SDK: no credentials yet ({why})", config.describe());
                 return None;
             }
         };
@@ -111,7 +136,7 @@ impl DirectGet {
 
     fn with_credentials(config: &S3Config, authority: &str, credentials: Credentials) -> Option<Self> {
         if credentials.expiry().is_some() {
-            log::debug!("{}: block GETs go through the SDK, which renews expiring credentials", config.describe());
+            log::debug!("{}: block requests go through the SDK, which renews expiring credentials", config.describe());
             return None;
         }
         let (host, prefix) = if config.path_style.unwrap_or(false) {
@@ -121,8 +146,8 @@ impl DirectGet {
         };
         let has_port = host.rsplit_once(':').is_some_and(|(_, port)| port.parse::<u16>().is_ok());
         let addr = if has_port { host.clone() } else { format!("{host}:80") };
-        log::debug!("{}: block GETs go straight to {addr} over HTTP/1.1", config.describe());
-        Some(DirectGet {
+        log::debug!("{}: block requests go straight to {addr} over HTTP/1.1", config.describe());
+        Some(DirectClient {
             addr,
             host,
             prefix,
@@ -140,12 +165,34 @@ impl DirectGet {
     /// As the SDK path: [`Error::CorruptBlock`] for an object of the wrong size or checksum,
     /// [`Error::Timeout`] past `s3-timeout`, and the server's refusals by category.
     pub fn get(&self, store: &str, key: &str, block: BlockId, buf: &mut [u8]) -> Result<bool> {
-        let request = Request { store, key, block, operation: invocation_id() };
+        self.run(store, key, block, &mut Body::Into(buf))
+    }
+
+    /// Stores `data` as the object at `key`, with its CRC32 for the server to check.
+    ///
+    /// # Errors
+    /// As [`get`](Self::get), but for the checks on what comes back.
+    pub fn put(&self, store: &str, key: &str, block: BlockId, data: &[u8]) -> Result<()> {
+        let crc32 = base64_u32(crc32fast::hash(data));
+        self.run(store, key, block, &mut Body::From(data, crc32)).map(drop)
+    }
+
+    /// Deletes the object at `key`; deleting an object that does not exist succeeds, as in S3.
+    ///
+    /// # Errors
+    /// As [`put`](Self::put).
+    pub fn delete(&self, store: &str, key: &str, block: BlockId) -> Result<()> {
+        self.run(store, key, block, &mut Body::None).map(drop)
+    }
+
+    /// The request's attempts; whether the object was there.
+    fn run(&self, store: &str, key: &str, block: BlockId, body: &mut Body<'_>) -> Result<bool> {
+        let request = &Request::new(body.method(), store, key, block);
         let deadline = Instant::now() + self.timeout;
         let mut attempt = 1;
         loop {
-            let error = match self.attempt(&request, deadline, buf) {
-                Ok(Outcome::Found) => return Ok(true),
+            let error = match self.attempt(request, deadline, body) {
+                Ok(Outcome::Done) => return Ok(true),
                 Ok(Outcome::Missing) => return Ok(false),
                 Ok(Outcome::Retry { stale: true, .. }) => continue,
                 Ok(Outcome::Retry { error, stale: false }) => error,
@@ -163,7 +210,7 @@ impl DirectGet {
     }
 
     /// One try, on a kept-alive connection if there is one.
-    fn attempt(&self, request: &Request<'_>, deadline: Instant, buf: &mut [u8]) -> Result<Outcome> {
+    fn attempt(&self, request: &Request<'_>, deadline: Instant, body: &mut Body<'_>) -> Result<Outcome> {
         let idle = lock(&self.idle).pop();
         let reused = idle.is_some();
         let mut connection = match idle {
@@ -173,10 +220,16 @@ impl DirectGet {
                 Err(error) => return Ok(Outcome::Retry { error, stale: false }),
             },
         };
-        let wait = ATTEMPT_TIMEOUT.min(deadline.saturating_duration_since(Instant::now()));
-        let timed = connection.0.get_ref().set_read_timeout(Some(wait.max(Duration::from_millis(1))));
-        let written = timed.and_then(|()| self.send(request, &mut connection));
-        let head = written.and_then(|()| Head::read(&mut connection));
+        let wait =
+            ATTEMPT_TIMEOUT.min(deadline.saturating_duration_since(Instant::now())).max(Duration::from_millis(1));
+        let stream = connection.0.get_ref();
+        let timed = stream.set_read_timeout(Some(wait)).and_then(|()| stream.set_write_timeout(Some(wait)));
+        let written = timed.and_then(|()| self.send(request, body, &mut connection));
+        // A server may refuse a PUT before it has read the body, and close: its answer says why.
+        let head = match written {
+            Err(e) if matches!(body, Body::From(..)) => Head::read(&mut connection).map_err(|_| e),
+            written => written.and_then(|()| Head::read(&mut connection)),
+        };
         let head = match head {
             Ok(head) => head,
             Err(e) => {
@@ -186,16 +239,20 @@ impl DirectGet {
             }
         };
         // Whether the whole answer was read, so the connection can serve the next request.
-        let (outcome, read_whole) = match head.status {
-            200 => {
+        let (outcome, read_whole) = match (head.status, body) {
+            (200, Body::Into(buf)) => {
                 let outcome = self.read_body(request, &head, deadline, &mut connection, buf);
-                let found = matches!(outcome, Ok(Outcome::Found));
+                let found = matches!(outcome, Ok(Outcome::Done));
                 (outcome, found)
             }
-            status => match head.length.filter(|&n| n <= MAX_HEAD).map(|n| read_text(&mut connection, n)) {
-                Some(Ok(body)) => {
-                    let (code, message) = (xml_field(&body, "Code"), xml_field(&body, "Message"));
-                    let outcome = if status == 404 && code == "NoSuchKey" {
+            (200 | 204, body) if !matches!(body, Body::Into(_)) => {
+                let drained = head.length.filter(|&n| n <= MAX_HEAD).map(|n| read_text(&mut connection, n));
+                (Ok(Outcome::Done), matches!(drained, Some(Ok(_))))
+            }
+            (status, body) => match head.length.filter(|&n| n <= MAX_HEAD).map(|n| read_text(&mut connection, n)) {
+                Some(Ok(text)) => {
+                    let (code, message) = (xml_field(&text, "Code"), xml_field(&text, "Message"));
+                    let outcome = if status == 404 && code == "NoSuchKey" && matches!(body, Body::Into(_)) {
                         Ok(Outcome::Missing)
                     } else {
                         request.refused(status, code, message)
@@ -248,21 +305,21 @@ impl DirectGet {
                 )));
             }
         }
-        Ok(Outcome::Found)
+        Ok(Outcome::Done)
     }
 
     fn connect(&self, request: &Request<'_>, deadline: Instant) -> Result<Connection> {
         let unreachable = |e: &dyn fmt::Display| {
-            Error::backend(request.store, format!("GET {}: cannot reach the endpoint {}: {e}", request.key, self.addr))
+            let what = format!("{} {}", request.method, request.key);
+            Error::backend(request.store, format!("{what}: cannot reach the endpoint {}: {e}", self.addr))
         };
         let mut last = io::Error::new(io::ErrorKind::NotFound, "the host name resolves to no address");
         for addr in self.addr.to_socket_addrs().map_err(|e| unreachable(&e))? {
             let wait = CONNECT_TIMEOUT.min(deadline.saturating_duration_since(Instant::now()));
             match TcpStream::connect_timeout(&addr, wait.max(Duration::from_millis(1))) {
                 Ok(stream) => {
-                    // One write per request, at once.
+                    // Each request goes out at once, and a PUT's body right behind its head.
                     stream.set_nodelay(true).map_err(|e| unreachable(&e))?;
-                    stream.set_write_timeout(Some(ATTEMPT_TIMEOUT)).map_err(|e| unreachable(&e))?;
                     return Ok(Connection(BufReader::with_capacity(16 * 1024, stream)));
                 }
                 Err(e) => last = e,
@@ -271,11 +328,24 @@ impl DirectGet {
         Err(unreachable(&last))
     }
 
-    /// Writes the signed request.
-    fn send(&self, request: &Request<'_>, c: &mut Connection) -> io::Result<()> {
+    /// Writes the signed request, and a PUT's body.
+    fn send(&self, request: &Request<'_>, body: &Body<'_>, c: &mut Connection) -> io::Result<()> {
+        let method = request.method;
         let path = format!("{}{}", self.prefix, request.key);
         let url = format!("http://{}{path}", self.host);
-        let headers = [("host", self.host.as_str()), ("x-amz-checksum-mode", "ENABLED")];
+        let length;
+        let (headers, payload) = match body {
+            Body::Into(_) => (vec![("host", self.host.as_str()), ("x-amz-checksum-mode", "ENABLED")], EMPTY_SHA256),
+            Body::From(data, crc32) => {
+                length = data.len().to_string();
+                let headers =
+                    vec![("host", self.host.as_str()), ("content-length", &length), ("x-amz-checksum-crc32", crc32)];
+                // The CRC32 guards the bytes; a SHA-256 of them would cost more CPU than the rest
+                // of the PUT.
+                (headers, "UNSIGNED-PAYLOAD")
+            }
+            Body::None => (vec![("host", self.host.as_str())], EMPTY_SHA256),
+        };
         let mut settings = SigningSettings::default();
         settings.payload_checksum_kind = PayloadChecksumKind::XAmzSha256;
         let invalid = |e: &dyn fmt::Display| io::Error::new(io::ErrorKind::InvalidInput, format!("signing: {e}"));
@@ -289,10 +359,10 @@ impl DirectGet {
             .map_err(|e| invalid(&e))?
             .into();
         let signable =
-            SignableRequest::new("GET", &url, headers.into_iter(), SignableBody::Precomputed(EMPTY_SHA256.into()))
+            SignableRequest::new(method, &url, headers.iter().copied(), SignableBody::Precomputed(payload.into()))
                 .map_err(|e| invalid(&e))?;
         let (signature, _) = sign(signable, &params).map_err(|e| invalid(&e))?.into_parts();
-        let mut head = format!("GET {path} HTTP/1.1\r\n");
+        let mut head = format!("{method} {path} HTTP/1.1\r\n");
         for (name, value) in headers {
             head.push_str(&format!("{name}: {value}\r\n"));
         }
@@ -302,14 +372,19 @@ impl DirectGet {
             head.push_str(&format!("{name}: {value}\r\n"));
         }
         head.push_str("\r\n");
-        c.0.get_mut().write_all(head.as_bytes())?;
+        let data = match body {
+            Body::From(data, _) => data,
+            _ => &[][..],
+        };
+        write_both(c.0.get_mut(), head.as_bytes(), data)?;
         quick_ack(c);
         Ok(())
     }
 }
 
-/// One block GET, for messages and retries.
+/// One block request, for messages and retries.
 struct Request<'a> {
+    method: &'static str,
     store: &'a str,
     key: &'a str,
     block: BlockId,
@@ -317,14 +392,18 @@ struct Request<'a> {
     operation: String,
 }
 
-impl Request<'_> {
+impl<'a> Request<'a> {
+    fn new(method: &'static str, store: &'a str, key: &'a str, block: BlockId) -> Self {
+        Request { method, store, key, block, operation: invocation_id() }
+    }
+
     fn io_error(&self, e: &io::Error) -> Error {
         let store = self.store.to_string();
         match e.kind() {
             io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
-                Error::Timeout { store, message: format!("GET {}: no answer in time", self.key) }
+                Error::Timeout { store, message: format!("{} {}: no answer in time", self.method, self.key) }
             }
-            _ => Error::Backend { store, message: format!("GET {}: the connection failed: {e}", self.key) },
+            _ => Error::Backend { store, message: format!("{} {}: the connection failed: {e}", self.method, self.key) },
         }
     }
 
@@ -334,7 +413,7 @@ impl Request<'_> {
 
     /// An error answer: another attempt for 5xx and throttling (as the SDK), else the error.
     fn refused(&self, status: u16, code: &str, message: &str) -> Result<Outcome> {
-        let what = format!("GET {}", self.key);
+        let what = format!("{} {}", self.method, self.key);
         let detail = if message.is_empty() { String::new() } else { format!(": {message}") };
         let code = if code.is_empty() { format!("HTTP {status}") } else { code.to_string() };
         let error = classify(self.store, &what, &code, &detail);
@@ -439,6 +518,22 @@ fn read_text(c: &mut Connection, n: u64) -> io::Result<String> {
     Ok(String::from_utf8_lossy(&body).into_owned())
 }
 
+/// Writes `head` and then `body` with as few system calls as the socket takes: a small PUT
+/// goes out in one segment.
+fn write_both(stream: &mut TcpStream, head: &[u8], body: &[u8]) -> io::Result<()> {
+    let mut parts = [IoSlice::new(head), IoSlice::new(body)];
+    let mut parts = &mut parts[..];
+    while !parts.is_empty() {
+        match stream.write_vectored(parts) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut parts, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// The text of the first `<name>` element of an S3 error body, or "".
 fn xml_field<'a>(body: &'a str, name: &str) -> &'a str {
     let (open, close) = (format!("<{name}>"), format!("</{name}>"));
@@ -506,6 +601,8 @@ mod tests {
         SendAndClose(String),
         /// Holds the connection without answering.
         Silent,
+        /// Writes these bytes and closes the connection without reading the request's body.
+        RefuseUnread(String),
     }
 
     fn ok(body: &[u8], crc32: &str) -> String {
@@ -522,8 +619,9 @@ mod tests {
     }
 
     /// A server on loopback giving `answers` in turn, for the protocol's corners a real S3
-    /// server does not show on demand; returns a `DirectGet` to it and the request heads seen.
-    fn canned(answers: Vec<Answer>, timeout: Duration) -> (DirectGet, std::sync::Arc<Mutex<Vec<String>>>) {
+    /// server does not show on demand; returns a `DirectClient` to it and the requests seen (head
+    /// and body).
+    fn canned(answers: Vec<Answer>, timeout: Duration) -> (DirectClient, std::sync::Arc<Mutex<Vec<String>>>) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let authority = listener.local_addr().unwrap().to_string();
         let seen = std::sync::Arc::new(Mutex::new(Vec::new()));
@@ -543,12 +641,25 @@ mod tests {
                                 return;
                             }
                         }
-                        requests.lock().unwrap().push(head);
-                        match answers.lock().unwrap().pop_front() {
+                        let answer = answers.lock().unwrap().pop_front();
+                        if let Some(Answer::RefuseUnread(bytes)) = answer {
+                            requests.lock().unwrap().push(head);
+                            return stream.write_all(bytes.as_bytes()).unwrap();
+                        }
+                        let length = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length: "))
+                            .map_or(0, |n| n.parse().unwrap());
+                        let mut body = vec![0; length];
+                        if reader.read_exact(&mut body).is_err() {
+                            return;
+                        }
+                        requests.lock().unwrap().push(head + &String::from_utf8_lossy(&body));
+                        match answer {
                             Some(Answer::Send(bytes)) => stream.write_all(bytes.as_bytes()).unwrap(),
                             Some(Answer::SendAndClose(bytes)) => return stream.write_all(bytes.as_bytes()).unwrap(),
                             Some(Answer::Silent) => std::thread::sleep(Duration::from_secs(30)),
-                            None => return,
+                            Some(Answer::RefuseUnread(_)) | None => return,
                         }
                     }
                 });
@@ -562,10 +673,10 @@ mod tests {
             ..Default::default()
         };
         let credentials = Credentials::new("AKID", "secret", None, None, "test");
-        (DirectGet::with_credentials(&config, &authority, credentials).unwrap(), seen)
+        (DirectClient::with_credentials(&config, &authority, credentials).unwrap(), seen)
     }
 
-    fn get(direct: &DirectGet, buf: &mut [u8]) -> Result<bool> {
+    fn get(direct: &DirectClient, buf: &mut [u8]) -> Result<bool> {
         direct.get("store", "blocks/e/0000000000000000", BlockId(0), buf)
     }
 
@@ -651,6 +762,46 @@ mod tests {
         let err = get(&direct, &mut [0; 4]).unwrap_err();
         assert!(matches!(err, Error::Timeout { .. }), "{err}");
         assert!(started.elapsed() < Duration::from_secs(4), "took {:?}", started.elapsed());
+    }
+
+    #[test]
+    fn puts_send_the_block_and_its_checksum() {
+        let stored = "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n".to_string();
+        let answers = vec![Answer::Send(error("503 Slow Down", "SlowDown")), Answer::Send(stored)];
+        let (direct, seen) = canned(answers, Duration::from_secs(20));
+        direct.put("store", "blocks/e/0000000000001000", BlockId(1), b"12345").unwrap();
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 2, "the 503 was retried: {seen:#?}");
+        let put = &seen[1];
+        assert!(put.starts_with("PUT /bucket/blocks/e/0000000000001000 HTTP/1.1\r\n"), "{put}");
+        assert!(put.contains("content-length: 5\r\n"), "{put}");
+        let crc = base64_u32(crc32fast::hash(b"12345"));
+        assert!(put.contains(&format!("x-amz-checksum-crc32: {crc}\r\n")), "{put}");
+        assert!(put.contains("x-amz-content-sha256: UNSIGNED-PAYLOAD\r\n"), "{put}");
+        assert!(put.contains("SignedHeaders=content-length;host;x-amz-checksum-crc32;"), "{put}");
+        assert!(put.ends_with("\r\n\r\n12345"), "the body follows the head: {put}");
+    }
+
+    #[test]
+    fn a_put_refused_before_its_body_was_read_says_why() {
+        // 4 MiB: more than the socket buffers take, so the write fails when the server closes.
+        let big = vec![1; 4 << 20];
+        let answers = vec![Answer::RefuseUnread(error("403 Forbidden", "SignatureDoesNotMatch"))];
+        let (direct, _) = canned(answers, Duration::from_secs(5));
+        let err = direct.put("store", "blocks/e/0000000000000000", BlockId(0), &big).unwrap_err();
+        assert!(matches!(err, Error::Unauthenticated { .. }), "{err:?}");
+        assert!(err.to_string().contains("PUT blocks/e/0000000000000000"), "{err}");
+    }
+
+    #[test]
+    fn deletes() {
+        let deleted = "HTTP/1.1 204 No Content\r\n\r\n".to_string();
+        let (direct, seen) = canned(vec![Answer::Send(deleted)], Duration::from_secs(5));
+        direct.delete("store", "blocks/e/0000000000000000", BlockId(0)).unwrap();
+        assert!(seen.lock().unwrap()[0].starts_with("DELETE /bucket/blocks/e/0000000000000000 HTTP/1.1\r\n"));
+        let (direct, _) = canned(vec![Answer::Send(error("403 Forbidden", "AccessDenied"))], Duration::from_secs(5));
+        let err = direct.delete("store", "blocks/e/0000000000000000", BlockId(0)).unwrap_err();
+        assert!(matches!(err, Error::PermissionDenied { .. }), "{err:?}");
     }
 
     #[test]
