@@ -247,6 +247,34 @@ fn clean_cache_is_bounded() {
 }
 
 #[test]
+fn a_block_read_again_outlives_older_ones() {
+    // Blocks 32 apart, so that no read looks sequential and none is read ahead.
+    let at = |i: u64| i * 32 * BS as u64;
+    let all: Vec<(u64, u8)> = (0..16).map(|i| (i * 32, i as u8 + 1)).collect();
+    let (v, s) = stored_volume(
+        16 * 32,
+        VolumeConfig { cache_bytes: 8 * BS as u64, max_dirty_bytes: 1 << 20, concurrency: 1, writeback_delay: None },
+        &all,
+    );
+    let mut buf = vec![0; BS];
+    for i in 0..8 {
+        v.read(&mut buf, at(i)).unwrap();
+    }
+    v.read(&mut buf, at(0)).unwrap();
+    for i in 8..12 {
+        v.read(&mut buf, at(i)).unwrap();
+    }
+    let reads = s.reads.load(Relaxed);
+    v.read(&mut buf, at(0)).unwrap();
+    assert_eq!(buf[0], 1);
+    assert_eq!(s.reads.load(Relaxed), reads, "the first block, read again, is still cached");
+    v.read(&mut buf, at(1)).unwrap();
+    assert_eq!(buf[0], 2);
+    assert_eq!(s.reads.load(Relaxed), reads + 1, "the second, read once before that, was evicted");
+    assert!(v.cache().clean_blocks() <= 8, "{} clean blocks", v.cache().clean_blocks());
+}
+
+#[test]
 fn dirty_data_is_bounded_by_early_write_back() {
     let (v, s) = volume(
         256,
