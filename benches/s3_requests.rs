@@ -1,10 +1,11 @@
-//! What one block GET costs in CPU: nbds3's S3 path against a bare HTTP/1.1 client.
+//! What one block GET and one block PUT cost in CPU: nbds3's S3 path against aws-sdk-s3 and a
+//! bare HTTP/1.1 client.
 //!
 //! On a machine where the S3 server shares the cores (Garage on loopback, 2 cores here), a cold
 //! sequential read is CPU-bound, so every CPU-second our client spends per GiB is one the server
 //! does not get. `scripts/bench` measures the whole path through nbdkit; this isolates the S3
-//! client. It stores `S3_GET_OBJECTS` blocks of `S3_GET_SIZE` bytes through `S3Storage`, then
-//! reads `S3_GET_COUNT` of them back, `S3_GET_CONCURRENCY` at a time, four ways:
+//! client. It stores `S3_BENCH_OBJECTS` blocks of `S3_BENCH_SIZE` bytes through `S3Storage`, then
+//! reads `S3_BENCH_COUNT` of them back, `S3_BENCH_CONCURRENCY` at a time, four ways:
 //!
 //! - `S3Storage::read_block`: what the plugin does (on an http:// endpoint, its own
 //!   [`DirectClient`](nbds3::storage::direct::DirectClient) path, with the CRC32 check);
@@ -14,18 +15,23 @@
 //!   hand, the body read straight into the block, nothing checked (http:// endpoints only). It
 //!   is the floor any HTTP client has to pay: the kernel's copy and the signature.
 //!
-//! and prints MiB/s, CPU microseconds per GET and CPU-seconds per GiB of this process, and of
-//! the S3 server if `S3_GET_SERVER_PID` names its process (`$(cat /tmp/nbds3-garage/garage.pid)`).
+//! then writes `S3_BENCH_COUNT` blocks back, two ways: `S3Storage::write_block` (nbds3's own PUT
+//! path on an http:// endpoint: the block from the caller's buffer, its CRC32 in a header) and
+//! the same through aws-sdk-s3 (a copy of the block as the SDK's body, the CRC32 in an
+//! aws-chunked trailer). It prints MiB/s, CPU microseconds per request and CPU-seconds per GiB of
+//! this process, and of the S3 server if `S3_BENCH_SERVER_PID` names its process
+//! (`$(cat /tmp/nbds3-garage/garage.pid)`); the PUTs rewrite blocks with the bytes they hold, so
+//! the server's figure for them is not what new data would cost it.
 //!
 //! ```text
 //! eval "$(scripts/garage start)"
-//! cargo bench --bench s3_get
+//! cargo bench --bench s3_requests
 //! ```
 //!
 //! Environment: what `scripts/garage env` prints (`NBDS3_S3_ENDPOINT`, `AWS_ACCESS_KEY_ID`,
-//! `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`), and optionally `S3_GET_BUCKET` (nbds3-bench-get),
-//! `S3_GET_SIZE` (1048576), `S3_GET_OBJECTS` (64), `S3_GET_COUNT` (1024),
-//! `S3_GET_CONCURRENCY` (8).
+//! `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`), and optionally `S3_BENCH_BUCKET` (nbds3-bench-get),
+//! `S3_BENCH_SIZE` (1048576), `S3_BENCH_OBJECTS` (64), `S3_BENCH_COUNT` (1024),
+//! `S3_BENCH_CONCURRENCY` (8).
 
 use std::env::var;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -49,14 +55,14 @@ fn main() -> Result<()> {
     let setting = |name: &str, default: usize| -> Result<usize> {
         var(name).map_or(Ok(default), |v| v.parse().map_err(|e| format!("{name}={v}: {e}").into()))
     };
-    let size = setting("S3_GET_SIZE", 1 << 20)?;
-    let objects = setting("S3_GET_OBJECTS", 64)?.max(1);
-    let count = setting("S3_GET_COUNT", 1024)?.max(1);
-    let concurrency = setting("S3_GET_CONCURRENCY", 8)?.max(1);
+    let size = setting("S3_BENCH_SIZE", 1 << 20)?;
+    let objects = setting("S3_BENCH_OBJECTS", 64)?.max(1);
+    let count = setting("S3_BENCH_COUNT", 1024)?.max(1);
+    let concurrency = setting("S3_BENCH_CONCURRENCY", 8)?.max(1);
     let endpoint =
         var("NBDS3_S3_ENDPOINT").map_err(|_| "NBDS3_S3_ENDPOINT is not set: eval \"$(scripts/garage start)\"")?;
     let config = S3Config {
-        bucket: var("S3_GET_BUCKET").unwrap_or_else(|_| "nbds3-bench-get".into()),
+        bucket: var("S3_BENCH_BUCKET").unwrap_or_else(|_| "nbds3-bench-get".into()),
         endpoint: Some(endpoint.clone()),
         region: var("AWS_REGION").unwrap_or_else(|_| "us-east-1".into()),
         access_key: Some(var("AWS_ACCESS_KEY_ID")?),
@@ -69,21 +75,26 @@ fn main() -> Result<()> {
     let sdk = runtime()?.block_on(client(&config));
     let store = Arc::new(S3Storage::new(sdk.clone(), &config, &export, size));
     let ids: Vec<BlockId> = (0..objects as u64).map(BlockId).collect();
-    for &id in &ids {
-        // Distinct, incompressible-looking bytes in every block (Garage compresses with zstd).
-        let mut state = id.0.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-        let block: Vec<u8> = (0..size)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                state as u8
-            })
-            .collect();
-        store.write_block(id, &block)?;
+    // Distinct, incompressible-looking bytes in every block (Garage compresses with zstd).
+    let blocks: Vec<Vec<u8>> = ids
+        .iter()
+        .map(|id| {
+            let mut state = id.0.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+            (0..size)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    state as u8
+                })
+                .collect()
+        })
+        .collect();
+    for (&id, block) in ids.iter().zip(&blocks) {
+        store.write_block(id, block)?;
     }
     println!("{count} GETs of {size}-byte objects, {concurrency} at a time, from {endpoint}");
-    println!("{:<40} {:>8} {:>12} {:>10} {:>17}", "client", "MiB/s", "CPU us/GET", "CPU s/GiB", "server CPU s/GiB");
+    println!("{:<40} {:>8} {:>12} {:>10} {:>17}", "client", "MiB/s", "CPU us/req", "CPU s/GiB", "server CPU s/GiB");
     let plugin =
         measure("S3Storage::read_block (nbds3)", size, count, concurrency, || block_reader(Arc::clone(&store), &ids))?;
     let through_sdk = Arc::new(S3Storage::new(sdk.sdk.clone().into(), &config, &export, size));
@@ -121,11 +132,20 @@ fn main() -> Result<()> {
             sdk_path / bare
         );
     }
+    println!("{count} PUTs of {size}-byte objects, {concurrency} at a time");
+    let blocks = Arc::new(blocks);
+    let direct_put = measure("S3Storage::write_block (nbds3)", size, count, concurrency, || {
+        block_writer(Arc::clone(&store), &ids, &blocks)
+    })?;
+    let sdk_put = measure("  through aws-sdk-s3 (https endpoints)", size, count, concurrency, || {
+        block_writer(Arc::clone(&through_sdk), &ids, &blocks)
+    })?;
+    println!("per PUT, nbds3 spends {:.2}x the CPU it would spend through aws-sdk-s3", direct_put / sdk_put);
     store.delete_blocks(&ids)?;
     Ok(())
 }
 
-/// Reads the `n`th GET's object into a buffer of its own.
+/// Makes the `n`th request: reads its object into a buffer of its own, or writes it.
 type Reader = Box<dyn FnMut(usize) -> Result<()> + Send>;
 
 fn block_reader(store: Arc<S3Storage>, ids: &[BlockId]) -> Result<Reader> {
@@ -138,6 +158,11 @@ fn block_reader(store: Arc<S3Storage>, ids: &[BlockId]) -> Result<Reader> {
         }
         Ok(())
     }))
+}
+
+fn block_writer(store: Arc<S3Storage>, ids: &[BlockId], blocks: &Arc<Vec<Vec<u8>>>) -> Result<Reader> {
+    let (ids, blocks) = (ids.to_vec(), Arc::clone(blocks));
+    Ok(Box::new(move |n| Ok(store.write_block(ids[n % ids.len()], &blocks[n % blocks.len()])?)))
 }
 
 fn bare_reader(host: &str, region: &str, identity: &Identity, keys: &[String], size: usize) -> Result<Reader> {
@@ -195,8 +220,8 @@ fn bare_reader(host: &str, region: &str, identity: &Identity, keys: &[String], s
     }))
 }
 
-/// Runs `count` reads on `concurrency` threads, each with a reader from `make`; prints and
-/// returns the CPU microseconds per GET.
+/// Runs `count` requests on `concurrency` threads, each with a reader (or writer) from `make`;
+/// prints and returns the CPU microseconds per request.
 fn measure(
     label: &str,
     size: usize,
@@ -234,14 +259,14 @@ fn measure(
         (Some(before), Some(after)) => format!("{:.2}", (after - before) / gib),
         _ => "-".into(),
     };
-    let per_get = cpu / count as f64 * 1e6;
-    println!("{label:<40} {:>8.0} {per_get:>12.0} {:>10.2} {server:>17}", gib * 1024.0 / seconds, cpu / gib);
-    Ok(per_get)
+    let per_request = cpu / count as f64 * 1e6;
+    println!("{label:<40} {:>8.0} {per_request:>12.0} {:>10.2} {server:>17}", gib * 1024.0 / seconds, cpu / gib);
+    Ok(per_request)
 }
 
-/// User and system CPU time so far of the process `S3_GET_SERVER_PID`, if set and readable.
+/// User and system CPU time so far of the process `S3_BENCH_SERVER_PID`, if set and readable.
 fn server_cpu_seconds() -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{}/stat", var("S3_GET_SERVER_PID").ok()?)).ok()?;
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", var("S3_BENCH_SERVER_PID").ok()?)).ok()?;
     // The fields after the command name, which is in parentheses and may hold spaces.
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
     let ticks = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
