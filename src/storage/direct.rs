@@ -224,17 +224,19 @@ impl DirectClient {
             ATTEMPT_TIMEOUT.min(deadline.saturating_duration_since(Instant::now())).max(Duration::from_millis(1));
         let stream = connection.0.get_ref();
         let timed = stream.set_read_timeout(Some(wait)).and_then(|()| stream.set_write_timeout(Some(wait)));
-        let written = timed.and_then(|()| self.send(request, body, &mut connection));
+        let written = timed.and_then(|()| self.send(request, body, deadline, &mut connection));
         // A server may refuse a PUT before it has read the body, and close: its answer says why.
+        // (One that stopped reading without closing has nothing to say in time.)
+        let timed_out = |e: &io::Error| matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut);
         let head = match written {
-            Err(e) if matches!(body, Body::From(..)) => Head::read(&mut connection).map_err(|_| e),
+            Err(e) if matches!(body, Body::From(..)) && !timed_out(&e) => Head::read(&mut connection).map_err(|_| e),
             written => written.and_then(|()| Head::read(&mut connection)),
         };
         let head = match head {
             Ok(head) => head,
             Err(e) => {
                 // A kept-alive connection the server closed meanwhile fails before any answer.
-                let stale = reused && !matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut);
+                let stale = reused && !timed_out(&e);
                 return Ok(Outcome::Retry { error: request.io_error(&e), stale });
             }
         };
@@ -329,7 +331,7 @@ impl DirectClient {
     }
 
     /// Writes the signed request, and a PUT's body.
-    fn send(&self, request: &Request<'_>, body: &Body<'_>, c: &mut Connection) -> io::Result<()> {
+    fn send(&self, request: &Request<'_>, body: &Body<'_>, deadline: Instant, c: &mut Connection) -> io::Result<()> {
         let method = request.method;
         let path = format!("{}{}", self.prefix, request.key);
         let url = format!("http://{}{path}", self.host);
@@ -376,7 +378,7 @@ impl DirectClient {
             Body::From(data, _) => data,
             _ => &[][..],
         };
-        write_both(c.0.get_mut(), head.as_bytes(), data)?;
+        write_both(c.0.get_mut(), head.as_bytes(), data, deadline)?;
         quick_ack(c);
         Ok(())
     }
@@ -518,12 +520,20 @@ fn read_text(c: &mut Connection, n: u64) -> io::Result<String> {
     Ok(String::from_utf8_lossy(&body).into_owned())
 }
 
-/// Writes `head` and then `body` with as few system calls as the socket takes: a small PUT
-/// goes out in one segment.
-fn write_both(stream: &mut TcpStream, head: &[u8], body: &[u8]) -> io::Result<()> {
+/// Writes `head` and then `body` with as few system calls as the socket takes (a small PUT goes
+/// out in one segment), giving up at `deadline`: a server that takes the body in trickles still
+/// cannot hold a request past `s3-timeout`.
+fn write_both(stream: &mut TcpStream, head: &[u8], body: &[u8], deadline: Instant) -> io::Result<()> {
     let mut parts = [IoSlice::new(head), IoSlice::new(body)];
     let mut parts = &mut parts[..];
     while !parts.is_empty() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        if left < ATTEMPT_TIMEOUT {
+            stream.set_write_timeout(Some(left))?;
+        }
         match stream.write_vectored(parts) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => IoSlice::advance_slices(&mut parts, n),
@@ -603,6 +613,8 @@ mod tests {
         Silent,
         /// Writes these bytes and closes the connection without reading the request's body.
         RefuseUnread(String),
+        /// Holds the connection without reading the request's body.
+        Stall,
     }
 
     fn ok(body: &[u8], crc32: &str) -> String {
@@ -642,9 +654,13 @@ mod tests {
                             }
                         }
                         let answer = answers.lock().unwrap().pop_front();
-                        if let Some(Answer::RefuseUnread(bytes)) = answer {
-                            requests.lock().unwrap().push(head);
-                            return stream.write_all(bytes.as_bytes()).unwrap();
+                        match answer {
+                            Some(Answer::RefuseUnread(bytes)) => {
+                                requests.lock().unwrap().push(head);
+                                return stream.write_all(bytes.as_bytes()).unwrap();
+                            }
+                            Some(Answer::Stall) => return std::thread::sleep(Duration::from_secs(30)),
+                            _ => {}
                         }
                         let length = head
                             .lines()
@@ -659,7 +675,7 @@ mod tests {
                             Some(Answer::Send(bytes)) => stream.write_all(bytes.as_bytes()).unwrap(),
                             Some(Answer::SendAndClose(bytes)) => return stream.write_all(bytes.as_bytes()).unwrap(),
                             Some(Answer::Silent) => std::thread::sleep(Duration::from_secs(30)),
-                            Some(Answer::RefuseUnread(_)) | None => return,
+                            Some(Answer::RefuseUnread(_) | Answer::Stall) | None => return,
                         }
                     }
                 });
@@ -791,6 +807,17 @@ mod tests {
         let err = direct.put("store", "blocks/e/0000000000000000", BlockId(0), &big).unwrap_err();
         assert!(matches!(err, Error::Unauthenticated { .. }), "{err:?}");
         assert!(err.to_string().contains("PUT blocks/e/0000000000000000"), "{err}");
+    }
+
+    #[test]
+    fn a_server_that_stops_reading_a_put_times_out_within_the_bound() {
+        // 64 MiB: far more than the socket buffers hold.
+        let big = vec![1; 64 << 20];
+        let (direct, _) = canned(vec![Answer::Stall, Answer::Stall], Duration::from_secs(2));
+        let started = Instant::now();
+        let err = direct.put("store", "blocks/e/0000000000000000", BlockId(0), &big).unwrap_err();
+        assert!(matches!(err, Error::Timeout { .. }), "{err:?}");
+        assert!(started.elapsed() < Duration::from_secs(4), "took {:?}", started.elapsed());
     }
 
     #[test]
