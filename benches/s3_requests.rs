@@ -146,9 +146,9 @@ fn main() -> Result<()> {
 }
 
 /// Makes the `n`th request: reads its object into a buffer of its own, or writes it.
-type Reader = Box<dyn FnMut(usize) -> Result<()> + Send>;
+type RequestFn = Box<dyn FnMut(usize) -> Result<()> + Send>;
 
-fn block_reader(store: Arc<S3Storage>, ids: &[BlockId]) -> Result<Reader> {
+fn block_reader(store: Arc<S3Storage>, ids: &[BlockId]) -> Result<RequestFn> {
     let ids = ids.to_vec();
     let mut block = BlockBuf::recycled(store.block_size());
     Ok(Box::new(move |n| {
@@ -160,12 +160,12 @@ fn block_reader(store: Arc<S3Storage>, ids: &[BlockId]) -> Result<Reader> {
     }))
 }
 
-fn block_writer(store: Arc<S3Storage>, ids: &[BlockId], blocks: &Arc<Vec<Vec<u8>>>) -> Result<Reader> {
+fn block_writer(store: Arc<S3Storage>, ids: &[BlockId], blocks: &Arc<Vec<Vec<u8>>>) -> Result<RequestFn> {
     let (ids, blocks) = (ids.to_vec(), Arc::clone(blocks));
     Ok(Box::new(move |n| Ok(store.write_block(ids[n % ids.len()], &blocks[n % blocks.len()])?)))
 }
 
-fn bare_reader(host: &str, region: &str, identity: &Identity, keys: &[String], size: usize) -> Result<Reader> {
+fn bare_reader(host: &str, region: &str, identity: &Identity, keys: &[String], size: usize) -> Result<RequestFn> {
     let stream = TcpStream::connect(host)?;
     stream.set_nodelay(true)?;
     let mut response = BufReader::new(stream.try_clone()?);
@@ -220,14 +220,14 @@ fn bare_reader(host: &str, region: &str, identity: &Identity, keys: &[String], s
     }))
 }
 
-/// Runs `count` requests on `concurrency` threads, each with a reader (or writer) from `make`;
+/// Runs `count` requests on `concurrency` threads, each with a `RequestFn` from `make`;
 /// prints and returns the CPU microseconds per request.
 fn measure(
     label: &str,
     size: usize,
     count: usize,
     concurrency: usize,
-    make: impl Fn() -> Result<Reader>,
+    make: impl Fn() -> Result<RequestFn>,
 ) -> Result<f64> {
     let readers = (0..concurrency).map(|_| make()).collect::<Result<Vec<_>>>()?;
     let next = AtomicUsize::new(0);

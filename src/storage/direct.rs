@@ -4,7 +4,7 @@
 //! Why: with the S3 server on the same machine (MinIO or Garage on loopback, the usual way to run
 //! nbds3 outside AWS), cold sequential reads and bulk writes are CPU-bound, and every CPU-second
 //! the client spends is one the server does not get. Per 1 MiB GET, aws-sdk-s3 cost this process
-//! 2.1-2.8x the CPU of a bare client (`cargo bench --bench s3_get`): the body arrives in many
+//! 2.1-2.8x the CPU of a bare client (`cargo bench --bench s3_requests`): the body arrives in many
 //! chunks through hyper and tokio, and the nbdkit thread hands every request to the runtime and
 //! waits. A PUT through the SDK also copies the block into a body the SDK owns, and frames it in
 //! aws-chunked encoding to send its checksum after it. Here the calling thread itself signs the
@@ -496,11 +496,7 @@ impl Head {
 fn read_exact_by(c: &mut Connection, buf: &mut [u8], deadline: Instant) -> io::Result<()> {
     let mut filled = 0;
     while let Some(rest) = buf.get_mut(filled..).filter(|rest| !rest.is_empty()) {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(io::ErrorKind::TimedOut.into());
-        }
-        if left < ATTEMPT_TIMEOUT {
+        if let Some(left) = shortened_timeout(deadline)? {
             c.0.get_ref().set_read_timeout(Some(left))?;
         }
         match c.0.read(rest) {
@@ -511,6 +507,16 @@ fn read_exact_by(c: &mut Connection, buf: &mut [u8], deadline: Instant) -> io::R
         }
     }
     Ok(())
+}
+
+/// The socket timeout the next read or write needs so as not to outlast `deadline`, when that is
+/// shorter than the attempt's own; `TimedOut` once the deadline has passed.
+fn shortened_timeout(deadline: Instant) -> io::Result<Option<Duration>> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(io::ErrorKind::TimedOut.into());
+    }
+    Ok((left < ATTEMPT_TIMEOUT).then_some(left))
 }
 
 /// Reads a body of `n` bytes as text.
@@ -527,11 +533,7 @@ fn write_both(stream: &mut TcpStream, head: &[u8], body: &[u8], deadline: Instan
     let mut parts = [IoSlice::new(head), IoSlice::new(body)];
     let mut parts = &mut parts[..];
     while !parts.is_empty() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(io::ErrorKind::TimedOut.into());
-        }
-        if left < ATTEMPT_TIMEOUT {
+        if let Some(left) = shortened_timeout(deadline)? {
             stream.set_write_timeout(Some(left))?;
         }
         match stream.write_vectored(parts) {
