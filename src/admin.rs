@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use crate::exports::open_geometry;
-use crate::lease::{Lease, LeaseConfig};
+use crate::lease::{Lease, LeaseConfig, LeaseHolder};
 use crate::storage::{Backend, BlockId};
 use crate::{Error, ExportName, Geometry, Result};
 
@@ -17,6 +17,8 @@ pub struct ExportInfo {
     pub geometry: Geometry,
     /// How many blocks storage holds.
     pub stored_blocks: u64,
+    /// Who holds its lease; `None` if no writer ever took it.
+    pub lease: Option<LeaseHolder>,
 }
 
 impl ExportInfo {
@@ -42,7 +44,8 @@ pub fn info(backend: &dyn Backend, name: &ExportName) -> Result<ExportInfo> {
     let record = backend.read_record(name)?.ok_or_else(|| not_found(backend, name))?;
     let geometry = Geometry::from_record(&record)?;
     let stored_blocks = backend.open(name, geometry.block_size())?.list_blocks()?.len() as u64;
-    Ok(ExportInfo { name: name.clone(), geometry, stored_blocks })
+    let lease = LeaseHolder::read(backend, name)?;
+    Ok(ExportInfo { name: name.clone(), geometry, stored_blocks, lease })
 }
 
 /// Creates an export of `size` bytes in `block_size`-byte blocks.

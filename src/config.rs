@@ -59,11 +59,12 @@ pub enum ConfigKey {
     StatsInterval,
     LeaseTime,
     LeaseTakeover,
+    HostId,
 }
 
 impl ConfigKey {
     /// Every key, in the order `--help` lists them.
-    pub const ALL: [ConfigKey; 20] = [
+    pub const ALL: [ConfigKey; 21] = [
         ConfigKey::Storage,
         ConfigKey::Export,
         ConfigKey::Size,
@@ -84,6 +85,7 @@ impl ConfigKey {
         ConfigKey::StatsInterval,
         ConfigKey::LeaseTime,
         ConfigKey::LeaseTakeover,
+        ConfigKey::HostId,
     ];
 
     /// The name on the command line.
@@ -144,6 +146,7 @@ impl ConfigKey {
             ConfigKey::StatsInterval => ("stats-interval", "SECONDS", "How often stats-file is rewritten (default 10)."),
             ConfigKey::LeaseTime => ("lease-time", "SECONDS", "A writer's lease on its export lasts this long unless renewed; at least twice s3-timeout; 0 turns leases off (default 60)."),
             ConfigKey::LeaseTakeover => ("lease-takeover", "BOOL", "Take the export's lease even from a live writer, which then stops writing (default false)."),
+            ConfigKey::HostId => ("host-id", "NAME", "This host as export leases name it, unique per machine or container (default: $NBDS3_HOST_ID, else the hostname)."),
         }
     }
 
@@ -218,6 +221,8 @@ pub struct Config {
     pub lease_time: Option<Duration>,
     /// Take the lease from a live holder.
     pub lease_takeover: bool,
+    /// This host in leases (`host-id=`, else `$NBDS3_HOST_ID`); `None`: the hostname.
+    pub host_id: Option<String>,
 }
 
 impl Default for Config {
@@ -236,6 +241,7 @@ impl Default for Config {
             stats_interval: Duration::from_secs(10),
             lease_time: Some(Duration::from_secs(60)),
             lease_takeover: false,
+            host_id: None,
         }
     }
 }
@@ -295,6 +301,7 @@ impl Config {
                 self.lease_time = if value == "0" { None } else { Some(parse_seconds(name, value)?) }
             }
             ConfigKey::LeaseTakeover => self.lease_takeover = parse_bool(name, value)?,
+            ConfigKey::HostId => self.host_id = Some(parse_host_id(name, value)?),
         }
         Ok(())
     }
@@ -343,6 +350,12 @@ impl Config {
                     self.s3.timeout.as_secs_f64()
                 ),
             ));
+        }
+        if self.host_id.is_none() {
+            // Containers set their host's identity this way more easily than with a parameter.
+            if let Some(id) = std::env::var_os(HOST_ID_VAR) {
+                self.host_id = Some(parse_host_id(HOST_ID_VAR, &id.to_string_lossy())?);
+            }
         }
         let block_size = self.block_size.unwrap_or(DEFAULT_BLOCK_SIZE);
         crate::volume::Geometry::new(self.size.unwrap_or(block_size as u64), block_size)?;
@@ -421,6 +434,23 @@ fn parse_seconds(key: &str, value: &str) -> Result<Duration> {
     }
 }
 
+/// The environment variable that names this host in leases when `host-id=` is not given.
+pub const HOST_ID_VAR: &str = "NBDS3_HOST_ID";
+
+/// A host id goes into the lease object's `key=value` lines, so it is kept to what hostnames
+/// and container or node names use.
+fn parse_host_id(key: &str, value: &str) -> Result<String> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-');
+    if (1..=253).contains(&value.len()) && value.chars().all(allowed) {
+        Ok(value.to_string())
+    } else {
+        Err(Error::config(
+            key,
+            format!("{value:?} is not a host id: use 1 to 253 letters, digits, '.', '_', ':' and '-'"),
+        ))
+    }
+}
+
 fn parse_bool(key: &str, value: &str) -> Result<bool> {
     match value.to_ascii_lowercase().as_str() {
         "1" | "true" | "yes" | "on" => Ok(true),
@@ -477,6 +507,8 @@ mod tests {
         assert_eq!((l.time, l.request_timeout, l.takeover), (Duration::from_secs(10), Duration::from_secs(5), true));
         assert_eq!(configure(&[("bucket", "b"), ("lease-time", "0")]).unwrap().lease_config(), None);
         assert_eq!(configure(&[("storage", "memory"), ("size", "1M")]).unwrap().lease_config(), None);
+        let c = configure(&[("bucket", "b"), ("host-id", "node-7.rack_2:a")]).unwrap();
+        assert_eq!(c.host_id.as_deref(), Some("node-7.rack_2:a"));
     }
 
     #[test]
@@ -500,6 +532,8 @@ mod tests {
             (&[("bucket", "b"), ("lease-time", "-1")], "lease-time: \"-1\" is not allowed"),
             (&[("bucket", "b"), ("lease-time", "59")], "lease-time: 59 s is less than twice s3-timeout (30 s)"),
             (&[("bucket", "b"), ("lease-takeover", "please")], "lease-takeover: \"please\" is not a boolean"),
+            (&[("bucket", "b"), ("host-id", "")], "host-id: \"\" is not a host id"),
+            (&[("bucket", "b"), ("host-id", "a\nexpires=0")], "host-id: \"a\\nexpires=0\" is not a host id"),
             (&[], "storage: no backend chosen"),
         ];
         for (pairs, expected) in cases {

@@ -195,8 +195,18 @@ impl Exports {
     /// unload).
     pub fn flush_all(&self) {
         for (name, open) in self.snapshot() {
-            if let Err(e) = open.volume.flush() {
-                log::error!("export {name}: writing back at shutdown failed, unflushed writes are lost: {e}");
+            // A process without the lease (never taken, lost, or not renewed in time) may not
+            // write; with nothing dirty it has nothing to say either.
+            let dirty = open.volume.cache().dirty_blocks();
+            if dirty > 0 || open.check_writable().is_ok() {
+                if let Err(e) = open.volume.flush() {
+                    match open.volume.cache().dirty_blocks() {
+                        0 => log::warn!("export {name}: the final flush failed, writes since the last FLUSH may not be durable: {e}"),
+                        lost => log::error!(
+                            "export {name}: writing back at shutdown failed, {lost} blocks of unflushed writes are lost: {e}"
+                        ),
+                    }
+                }
             }
             log::info!("export {name}: {}", open.volume.stats_fields());
             if let Some(lease) = open.lease {

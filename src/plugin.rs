@@ -138,6 +138,9 @@ impl Server for Connection {
         guard("config_complete", || {
             let mut config = lock(&CONFIG).take().unwrap_or_default();
             config.finish()?;
+            if let Some(id) = &config.host_id {
+                crate::lease::set_host_id(id);
+            }
             if config.storage_kind() == StorageKind::S3 {
                 // Fail now, before nbdkit forks and reports success, on a typo or bad credentials.
                 storage::s3::check_bucket(&config.s3)?;

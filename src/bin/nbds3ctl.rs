@@ -15,7 +15,8 @@ plugin's own (run `nbds3ctl --help-params` for them): bucket=, endpoint=, region
 secret-key= (or +FILE), path-style=, storage=, dir=. Credentials default to the AWS chain.
 
 Commands:
-  list                                        every export: size, block size, stored bytes, objects
+  list                                        every export: size, block size, stored bytes, objects,
+                                              and who holds its lease (host, pid, until when)
   info NAME                                   one export
   create NAME --size SIZE [--block-size SIZE] record a new export (sizes take K/M/G/T suffixes)
   delete NAME [--yes]                         delete an export and all its blocks; asks first
@@ -83,6 +84,9 @@ fn run(args: &[String]) -> Result<(), Failure> {
         return Err(usage("say where the exports are: bucket=NAME (S3) or dir=PATH (storage=file)"));
     }
     config.finish()?;
+    if let Some(id) = &config.host_id {
+        nbds3::lease::set_host_id(id);
+    }
     if config.storage_kind() == StorageKind::Memory {
         return Err(usage("storage=memory keeps nothing between processes; use bucket= or dir="));
     }
@@ -94,15 +98,16 @@ fn run(args: &[String]) -> Result<(), Failure> {
         "list" => {
             no_more(&rest)?;
             let exports = admin::list(&*backend)?;
-            println!("{:<24} {:>16} {:>10} {:>16} {:>10}", "EXPORT", "SIZE", "BLOCK", "STORED", "OBJECTS");
+            println!("{:<24} {:>16} {:>10} {:>16} {:>10}  LEASE", "EXPORT", "SIZE", "BLOCK", "STORED", "OBJECTS");
             for e in exports {
                 println!(
-                    "{:<24} {:>16} {:>10} {:>16} {:>10}",
+                    "{:<24} {:>16} {:>10} {:>16} {:>10}  {}",
                     e.name.as_str(),
                     human(e.geometry.size()),
                     human(e.geometry.block_size() as u64),
                     human(e.stored_bytes()),
-                    e.stored_blocks
+                    e.stored_blocks,
+                    lease_holder(&e)
                 );
             }
         }
@@ -121,6 +126,7 @@ fn run(args: &[String]) -> Result<(), Failure> {
                 e.stored_blocks,
                 100.0 * e.stored_bytes() as f64 / e.geometry.size() as f64
             );
+            println!("lease:       {}", lease_holder(&e));
         }
         "create" => {
             let name = export_arg(&rest)?;
@@ -168,6 +174,12 @@ fn run(args: &[String]) -> Result<(), Failure> {
         other => return Err(usage(format!("unknown command {other:?}"))),
     }
     Ok(())
+}
+
+/// Who holds the export's lease, and until when.
+fn lease_holder(e: &admin::ExportInfo) -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    e.lease.as_ref().map_or_else(|| "none".into(), |l| l.describe(now))
 }
 
 fn export_arg(rest: &[&str]) -> Result<ExportName, Failure> {
