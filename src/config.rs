@@ -352,10 +352,7 @@ impl Config {
             ));
         }
         if self.host_id.is_none() {
-            // Containers set their host's identity this way more easily than with a parameter.
-            if let Some(id) = std::env::var_os(HOST_ID_VAR) {
-                self.host_id = Some(parse_host_id(HOST_ID_VAR, &id.to_string_lossy())?);
-            }
+            self.host_id = host_id_from_env(std::env::var_os(HOST_ID_VAR))?;
         }
         let block_size = self.block_size.unwrap_or(DEFAULT_BLOCK_SIZE);
         crate::volume::Geometry::new(self.size.unwrap_or(block_size as u64), block_size)?;
@@ -451,6 +448,12 @@ fn parse_host_id(key: &str, value: &str) -> Result<String> {
     }
 }
 
+/// The host id in `$NBDS3_HOST_ID` (`value`), if set: containers set their host's identity this
+/// way more easily than with a parameter.
+fn host_id_from_env(value: Option<std::ffi::OsString>) -> Result<Option<String>> {
+    value.map(|id| parse_host_id(HOST_ID_VAR, &id.to_string_lossy())).transpose()
+}
+
 fn parse_bool(key: &str, value: &str) -> Result<bool> {
     match value.to_ascii_lowercase().as_str() {
         "1" | "true" | "yes" | "on" => Ok(true),
@@ -540,6 +543,21 @@ mod tests {
             let e = configure(pairs).unwrap_err().to_string();
             assert!(e.starts_with(expected), "{pairs:?}: {e}");
         }
+    }
+
+    #[test]
+    fn the_host_id_comes_from_the_environment_unless_given() {
+        assert_eq!(host_id_from_env(None).unwrap(), None);
+        assert_eq!(host_id_from_env(Some("node-1".into())).unwrap().as_deref(), Some("node-1"));
+        let e = host_id_from_env(Some("two words".into())).unwrap_err().to_string();
+        assert!(e.starts_with("NBDS3_HOST_ID: \"two words\" is not a host id"), "{e}");
+        // The only test that sets the variable; the others do not look at the host id, or give it.
+        std::env::set_var(HOST_ID_VAR, "from-env");
+        let from_env = configure(&[("bucket", "b")]).map(|c| c.host_id);
+        let given = configure(&[("bucket", "b"), ("host-id", "given")]).map(|c| c.host_id);
+        std::env::remove_var(HOST_ID_VAR);
+        assert_eq!(from_env.unwrap().as_deref(), Some("from-env"));
+        assert_eq!(given.unwrap().as_deref(), Some("given"));
     }
 
     #[test]
