@@ -41,6 +41,7 @@ fn lifecycle(params: Vec<String>, objects: impl Fn(&str) -> usize) {
         "{}",
         stderr(&busy)
     );
+    let writer = format!("  released by pid {} on ", nbdkit.pid());
     nbdkit.stop();
 
     let list = ctl(&params, &["list"]);
@@ -48,6 +49,7 @@ fn lifecycle(params: Vec<String>, objects: impl Fn(&str) -> usize) {
     let row = stdout(&list)
         .lines()
         .find(|l| l.starts_with(&export))
+        .and_then(|l| l.split_once(writer.as_str()).map(|(columns, _host)| columns))
         .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "));
     assert_eq!(row, Some(format!("{export} 64M 64K 256K 4")));
     let info = ctl(&params, &["info", &export]);
