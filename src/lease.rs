@@ -19,7 +19,10 @@
 //! `lease-time` minus `s3-timeout`: the holder stops writing early enough that a PUT it started
 //! in time has landed, or failed, before anyone else may take the lease over. A holder that
 //! cannot renew (S3 unreachable) therefore fails writes with EIO once its window is over, and
-//! resumes when a renewal succeeds (which proves nobody took over in between).
+//! resumes when a renewal succeeds (which proves nobody took over in between). The window runs
+//! on the monotonic clock, which runs on while a process is frozen (SIGSTOP, a paused VM): a
+//! holder frozen past its window wakes with its writes already refused, before its renewal
+//! thread has even run and found its successor (`tests/failover.rs`).
 //!
 //! Another writer may take the lease over when it has expired (by the wall clock: hosts' clocks
 //! must agree to within a few seconds), when its holder released it, when its holder was a
