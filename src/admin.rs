@@ -77,8 +77,8 @@ pub struct Resized {
 /// afterwards see the new size. Shrinking, only with `shrink`, takes the export's lease like a
 /// writer (so it is refused while a live nbdkit writes to it), deletes the stored blocks past
 /// the new end (calling `progress(done, total)` after each batch), and only then rewrites the
-/// record, so an interrupted shrink leaves the export at its old size, and shrinking again
-/// finishes the job.
+/// record, so an interrupted shrink leaves the export at its old size (with part of what lay past
+/// the new end gone), and shrinking again finishes the job.
 ///
 /// # Errors
 /// [`Error::ExportNotFound`]; [`Error::Config`] naming `size` when it is not a multiple of the
@@ -186,6 +186,18 @@ mod tests {
     use super::*;
     use crate::storage::MemoryBackend;
 
+    /// A writer holding `name`'s lease, and the lease configuration it and the tests use.
+    fn another_writer(backend: &Arc<dyn Backend>, name: &ExportName) -> (LeaseConfig, Arc<Lease>) {
+        let config = LeaseConfig {
+            time: std::time::Duration::from_secs(60),
+            takeover: false,
+            request_timeout: std::time::Duration::from_secs(30),
+        };
+        let writer = Lease::new(backend.clone(), name.clone(), config);
+        writer.hold().unwrap();
+        (config, writer)
+    }
+
     #[test]
     fn create_list_info_delete() {
         let backend: Arc<dyn Backend> = Arc::new(MemoryBackend::default());
@@ -204,13 +216,7 @@ mod tests {
         assert_eq!((all[0].stored_blocks, all[0].stored_bytes()), (2500, 2500 * 4096));
         assert_eq!(all[1].geometry, Geometry::new(2 << 20, 512).unwrap());
         let mut seen = Vec::new();
-        let lease = LeaseConfig {
-            time: std::time::Duration::from_secs(60),
-            takeover: false,
-            request_timeout: std::time::Duration::from_secs(30),
-        };
-        let writer = Lease::new(backend.clone(), a.clone(), lease);
-        writer.hold().unwrap();
+        let (lease, writer) = another_writer(backend, &a);
         let e = delete(backend, &a, Some(lease), |_, _| {}).unwrap_err().to_string();
         assert!(e.starts_with("export a: is held by another writer"), "{e}");
         writer.release();
@@ -243,13 +249,7 @@ mod tests {
         assert_eq!(e, "size: 1000000 is not a multiple of export a's block size (4096 bytes): use 999424 or 1003520");
         assert_eq!(info(&*backend, &a).unwrap().geometry, geometry(4 << 20), "refusals change nothing");
 
-        let lease = LeaseConfig {
-            time: std::time::Duration::from_secs(60),
-            takeover: false,
-            request_timeout: std::time::Duration::from_secs(30),
-        };
-        let writer = Lease::new(backend.clone(), a.clone(), lease);
-        writer.hold().unwrap();
+        let (lease, writer) = another_writer(&backend, &a);
         let e = resize(&backend, &a, 1 << 19, true, Some(lease), |_, _| {}).unwrap_err().to_string();
         assert!(e.starts_with("export a: is held by another writer"), "{e}");
         assert!(resize(&backend, &a, 8 << 20, false, Some(lease), |_, _| {}).is_ok(), "growing needs no lease");

@@ -146,10 +146,13 @@ impl Exports {
     }
 
     /// The export a client asked for (`""` means the configured default), with its lease held
-    /// unless the client is `readonly`.
+    /// unless the client is `readonly`. An export already open is brought up to its record
+    /// first (its record read again and a grown size followed), so a connection opened after `nbds3ctl resize` sees the
+    /// new size.
     ///
     /// # Errors
-    /// [`Error::Config`] for an invalid name or a contradicted geometry, [`Error::Lease`] when
+    /// [`Error::Config`] for an invalid name or a contradicted geometry,
+    /// [`Error::ExportNotFound`] for an export this open may not create, [`Error::Lease`] when
     /// another writer holds the export, and any error opening its storage.
     pub fn open(&self, requested: &str, readonly: bool) -> Result<OpenExport> {
         let name = if requested.is_empty() { self.config.export.clone() } else { ExportName::new(requested)? };

@@ -91,7 +91,8 @@ reconnect; then grow the filesystem, e.g. resize2fs). SIZE must be a multiple of
 block size.
 
 Shrinking is refused unless --shrink is given. It deletes the export's data past the new end
-(asking first unless --yes), then records the new size. Like delete, it takes the export's lease
+(asking first unless --yes), then records the new size; if it is interrupted, the export keeps
+its old size with part of that data gone, and running it again finishes the job. Like delete, it takes the export's lease
 first, so it is refused while a running nbdkit holds the export for writing: stop that nbdkit
 first. An nbdkit that serves the export read-only refuses new connections to it until it is
 restarted.",
@@ -290,7 +291,7 @@ fn help_asked(words: &[&str]) -> Result<Option<String>, Failure> {
     let command = match words {
         ["help"] => return Ok(Some(general_help())),
         ["help", name, ..] => Some(*name),
-        [first, ..] if words.iter().any(wants_help) => Some(*first).filter(|w| !wants_help(w)),
+        _ if words.iter().any(wants_help) => words.iter().copied().find(|w| !w.starts_with('-')),
         _ => return Ok(None),
     };
     match command {
