@@ -75,15 +75,23 @@ pub fn open_geometry(backend: &dyn Backend, export: &ExportName, config: &Config
 
 /// Brings the volume of open export `name` up to its record, read again (one GET) for every new
 /// connection: a record grown by `nbds3ctl resize` grows the volume, so the new connection sees
-/// the new size.
+/// the new size. A record that cannot be read (S3 away) leaves the size as it is: the volume's
+/// dirty data and cache still serve the connection, as they serve those already open.
 ///
 /// # Errors
 /// [`Error::ExportNotFound`] when the record was deleted, [`Error::Config`] naming `export` when
 /// it shrank or changed block size (a volume does not shrink under its connections: nbdkit must
-/// be restarted to serve it so); backend failures.
+/// be restarted to serve it so); the storage's error listing the range it grew into.
 fn follow_record(backend: &dyn Backend, name: &ExportName, volume: &Volume) -> Result<()> {
     let open = volume.geometry();
-    let recorded = Geometry::recorded(backend, name)?.ok_or_else(|| Error::ExportNotFound {
+    let recorded = match Geometry::recorded(backend, name) {
+        Ok(recorded) => recorded,
+        Err(e) => {
+            log::warn!("export {name}: serving {} bytes, as its record could not be read again: {e}", open.size());
+            return Ok(());
+        }
+    };
+    let recorded = recorded.ok_or_else(|| Error::ExportNotFound {
         store: backend.to_string(),
         export: name.to_string(),
         hint: "it was deleted while this nbdkit served it".into(),
