@@ -86,6 +86,7 @@ fn lifecycle(params: Vec<String>, objects: impl Fn(&str) -> usize) {
         "{}",
         stderr(&shrunk)
     );
+    assert!(!stderr(&shrunk).contains("deleting ["), "progress on a pipe: {}", stderr(&shrunk));
     assert_eq!(objects(&export), 4);
 
     let refused = ctl(&params, &["delete", &export]);
@@ -93,6 +94,7 @@ fn lifecycle(params: Vec<String>, objects: impl Fn(&str) -> usize) {
     let deleted = ctl(&params, &["delete", &export, "--yes"]);
     assert!(deleted.status.success(), "{}", stderr(&deleted));
     assert_eq!(stdout(&deleted).trim(), format!("deleted export {export} and its 4 objects"));
+    assert!(!stderr(&deleted).contains("deleting ["), "progress on a pipe: {}", stderr(&deleted));
     assert_eq!(objects(&export), 0);
     assert_eq!(ctl(&params, &["info", &export]).status.code(), Some(3));
 }
