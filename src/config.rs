@@ -107,7 +107,7 @@ impl ConfigKey {
             ConfigKey::Size => (
                 "size",
                 "SIZE",
-                "Size of new exports (K/M/G/T suffixes); existing exports keep the size they were created with.",
+                "Size of new exports (K/M/G/T suffixes); existing exports keep their recorded size (see nbds3ctl resize).",
             ),
             ConfigKey::BlockSize => (
                 "block-size",
@@ -117,7 +117,7 @@ impl ConfigKey {
             ConfigKey::Create => (
                 "create",
                 "default|any|none",
-                "Which exports a client's first open may create (with size=): only export='s (default), any name, or none (nbds3ctl create only).",
+                "Which exports a client's first open may create (given size=): default, only the one export= names; any; none, only nbds3ctl create makes exports.",
             ),
             ConfigKey::CacheSize => ("cache-size", "SIZE", "Memory for clean cached blocks per export (default 256M)."),
             ConfigKey::MaxDirty => (
