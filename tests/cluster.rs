@@ -142,7 +142,7 @@ fn script(name: &str) -> PathBuf {
 }
 
 /// A base port whose cluster ports (base..base+5, each gRPC port 10000 above) are free now.
-/// Bases stay below 22768, so that none of them is in Linux's ephemeral range (from 32768),
+/// Bases are 12000-21999, so that every port stays below Linux's ephemeral range (from 32768),
 /// where other tests' servers and clients get their ports.
 fn free_port_range() -> u16 {
     let seed =
@@ -382,8 +382,9 @@ fn a_volume_server_killed_under_load_loses_nothing() {
         counter(&counters, "errors"),
     );
     println!("cluster: stats after the kill: {}", counters.trim());
-    let single = cluster.copies().iter().filter(|(_, n)| *n == 1).count();
-    assert!(single > 0, "the master saw volume server 1 die: {:?}", cluster.copies());
+    let copies = cluster.copies();
+    let single = copies.iter().filter(|(_, n)| *n == 1).count();
+    assert!(single > 0, "the master saw volume server 1 die: {copies:?}");
     println!(
         "cluster: {single} volumes down to one copy; {} uploads of the filer's to the dead server failed (redone \
          elsewhere)",
