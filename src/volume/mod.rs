@@ -135,7 +135,7 @@ impl Volume {
             self.cache.clean_blocks() as u64 * bs,
             self.cache.allocated_blocks() as u64 * bs,
             self.cache.stats.fields(),
-            self.storage.stats.fields()
+            self.storage.fields()
         )
     }
 
