@@ -238,8 +238,7 @@ impl Exports {
         for (name, open) in self.snapshot() {
             // A process without the lease (never taken, lost, or not renewed in time) may not
             // write; with nothing dirty it has nothing to say either.
-            let dirty = open.volume.cache().dirty_blocks();
-            if dirty > 0 || open.check_writable().is_ok() {
+            if open.volume.cache().dirty_blocks() > 0 || open.check_writable().is_ok() {
                 if let Err(e) = open.volume.flush() {
                     match open.volume.cache().dirty_blocks() {
                         0 => log::warn!("export {name}: the final flush failed, writes since the last FLUSH may not be durable: {e}"),
