@@ -1,0 +1,108 @@
+//! Test support for fuzzing what nbds3 parses from servers and from the bucket (HTTP answers on
+//! the direct path, export records, leases, block keys in listings): the committed corpus of
+//! nasty inputs, the budget of random cases, and a meter of the memory a call allocates.
+//!
+//! Why here and not cargo-fuzz: cargo-fuzz needs a nightly toolchain, and the parsers are private
+//! to their modules, so the fuzzing is property tests (proptest, with shrinking) inside the crate.
+//! They run in `cargo test` with a small budget, a few seconds in all, so CI runs them every
+//! time; `NBDS3_FUZZ_SCALE=N` runs N times as many random cases, e.g.
+//! `NBDS3_FUZZ_SCALE=200 cargo test --lib fuzz`.
+//!
+//! The corpus lives in `tests/corpus/{target}/`, one input per file, named for what it is. Every
+//! input found to break a parser is added there, beside a test that names it and asserts the
+//! fixed behaviour; every corpus input is also replayed by its target's fuzz test.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::path::PathBuf;
+
+use proptest::test_runner::Config;
+
+/// How a fuzz test runs: `cases` random inputs times `NBDS3_FUZZ_SCALE`, and no regression files
+/// written beside the sources (inputs worth keeping go to the corpus, by hand, with a name).
+pub(crate) fn config(cases: u32) -> Config {
+    let scale = std::env::var("NBDS3_FUZZ_SCALE").ok().and_then(|s| s.parse::<u32>().ok()).unwrap_or(1);
+    Config { cases: cases.saturating_mul(scale.max(1)), failure_persistence: None, ..Config::default() }
+}
+
+fn corpus_dir(target: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/corpus").join(target)
+}
+
+/// Every input of `target`'s corpus, with its file name, in name order.
+pub(crate) fn corpus(target: &str) -> Vec<(String, Vec<u8>)> {
+    let dir = corpus_dir(target);
+    let mut inputs: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|entry| {
+            let path = entry.expect("corpus entry").path();
+            let name = path.file_name().unwrap_or_default().to_string_lossy().into_owned();
+            (name, std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
+        })
+        .collect();
+    inputs.sort();
+    assert!(!inputs.is_empty(), "{} is empty", dir.display());
+    inputs
+}
+
+/// One input of `target`'s corpus, for the test of the fix it led to.
+pub(crate) fn corpus_input(target: &str, name: &str) -> Vec<u8> {
+    let path = corpus_dir(target).join(name);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The system allocator, counting what each thread holds, so that a test can bound the memory a
+/// parser takes for an input (a 1 GB Content-Length must not become a 1 GB buffer).
+struct Metered;
+
+thread_local! {
+    /// Bytes this thread allocated minus those it freed, and the most that ever was.
+    static HELD: Cell<(isize, isize)> = const { Cell::new((0, 0)) };
+}
+
+fn count(delta: isize) {
+    // After the thread's locals are gone (at its exit) nothing is measured any more.
+    let _ = HELD.try_with(|held| {
+        let (now, peak) = held.get();
+        held.set((now + delta, peak.max(now + delta)));
+    });
+}
+
+// SAFETY: every call is passed on to the system allocator unchanged; counting never allocates.
+unsafe impl GlobalAlloc for Metered {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        count(layout.size() as isize);
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        count(layout.size() as isize);
+        unsafe { System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        count(-(layout.size() as isize));
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        count(new_size as isize - layout.size() as isize);
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static METERED: Metered = Metered;
+
+/// Runs `f`, returning what it returned and the most memory this thread held at once meanwhile,
+/// beyond what it held before.
+pub(crate) fn peak_allocation<T>(f: impl FnOnce() -> T) -> (T, usize) {
+    let start = HELD.with(|held| {
+        let (now, _) = held.get();
+        held.set((now, now));
+        now
+    });
+    let value = f();
+    let (_, peak) = HELD.with(Cell::get);
+    (value, usize::try_from(peak - start).unwrap_or(0))
+}
