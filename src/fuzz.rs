@@ -106,3 +106,104 @@ pub(crate) fn peak_allocation<T>(f: impl FnOnce() -> T) -> (T, usize) {
     let (_, peak) = HELD.with(Cell::get);
     (value, usize::try_from(peak - start).unwrap_or(0))
 }
+
+/// Export records and block keys as a bucket may hold them: written by this version, mangled,
+/// or anything at all. Corpora: `tests/corpus/export-record/` (`refused-*` must not parse,
+/// `readable-*` must) and `tests/corpus/block-leaf/` (`stray-*` must not be taken for a block).
+mod records {
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+
+    use super::{config, corpus};
+    use crate::export::{block_leaf, parse_block_leaf};
+    use crate::storage::BlockId;
+    use crate::volume::{Geometry, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
+
+    fn block_size() -> impl Strategy<Value = usize> {
+        (MIN_BLOCK_SIZE.trailing_zeros()..=MAX_BLOCK_SIZE.trailing_zeros()).prop_map(|shift| 1 << shift)
+    }
+
+    fn geometry() -> impl Strategy<Value = Geometry> {
+        block_size().prop_flat_map(|bs| {
+            (1..=i64::MAX as u64 / bs as u64).prop_map(move |blocks| Geometry::new(blocks * bs as u64, bs).unwrap())
+        })
+    }
+
+    /// A written record with a line replaced, added or cut, or arbitrary text, or much of it.
+    fn record_text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            geometry().prop_map(|g| g.to_record()),
+            (geometry(), any::<String>(), any::<usize>()).prop_map(|(g, junk, at)| {
+                let text = g.to_record();
+                let at = text.char_indices().map(|(i, _)| i).nth(at % text.chars().count()).unwrap_or(0);
+                format!("{}{junk}{}", &text[..at], &text[at..])
+            }),
+            (
+                vec(prop_oneof![Just("size="), Just("block-size="), Just("\n"), Just("#"), Just("=")], 0..20),
+                any::<u64>()
+            )
+                .prop_map(|(parts, n)| parts.iter().map(|p| format!("{p}{n}")).collect()),
+            any::<String>(),
+            (1..100_000usize).prop_map(|n| "x".repeat(n)),
+        ]
+    }
+
+    /// Anything, or what looks nearly like a leaf.
+    fn leaf() -> impl Strategy<Value = String> {
+        let near = vec(proptest::sample::select(b"0123456789abcdefABCDEF.+-".to_vec()), 15..=17);
+        prop_oneof![any::<String>(), near.prop_map(|b| String::from_utf8(b).unwrap_or_default())]
+    }
+
+    proptest! {
+        #![proptest_config(config(512))]
+
+        #[test]
+        fn fuzz_export_records(text in record_text()) {
+            match Geometry::from_record(&text) {
+                Ok(g) => prop_assert_eq!(Geometry::new(g.size(), g.block_size()).ok(), Some(g)),
+                // The error shows at most the record's start, however big the record.
+                Err(e) => prop_assert!(e.to_string().len() < 2048, "{} bytes", e.to_string().len()),
+            }
+        }
+
+        #[test]
+        fn written_export_records_read_back(g in geometry()) {
+            prop_assert_eq!(Geometry::from_record(&g.to_record()).ok(), Some(g));
+        }
+
+        #[test]
+        fn fuzz_block_leaves(leaf in leaf(), bs in block_size()) {
+            if let Some(id) = parse_block_leaf(&leaf, bs) {
+                prop_assert_eq!(block_leaf(id, bs), leaf);
+            }
+        }
+
+        #[test]
+        fn block_leaves_read_back(bs in block_size(), offset in any::<u64>()) {
+            let id = BlockId(offset / bs as u64);
+            prop_assert_eq!(parse_block_leaf(&block_leaf(id, bs), bs), Some(id));
+        }
+    }
+
+    #[test]
+    fn corpus_of_export_records() {
+        for (name, bytes) in corpus("export-record") {
+            let parsed = Geometry::from_record(&String::from_utf8_lossy(&bytes));
+            if name.starts_with("refused-") {
+                let e = parsed.expect_err(&name).to_string();
+                assert!(e.len() < 2048, "tests/corpus/export-record/{name}: {} bytes", e.len());
+            } else if name.starts_with("readable-") {
+                assert!(parsed.is_ok(), "tests/corpus/export-record/{name}");
+            }
+        }
+    }
+
+    #[test]
+    fn corpus_of_block_leaves() {
+        for (name, bytes) in corpus("block-leaf") {
+            let leaf = String::from_utf8_lossy(&bytes);
+            let parsed = parse_block_leaf(leaf.trim_end_matches('\n'), 4096);
+            assert!(!name.starts_with("stray-") || parsed.is_none(), "tests/corpus/block-leaf/{name}: {parsed:?}");
+        }
+    }
+}
