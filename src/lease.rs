@@ -114,12 +114,6 @@ impl Holder {
     }
 }
 
-/// The longest field of a lease record read (host names are at most 255 bytes).
-const MAX_LEASE_FIELD: usize = 255;
-
-/// 9999-12-31T23:59:59Z in Unix seconds: the latest expiry a lease record may hold.
-const MAX_EXPIRES: u64 = 253_402_300_799;
-
 /// What a lease object says: `key=value` lines, readable by a person with `aws s3 cp`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct LeaseRecord {
@@ -141,6 +135,12 @@ impl LeaseRecord {
         )
     }
 
+    /// The longest field read (host names are at most 255 bytes).
+    const MAX_FIELD: usize = 255;
+
+    /// 9999-12-31T23:59:59Z in Unix seconds: the latest expiry a record may hold.
+    const MAX_EXPIRES: u64 = 253_402_300_799;
+
     /// The record in `text`, or `None` if it is not one this version wrote: a field missing, a
     /// number that is not one, a name too long or with control characters for a message to show,
     /// or an expiry past the year 9999 (no lease runs that long; waiting for it would overflow).
@@ -148,13 +148,13 @@ impl LeaseRecord {
         let field = |name: &str| {
             text.lines()
                 .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix('=')))
-                .filter(|v| v.len() <= MAX_LEASE_FIELD && !v.contains(char::is_control))
+                .filter(|v| v.len() <= Self::MAX_FIELD && !v.contains(char::is_control))
                 .map(str::to_string)
         };
         Some(LeaseRecord {
             holder: Holder { host: field("host")?, boot: field("boot")?, pid: field("pid")?.parse().ok()? },
             token: field("token")?,
-            expires: field("expires")?.parse().ok().filter(|&e| e <= MAX_EXPIRES)?,
+            expires: field("expires")?.parse().ok().filter(|&e| e <= Self::MAX_EXPIRES)?,
         })
     }
 
@@ -552,7 +552,7 @@ mod fuzz {
     }
 
     fn record() -> impl Strategy<Value = LeaseRecord> {
-        (printable(64), printable(40), any::<u32>(), printable(40), 0..=MAX_EXPIRES).prop_map(
+        (printable(64), printable(40), any::<u32>(), printable(40), 0..=LeaseRecord::MAX_EXPIRES).prop_map(
             |(host, boot, pid, token, expires)| LeaseRecord { holder: Holder { host, boot, pid }, token, expires },
         )
     }
@@ -586,7 +586,7 @@ mod fuzz {
         #[test]
         fn fuzz_lease_records(text in prop_oneof![any::<String>(), mangled()]) {
             if let Some(r) = LeaseRecord::parse(&text) {
-                prop_assert!(r.expires <= MAX_EXPIRES && r.holder.host.len() <= MAX_LEASE_FIELD);
+                prop_assert!(r.expires <= LeaseRecord::MAX_EXPIRES && r.holder.host.len() <= LeaseRecord::MAX_FIELD);
                 prop_assert!(!r.describe().contains(char::is_control), "{:?}", r.describe());
             }
         }
