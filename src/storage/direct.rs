@@ -24,6 +24,7 @@ use std::hash::{BuildHasher, Hasher};
 use std::io::{self, BufRead, BufReader, IoSlice, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -71,6 +72,8 @@ pub struct DirectClient {
     identity: Identity,
     timeout: Duration,
     idle: Mutex<Vec<Connection>>,
+    /// Attempts after a request's first (not counting a stale kept-alive connection replaced).
+    retries: AtomicU64,
 }
 
 impl fmt::Debug for DirectClient {
@@ -159,6 +162,7 @@ impl DirectClient {
             identity: credentials.into(),
             timeout: config.timeout,
             idle: Mutex::new(Vec::new()),
+            retries: AtomicU64::new(0),
         })
     }
 
@@ -189,6 +193,11 @@ impl DirectClient {
         self.run(store, key, block, &mut Body::None).map(drop)
     }
 
+    /// Requests sent again after a transient failure, since this client was made.
+    pub fn retries(&self) -> u64 {
+        self.retries.load(Relaxed)
+    }
+
     /// The request's attempts; whether the object was there.
     fn run(&self, store: &str, key: &str, block: BlockId, body: &mut Body<'_>) -> Result<bool> {
         let request = &Request::new(body.method(), store, key, block);
@@ -208,6 +217,7 @@ impl DirectClient {
                 return Err(error);
             }
             log::debug!("{error}; retrying in {backoff:?}");
+            self.retries.fetch_add(1, Relaxed);
             std::thread::sleep(backoff);
             attempt += 1;
         }
@@ -788,6 +798,7 @@ mod tests {
         assert_eq!(&buf, body);
         let seen = seen.lock().unwrap();
         assert_eq!(seen.len(), 3);
+        assert_eq!(direct.retries(), 2, "the 503 and the 500 were counted as retries");
         let id = |h: &String| h.lines().find(|l| l.starts_with("amz-sdk-invocation-id")).map(str::to_string);
         assert!(id(&seen[0]).is_some() && seen.iter().all(|h| id(h) == id(&seen[0])), "{seen:#?}");
         assert!(seen[0].starts_with("GET /bucket/blocks/e/0000000000000000 HTTP/1.1\r\n"), "{seen:#?}");
@@ -817,6 +828,7 @@ mod tests {
             started.elapsed()
         );
         assert_eq!(seen.lock().unwrap().len(), 6, "one request per GET reached the server");
+        assert_eq!(direct.retries(), 0, "a stale connection replaced is no retry");
     }
 
     #[test]
