@@ -275,6 +275,9 @@ pub fn probe_conditional_writes(config: &S3Config) -> Result<bool> {
     Ok(honoured)
 }
 
+/// The most bytes of a record or lease read: both are a few short lines.
+const MAX_TEXT: usize = 64 * 1024;
+
 /// The exports of one bucket: records at `exports/{export}`, leases at `leases/{export}`, blocks
 /// under `blocks/{export}/`.
 #[derive(Debug)]
@@ -302,11 +305,21 @@ impl S3Backend {
     /// The text at `key` and its ETag, or `None` if there is no such object.
     async fn get_text(&self, key: &str) -> Result<Option<VersionedText>> {
         match self.client.sdk.get_object().bucket(&self.config.bucket).key(key).send().await {
-            Ok(o) => {
+            Ok(mut o) => {
                 let version = o.e_tag().unwrap_or_default().to_string();
-                let body = o.body.collect().await.map_err(|e| Error::backend(self, format!("GET {key}: {e}")))?;
-                let text = String::from_utf8(body.into_bytes().to_vec())
-                    .map_err(|_| Error::backend(self, format!("GET {key}: not UTF-8 text")))?;
+                // Records and leases are a few lines; an object of any size may be there instead.
+                let mut body = Vec::new();
+                while let Some(chunk) =
+                    o.body.try_next().await.map_err(|e| Error::backend(self, format!("GET {key}: {e}")))?
+                {
+                    if body.len() + chunk.len() > MAX_TEXT {
+                        let why = format!("GET {key}: more than {MAX_TEXT} bytes, so not a record or lease of nbds3");
+                        return Err(Error::backend(self, why));
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+                let text =
+                    String::from_utf8(body).map_err(|_| Error::backend(self, format!("GET {key}: not UTF-8 text")))?;
                 Ok(Some(VersionedText { text, version }))
             }
             Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => Ok(None),

@@ -11,6 +11,9 @@ pub const MAX_BLOCK_SIZE: usize = 4 << 20;
 /// The default block size.
 pub const DEFAULT_BLOCK_SIZE: usize = 4096;
 
+/// The most characters of a malformed record that its error shows.
+const MAX_RECORD_SHOWN: usize = 200;
+
 /// A device's size and block size, both validated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Geometry {
@@ -123,7 +126,12 @@ impl Geometry {
         }
         match (size, block_size) {
             (Some(size), Some(block_size)) => Geometry::new(size, block_size),
-            _ => Err(Error::config("export", format!("malformed geometry record {text:?}"))),
+            _ => {
+                // The record comes from the store, and may be anything of any size.
+                let shown: String = text.chars().take(MAX_RECORD_SHOWN).collect();
+                let cut = if shown.len() < text.len() { "..." } else { "" };
+                Err(Error::config("export", format!("malformed geometry record {shown:?}{cut}")))
+            }
         }
     }
 
