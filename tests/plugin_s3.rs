@@ -107,8 +107,8 @@ fn a_missing_bucket_is_created() {
 fn start_up_refuses_bad_s3_settings_with_the_reason() {
     require!("nbdkit");
     let Some(env) = common::s3() else { return };
-    let limited_id = std::env::var("NBDS3_S3_LIMITED_KEY_ID").expect("scripts/garage env");
-    let limited_secret = std::env::var("NBDS3_S3_LIMITED_SECRET").expect("scripts/garage env");
+    let limited_id = std::env::var("NBDS3_S3_LIMITED_KEY_ID").expect("scripts/seaweedfs env");
+    let limited_secret = std::env::var("NBDS3_S3_LIMITED_SECRET").expect("scripts/seaweedfs env");
     // (environment overrides, parameters, expected message)
     type Case<'a> = (Vec<(&'a str, String)>, Vec<String>, &'a str);
     let wrong_secret = "Wr0ngS3cretThatMustNeverBeShown1234567890";
