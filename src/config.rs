@@ -43,6 +43,7 @@ pub enum ConfigKey {
     Export,
     Size,
     BlockSize,
+    Create,
     CacheSize,
     MaxDirty,
     Dir,
@@ -63,11 +64,12 @@ pub enum ConfigKey {
 
 impl ConfigKey {
     /// Every key, in the order `--help` lists them.
-    pub const ALL: [ConfigKey; 20] = [
+    pub const ALL: [ConfigKey; 21] = [
         ConfigKey::Storage,
         ConfigKey::Export,
         ConfigKey::Size,
         ConfigKey::BlockSize,
+        ConfigKey::Create,
         ConfigKey::CacheSize,
         ConfigKey::MaxDirty,
         ConfigKey::Dir,
@@ -105,12 +107,17 @@ impl ConfigKey {
             ConfigKey::Size => (
                 "size",
                 "SIZE",
-                "Size of new exports (K/M/G/T suffixes); existing exports keep the size they were created with.",
+                "Size of new exports (K/M/G/T suffixes); existing exports keep their recorded size (see nbds3ctl resize).",
             ),
             ConfigKey::BlockSize => (
                 "block-size",
                 "SIZE",
                 "Block (object) size of new exports: a power of two from 512 to 4M (default 4096).",
+            ),
+            ConfigKey::Create => (
+                "create",
+                "default|any|none",
+                "Which exports a client's first open may create (given size=): default, only the one export= names; any; none, only nbds3ctl create makes exports.",
             ),
             ConfigKey::CacheSize => ("cache-size", "SIZE", "Memory for clean cached blocks per export (default 256M)."),
             ConfigKey::MaxDirty => (
@@ -189,6 +196,18 @@ impl FromStr for ConfigKey {
     }
 }
 
+/// Which exports a client's first open may create, so that a mistyped export name is refused
+/// rather than silently made into a new, empty device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CreatePolicy {
+    /// Only the export named by `export=`.
+    DefaultExport,
+    /// Any valid name.
+    AnyExport,
+    /// None: every export is made with `nbds3ctl create` first.
+    NoExport,
+}
+
 /// Everything the command line configures.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
@@ -200,6 +219,8 @@ pub struct Config {
     pub size: Option<u64>,
     /// The block size of new exports (default 4096); must match existing ones.
     pub block_size: Option<usize>,
+    /// Which exports an open may create.
+    pub create: CreatePolicy,
     /// Bytes of clean cache per export.
     pub cache_size: u64,
     /// Bytes of dirty data per export before early write-back.
@@ -227,6 +248,7 @@ impl Default for Config {
             export: ExportName::new("dev").unwrap_or_else(|_| unreachable!("a valid literal")),
             size: None,
             block_size: None,
+            create: CreatePolicy::DefaultExport,
             cache_size: 256 << 20,
             max_dirty: 64 << 20,
             dir: None,
@@ -266,6 +288,16 @@ impl Config {
                     usize::try_from(parse_size(name, value)?)
                         .map_err(|_| Error::config(name, format!("{value} is too large")))?,
                 )
+            }
+            ConfigKey::Create => {
+                self.create = match value {
+                    "default" => CreatePolicy::DefaultExport,
+                    "any" => CreatePolicy::AnyExport,
+                    "none" => CreatePolicy::NoExport,
+                    _ => {
+                        return Err(Error::config(name, format!("{value:?} is not allowed: use default, any or none")))
+                    }
+                }
             }
             ConfigKey::CacheSize => self.cache_size = parse_size(name, value)?,
             ConfigKey::MaxDirty => self.max_dirty = parse_size(name, value)?,
@@ -500,6 +532,7 @@ mod tests {
             (&[("bucket", "b"), ("lease-time", "-1")], "lease-time: \"-1\" is not allowed"),
             (&[("bucket", "b"), ("lease-time", "59")], "lease-time: 59 s is less than twice s3-timeout (30 s)"),
             (&[("bucket", "b"), ("lease-takeover", "please")], "lease-takeover: \"please\" is not a boolean"),
+            (&[("bucket", "b"), ("create", "all")], "create: \"all\" is not allowed: use default, any or none"),
             (&[], "storage: no backend chosen"),
         ];
         for (pairs, expected) in cases {

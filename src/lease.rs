@@ -135,14 +135,26 @@ impl LeaseRecord {
         )
     }
 
+    /// The longest field read (host names are at most 255 bytes).
+    const MAX_FIELD: usize = 255;
+
+    /// 9999-12-31T23:59:59Z in Unix seconds: the latest expiry a record may hold.
+    const MAX_EXPIRES: u64 = 253_402_300_799;
+
+    /// The record in `text`, or `None` if it is not one this version wrote: a field missing, a
+    /// number that is not one, a name too long or with control characters for a message to show,
+    /// or an expiry past the year 9999 (no lease runs that long; waiting for it would overflow).
     fn parse(text: &str) -> Option<LeaseRecord> {
         let field = |name: &str| {
-            text.lines().find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix('='))).map(str::to_string)
+            text.lines()
+                .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix('=')))
+                .filter(|v| v.len() <= Self::MAX_FIELD && !v.contains(char::is_control))
+                .map(str::to_string)
         };
         Some(LeaseRecord {
             holder: Holder { host: field("host")?, boot: field("boot")?, pid: field("pid")?.parse().ok()? },
             token: field("token")?,
-            expires: field("expires")?.parse().ok()?,
+            expires: field("expires")?.parse().ok().filter(|&e| e <= Self::MAX_EXPIRES)?,
         })
     }
 
@@ -522,5 +534,78 @@ mod tests {
         let (why, until) = forced.may_take(Some(&record(elsewhere, far))).unwrap();
         assert!(why.starts_with("lease-takeover=true, from pid"), "{why}");
         assert_eq!(until, far, "a live holder may write until its lease expires");
+    }
+}
+
+/// [`LeaseRecord::parse`] against what a lease object may hold (someone else's object, a broken
+/// or hostile server): it must refuse, never panic; see `crate::fuzz`. The corpus is in
+/// `tests/corpus/lease/`: inputs named `refused-*` must not parse, `readable-*` must.
+#[cfg(test)]
+mod fuzz {
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn printable(max: usize) -> impl Strategy<Value = String> {
+        vec(33u8..127, 1..max).prop_map(|b| String::from_utf8(b).unwrap_or_default())
+    }
+
+    fn record() -> impl Strategy<Value = LeaseRecord> {
+        (printable(64), printable(40), any::<u32>(), printable(40), 0..=LeaseRecord::MAX_EXPIRES).prop_map(
+            |(host, boot, pid, token, expires)| LeaseRecord { holder: Holder { host, boot, pid }, token, expires },
+        )
+    }
+
+    /// A written record with its lines dropped, repeated, or given other values.
+    fn mangled() -> impl Strategy<Value = String> {
+        let edit = prop_oneof![
+            3 => Just(None),
+            1 => Just(Some(String::new())),
+            1 => any::<String>().prop_map(Some),
+            1 => any::<u64>().prop_map(|n| Some(n.to_string())),
+            1 => Just(Some("18446744073709551616".to_string())),
+        ];
+        (record(), vec(edit, 7)).prop_map(|(r, edits)| {
+            let text = r.to_text();
+            let lines = text.lines().zip(edits).flat_map(|(line, edit)| match edit {
+                None => vec![line.to_string()],
+                Some(value) if value.is_empty() => vec![],
+                Some(value) => {
+                    let name = line.split_once('=').map_or(line, |(n, _)| n);
+                    vec![format!("{name}={value}"), line.to_string()]
+                }
+            });
+            lines.collect::<Vec<_>>().join("\n")
+        })
+    }
+
+    proptest! {
+        #![proptest_config(crate::fuzz::config(512))]
+
+        #[test]
+        fn fuzz_lease_records(text in prop_oneof![any::<String>(), mangled()]) {
+            if let Some(r) = LeaseRecord::parse(&text) {
+                prop_assert!(r.expires <= LeaseRecord::MAX_EXPIRES && r.holder.host.len() <= LeaseRecord::MAX_FIELD);
+                prop_assert!(!r.describe().contains(char::is_control), "{:?}", r.describe());
+            }
+        }
+
+        #[test]
+        fn written_lease_records_read_back(r in record()) {
+            prop_assert_eq!(LeaseRecord::parse(&r.to_text()), Some(r));
+        }
+    }
+
+    #[test]
+    fn corpus_of_lease_records() {
+        for (name, bytes) in crate::fuzz::corpus("lease") {
+            let parsed = LeaseRecord::parse(&String::from_utf8_lossy(&bytes));
+            if name.starts_with("refused-") {
+                assert_eq!(parsed, None, "tests/corpus/lease/{name}");
+            } else if name.starts_with("readable-") {
+                assert!(parsed.is_some(), "tests/corpus/lease/{name}");
+            }
+        }
     }
 }

@@ -67,6 +67,10 @@ impl Storage for FencedStorage {
         self.lease.check()?;
         self.inner.flush()
     }
+
+    fn retries(&self) -> u64 {
+        self.inner.retries()
+    }
 }
 
 #[cfg(test)]

@@ -65,6 +65,11 @@ impl MeteredStorage {
         MeteredStorage { inner, stats: StorageStats::default() }
     }
 
+    /// The counters as `key=value` pairs (the stats file's format), with the store's retries.
+    pub fn fields(&self) -> String {
+        format!("{} retries={}", self.stats.fields(), self.inner.retries())
+    }
+
     fn count<T>(&self, counter: &AtomicU64, n: u64, result: Result<T>) -> Result<T> {
         counter.fetch_add(n, Relaxed);
         if result.is_err() {
@@ -127,6 +132,10 @@ impl Storage for MeteredStorage {
     fn flush(&self) -> Result<()> {
         self.inner.flush()
     }
+
+    fn retries(&self) -> u64 {
+        self.inner.retries()
+    }
 }
 
 #[cfg(test)]
@@ -151,5 +160,6 @@ mod tests {
             f.starts_with("gets=2 puts=2 deletes=2 delete_batches=1 lists=0 errors=1 bytes_down=512 bytes_up=512"),
             "{f}"
         );
+        assert!(s.fields().ends_with(" retries=0"), "{}", s.fields());
     }
 }
