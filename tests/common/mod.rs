@@ -200,7 +200,7 @@ pub struct SeaweedFs {
 
 /// Starts a private SeaweedFS, or returns `None` (after saying why) outside CI when the binary
 /// is missing. The binary is `NBDS3_WEED`, or the one `scripts/seaweedfs bin` installs
-/// (`~/.cache/nbds3/seaweedfs/bin/weed`). It is ready, bucket and all, in about 5 s.
+/// (`~/.cache/nbds3/seaweedfs/bin/weed`). It is ready, bucket and all, in about 4 s.
 pub fn seaweedfs() -> Option<SeaweedFs> {
     let home = std::env::var("HOME").unwrap_or_default();
     let weed = std::env::var("NBDS3_WEED").unwrap_or_else(|_| format!("{home}/.cache/nbds3/seaweedfs/bin/weed"));
