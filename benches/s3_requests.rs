@@ -1,11 +1,12 @@
 //! What one block GET and one block PUT cost in CPU: nbds3's S3 path against aws-sdk-s3 and a
 //! bare HTTP/1.1 client.
 //!
-//! On a machine where the S3 server shares the cores (Garage on loopback, 2 cores here), a cold
-//! sequential read is CPU-bound, so every CPU-second our client spends per GiB is one the server
-//! does not get. `scripts/bench` measures the whole path through nbdkit; this isolates the S3
-//! client. It stores `S3_BENCH_OBJECTS` blocks of `S3_BENCH_SIZE` bytes through `S3Storage`, then
-//! reads `S3_BENCH_COUNT` of them back, `S3_BENCH_CONCURRENCY` at a time, four ways:
+//! On a machine where the S3 server shares the cores (SeaweedFS or Garage on loopback, 2 cores
+//! here), a cold sequential read is CPU-bound, so every CPU-second our client spends per GiB is
+//! one the server does not get. `scripts/bench` measures the whole path through nbdkit; this
+//! isolates the S3 client. It stores `S3_BENCH_OBJECTS` blocks of `S3_BENCH_SIZE` bytes through
+//! `S3Storage`, then reads `S3_BENCH_COUNT` of them back, `S3_BENCH_CONCURRENCY` at a time, four
+//! ways:
 //!
 //! - `S3Storage::read_block`: what the plugin does (on an http:// endpoint, its own
 //!   [`DirectClient`](nbds3::storage::direct::DirectClient) path, with the CRC32 check);
@@ -20,18 +21,19 @@
 //! the same through aws-sdk-s3 (a copy of the block as the SDK's body, the CRC32 in an
 //! aws-chunked trailer). It prints MiB/s, CPU microseconds per request and CPU-seconds per GiB of
 //! this process, and of the S3 server if `S3_BENCH_SERVER_PID` names its process
-//! (`$(cat /tmp/nbds3-garage/garage.pid)`); the PUTs rewrite blocks with the bytes they hold, so
-//! the server's figure for them is not what new data would cost it.
+//! (`$(cat /tmp/nbds3-seaweedfs/weed.pid)`, or `/tmp/nbds3-garage/garage.pid`); the PUTs
+//! rewrite blocks with the bytes they hold, so the server's figure for them is not what new data
+//! would cost it.
 //!
 //! ```text
-//! eval "$(scripts/garage start)"
+//! eval "$(scripts/seaweedfs start)"     # or scripts/garage start
 //! cargo bench --bench s3_requests
 //! ```
 //!
-//! Environment: what `scripts/garage env` prints (`NBDS3_S3_ENDPOINT`, `AWS_ACCESS_KEY_ID`,
-//! `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`), and optionally `S3_BENCH_BUCKET` (nbds3-bench-get),
-//! `S3_BENCH_SIZE` (1048576), `S3_BENCH_OBJECTS` (64), `S3_BENCH_COUNT` (1024),
-//! `S3_BENCH_CONCURRENCY` (8).
+//! Environment: what `scripts/seaweedfs env` (or `scripts/garage env`) prints
+//! (`NBDS3_S3_ENDPOINT`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`), and
+//! optionally `S3_BENCH_BUCKET` (nbds3-bench-get), `S3_BENCH_SIZE` (1048576), `S3_BENCH_OBJECTS`
+//! (64), `S3_BENCH_COUNT` (1024), `S3_BENCH_CONCURRENCY` (8).
 
 use std::env::var;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -60,7 +62,7 @@ fn main() -> Result<()> {
     let count = setting("S3_BENCH_COUNT", 1024)?.max(1);
     let concurrency = setting("S3_BENCH_CONCURRENCY", 8)?.max(1);
     let endpoint =
-        var("NBDS3_S3_ENDPOINT").map_err(|_| "NBDS3_S3_ENDPOINT is not set: eval \"$(scripts/garage start)\"")?;
+        var("NBDS3_S3_ENDPOINT").map_err(|_| "NBDS3_S3_ENDPOINT is not set: eval \"$(scripts/seaweedfs start)\"")?;
     let config = S3Config {
         bucket: var("S3_BENCH_BUCKET").unwrap_or_else(|_| "nbds3-bench-get".into()),
         endpoint: Some(endpoint.clone()),

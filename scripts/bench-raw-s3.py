@@ -6,17 +6,18 @@ keep-alive connection per worker process, so the client costs as little CPU as P
 and the number mostly shows what the S3 server itself can do on this machine.
 
     bench-raw-s3.py mkbucket BUCKET
+        creates the bucket if missing, and writes and deletes one object in it
     bench-raw-s3.py bench BUCKET PREFIX OBJECT_SIZE CONCURRENCY SECONDS
         PUT objects of OBJECT_SIZE bytes for SECONDS with CONCURRENCY processes, then GET them
         back for SECONDS; prints one line per phase:
-            put|get <ops> <bytes> <seconds> <errors> <machine busy ticks> <Garage ticks> <stolen %>
-        (clock ticks of all cores busy, and of the process BENCH_GARAGE_PID, during the phase;
+            put|get <ops> <bytes> <seconds> <errors> <machine busy ticks> <server ticks> <stolen %>
+        (clock ticks of all cores busy, and of the S3 server's process BENCH_SERVER_PID, during the phase;
         the share of the machine's time the hypervisor gave to others meanwhile)
     bench-raw-s3.py cleanup BUCKET PREFIX
         deletes every object under PREFIX (ListObjectsV2 + DeleteObjects, 1000 at a time)
 
 Credentials and endpoint come from NBDS3_S3_ENDPOINT, AWS_ACCESS_KEY_ID,
-AWS_SECRET_ACCESS_KEY and AWS_REGION (what `scripts/garage start` exports).
+AWS_SECRET_ACCESS_KEY and AWS_REGION (what `scripts/seaweedfs start` or `scripts/garage start` exports).
 
 Payloads are sent as UNSIGNED-PAYLOAD unless BENCH_RAW_SIGNED=1 (then SHA-256-hashed, as SDKs
 do over plain http), so by default the client spends no CPU hashing.
@@ -145,11 +146,20 @@ class Client:
 
 
 def mkbucket(bucket):
-    status, body = Client().request("PUT", f"/{bucket}")
-    if status == 200 or b"BucketAlreadyOwnedByYou" in body or b"BucketAlreadyExists" in body:
-        return 0
-    print(f"bench-raw-s3: CreateBucket {bucket}: HTTP {status}: {body[:300]!r}", file=sys.stderr)
-    return 1
+    client = Client()
+    status, body = client.request("PUT", f"/{bucket}")
+    if status != 200 and b"BucketAlreadyOwnedByYou" not in body and b"BucketAlreadyExists" not in body:
+        print(f"bench-raw-s3: CreateBucket {bucket}: HTTP {status}: {body[:300]!r}", file=sys.stderr)
+        return 1
+    # SeaweedFS makes a bucket's volumes on its first write (0.2 s or more): done here, so that
+    # the first measurement does not pay for it.
+    key = f"/{bucket}/mkbucket-warm-up-{os.getpid()}"
+    for method, body in (("PUT", b"warm-up"), ("DELETE", b"")):
+        status, resp = client.request(method, key, body=body)
+        if status not in (200, 204):
+            print(f"bench-raw-s3: {method} {key}: HTTP {status}: {resp[:300]!r}", file=sys.stderr)
+            return 1
+    return 0
 
 
 def _worker(args):
@@ -206,10 +216,10 @@ def _machine_ticks():
     return v[0] + v[1] + v[2] + v[5] + v[6] + v[7], v[7], sum(v[:8])
 
 
-def _garage_ticks():
-    """Clock ticks of the process BENCH_GARAGE_PID (0 if unset or gone)."""
+def _server_ticks():
+    """Clock ticks of the process BENCH_SERVER_PID (0 if unset or gone)."""
     try:
-        with open(f"/proc/{os.environ['BENCH_GARAGE_PID']}/stat") as f:
+        with open(f"/proc/{os.environ['BENCH_SERVER_PID']}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
         return int(fields[11]) + int(fields[12])
     except (KeyError, OSError, ValueError, IndexError):
@@ -217,13 +227,13 @@ def _garage_ticks():
 
 
 def _cpu_during(start, seconds):
-    """(machine busy ticks, Garage ticks, % stolen) from `start` for `seconds`, sleeping until
+    """(machine busy ticks, server ticks, % stolen) from `start` for `seconds`, sleeping until
     then."""
     time.sleep(max(0.0, start - time.time()))
-    machine, garage = _machine_ticks(), _garage_ticks()
+    machine, server = _machine_ticks(), _server_ticks()
     time.sleep(max(0.0, start + seconds - time.time()))
     busy, stolen, total = (b - a for a, b in zip(machine, _machine_ticks()))
-    return busy, _garage_ticks() - garage, 100 * stolen / total if total else 0
+    return busy, _server_ticks() - server, 100 * stolen / total if total else 0
 
 
 def bench(bucket, prefix, size, concurrency, seconds):
@@ -241,11 +251,11 @@ def bench(bucket, prefix, size, concurrency, seconds):
     get_ops = sum(r[3] for r in results)
     get_err = sum(r[4] for r in results)
     get_secs = max(r[5] for r in results) - get_start
-    for op, ops, secs, err, (busy, garage, stolen) in (("put", put_ops, put_secs, put_err, put_cpu),
+    for op, ops, secs, err, (busy, server, stolen) in (("put", put_ops, put_secs, put_err, put_cpu),
                                                        ("get", get_ops, get_secs, get_err, get_cpu)):
         # CPU rates over the phase's planned window, scaled to the time it really took.
         scale = secs / seconds
-        print(f"{op} {ops} {ops * size} {secs:.3f} {err} {busy * scale:.0f} {garage * scale:.0f} {stolen:.0f}")
+        print(f"{op} {ops} {ops * size} {secs:.3f} {err} {busy * scale:.0f} {server * scale:.0f} {stolen:.0f}")
     return 0 if put_ops and get_ops else 1
 
 

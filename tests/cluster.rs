@@ -41,7 +41,12 @@ impl Cluster {
             return None;
         }
         let dir = tempfile::tempdir().expect("tempdir");
-        let env = S3Env { endpoint: String::new(), access_key: String::new(), secret_key: String::new() };
+        let env = S3Env {
+            endpoint: String::new(),
+            access_key: String::new(),
+            secret_key: String::new(),
+            server: "seaweedfs".into(),
+        };
         let mut cluster = Cluster { dir, port: free_port_range(), env };
         let out = cluster.run(&["start"]);
         let text = String::from_utf8_lossy(&out.stdout);
@@ -55,6 +60,7 @@ impl Cluster {
             endpoint: var("NBDS3_S3_ENDPOINT"),
             access_key: var("AWS_ACCESS_KEY_ID"),
             secret_key: var("AWS_SECRET_ACCESS_KEY"),
+            server: "seaweedfs".into(),
         };
         Some(cluster)
     }

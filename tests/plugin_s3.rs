@@ -102,18 +102,24 @@ fn a_missing_bucket_is_created() {
 }
 
 /// Start-up fails fast, with the bucket and the reason, on bad credentials, a bucket the
-/// credentials may not create, and an endpoint nothing listens on; no message shows a secret.
+/// credentials may not create (Garage says it does not exist, SeaweedFS and AWS deny the key
+/// access to it), and an endpoint nothing listens on; no message shows a secret.
 #[test]
 fn start_up_refuses_bad_s3_settings_with_the_reason() {
     require!("nbdkit");
     let Some(env) = common::s3() else { return };
-    let limited_id = std::env::var("NBDS3_S3_LIMITED_KEY_ID").expect("scripts/garage env");
-    let limited_secret = std::env::var("NBDS3_S3_LIMITED_SECRET").expect("scripts/garage env");
+    let limited_id = std::env::var("NBDS3_S3_LIMITED_KEY_ID").expect("scripts/seaweedfs env");
+    let limited_secret = std::env::var("NBDS3_S3_LIMITED_SECRET").expect("scripts/seaweedfs env");
     // (environment overrides, parameters, expected message)
     type Case<'a> = (Vec<(&'a str, String)>, Vec<String>, &'a str);
     let wrong_secret = "Wr0ngS3cretThatMustNeverBeShown1234567890";
     let secrets = [env.secret_key.clone(), limited_secret.clone(), wrong_secret.to_string()];
     let mut wrong_secret_params = env.params(TEST_BUCKET);
+    let no_such_bucket = if env.server == "garage" {
+        "bucket nbds3-no-such-bucket does not exist and could not be created"
+    } else {
+        "permission denied: bucket nbds3-no-such-bucket: AccessDenied"
+    };
     wrong_secret_params.extend([format!("access-key={}", env.access_key), format!("secret-key={wrong_secret}")]);
     let cases: Vec<Case> = vec![
         (vec![("AWS_SECRET_ACCESS_KEY", "0".repeat(64))], env.params(TEST_BUCKET), "credentials rejected"),
@@ -121,7 +127,7 @@ fn start_up_refuses_bad_s3_settings_with_the_reason() {
         (
             vec![("AWS_ACCESS_KEY_ID", limited_id), ("AWS_SECRET_ACCESS_KEY", limited_secret)],
             env.params("nbds3-no-such-bucket"),
-            "bucket nbds3-no-such-bucket does not exist and could not be created",
+            no_such_bucket,
         ),
         (
             vec![],

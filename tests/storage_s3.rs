@@ -1,5 +1,6 @@
-//! The shared Storage and Backend conformance suites against real S3 servers: Garage (as users
-//! run it, and in CI) and moto's server, which, unlike Garage, honours conditional writes.
+//! The shared Storage and Backend conformance suites against real S3 servers: the one under test
+//! (SeaweedFS, then Garage, in CI) and, where that one ignores conditional writes, a private
+//! SeaweedFS for the compare-and-swap checks.
 
 mod common;
 
@@ -32,36 +33,48 @@ fn conformance_on(env: &S3Env) -> bool {
     atomic
 }
 
-/// `S3Storage` keeps the same contract as the memory and file backends, on Garage. Garage 2.5
-/// ignores conditional writes, and the backend finds that out (by probing) rather than trusting
-/// them; the lease checks then run without the compare-and-swap assertions.
+/// `S3Storage` keeps the same contract as the memory and file backends, on the server under
+/// test. Where that ignores conditional writes (Garage 2.5), the backend finds that out (by
+/// probing) rather than trusting them; the lease checks then run without the compare-and-swap
+/// assertions.
 #[test]
 fn s3_storage_conformance() {
     let Some(env) = common::s3() else { return };
     let atomic = conformance_on(&env);
-    eprintln!("this S3 server {} conditional writes", if atomic { "honours" } else { "ignores" });
+    assert_eq!(atomic, env.conditional_writes(), "the backend's probe and the tests' agree");
+    common::note(&format!("{} {} conditional writes", env.name(), if atomic { "honours" } else { "ignores" }));
 }
 
 /// On a server with conditional writes, leases are compare-and-swaps: racing creators, stale
-/// versions and re-creations are refused (the checks `backend_leases` runs when atomic).
+/// versions and re-creations are refused (the checks `backend_leases` runs when atomic). Where
+/// the server under test honours them, `s3_storage_conformance` has run these checks on it;
+/// where it does not, they run here on a private SeaweedFS, so that every pass runs them.
 #[test]
 fn s3_conformance_with_conditional_writes() {
-    let Some(moto) = common::moto() else { return };
-    assert!(conformance_on(&moto.env), "moto honours If-None-Match and If-Match");
+    let Some(env) = common::s3() else { return };
+    if env.conditional_writes() {
+        common::note(&format!("not run: s3_storage_conformance runs these checks on {}", env.name()));
+        return;
+    }
+    let Some(private) = common::seaweedfs() else { return };
+    common::note(&format!("ran on a private SeaweedFS: {} ignores conditional writes", env.name()));
+    assert!(conformance_on(&private.env), "SeaweedFS honours If-None-Match and If-Match");
 }
 
 /// Block requests refused by the server fail with the reason, by category, both ways: a wrong
-/// secret is "credentials rejected"; a key without access to the bucket is "not found" (Garage
-/// hides the bucket from it: NoSuchBucket); none is retried into a timeout, and a refused PUT
-/// of a whole 1 MiB body (which a server may refuse before reading it) says why too.
+/// secret is "credentials rejected"; a key without access to the bucket is "permission denied"
+/// (AccessDenied, as AWS and SeaweedFS answer), or "not found" on Garage, which hides the bucket
+/// from it (NoSuchBucket); none is retried into a timeout, and a refused PUT of a whole 1 MiB
+/// body (which a server may refuse before reading it) says why too.
 #[test]
 fn refused_block_requests_say_why() {
     let Some(env) = common::s3() else { return };
     let limited = common::S3Env {
-        access_key: std::env::var("NBDS3_S3_LIMITED_KEY_ID").expect("scripts/garage env"),
-        secret_key: std::env::var("NBDS3_S3_LIMITED_SECRET").expect("scripts/garage env"),
+        access_key: std::env::var("NBDS3_S3_LIMITED_KEY_ID").expect("scripts/seaweedfs env"),
+        secret_key: std::env::var("NBDS3_S3_LIMITED_SECRET").expect("scripts/seaweedfs env"),
         ..env.clone()
     };
+    let no_access = if env.server == "garage" { "not found" } else { "permission denied" };
     let wrong_secret = common::S3Env { secret_key: "0".repeat(64), ..env.clone() };
     let export = ExportName::new(&common::unique("refused")).unwrap();
     let written = S3Storage::new(
@@ -72,7 +85,7 @@ fn refused_block_requests_say_why() {
     );
     written.write_block(BlockId(1), &[7; 4096]).unwrap();
     for (who, env, expected) in
-        [("a wrong secret", wrong_secret, "credentials rejected"), ("a key without access", limited, "not found")]
+        [("a wrong secret", wrong_secret, "credentials rejected"), ("a key without access", limited, no_access)]
     {
         let config = S3Config { timeout: std::time::Duration::from_secs(20), ..env.config(common::TEST_BUCKET) };
         let client = s3::runtime().unwrap().block_on(s3::client(&config));

@@ -29,9 +29,18 @@ pub fn have(tool: &str) -> bool {
         Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().is_ok_and(|o| o.status.success());
     if !found {
         assert!(!in_ci(), "{tool} is not installed, and CI must run every test");
-        eprintln!("SKIPPED: {tool} is not installed");
+        note(&format!("SKIPPED: {tool} is not installed"));
     }
     found
+}
+
+/// Prints `message` in the test run's output even when the test passes (cargo test shows what a
+/// passing test prints with `eprintln!` only under `--nocapture`, and writes straight to stderr
+/// are not captured): which server a test ran on, or why it did not run.
+pub fn note(message: &str) {
+    use std::io::Write;
+    let test = std::thread::current().name().unwrap_or("?").to_string();
+    let _ = writeln!(std::io::stderr(), "{test}: {message}");
 }
 
 /// Skips the test (returns early) when a tool is missing outside CI.
@@ -48,7 +57,8 @@ pub fn unique(what: &str) -> String {
     format!("t{}-{}-{what}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
 }
 
-/// The local S3 server of `scripts/garage start`, from the environment it prints.
+/// The S3 server the tests run on, from the environment that `scripts/seaweedfs start` (the
+/// primary server), `scripts/garage start` or `scripts/minio up` prints.
 #[derive(Clone, Debug)]
 pub struct S3Env {
     /// `NBDS3_S3_ENDPOINT`.
@@ -57,6 +67,9 @@ pub struct S3Env {
     pub access_key: String,
     /// `AWS_SECRET_ACCESS_KEY`.
     pub secret_key: String,
+    /// `NBDS3_S3_SERVER`: which server this is (`seaweedfs`, `garage`), for the tests whose
+    /// expectations differ by server; empty for any other.
+    pub server: String,
 }
 
 /// The S3 server to test against, or `None` (after saying why) outside CI.
@@ -64,14 +77,15 @@ pub fn s3() -> Option<S3Env> {
     let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
     match (var("NBDS3_S3_ENDPOINT"), var("AWS_ACCESS_KEY_ID"), var("AWS_SECRET_ACCESS_KEY")) {
         (Some(endpoint), Some(access_key), Some(secret_key)) => {
-            let env = S3Env { endpoint, access_key, secret_key };
+            let server = var("NBDS3_S3_SERVER").unwrap_or_default();
+            let env = S3Env { endpoint, access_key, secret_key, server };
             static BUCKET: std::sync::Once = std::sync::Once::new();
             BUCKET.call_once(|| nbds3::storage::s3::check_bucket(&env.config(TEST_BUCKET)).expect("test bucket"));
             Some(env)
         }
         _ => {
-            assert!(!in_ci(), "NBDS3_S3_ENDPOINT is not set: run `eval \"$(scripts/garage start)\"` first");
-            eprintln!("SKIPPED: no S3 server (eval \"$(scripts/garage start)\" first)");
+            assert!(!in_ci(), "NBDS3_S3_ENDPOINT is not set: run `eval \"$(scripts/seaweedfs start)\"` first");
+            note("SKIPPED: no S3 server (eval \"$(scripts/seaweedfs start)\" first)");
             None
         }
     }
@@ -81,6 +95,40 @@ pub fn s3() -> Option<S3Env> {
 pub const TEST_BUCKET: &str = "nbds3-test";
 
 impl S3Env {
+    /// The server's name for messages: `NBDS3_S3_SERVER`, or its endpoint.
+    pub fn name(&self) -> &str {
+        if self.server.is_empty() {
+            &self.endpoint
+        } else {
+            &self.server
+        }
+    }
+
+    /// Whether the server honours conditional writes (`If-None-Match: *`, `If-Match`), found by
+    /// nbds3's own start-up probe, once per endpoint and test binary. The lease tests that need
+    /// atomic compare-and-swap run where this holds, the best-effort ones where it does not; so
+    /// that a wrong probe cannot quietly move tests from one group to the other, the servers CI
+    /// runs must answer as measured: SeaweedFS honours them, Garage 2.5 ignores them.
+    pub fn conditional_writes(&self) -> bool {
+        static PROBED: std::sync::Mutex<Vec<(String, bool)>> = std::sync::Mutex::new(Vec::new());
+        let mut probed = PROBED.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(&(_, honoured)) = probed.iter().find(|(endpoint, _)| *endpoint == self.endpoint) {
+            return honoured;
+        }
+        let honoured = nbds3::storage::s3::probe_conditional_writes(&self.config(TEST_BUCKET)).expect("probe");
+        match self.server.as_str() {
+            "seaweedfs" => assert!(honoured, "SeaweedFS at {} ignores conditional writes", self.endpoint),
+            "garage" => assert!(
+                !honoured,
+                "Garage at {} honours conditional writes, which 2.5 ignored: update the tests' expectations",
+                self.endpoint
+            ),
+            _ => {}
+        }
+        probed.push((self.endpoint.clone(), honoured));
+        honoured
+    }
+
     /// The plugin parameters that reach this server.
     pub fn params(&self, bucket: &str) -> Vec<String> {
         vec![format!("bucket={bucket}"), format!("endpoint={}", self.endpoint)]
@@ -134,54 +182,116 @@ impl S3Env {
     }
 }
 
-/// A private S3 server from the `moto` package (`scripts/install-deps` installs it), for what
-/// Garage lacks: Garage ignores conditional writes, which the export lease needs. Stopped by
-/// PID on drop.
-pub struct MotoServer {
+/// A private SeaweedFS (`weed server`: master, volume server, filer and S3 gateway in one
+/// process) on free ports, with its data in a temp dir, for a test that needs a server of its
+/// own: one it may stop, kill or fill without disturbing the tests sharing `s3()`. It has the
+/// test bucket, and honours conditional writes. Killed by PID, and its directory removed, on
+/// drop.
+#[derive(Debug)]
+pub struct SeaweedFs {
     child: Child,
-    /// How to reach it.
+    /// The master's, volume server's, filer's and S3 gateway's gRPC ports.
+    grpc_ports: [u16; 4],
+    /// Holds the data, the identities file and the server's log.
+    dir: tempfile::TempDir,
+    /// How to reach it (`server` is `seaweedfs`).
     pub env: S3Env,
 }
 
-/// Starts a moto S3 server on a free port, or returns `None` (after saying why) outside CI.
-pub fn moto() -> Option<MotoServer> {
+/// Starts a private SeaweedFS, or returns `None` (after saying why) outside CI when the binary
+/// is missing. The binary is `NBDS3_WEED`, or the one `scripts/seaweedfs bin` installs
+/// (`~/.cache/nbds3/seaweedfs/bin/weed`). It is ready, bucket and all, in about 4 s.
+pub fn seaweedfs() -> Option<SeaweedFs> {
     let home = std::env::var("HOME").unwrap_or_default();
-    let binary =
-        std::env::var("NBDS3_MOTO_SERVER").unwrap_or_else(|_| format!("{home}/.cache/nbds3/moto/bin/moto_server"));
-    if !Path::new(&binary).exists() {
-        assert!(!in_ci(), "{binary} is missing: run scripts/install-deps");
-        eprintln!("SKIPPED: {binary} is missing (scripts/install-deps installs it)");
+    let weed = std::env::var("NBDS3_WEED").unwrap_or_else(|_| format!("{home}/.cache/nbds3/seaweedfs/bin/weed"));
+    if !Path::new(&weed).exists() {
+        assert!(!in_ci(), "{weed} is missing: run scripts/install-deps");
+        note(&format!("SKIPPED: {weed} is missing (scripts/install-deps installs it)"));
         return None;
     }
-    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
-    let child = Command::new(&binary)
-        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (access_key, secret_key) = ("NBDS3PRIVATEKEY0123456", "private0123456789abcdef0123456789abcdef01234567");
+    let identities = format!(
+        r#"{{"identities": [{{"name": "nbds3-test", "credentials": [{{"accessKey": "{access_key}", "secretKey": "{secret_key}"}}], "actions": ["Admin", "Read", "List", "Tagging", "Write"]}}]}}"#
+    );
+    std::fs::write(dir.path().join("s3.json"), identities).expect("identities file");
+    std::fs::create_dir(dir.path().join("data")).expect("data dir");
+    // Every port the server opens, its gRPC ports included (by default each HTTP port + 10000,
+    // which may be taken); held together while chosen, so they differ from each other.
+    let listeners: Vec<_> = (0..8).map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("free port")).collect();
+    let ports: Vec<u16> = listeners.iter().map(|l| l.local_addr().expect("port").port()).collect();
+    drop(listeners);
+    let log = std::fs::File::create(dir.path().join("weed.log")).expect("log file");
+    let child = Command::new(&weed)
+        .current_dir(dir.path())
+        .arg("server")
+        .arg(format!("-dir={}", dir.path().join("data").display()))
+        .args(["-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false", "-master.volumeSizeLimitMB=64"])
+        .arg(format!("-master.port={}", ports[0]))
+        .arg(format!("-master.port.grpc={}", ports[1]))
+        .arg(format!("-volume.port={}", ports[2]))
+        .arg(format!("-volume.port.grpc={}", ports[3]))
+        // Auto-sized (free disk / volume size), and no 10 s pause before it stops.
+        .args(["-volume.max=0", "-volume.preStopSeconds=0", "-filer"])
+        .arg(format!("-filer.port={}", ports[4]))
+        .arg(format!("-filer.port.grpc={}", ports[5]))
+        .arg(format!("-filer.localSocket={}", dir.path().join("filer.sock").display()))
+        .arg("-s3")
+        .arg(format!("-s3.port={}", ports[6]))
+        .arg(format!("-s3.port.grpc={}", ports[7]))
+        .arg(format!("-s3.localSocket={}", dir.path().join("s3.sock").display()))
+        // No Iceberg or Lance catalogue: their fixed default ports would collide between servers.
+        .args(["-s3.port.iceberg=0", "-s3.port.lance=0", "-s3.config=s3.json"])
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stdout(log.try_clone().expect("log file"))
+        .stderr(log)
         .spawn()
-        .expect("spawn moto_server");
-    let server = MotoServer {
+        .expect("spawn weed");
+    let mut server = SeaweedFs {
         child,
+        grpc_ports: [ports[1], ports[3], ports[5], ports[7]],
+        dir,
         env: S3Env {
-            endpoint: format!("http://127.0.0.1:{port}"),
-            access_key: "moto-key".into(),
-            secret_key: "moto-secret".into(),
+            endpoint: format!("http://127.0.0.1:{}", ports[6]),
+            access_key: access_key.into(),
+            secret_key: secret_key.into(),
+            server: "seaweedfs".into(),
         },
     };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "moto_server did not listen on port {port} within 30 s");
-        std::thread::sleep(Duration::from_millis(50));
+    // The S3 port opens before the filer behind it is ready: wait until the bucket is made.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match nbds3::storage::s3::check_bucket(&server.env.config(TEST_BUCKET)) {
+            Ok(()) => return Some(server),
+            Err(e) => {
+                let exited = server.child.try_wait().ok().flatten();
+                if exited.is_some() || Instant::now() > deadline {
+                    let log = std::fs::read_to_string(server.dir.path().join("weed.log")).unwrap_or_default();
+                    let tail: Vec<_> = log.lines().rev().take(20).collect();
+                    panic!("private SeaweedFS not ready ({exited:?}): {e}\n{}", tail.join("\n"));
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
     }
-    nbds3::storage::s3::check_bucket(&server.env.config(TEST_BUCKET)).expect("create the test bucket in moto");
-    Some(server)
 }
 
-impl Drop for MotoServer {
+impl SeaweedFs {
+    /// The server's process id, for tests that stop or kill it.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for SeaweedFs {
     fn drop(&mut self) {
+        // SIGKILL: with SIGTERM, weed takes more than 5 s to stop, and leaves its sockets anyway.
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // Each gRPC server also listens on a Unix socket in /tmp, named by role and port.
+        for (role, port) in ["master", "volume", "filer", "s3"].iter().zip(&self.grpc_ports) {
+            let _ = std::fs::remove_file(format!("/tmp/seaweedfs-{role}-grpc-{port}.sock"));
+        }
     }
 }
 
