@@ -17,7 +17,11 @@
 //!
 //! `valid_until` is when the last successful renewal *started* plus `window`, which is
 //! `lease-time` minus `s3-timeout`: the holder stops writing early enough that a PUT it started
-//! in time has landed, or failed, before anyone else may take the lease over. A holder that
+//! in time has landed, or failed, before anyone else may take the lease over. "Started in time"
+//! is made exact by [`Lease::deadline`]: a write allowed at `t <= valid_until` carries the
+//! deadline `t + s3-timeout <= valid_until + s3-timeout` (the renewal's start plus `lease-time`,
+//! when others may take over), and the store sends none of its bytes, on any attempt, after that
+//! deadline (see [`FencedStorage`](crate::storage::FencedStorage)). A holder that
 //! cannot renew (S3 unreachable) therefore fails writes with EIO once its window is over, and
 //! resumes when a renewal succeeds (which proves nobody took over in between). The window runs
 //! on the monotonic clock, which runs on while a process is frozen (SIGSTOP, a paused VM): a
@@ -322,8 +326,20 @@ impl Lease {
     /// # Errors
     /// [`Error::Lease`] saying why not.
     pub fn check(&self) -> Result<()> {
-        if self.elapsed_nanos() < self.valid_until.load(Ordering::Acquire) {
-            return Ok(());
+        self.deadline().map(drop)
+    }
+
+    /// When a write allowed now must be sent by: `s3-timeout` from now, which is no later than
+    /// when another writer may take the lease over. A request (or a retry) sent after it could
+    /// land over a successor's blocks, so the store refuses to send it then.
+    ///
+    /// # Errors
+    /// As [`check`](Self::check).
+    pub fn deadline(&self) -> Result<Instant> {
+        let now = Instant::now();
+        let elapsed = u64::try_from(now.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX);
+        if elapsed < self.valid_until.load(Ordering::Acquire) {
+            return Ok(now + self.config.request_timeout);
         }
         Err(self.error(match &*lock(&self.phase) {
             Phase::Free => "this process does not hold the lease (no writable connection has taken it)".to_string(),
@@ -354,10 +370,6 @@ impl Lease {
 
     fn error(&self, message: impl Into<String>) -> Error {
         Error::Lease { export: self.export.to_string(), message: message.into() }
-    }
-
-    fn elapsed_nanos(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
 
     /// Allows writes until `window` after `started`.

@@ -173,24 +173,27 @@ impl DirectClient {
     /// As the SDK path: [`Error::CorruptBlock`] for an object of the wrong size or checksum,
     /// [`Error::Timeout`] past `s3-timeout`, and the server's refusals by category.
     pub fn get(&self, store: &str, key: &str, block: BlockId, buf: &mut [u8]) -> Result<bool> {
-        self.run(store, key, block, &mut Body::Into(buf))
+        self.run(store, key, block, &mut Body::Into(buf), Instant::now() + self.timeout)
     }
 
-    /// Stores `data` as the object at `key`, with its CRC32 for the server to check.
+    /// Stores `data` as the object at `key`, with its CRC32 for the server to check; no byte of
+    /// it is sent after `deadline` (see [`FencedStorage`](super::FencedStorage)).
     ///
     /// # Errors
-    /// As [`get`](Self::get), but for the checks on what comes back.
-    pub fn put(&self, store: &str, key: &str, block: BlockId, data: &[u8]) -> Result<()> {
+    /// As [`get`](Self::get), but for the checks on what comes back; [`Error::Timeout`] too for
+    /// a request its deadline stopped before it was sent.
+    pub fn put(&self, store: &str, key: &str, block: BlockId, data: &[u8], deadline: Instant) -> Result<()> {
         let crc32 = base64_u32(crc32fast::hash(data));
-        self.run(store, key, block, &mut Body::From(data, crc32)).map(drop)
+        self.run(store, key, block, &mut Body::From(data, crc32), deadline).map(drop)
     }
 
-    /// Deletes the object at `key`; deleting an object that does not exist succeeds, as in S3.
+    /// Deletes the object at `key`, as [`put`](Self::put) by `deadline`; deleting an object that
+    /// does not exist succeeds, as in S3.
     ///
     /// # Errors
     /// As [`put`](Self::put).
-    pub fn delete(&self, store: &str, key: &str, block: BlockId) -> Result<()> {
-        self.run(store, key, block, &mut Body::None).map(drop)
+    pub fn delete(&self, store: &str, key: &str, block: BlockId, deadline: Instant) -> Result<()> {
+        self.run(store, key, block, &mut Body::None, deadline).map(drop)
     }
 
     /// Requests sent again after a transient failure, since this client was made.
@@ -198,12 +201,15 @@ impl DirectClient {
         self.retries.load(Relaxed)
     }
 
-    /// The request's attempts; whether the object was there.
-    fn run(&self, store: &str, key: &str, block: BlockId, body: &mut Body<'_>) -> Result<bool> {
+    /// The request's attempts, none begun after `deadline` (nor any byte sent after it: see
+    /// [`write_both`]); whether the object was there.
+    fn run(&self, store: &str, key: &str, block: BlockId, body: &mut Body<'_>, deadline: Instant) -> Result<bool> {
         let request = &Request::new(body.method(), store, key, block);
-        let deadline = Instant::now() + self.timeout;
         let mut attempt = 1;
         loop {
+            if Instant::now() >= deadline {
+                return Err(request.too_late());
+            }
             let error = match self.attempt(request, deadline, body) {
                 Ok(Outcome::Done) => return Ok(true),
                 Ok(Outcome::Missing) => return Ok(false),
@@ -416,6 +422,12 @@ impl<'a> Request<'a> {
             }
             _ => Error::Backend { store, message: format!("{} {}: the connection failed: {e}", self.method, self.key) },
         }
+    }
+
+    /// The deadline passed before this attempt could begin.
+    fn too_late(&self) -> Error {
+        let message = format!("{} {}: not sent, its s3-timeout ran out before it could start", self.method, self.key);
+        Error::Timeout { store: self.store.to_string(), message }
     }
 
     fn corrupt(&self, message: String) -> Error {
@@ -779,6 +791,10 @@ mod tests {
         (DirectClient::with_credentials(&config, &authority, credentials).unwrap(), seen)
     }
 
+    fn in_20_s() -> Instant {
+        Instant::now() + Duration::from_secs(20)
+    }
+
     fn get(direct: &DirectClient, buf: &mut [u8]) -> Result<bool> {
         direct.get("store", "blocks/e/0000000000000000", BlockId(0), buf)
     }
@@ -874,7 +890,7 @@ mod tests {
         let stored = "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n".to_string();
         let answers = vec![Answer::Send(error("503 Slow Down", "SlowDown")), Answer::Send(stored.into())];
         let (direct, seen) = canned(answers, Duration::from_secs(20));
-        direct.put("store", "blocks/e/0000000000001000", BlockId(1), b"12345").unwrap();
+        direct.put("store", "blocks/e/0000000000001000", BlockId(1), b"12345", in_20_s()).unwrap();
         let seen = seen.lock().unwrap();
         assert_eq!(seen.len(), 2, "the 503 was retried: {seen:#?}");
         let put = &seen[1];
@@ -893,7 +909,7 @@ mod tests {
         let big = vec![1; 4 << 20];
         let answers = vec![Answer::RefuseUnread(error("403 Forbidden", "SignatureDoesNotMatch"))];
         let (direct, _) = canned(answers, Duration::from_secs(5));
-        let err = direct.put("store", "blocks/e/0000000000000000", BlockId(0), &big).unwrap_err();
+        let err = direct.put("store", "blocks/e/0000000000000000", BlockId(0), &big, in_20_s()).unwrap_err();
         assert!(matches!(err, Error::Unauthenticated { .. }), "{err:?}");
         assert!(err.to_string().contains("PUT blocks/e/0000000000000000"), "{err}");
     }
@@ -904,7 +920,8 @@ mod tests {
         let big = vec![1; 64 << 20];
         let (direct, _) = canned(vec![Answer::Stall, Answer::Stall], Duration::from_secs(2));
         let started = Instant::now();
-        let err = direct.put("store", "blocks/e/0000000000000000", BlockId(0), &big).unwrap_err();
+        let err =
+            direct.put("store", "blocks/e/0000000000000000", BlockId(0), &big, started + direct.timeout).unwrap_err();
         assert!(matches!(err, Error::Timeout { .. }), "{err:?}");
         assert!(started.elapsed() < Duration::from_secs(4), "took {:?}", started.elapsed());
     }
@@ -913,10 +930,10 @@ mod tests {
     fn deletes() {
         let deleted = "HTTP/1.1 204 No Content\r\n\r\n".to_string();
         let (direct, seen) = canned(vec![Answer::Send(deleted.into())], Duration::from_secs(5));
-        direct.delete("store", "blocks/e/0000000000000000", BlockId(0)).unwrap();
+        direct.delete("store", "blocks/e/0000000000000000", BlockId(0), in_20_s()).unwrap();
         assert!(seen.lock().unwrap()[0].starts_with("DELETE /bucket/blocks/e/0000000000000000 HTTP/1.1\r\n"));
         let (direct, _) = canned(vec![Answer::Send(error("403 Forbidden", "AccessDenied"))], Duration::from_secs(5));
-        let err = direct.delete("store", "blocks/e/0000000000000000", BlockId(0)).unwrap_err();
+        let err = direct.delete("store", "blocks/e/0000000000000000", BlockId(0), in_20_s()).unwrap_err();
         assert!(matches!(err, Error::PermissionDenied { .. }), "{err:?}");
     }
 

@@ -4,10 +4,23 @@
 //! write-back happens later, on other threads: a process that lost its lease while it held dirty
 //! blocks must not write them over its successor's.
 //!
-//! The check passes a write on to `inner` at once; the `s3-timeout` margin of the lease then
-//! bounds the request. Time spent between the check and the request's start is not covered:
-//! an S3 store that makes the write wait for one of its `s3-concurrency` request slots starts
-//! the request's own timeout only when it gets one.
+//! Checking is not enough: the lease's promise (see [`crate::lease`]) is that a write allowed at
+//! `t` has landed or failed by `t + s3-timeout`, before anyone else may take the lease over. A
+//! write allowed and then queued behind slow requests for one of the `s3-concurrency` request
+//! slots, or a process frozen (SIGSTOP, a paused VM) between the check and the send, would go out
+//! later than that. So the check is handed down as a fence ([`Storage::write_block_fenced`]):
+//! the store asks the lease once it holds a slot, right before the request, and gets a deadline
+//! on the monotonic clock, `s3-timeout` from then. It sends no byte of the request, on its first
+//! attempt or any retry, once that deadline has passed: the last look at the clock comes right
+//! before bytes are written to the socket (`DirectClient`'s writes, the SDK's
+//! `read_before_transmit`). A pause anywhere before that look is caught by it, because the
+//! monotonic clock runs on while the process is frozen; a pause after it can only delay bytes
+//! already handed to the kernel. What the deadline cannot bound is a server that applies a PUT
+//! it has fully received long after: the lease assumes S3 applies a request within `s3-timeout`
+//! of receiving it.
+//!
+//! The slot wait does not count against the request: a write that waited long for its slot gets
+//! a fresh deadline, or is refused if the lease's window ended meanwhile.
 
 use std::fmt;
 use std::sync::Arc;
@@ -46,18 +59,15 @@ impl Storage for FencedStorage {
     }
 
     fn write_block(&self, id: BlockId, data: &[u8]) -> Result<()> {
-        self.lease.check()?;
-        self.inner.write_block(id, data)
+        self.inner.write_block_fenced(id, data, &|| self.lease.deadline())
     }
 
     fn delete_block(&self, id: BlockId) -> Result<()> {
-        self.lease.check()?;
-        self.inner.delete_block(id)
+        self.inner.delete_block_fenced(id, &|| self.lease.deadline())
     }
 
     fn delete_blocks(&self, ids: &[BlockId]) -> Result<()> {
-        self.lease.check()?;
-        self.inner.delete_blocks(ids)
+        self.inner.delete_blocks_fenced(ids, &|| self.lease.deadline())
     }
 
     fn list_blocks(&self) -> Result<Vec<BlockId>> {

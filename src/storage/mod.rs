@@ -7,6 +7,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Instant;
 
 pub use crate::block_buf::BlockBuf;
 use crate::export::ExportName;
@@ -87,6 +88,38 @@ pub trait Storage: Send + Sync + fmt::Debug + fmt::Display {
         ids.iter().try_for_each(|&id| self.delete_block(id))
     }
 
+    /// [`write_block`](Self::write_block), fenced by an export's lease: `fence` is asked right
+    /// before the request may go out (after any wait for a request slot), and none of the
+    /// request's attempts may be sent after the instant it gives. Stores that write at once
+    /// (memory, files) ask it first.
+    ///
+    /// # Errors
+    /// What `fence` says, [`Error::Timeout`](crate::Error::Timeout) for a request its deadline
+    /// stopped, and as `write_block`.
+    fn write_block_fenced(&self, id: BlockId, data: &[u8], fence: Fence<'_>) -> Result<()> {
+        fence()?;
+        self.write_block(id, data)
+    }
+
+    /// [`delete_block`](Self::delete_block), fenced as [`write_block_fenced`](Self::write_block_fenced).
+    ///
+    /// # Errors
+    /// As `write_block_fenced`.
+    fn delete_block_fenced(&self, id: BlockId, fence: Fence<'_>) -> Result<()> {
+        fence()?;
+        self.delete_block(id)
+    }
+
+    /// [`delete_blocks`](Self::delete_blocks), fenced as
+    /// [`write_block_fenced`](Self::write_block_fenced): each request of a batch asks `fence`.
+    ///
+    /// # Errors
+    /// As `write_block_fenced`; some of the blocks may be deleted then.
+    fn delete_blocks_fenced(&self, ids: &[BlockId], fence: Fence<'_>) -> Result<()> {
+        fence()?;
+        self.delete_blocks(ids)
+    }
+
     /// The indexes of every stored block, in ascending order.
     ///
     /// # Errors
@@ -116,6 +149,10 @@ pub trait Storage: Send + Sync + fmt::Debug + fmt::Display {
         0
     }
 }
+
+/// Says, right before a block write or delete goes out, until when it may be sent (an export
+/// lease's [`deadline`](crate::lease::Lease::deadline)), or refuses it.
+pub type Fence<'a> = &'a dyn Fn() -> Result<Instant>;
 
 /// A lease's text and the version the backend gave it, for [`Backend::replace_lease`].
 #[derive(Clone, Debug, PartialEq, Eq)]

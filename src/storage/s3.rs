@@ -17,7 +17,7 @@
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
@@ -35,7 +35,7 @@ use bytes::Bytes;
 use tokio::sync::{Semaphore, SemaphorePermit};
 
 use super::direct::DirectClient;
-use super::{check_len, Backend, BlockBuf, BlockId, Expect, Storage, VersionedText};
+use super::{check_len, Backend, BlockBuf, BlockId, Expect, Fence, Storage, VersionedText};
 use crate::config::Secret;
 use crate::export::{parse_block_leaf, ExportName, LEASE_PREFIX, RECORD_PREFIX};
 use crate::{Error, Result};
@@ -176,13 +176,7 @@ async fn build_sdk(
     let mut loader = aws_config::defaults(BehaviorVersion::latest())
         .region(Region::new(config.region.clone()))
         .retry_config(RetryConfig::standard().with_max_attempts(max_attempts))
-        .timeout_config(
-            TimeoutConfig::builder()
-                .connect_timeout(config.timeout.min(Duration::from_secs(5)))
-                .operation_attempt_timeout(config.timeout.min(Duration::from_secs(10)))
-                .operation_timeout(config.timeout)
-                .build(),
-        );
+        .timeout_config(timeouts(config.timeout));
     if let (Some(id), Some(secret)) = (&config.access_key, &config.secret_key) {
         loader = loader.credentials_provider(Credentials::new(id, &secret.0, None, None, "nbds3"));
     }
@@ -200,6 +194,39 @@ async fn build_sdk(
         builder = builder.endpoint_url(endpoint);
     }
     (Client::from_conf(builder.build()), sdk.credentials_provider())
+}
+
+/// The SDK's bounds on one request, retries included, of at most `operation`.
+fn timeouts(operation: Duration) -> TimeoutConfig {
+    TimeoutConfig::builder()
+        .connect_timeout(operation.min(Duration::from_secs(5)))
+        .operation_attempt_timeout(operation.min(Duration::from_secs(10)))
+        .operation_timeout(operation)
+        .build()
+}
+
+/// Keeps the SDK from sending any attempt of a request after its deadline (see
+/// [`FencedStorage`](super::FencedStorage)): `read_before_transmit` is the SDK's last hook
+/// before the request's bytes go to the connection.
+#[derive(Debug)]
+struct NotSentAfter(Instant);
+
+impl Intercept for NotSentAfter {
+    fn name(&self) -> &'static str {
+        "NotSentAfter"
+    }
+
+    fn read_before_transmit(
+        &self,
+        _: &BeforeTransmitInterceptorContextRef<'_>,
+        _: &RuntimeComponents,
+        _: &mut ConfigBag,
+    ) -> std::result::Result<(), BoxError> {
+        if Instant::now() >= self.0 {
+            return Err("not sent: its s3-timeout ran out before it could go out".into());
+        }
+        Ok(())
+    }
 }
 
 /// Checks once, at start-up, that the bucket is reachable with these credentials, creating it
@@ -448,6 +475,8 @@ pub struct S3Storage {
     bucket: String,
     export: ExportName,
     block_size: usize,
+    /// `s3-timeout`: the deadline of a block write or delete no fence gave one.
+    timeout: Duration,
     /// `S3Storage(endpoint/bucket/blocks/export/)`, for messages.
     name: String,
     /// One permit per block upload or delete in flight: however many callers (write-behind, the
@@ -476,6 +505,7 @@ impl S3Storage {
             bucket: config.bucket.clone(),
             export: export.clone(),
             block_size,
+            timeout: config.timeout,
             name,
             permits,
         }
@@ -489,6 +519,38 @@ impl S3Storage {
     fn key(&self, id: BlockId) -> String {
         self.export.block_key(id, self.block_size)
     }
+
+    /// The deadline of a write or delete no fence bounds: `s3-timeout` from now.
+    fn unfenced(&self) -> Result<Instant> {
+        Ok(Instant::now() + self.timeout)
+    }
+
+    /// `fold`, for a block write or delete that had to be sent by `deadline`: one that failed
+    /// without an answer once that had passed was stopped by it (the SDK's operation timeout or
+    /// [`NotSentAfter`]).
+    fn fold_by<E, R>(&self, what: &str, err: SdkError<E, R>, deadline: Instant) -> Error
+    where
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+        R: fmt::Debug,
+    {
+        let answered = matches!(err, SdkError::ServiceError(_) | SdkError::ResponseError(_));
+        if !answered && Instant::now() >= deadline {
+            let message = format!("{what}: no answer in time, or not sent once its s3-timeout ran out");
+            return Error::Timeout { store: self.name.clone(), message };
+        }
+        fold(&self.name, what, err)
+    }
+}
+
+/// A request's per-operation settings that keep it within `deadline`: no attempt sent after it,
+/// and the whole operation cut off there.
+fn within<T, E, B>(
+    op: aws_sdk_s3::client::customize::CustomizableOperation<T, E, B>,
+    deadline: Instant,
+) -> aws_sdk_s3::client::customize::CustomizableOperation<T, E, B> {
+    let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+    op.interceptor(NotSentAfter(deadline))
+        .config_override(aws_sdk_s3::config::Builder::new().timeout_config(timeouts(left)))
 }
 
 impl fmt::Display for S3Storage {
@@ -539,53 +601,60 @@ impl Storage for S3Storage {
     }
 
     fn write_block(&self, id: BlockId, data: &[u8]) -> Result<()> {
+        self.write_block_fenced(id, data, &|| self.unfenced())
+    }
+
+    fn delete_block(&self, id: BlockId) -> Result<()> {
+        self.delete_block_fenced(id, &|| self.unfenced())
+    }
+
+    fn delete_blocks(&self, ids: &[BlockId]) -> Result<()> {
+        self.delete_blocks_fenced(ids, &|| self.unfenced())
+    }
+
+    fn write_block_fenced(&self, id: BlockId, data: &[u8], fence: Fence<'_>) -> Result<()> {
         check_len(self, self.block_size, data.len())?;
         let key = self.key(id);
         if let Some(direct) = &self.direct {
             let _permit = runtime()?.block_on(self.permit());
-            return direct.put(&self.name, &key, id, data);
+            return direct.put(&self.name, &key, id, data, fence()?);
         }
         runtime()?.block_on(async {
             let _permit = self.permit().await;
+            let deadline = fence()?;
             // The SDK needs an owned body (it may resend it); a recycled buffer spares the page
             // faults of a fresh one.
             let body = ByteStream::from(Bytes::from_owner(BlockBuf::copy_of(data)));
-            self.client
-                .put_object()
-                .bucket(&self.bucket)
-                .key(&key)
-                .body(body)
-                .customize()
-                // SigV4's payload hash is SHA-256 in software on most CPUs: 70 % of our CPU on
-                // 1M PUTs. The SDK's CRC32 checksum (hardware) still guards the bytes.
+            let put = self.client.put_object().bucket(&self.bucket).key(&key).body(body).customize();
+            // SigV4's payload hash is SHA-256 in software on most CPUs: 70 % of our CPU on 1M
+            // PUTs. The SDK's CRC32 checksum (hardware) still guards the bytes.
+            within(put, deadline)
                 .disable_payload_signing()
                 .send()
                 .await
-                .map_err(|e| fold(&self.name, &format!("PUT {key}"), e))
+                .map_err(|e| self.fold_by(&format!("PUT {key}"), e, deadline))
                 .map(drop)
         })
     }
 
-    fn delete_block(&self, id: BlockId) -> Result<()> {
+    fn delete_block_fenced(&self, id: BlockId, fence: Fence<'_>) -> Result<()> {
         let key = self.key(id);
         if let Some(direct) = &self.direct {
             let _permit = runtime()?.block_on(self.permit());
-            return direct.delete(&self.name, &key, id);
+            return direct.delete(&self.name, &key, id, fence()?);
         }
         runtime()?.block_on(async {
             let _permit = self.permit().await;
-            self.client
-                .delete_object()
-                .bucket(&self.bucket)
-                .key(&key)
+            let deadline = fence()?;
+            within(self.client.delete_object().bucket(&self.bucket).key(&key).customize(), deadline)
                 .send()
                 .await
-                .map_err(|e| fold(&self.name, &format!("DELETE {key}"), e))
+                .map_err(|e| self.fold_by(&format!("DELETE {key}"), e, deadline))
                 .map(drop)
         })
     }
 
-    fn delete_blocks(&self, ids: &[BlockId]) -> Result<()> {
+    fn delete_blocks_fenced(&self, ids: &[BlockId], fence: Fence<'_>) -> Result<()> {
         runtime()?.block_on(async {
             for chunk in ids.chunks(MAX_DELETE_BATCH) {
                 let objects = chunk
@@ -599,14 +668,9 @@ impl Storage for S3Storage {
                     .build()
                     .map_err(|e| Error::backend(self, format!("DeleteObjects: {e}")))?;
                 let what = format!("DeleteObjects of {} blocks from {}", chunk.len(), self.key(chunk[0]));
-                let out = self
-                    .client
-                    .delete_objects()
-                    .bucket(&self.bucket)
-                    .delete(delete)
-                    .send()
-                    .await
-                    .map_err(|e| fold(&self.name, &what, e))?;
+                let deadline = fence()?;
+                let request = self.client.delete_objects().bucket(&self.bucket).delete(delete).customize();
+                let out = within(request, deadline).send().await.map_err(|e| self.fold_by(&what, e, deadline))?;
                 if let Some(e) = out.errors().first() {
                     return Err(Error::backend(
                         self,
@@ -763,9 +827,160 @@ pub(super) fn classify(store: &str, what: &str, code: &str, detail: &str) -> Err
 
 #[cfg(test)]
 mod tests {
-    use std::io::{BufRead, BufReader, Write};
+    use std::io::{BufRead, BufReader, Read, Write};
 
     use super::*;
+    use crate::lease::{Lease, LeaseConfig};
+    use crate::storage::{FencedStorage, MemoryBackend};
+
+    /// A loopback S3 that stores nothing: it answers each request after `delay(path)` with
+    /// `answer(path)`, and records the paths it was sent.
+    fn canned_server(delay: fn(&str) -> Duration, answer: fn(&str) -> String) -> (S3Config, Arc<Mutex<Vec<String>>>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let requests = seen.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { return };
+                let requests = requests.clone();
+                std::thread::spawn(move || {
+                    let mut reader = BufReader::new(stream.try_clone().unwrap());
+                    let mut stream = stream;
+                    loop {
+                        let mut head = String::new();
+                        while !head.ends_with("\r\n\r\n") {
+                            if reader.read_line(&mut head).unwrap_or(0) == 0 {
+                                return;
+                            }
+                        }
+                        let length = head
+                            .lines()
+                            .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length: ").map(str::to_string))
+                            .map_or(0, |n| n.trim().parse().unwrap());
+                        let mut body = vec![0; length];
+                        if reader.read_exact(&mut body).is_err() {
+                            return;
+                        }
+                        let path = head.split(' ').nth(1).unwrap_or_default().to_string();
+                        requests.lock().unwrap().push(format!("{} {path}", head.split(' ').next().unwrap()));
+                        std::thread::sleep(delay(&path));
+                        if stream.write_all(answer(&path).as_bytes()).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let config = S3Config {
+            bucket: "bucket".into(),
+            endpoint: Some(endpoint),
+            path_style: Some(true),
+            access_key: Some("AKID".into()),
+            secret_key: Some(Secret("secret".into())),
+            concurrency: 1,
+            timeout: Duration::from_secs(5),
+            ..Default::default()
+        };
+        (config, seen)
+    }
+
+    const STORED: &str = "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+
+    /// The store on `config`, through the direct path or through the SDK.
+    fn stores(config: &S3Config) -> [(&'static str, S3Storage); 2] {
+        let client = runtime().unwrap().block_on(client(config));
+        assert!(client.is_direct());
+        let export = ExportName::new("e").unwrap();
+        let through_sdk = S3Client { direct: None, ..client.clone() };
+        [
+            ("direct", S3Storage::new(client, config, &export, 4)),
+            ("sdk", S3Storage::new(through_sdk, config, &export, 4)),
+        ]
+    }
+
+    fn sent(seen: &Mutex<Vec<String>>, key: &str) -> usize {
+        seen.lock().unwrap().iter().filter(|r| r.contains(key)).count()
+    }
+
+    /// With `s3-concurrency=1`, a write the lease allowed waits for the only request slot behind
+    /// a slow one; the lease is released (as when a successor takes over) meanwhile. The write
+    /// must then fail, not land: the lease is asked again once the slot is free.
+    #[test]
+    fn a_write_queued_for_a_request_slot_past_the_lease_is_not_sent() {
+        let (config, seen) = canned_server(
+            |path| if path.contains("/0000000000000000") { Duration::from_millis(1500) } else { Duration::ZERO },
+            |_| STORED.into(),
+        );
+        for (path, storage) in stores(&config) {
+            let backend: Arc<dyn Backend> = Arc::new(MemoryBackend::default());
+            let lease_config =
+                LeaseConfig { time: Duration::from_secs(60), takeover: false, request_timeout: config.timeout };
+            let lease = Lease::new(backend, ExportName::new("e").unwrap(), lease_config);
+            lease.hold().unwrap();
+            let fenced = Arc::new(FencedStorage::new(Arc::new(storage), lease.clone()));
+            let slow = std::thread::spawn({
+                let fenced = fenced.clone();
+                move || fenced.write_block(BlockId(0), b"slow")
+            });
+            std::thread::sleep(Duration::from_millis(300));
+            let queued = std::thread::spawn({
+                let fenced = fenced.clone();
+                move || fenced.write_block(BlockId(1), b"late")
+            });
+            std::thread::sleep(Duration::from_millis(300));
+            lease.release();
+            let err = queued.join().unwrap().unwrap_err();
+            assert!(matches!(err, Error::Lease { .. }), "{path}: {err}");
+            slow.join().unwrap().unwrap();
+            assert_eq!(sent(&seen, "/bucket/blocks/e/0000000000000004"), 0, "{path}: the late write landed");
+            seen.lock().unwrap().clear();
+        }
+    }
+
+    /// A process frozen between the lease's check and the send wakes past the write's deadline:
+    /// the request fails as timed out and no byte of it reaches the server.
+    #[test]
+    fn a_request_past_its_deadline_is_not_sent() {
+        let (config, seen) = canned_server(|_| Duration::ZERO, |_| STORED.into());
+        let passed = || Ok(Instant::now().checked_sub(Duration::from_millis(1)).unwrap());
+        for (path, storage) in stores(&config) {
+            for result in [
+                storage.write_block_fenced(BlockId(1), b"late", &passed),
+                storage.delete_block_fenced(BlockId(1), &passed),
+                storage.delete_blocks_fenced(&[BlockId(1), BlockId(2)], &passed),
+            ] {
+                let err = result.unwrap_err();
+                assert!(matches!(err, Error::Timeout { .. }), "{path}: {err}");
+            }
+            assert_eq!(seen.lock().unwrap().len(), 0, "{path}: {:?}", seen.lock().unwrap());
+            // The same store sends what is still in time.
+            storage.write_block_fenced(BlockId(1), b"soon", &|| Ok(Instant::now() + config.timeout)).unwrap();
+            assert_eq!(sent(&seen, "/bucket/blocks/e/0000000000000004"), 1, "{path}");
+            seen.lock().unwrap().clear();
+        }
+    }
+
+    /// A write whose first attempt meets a slow 503 is not retried past its deadline.
+    #[test]
+    fn no_retry_is_sent_past_the_deadline() {
+        let slow_down = |_: &str| {
+            let body = "<Error><Code>SlowDown</Code><Message>as canned</Message></Error>";
+            format!("HTTP/1.1 503 Slow Down\r\nContent-Length: {}\r\n\r\n{body}", body.len())
+        };
+        let (config, seen) = canned_server(|_| Duration::from_millis(400), slow_down);
+        for (path, storage) in stores(&config) {
+            let started = Instant::now();
+            let deadline = started + Duration::from_millis(300);
+            let err = storage.write_block_fenced(BlockId(1), b"late", &|| Ok(deadline)).unwrap_err();
+            assert!(matches!(err, Error::Timeout { .. }), "{path}: {err}");
+            assert!(started.elapsed() < Duration::from_secs(2), "{path}: took {:?}", started.elapsed());
+            // Give a retry the time it would take to arrive.
+            std::thread::sleep(Duration::from_millis(1200));
+            assert_eq!(sent(&seen, "/bucket/blocks/e/0000000000000004"), 1, "{path}: {:?}", seen.lock().unwrap());
+            seen.lock().unwrap().clear();
+        }
+    }
 
     /// The SDK's retries reach [`Storage::retries`]: a block GET answered 503 SlowDown once, then
     /// with the block, counts one.

@@ -164,8 +164,8 @@ impl Server {
         let key = "blocks/e/0000000000000000";
         let (outcome, allocated) = fuzz::peak_allocation(|| match method {
             Method::Get => self.direct.get("store", key, BlockId(0), &mut buf),
-            Method::Put => self.direct.put("store", key, BlockId(0), &block()).map(|()| true),
-            Method::Delete => self.direct.delete("store", key, BlockId(0)).map(|()| true),
+            Method::Put => self.direct.put("store", key, BlockId(0), &block(), started + TIMEOUT).map(|()| true),
+            Method::Delete => self.direct.delete("store", key, BlockId(0), started + TIMEOUT).map(|()| true),
         });
         let took = started.elapsed();
         prop_assert!(took < TIMEOUT + SLACK, "{method:?} took {took:?}: {outcome:?}");
