@@ -670,7 +670,7 @@ fn invocation_id() -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::collections::VecDeque;
     use std::sync::Arc;
 
@@ -687,7 +687,7 @@ mod tests {
     }
 
     /// What the canned server does with the next request.
-    enum Answer {
+    pub(in crate::storage) enum Answer {
         /// Writes these bytes, then waits for the next request on the same connection.
         Send(Vec<u8>),
         /// Writes these bytes and closes the connection.
@@ -701,6 +701,8 @@ mod tests {
         /// Writes these bytes one at a time, each after this pause, then waits for the next
         /// request.
         Drip(Vec<u8>, Duration),
+        /// Writes these bytes after this pause, then waits for the next request.
+        Delay(Vec<u8>, Duration),
     }
 
     fn ok(body: &[u8], crc32: &str) -> Vec<u8> {
@@ -726,6 +728,17 @@ mod tests {
         answers: Arc<Mutex<VecDeque<Answer>>>,
         timeout: Duration,
     ) -> (DirectClient, Arc<Mutex<Vec<String>>>) {
+        let (config, seen) = canned_server(answers);
+        let config = S3Config { timeout, ..config };
+        let authority = config.endpoint.as_deref().unwrap().strip_prefix("http://").unwrap().to_string();
+        let credentials = Credentials::new("AKID", "secret", None, None, "test");
+        (DirectClient::with_credentials(&config, &authority, credentials).unwrap(), seen)
+    }
+
+    /// The server behind [`canned_queue`], and the config of a bucket on it.
+    pub(in crate::storage) fn canned_server(
+        answers: Arc<Mutex<VecDeque<Answer>>>,
+    ) -> (S3Config, Arc<Mutex<Vec<String>>>) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let authority = listener.local_addr().unwrap().to_string();
         let seen = Arc::new(Mutex::new(Vec::new()));
@@ -756,7 +769,7 @@ mod tests {
                         }
                         let length = head
                             .lines()
-                            .find_map(|l| l.strip_prefix("content-length: "))
+                            .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length: ").map(str::to_string))
                             .map_or(0, |n| n.parse().unwrap());
                         let mut body = vec![0; length];
                         if reader.read_exact(&mut body).is_err() {
@@ -770,6 +783,10 @@ mod tests {
                                 std::thread::sleep(every);
                                 stream.write_all(&[*b])
                             }),
+                            Some(Answer::Delay(bytes, pause)) => {
+                                std::thread::sleep(pause);
+                                stream.write_all(&bytes)
+                            }
                             Some(Answer::Silent) => return std::thread::sleep(Duration::from_secs(30)),
                             Some(Answer::RefuseUnread(_) | Answer::Stall) | None => return,
                         };
@@ -784,11 +801,11 @@ mod tests {
             bucket: "bucket".into(),
             endpoint: Some(format!("http://{authority}")),
             path_style: Some(true),
-            timeout,
+            access_key: Some("AKID".into()),
+            secret_key: Some(crate::config::Secret("secret".into())),
             ..Default::default()
         };
-        let credentials = Credentials::new("AKID", "secret", None, None, "test");
-        (DirectClient::with_credentials(&config, &authority, credentials).unwrap(), seen)
+        (config, seen)
     }
 
     fn in_20_s() -> Instant {

@@ -827,62 +827,19 @@ pub(super) fn classify(store: &str, what: &str, code: &str, detail: &str) -> Err
 
 #[cfg(test)]
 mod tests {
-    use std::io::{BufRead, BufReader, Read, Write};
+    use std::collections::VecDeque;
+    use std::io::{BufRead, BufReader, Write};
 
     use super::*;
     use crate::lease::{Lease, LeaseConfig};
+    use crate::storage::direct::tests::{canned_server, Answer};
     use crate::storage::{FencedStorage, MemoryBackend};
 
-    /// A loopback S3 that stores nothing: it answers each request after `delay(path)` with
-    /// `answer(path)`, and records the paths it was sent.
-    fn canned_server(delay: fn(&str) -> Duration, answer: fn(&str) -> String) -> (S3Config, Arc<Mutex<Vec<String>>>) {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let endpoint = format!("http://{}", listener.local_addr().unwrap());
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let requests = seen.clone();
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(stream) = stream else { return };
-                let requests = requests.clone();
-                std::thread::spawn(move || {
-                    let mut reader = BufReader::new(stream.try_clone().unwrap());
-                    let mut stream = stream;
-                    loop {
-                        let mut head = String::new();
-                        while !head.ends_with("\r\n\r\n") {
-                            if reader.read_line(&mut head).unwrap_or(0) == 0 {
-                                return;
-                            }
-                        }
-                        let length = head
-                            .lines()
-                            .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length: ").map(str::to_string))
-                            .map_or(0, |n| n.trim().parse().unwrap());
-                        let mut body = vec![0; length];
-                        if reader.read_exact(&mut body).is_err() {
-                            return;
-                        }
-                        let path = head.split(' ').nth(1).unwrap_or_default().to_string();
-                        requests.lock().unwrap().push(format!("{} {path}", head.split(' ').next().unwrap()));
-                        std::thread::sleep(delay(&path));
-                        if stream.write_all(answer(&path).as_bytes()).is_err() {
-                            return;
-                        }
-                    }
-                });
-            }
-        });
-        let config = S3Config {
-            bucket: "bucket".into(),
-            endpoint: Some(endpoint),
-            path_style: Some(true),
-            access_key: Some("AKID".into()),
-            secret_key: Some(Secret("secret".into())),
-            concurrency: 1,
-            timeout: Duration::from_secs(5),
-            ..Default::default()
-        };
-        (config, seen)
+    /// [`canned_server`] giving `answers` in turn, for a bucket with one request slot and a
+    /// 5 s `s3-timeout`.
+    fn canned(answers: Vec<Answer>) -> (S3Config, Arc<Mutex<Vec<String>>>) {
+        let (config, seen) = canned_server(Arc::new(Mutex::new(VecDeque::from(answers))));
+        (S3Config { concurrency: 1, timeout: Duration::from_secs(5), ..config }, seen)
     }
 
     const STORED: &str = "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
@@ -908,10 +865,8 @@ mod tests {
     /// must then fail, not land: the lease is asked again once the slot is free.
     #[test]
     fn a_write_queued_for_a_request_slot_past_the_lease_is_not_sent() {
-        let (config, seen) = canned_server(
-            |path| if path.contains("/0000000000000000") { Duration::from_millis(1500) } else { Duration::ZERO },
-            |_| STORED.into(),
-        );
+        let slow = || Answer::Delay(STORED.into(), Duration::from_millis(1500));
+        let (config, seen) = canned(vec![slow(), slow()]);
         for (path, storage) in stores(&config) {
             let backend: Arc<dyn Backend> = Arc::new(MemoryBackend::default());
             let lease_config =
@@ -942,7 +897,7 @@ mod tests {
     /// the request fails as timed out and no byte of it reaches the server.
     #[test]
     fn a_request_past_its_deadline_is_not_sent() {
-        let (config, seen) = canned_server(|_| Duration::ZERO, |_| STORED.into());
+        let (config, seen) = canned(vec![Answer::Send(STORED.into()), Answer::Send(STORED.into())]);
         let passed = || Ok(Instant::now().checked_sub(Duration::from_millis(1)).unwrap());
         for (path, storage) in stores(&config) {
             for result in [
@@ -965,11 +920,12 @@ mod tests {
     /// A write whose first attempt meets a slow 503 is not retried past its deadline.
     #[test]
     fn no_retry_is_sent_past_the_deadline() {
-        let slow_down = |_: &str| {
+        let slow_down = || {
             let body = "<Error><Code>SlowDown</Code><Message>as canned</Message></Error>";
-            format!("HTTP/1.1 503 Slow Down\r\nContent-Length: {}\r\n\r\n{body}", body.len())
+            let answer = format!("HTTP/1.1 503 Slow Down\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+            Answer::Delay(answer.into(), Duration::from_millis(400))
         };
-        let (config, seen) = canned_server(|_| Duration::from_millis(400), slow_down);
+        let (config, seen) = canned(vec![slow_down(), slow_down()]);
         for (path, storage) in stores(&config) {
             let started = Instant::now();
             let deadline = started + Duration::from_millis(300);
