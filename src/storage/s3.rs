@@ -8,7 +8,9 @@
 //! Concurrency comes from the callers: nbdkit's worker threads, and the write-back workers of the
 //! [`BlockCache`](crate::volume::BlockCache), each blocking on their own request. Retries with
 //! backoff (throttling and 5xx included) and timeouts are the SDK's, bounded by `s3-timeout`,
-//! without the SDK's process-wide retry quota.
+//! without the SDK's process-wide retry quota. A write or delete under an export's lease asks it
+//! once it holds a request slot, and no attempt of it goes out past the deadline the lease gives
+//! (see [`FencedStorage`](super::FencedStorage)).
 //!
 //! Block GETs, PUTs and DELETEs to an `http://` endpoint (a local MinIO or Garage, where the
 //! server competes with us for the same cores) skip the SDK and the runtime: [`DirectClient`]
