@@ -336,3 +336,79 @@ fn a_refused_writer_says_why_and_stops_quietly() {
     assert_eq!(a2.nbdsh("print(h.pread(4096, 0) == b'a' * 4096)").trim(), "True");
     assert!(a2.stderr().contains("no longer runs"), "{}", a2.stderr());
 }
+
+/// A writer's block writes queued behind slow requests for its only request slot
+/// (`s3-concurrency=1`) while it loses its lease (its S3 path for the lease is cut, so it cannot
+/// renew) and another writer takes the export over and writes the same blocks: the queued writes
+/// must fail, not land over the successor's. The library's storage is driven directly, so that the
+/// queue is exactly as long as the test makes it.
+#[test]
+fn writes_queued_for_a_request_slot_do_not_land_after_a_takeover() {
+    use std::sync::Arc;
+
+    use nbds3::lease::{Lease, LeaseConfig};
+    use nbds3::storage::s3::{client, runtime};
+    use nbds3::storage::{Backend, FencedStorage, S3Backend, S3Storage};
+    use nbds3::{BlockId, ExportName, Storage};
+
+    let Some(env) = common::s3() else { return };
+    let export = ExportName::new(&common::unique("queued")).unwrap();
+    let lease_config =
+        LeaseConfig { time: Duration::from_secs(LEASE_TIME), takeover: false, request_timeout: Duration::from_secs(2) };
+    let opened = |lease_endpoint: String, blocks_endpoint: String| {
+        let lease_backend: Arc<dyn Backend> = Arc::new(
+            S3Backend::new(&nbds3::storage::S3Config { endpoint: Some(lease_endpoint), ..env.config(TEST_BUCKET) })
+                .expect("backend"),
+        );
+        let config = nbds3::storage::S3Config {
+            endpoint: Some(blocks_endpoint),
+            concurrency: 1,
+            timeout: lease_config.request_timeout,
+            ..env.config(TEST_BUCKET)
+        };
+        let s3 = S3Storage::new(runtime().unwrap().block_on(client(&config)), &config, &export, BLOCK);
+        let lease = Lease::new(lease_backend, export.clone(), lease_config);
+        (Arc::new(FencedStorage::new(Arc::new(s3), lease.clone())), lease)
+    };
+    let (lease_path, blocks_path) =
+        (common::proxy::Proxy::start(&env.endpoint), common::proxy::Proxy::start(&env.endpoint));
+    let (a, a_lease) = opened(lease_path.endpoint(), blocks_path.endpoint());
+    a_lease.hold().expect("A's lease");
+
+    // Each of A's PUTs now holds the slot ~1.5 s: 8 of them queue for ~12 s, and A's lease, which
+    // it can no longer renew, runs out (for B) 6 s after its last renewal.
+    blocks_path.slow(Duration::from_millis(500));
+    lease_path.cut();
+    let cut = Instant::now();
+    let writers: Vec<_> = (0..8)
+        .map(|n| {
+            let a = a.clone();
+            std::thread::spawn(move || a.write_block(BlockId(n), &[0xaa; BLOCK]))
+        })
+        .collect();
+    let (b, b_lease) = opened(env.endpoint.clone(), env.endpoint.clone());
+    while let Err(e) = b_lease.hold() {
+        assert!(cut.elapsed() < Duration::from_secs(4 * LEASE_TIME), "B never took the export: {e}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let taken = cut.elapsed();
+    for n in 0..8 {
+        b.write_block(BlockId(n), &[0xbb; BLOCK]).expect("B's write");
+    }
+    let outcomes: Vec<_> = writers.into_iter().map(|w| w.join().unwrap()).collect();
+    let refused = outcomes.iter().filter(|o| o.is_err()).count();
+    eprintln!(
+        "B took the export {:.1} s after A lost its lease path; {refused} of A's 8 queued writes were refused, \
+         the rest landed before B wrote",
+        taken.as_secs_f64()
+    );
+    // What a later A write could still land comes after its deadline; give it that long.
+    std::thread::sleep(Duration::from_secs(3));
+    let stored = stored_blocks(&env, export.as_str());
+    assert_eq!(stored.iter().map(|(n, _)| *n).collect::<Vec<_>>(), (0..8).collect::<Vec<_>>());
+    for (n, bytes) in &stored {
+        assert!(bytes.iter().all(|&b| b == 0xbb), "block {n} holds A's write, which landed over B's");
+    }
+    assert!(refused > 0, "none of A's writes was queued past its lease: {outcomes:?}");
+    b_lease.release();
+}
