@@ -399,7 +399,7 @@ fn writes_queued_for_a_request_slot_do_not_land_after_a_takeover() {
     let refused = outcomes.iter().filter(|o| o.is_err()).count();
     eprintln!(
         "B took the export {:.1} s after A lost its lease path; {refused} of A's 8 queued writes were refused, \
-         the rest landed before B wrote",
+         the rest were sent while A held it",
         taken.as_secs_f64()
     );
     // What a later A write could still land comes after its deadline; give it that long.
