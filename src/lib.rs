@@ -44,7 +44,9 @@ pub mod export;
 pub mod exports;
 pub mod lease;
 pub mod logger;
+pub mod param_docs;
 mod plugin;
+pub mod stats_file;
 pub mod storage;
 pub mod volume;
 
