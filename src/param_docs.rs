@@ -125,7 +125,13 @@ fn pod_version() -> String {
 
 /// `text` with the characters POD would take for markup written as POD escapes.
 fn pod_escape(text: &str) -> String {
-    text.replace('<', "E<lt>").replace('>', "E<gt>")
+    text.chars()
+        .map(|c| match c {
+            '<' => "E<lt>".to_string(),
+            '>' => "E<gt>".to_string(),
+            c => c.to_string(),
+        })
+        .collect()
 }
 
 #[cfg(test)]
