@@ -1,11 +1,10 @@
-//! What `nbds3ctl` does to exports, as functions over a [`Backend`]: list, inspect, create and
-//! delete them. The binary only parses arguments and prints.
+//! What `nbds3ctl` does to exports, as functions over a [`Backend`]: list, inspect, create,
+//! resize and delete them. The binary only parses arguments and prints.
 
 use std::sync::Arc;
 
-use crate::exports::open_geometry;
-use crate::lease::{Lease, LeaseConfig};
-use crate::storage::{Backend, BlockId};
+use crate::lease::{Lease, LeaseConfig, LeaseHolder};
+use crate::storage::{Backend, BlockId, Storage};
 use crate::{Error, ExportName, Geometry, Result};
 
 /// One export as `list` and `info` show it.
@@ -17,6 +16,8 @@ pub struct ExportInfo {
     pub geometry: Geometry,
     /// How many blocks storage holds.
     pub stored_blocks: u64,
+    /// Who holds its lease; `None` if no writer ever took it.
+    pub lease: Option<LeaseHolder>,
 }
 
 impl ExportInfo {
@@ -37,12 +38,16 @@ pub fn list(backend: &dyn Backend) -> Result<Vec<ExportInfo>> {
 /// One export.
 ///
 /// # Errors
-/// [`Error::NotFound`] if it has no record; backend failures.
+/// [`Error::ExportNotFound`] if it has no record; backend failures.
 pub fn info(backend: &dyn Backend, name: &ExportName) -> Result<ExportInfo> {
-    let record = backend.read_record(name)?.ok_or_else(|| not_found(backend, name))?;
-    let geometry = Geometry::from_record(&record)?;
+    let geometry = Geometry::recorded(backend, name)?.ok_or_else(|| Error::ExportNotFound {
+        store: backend.to_string(),
+        export: name.to_string(),
+        hint: "`nbds3ctl list` shows the exports there are".into(),
+    })?;
     let stored_blocks = backend.open(name, geometry.block_size())?.list_blocks()?.len() as u64;
-    Ok(ExportInfo { name: name.clone(), geometry, stored_blocks })
+    let lease = LeaseHolder::read(backend, name)?;
+    Ok(ExportInfo { name: name.clone(), geometry, stored_blocks, lease })
 }
 
 /// Creates an export of `size` bytes in `block_size`-byte blocks.
@@ -53,8 +58,75 @@ pub fn create(backend: &dyn Backend, name: &ExportName, size: u64, block_size: u
     if backend.read_record(name)?.is_some() {
         return Err(Error::config("export", format!("export {name} already exists")));
     }
-    Geometry::new(size, block_size)?;
-    open_geometry(backend, name, Some(size), Some(block_size))
+    let geometry = Geometry::new(size, block_size)?;
+    geometry.record(backend, name)?;
+    Ok(geometry)
+}
+
+/// What [`resize`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resized {
+    /// The geometry before.
+    pub from: Geometry,
+    /// The geometry now.
+    pub to: Geometry,
+    /// Blocks deleted past the new end (only when shrinking).
+    pub deleted_blocks: u64,
+}
+
+/// Sets an export's size to `size` bytes, a multiple of its block size.
+///
+/// Growing only rewrites the record, also while nbdkit serves the export: connections opened
+/// afterwards see the new size. Shrinking, only with `shrink`, takes the export's lease like a
+/// writer (so it is refused while a live nbdkit writes to it), deletes the stored blocks past
+/// the new end (calling `progress(done, total)` after each batch), and only then rewrites the
+/// record, so an interrupted shrink leaves the export at its old size (with part of what lay past
+/// the new end gone), and shrinking again finishes the job.
+///
+/// # Errors
+/// [`Error::ExportNotFound`]; [`Error::Config`] naming `size` when it is not a multiple of the
+/// block size, or smaller without `shrink`; [`Error::Lease`] naming the writer that holds the
+/// export; backend failures.
+pub fn resize(
+    backend: &Arc<dyn Backend>,
+    name: &ExportName,
+    size: u64,
+    shrink: bool,
+    lease: Option<LeaseConfig>,
+    progress: impl FnMut(u64, u64),
+) -> Result<Resized> {
+    let from = info(&**backend, name)?.geometry;
+    let bs = from.block_size() as u64;
+    if size % bs != 0 || size == 0 {
+        let down = size / bs * bs;
+        let nearest = if down == 0 { format!("{bs}") } else { format!("{down} or {}", down + bs) };
+        return Err(Error::config(
+            "size",
+            format!("{size} is not a multiple of export {name}'s block size ({bs} bytes): use {nearest}"),
+        ));
+    }
+    let to = from.with_size(size)?;
+    let mut resized = Resized { from, to, deleted_blocks: 0 };
+    if to.size() < from.size() {
+        if !shrink {
+            return Err(Error::config(
+                "size",
+                format!(
+                    "export {name} is {} bytes; shrinking it to {size} deletes everything past {size}: give --shrink to do that",
+                    from.size()
+                ),
+            ));
+        }
+        resized.deleted_blocks = under_lease(backend, name, lease, |storage| {
+            let past_end = storage.list_blocks_in(to.blocks()..u64::MAX)?;
+            let deleted = delete_in_batches(storage, &past_end, progress)?;
+            to.record(&**backend, name)?;
+            Ok(deleted)
+        })?;
+    } else if to != from {
+        to.record(&**backend, name)?;
+    }
+    Ok(resized)
 }
 
 /// Deletes an export's blocks in batches, calling `progress(done, total)` after each, then its
@@ -62,21 +134,44 @@ pub fn create(backend: &dyn Backend, name: &ExportName, size: u64, block_size: u
 /// export's lease like a writer, so an export that a live nbdkit writes to is never deleted.
 ///
 /// # Errors
-/// [`Error::NotFound`] if it has no record; [`Error::Lease`] naming the writer that holds it;
-/// backend failures (the record stays, so deleting again finishes the job).
+/// [`Error::ExportNotFound`] if it has no record; [`Error::Lease`] naming the writer that holds
+/// it; backend failures (the record stays, so deleting again finishes the job).
 pub fn delete(
     backend: &Arc<dyn Backend>,
     name: &ExportName,
     lease: Option<LeaseConfig>,
-    mut progress: impl FnMut(u64, u64),
+    progress: impl FnMut(u64, u64),
+) -> Result<u64> {
+    let deleted =
+        under_lease(backend, name, lease, |storage| delete_in_batches(storage, &storage.list_blocks()?, progress))?;
+    backend.delete_record(name)?;
+    Ok(deleted)
+}
+
+/// Runs `work` on the storage of existing export `name`, holding its lease (with `lease`) the
+/// while, like a writer; returns how many blocks `work` reports deleted.
+fn under_lease(
+    backend: &Arc<dyn Backend>,
+    name: &ExportName,
+    lease: Option<LeaseConfig>,
+    work: impl FnOnce(&dyn Storage) -> Result<u64>,
 ) -> Result<u64> {
     let export = info(&**backend, name)?;
+    let storage = backend.open(name, export.geometry.block_size())?;
     let lease = lease.map(|config| Lease::new(backend.clone(), name.clone(), config));
     if let Some(lease) = &lease {
         lease.hold()?;
     }
-    let storage = backend.open(name, export.geometry.block_size())?;
-    let blocks: Vec<BlockId> = storage.list_blocks()?;
+    let deleted = work(&*storage);
+    if let Some(lease) = lease {
+        lease.release();
+    }
+    deleted
+}
+
+/// Deletes `blocks` 1000 at a time (one S3 DeleteObjects each), calling `progress(done, total)`
+/// before the first batch and after each, then flushes; returns how many were deleted.
+fn delete_in_batches(storage: &dyn Storage, blocks: &[BlockId], mut progress: impl FnMut(u64, u64)) -> Result<u64> {
     let total = blocks.len() as u64;
     let mut done = 0;
     progress(0, total);
@@ -86,21 +181,25 @@ pub fn delete(
         progress(done, total);
     }
     storage.flush()?;
-    if let Some(lease) = lease {
-        lease.release();
-    }
-    backend.delete_record(name)?;
     Ok(total)
-}
-
-fn not_found(backend: &dyn Backend, name: &ExportName) -> Error {
-    Error::NotFound { store: backend.to_string(), message: format!("export {name} does not exist") }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::storage::MemoryBackend;
+
+    /// A writer holding `name`'s lease, and the lease configuration it and the tests use.
+    fn another_writer(backend: &Arc<dyn Backend>, name: &ExportName) -> (LeaseConfig, Arc<Lease>) {
+        let config = LeaseConfig {
+            time: std::time::Duration::from_secs(60),
+            takeover: false,
+            request_timeout: std::time::Duration::from_secs(30),
+        };
+        let writer = Lease::new(backend.clone(), name.clone(), config);
+        writer.hold().unwrap();
+        (config, writer)
+    }
 
     #[test]
     fn create_list_info_delete() {
@@ -120,21 +219,51 @@ mod tests {
         assert_eq!((all[0].stored_blocks, all[0].stored_bytes()), (2500, 2500 * 4096));
         assert_eq!(all[1].geometry, Geometry::new(2 << 20, 512).unwrap());
         let mut seen = Vec::new();
-        let lease = LeaseConfig {
-            time: std::time::Duration::from_secs(60),
-            takeover: false,
-            request_timeout: std::time::Duration::from_secs(30),
-        };
-        let writer = Lease::new(backend.clone(), a.clone(), lease);
-        writer.hold().unwrap();
+        let (lease, writer) = another_writer(backend, &a);
         let e = delete(backend, &a, Some(lease), |_, _| {}).unwrap_err().to_string();
         assert!(e.starts_with("export a: is held by another writer"), "{e}");
         writer.release();
         assert_eq!(delete(backend, &a, Some(lease), |done, total| seen.push((done, total))).unwrap(), 2500);
         assert_eq!(seen, [(0, 2500), (1000, 2500), (2000, 2500), (2500, 2500)]);
         assert_eq!(backend.read_lease(&a).unwrap(), None, "the lease goes with the export");
-        assert!(matches!(info(&**backend, &a), Err(Error::NotFound { .. })));
-        assert!(matches!(delete(backend, &a, None, |_, _| {}), Err(Error::NotFound { .. })));
+        assert!(matches!(info(&**backend, &a), Err(Error::ExportNotFound { .. })));
+        assert!(matches!(delete(backend, &a, None, |_, _| {}), Err(Error::ExportNotFound { .. })));
         assert_eq!(list(&**backend).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn resize_grows_the_record_only_and_shrinks_only_when_asked() {
+        let backend: Arc<dyn Backend> = Arc::new(MemoryBackend::default());
+        let a = ExportName::new("a").unwrap();
+        create(&*backend, &a, 1 << 20, 4096).unwrap();
+        let storage = backend.open(&a, 4096).unwrap();
+        for i in [0, 100, 255] {
+            storage.write_block(BlockId(i), &[1; 4096]).unwrap();
+        }
+        let geometry = |size| Geometry::new(size, 4096).unwrap();
+        let grown = resize(&backend, &a, 4 << 20, false, None, |_, _| panic!("nothing to delete")).unwrap();
+        assert_eq!(grown, Resized { from: geometry(1 << 20), to: geometry(4 << 20), deleted_blocks: 0 });
+        assert_eq!(storage.list_blocks().unwrap(), [BlockId(0), BlockId(100), BlockId(255)]);
+        storage.write_block(BlockId(1000), &[1; 4096]).unwrap();
+
+        let e = resize(&backend, &a, 1 << 19, false, None, |_, _| {}).unwrap_err().to_string();
+        assert!(e.ends_with("shrinking it to 524288 deletes everything past 524288: give --shrink to do that"), "{e}");
+        let e = resize(&backend, &a, 1_000_000, true, None, |_, _| {}).unwrap_err().to_string();
+        assert_eq!(e, "size: 1000000 is not a multiple of export a's block size (4096 bytes): use 999424 or 1003520");
+        assert_eq!(info(&*backend, &a).unwrap().geometry, geometry(4 << 20), "refusals change nothing");
+
+        let (lease, writer) = another_writer(&backend, &a);
+        let e = resize(&backend, &a, 1 << 19, true, Some(lease), |_, _| {}).unwrap_err().to_string();
+        assert!(e.starts_with("export a: is held by another writer"), "{e}");
+        assert!(resize(&backend, &a, 8 << 20, false, Some(lease), |_, _| {}).is_ok(), "growing needs no lease");
+        writer.release();
+        let mut seen = Vec::new();
+        let shrunk = resize(&backend, &a, 1 << 19, true, Some(lease), |done, total| seen.push((done, total))).unwrap();
+        assert_eq!(shrunk, Resized { from: geometry(8 << 20), to: geometry(1 << 19), deleted_blocks: 2 });
+        assert_eq!(seen, [(0, 2), (2, 2)]);
+        assert_eq!(storage.list_blocks().unwrap(), [BlockId(0), BlockId(100)]);
+        assert_eq!(info(&*backend, &a).unwrap().geometry, geometry(1 << 19));
+        let missing = resize(&backend, &ExportName::new("b").unwrap(), 1 << 20, false, None, |_, _| {});
+        assert!(matches!(missing, Err(Error::ExportNotFound { .. })), "{missing:?}");
     }
 }

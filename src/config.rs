@@ -45,6 +45,7 @@ pub enum ConfigKey {
     Export,
     Size,
     BlockSize,
+    Create,
     CacheSize,
     MaxDirty,
     Dir,
@@ -62,15 +63,17 @@ pub enum ConfigKey {
     StatsFormat,
     LeaseTime,
     LeaseTakeover,
+    HostId,
 }
 
 impl ConfigKey {
     /// Every key, in the order `--help` lists them.
-    pub const ALL: [ConfigKey; 21] = [
+    pub const ALL: [ConfigKey; 23] = [
         ConfigKey::Storage,
         ConfigKey::Export,
         ConfigKey::Size,
         ConfigKey::BlockSize,
+        ConfigKey::Create,
         ConfigKey::CacheSize,
         ConfigKey::MaxDirty,
         ConfigKey::Dir,
@@ -88,6 +91,7 @@ impl ConfigKey {
         ConfigKey::StatsFormat,
         ConfigKey::LeaseTime,
         ConfigKey::LeaseTakeover,
+        ConfigKey::HostId,
     ];
 
     /// The name on the command line.
@@ -109,12 +113,17 @@ impl ConfigKey {
             ConfigKey::Size => (
                 "size",
                 "SIZE",
-                "Size of new exports (K/M/G/T suffixes); existing exports keep the size they were created with.",
+                "Size of new exports (K/M/G/T suffixes); existing exports keep their recorded size (see nbds3ctl resize).",
             ),
             ConfigKey::BlockSize => (
                 "block-size",
                 "SIZE",
                 "Block (object) size of new exports: a power of two from 512 to 4M (default 4096).",
+            ),
+            ConfigKey::Create => (
+                "create",
+                "default|any|none",
+                "Which exports a client's first open may create (given size=): default, only the one export= names; any; none, only nbds3ctl create makes exports.",
             ),
             ConfigKey::CacheSize => ("cache-size", "SIZE", "Memory for clean cached blocks per export (default 256M)."),
             ConfigKey::MaxDirty => (
@@ -149,6 +158,7 @@ impl ConfigKey {
             ConfigKey::StatsFormat => ("stats-format", "text|prometheus", "Format of stats-file: key=value lines, or Prometheus' text format for node_exporter's textfile collector (default text)."),
             ConfigKey::LeaseTime => ("lease-time", "SECONDS", "A writer's lease on its export lasts this long unless renewed; at least twice s3-timeout; 0 turns leases off (default 60)."),
             ConfigKey::LeaseTakeover => ("lease-takeover", "BOOL", "Take the export's lease even from a live writer, which then stops writing (default false)."),
+            ConfigKey::HostId => ("host-id", "NAME", "This host as export leases name it, unique per machine or container (default: $NBDS3_HOST_ID, else the hostname)."),
         }
     }
 
@@ -184,6 +194,18 @@ impl FromStr for ConfigKey {
     }
 }
 
+/// Which exports a client's first open may create, so that a mistyped export name is refused
+/// rather than silently made into a new, empty device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CreatePolicy {
+    /// Only the export named by `export=`.
+    DefaultExport,
+    /// Any valid name.
+    AnyExport,
+    /// None: every export is made with `nbds3ctl create` first.
+    NoExport,
+}
+
 /// Everything the command line configures.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
@@ -195,6 +217,8 @@ pub struct Config {
     pub size: Option<u64>,
     /// The block size of new exports (default 4096); must match existing ones.
     pub block_size: Option<usize>,
+    /// Which exports an open may create.
+    pub create: CreatePolicy,
     /// Bytes of clean cache per export.
     pub cache_size: u64,
     /// Bytes of dirty data per export before early write-back.
@@ -215,6 +239,8 @@ pub struct Config {
     pub lease_time: Option<Duration>,
     /// Take the lease from a live holder.
     pub lease_takeover: bool,
+    /// This host in leases (`host-id=`, else `$NBDS3_HOST_ID`); `None`: the hostname.
+    pub host_id: Option<String>,
 }
 
 impl Default for Config {
@@ -224,6 +250,7 @@ impl Default for Config {
             export: ExportName::new("dev").unwrap_or_else(|_| unreachable!("a valid literal")),
             size: None,
             block_size: None,
+            create: CreatePolicy::DefaultExport,
             cache_size: 256 << 20,
             max_dirty: 64 << 20,
             dir: None,
@@ -234,6 +261,7 @@ impl Default for Config {
             stats_format: StatsFormat::Text,
             lease_time: Some(Duration::from_secs(60)),
             lease_takeover: false,
+            host_id: None,
         }
     }
 }
@@ -264,6 +292,16 @@ impl Config {
                     usize::try_from(parse_size(name, value)?)
                         .map_err(|_| Error::config(name, format!("{value} is too large")))?,
                 )
+            }
+            ConfigKey::Create => {
+                self.create = match value {
+                    "default" => CreatePolicy::DefaultExport,
+                    "any" => CreatePolicy::AnyExport,
+                    "none" => CreatePolicy::NoExport,
+                    _ => {
+                        return Err(Error::config(name, format!("{value:?} is not allowed: use default, any or none")))
+                    }
+                }
             }
             ConfigKey::CacheSize => self.cache_size = parse_size(name, value)?,
             ConfigKey::MaxDirty => self.max_dirty = parse_size(name, value)?,
@@ -300,6 +338,7 @@ impl Config {
                 self.lease_time = if value == "0" { None } else { Some(parse_seconds(name, value)?) }
             }
             ConfigKey::LeaseTakeover => self.lease_takeover = parse_bool(name, value)?,
+            ConfigKey::HostId => self.host_id = Some(parse_host_id(name, value)?),
         }
         Ok(())
     }
@@ -348,6 +387,9 @@ impl Config {
                     self.s3.timeout.as_secs_f64()
                 ),
             ));
+        }
+        if self.host_id.is_none() {
+            self.host_id = host_id_from_env(std::env::var_os(HOST_ID_VAR))?;
         }
         let block_size = self.block_size.unwrap_or(DEFAULT_BLOCK_SIZE);
         crate::volume::Geometry::new(self.size.unwrap_or(block_size as u64), block_size)?;
@@ -426,6 +468,29 @@ fn parse_seconds(key: &str, value: &str) -> Result<Duration> {
     }
 }
 
+/// The environment variable that names this host in leases when `host-id=` is not given.
+pub const HOST_ID_VAR: &str = "NBDS3_HOST_ID";
+
+/// A host id goes into the lease object's `key=value` lines, so it is kept to what hostnames
+/// and container or node names use.
+fn parse_host_id(key: &str, value: &str) -> Result<String> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-');
+    if (1..=253).contains(&value.len()) && value.chars().all(allowed) {
+        Ok(value.to_string())
+    } else {
+        Err(Error::config(
+            key,
+            format!("{value:?} is not a host id: use 1 to 253 letters, digits, '.', '_', ':' and '-'"),
+        ))
+    }
+}
+
+/// The host id in `$NBDS3_HOST_ID` (`value`), if set: containers set their host's identity this
+/// way more easily than with a parameter.
+fn host_id_from_env(value: Option<std::ffi::OsString>) -> Result<Option<String>> {
+    value.map(|id| parse_host_id(HOST_ID_VAR, &id.to_string_lossy())).transpose()
+}
+
 fn parse_bool(key: &str, value: &str) -> Result<bool> {
     match value.to_ascii_lowercase().as_str() {
         "1" | "true" | "yes" | "on" => Ok(true),
@@ -482,6 +547,8 @@ mod tests {
         assert_eq!((l.time, l.request_timeout, l.takeover), (Duration::from_secs(10), Duration::from_secs(5), true));
         assert_eq!(configure(&[("bucket", "b"), ("lease-time", "0")]).unwrap().lease_config(), None);
         assert_eq!(configure(&[("storage", "memory"), ("size", "1M")]).unwrap().lease_config(), None);
+        let c = configure(&[("bucket", "b"), ("host-id", "node-7.rack_2:a")]).unwrap();
+        assert_eq!(c.host_id.as_deref(), Some("node-7.rack_2:a"));
     }
 
     #[test]
@@ -509,12 +576,30 @@ mod tests {
                 &[("bucket", "b"), ("stats-format", "json")],
                 "stats-format: \"json\" is not a format: use text or prometheus",
             ),
+            (&[("bucket", "b"), ("create", "all")], "create: \"all\" is not allowed: use default, any or none"),
+            (&[("bucket", "b"), ("host-id", "")], "host-id: \"\" is not a host id"),
+            (&[("bucket", "b"), ("host-id", "a\nexpires=0")], "host-id: \"a\\nexpires=0\" is not a host id"),
             (&[], "storage: no backend chosen"),
         ];
         for (pairs, expected) in cases {
             let e = configure(pairs).unwrap_err().to_string();
             assert!(e.starts_with(expected), "{pairs:?}: {e}");
         }
+    }
+
+    #[test]
+    fn the_host_id_comes_from_the_environment_unless_given() {
+        assert_eq!(host_id_from_env(None).unwrap(), None);
+        assert_eq!(host_id_from_env(Some("node-1".into())).unwrap().as_deref(), Some("node-1"));
+        let e = host_id_from_env(Some("two words".into())).unwrap_err().to_string();
+        assert!(e.starts_with("NBDS3_HOST_ID: \"two words\" is not a host id"), "{e}");
+        // The only test that sets the variable; the others do not look at the host id, or give it.
+        std::env::set_var(HOST_ID_VAR, "from-env");
+        let from_env = configure(&[("bucket", "b")]).map(|c| c.host_id);
+        let given = configure(&[("bucket", "b"), ("host-id", "given")]).map(|c| c.host_id);
+        std::env::remove_var(HOST_ID_VAR);
+        assert_eq!(from_env.unwrap().as_deref(), Some("from-env"));
+        assert_eq!(given.unwrap().as_deref(), Some("given"));
     }
 
     #[test]

@@ -54,6 +54,16 @@ pub enum Error {
         /// What is missing.
         message: String,
     },
+    /// An export has no record: it was never created, or it was deleted.
+    #[error("{store}: export {export} does not exist; {hint}")]
+    ExportNotFound {
+        /// The store's short name.
+        store: String,
+        /// The export.
+        export: String,
+        /// How to create it, or to find the ones that exist.
+        hint: String,
+    },
     /// A stored block is not what this volume wrote there (wrong size, unreadable).
     #[error("{store}: block {block:016x} is corrupt: {message}")]
     CorruptBlock {
@@ -130,6 +140,7 @@ impl Error {
             Error::PermissionDenied { .. } | Error::Unauthenticated { .. } => libc::EPERM,
             Error::FastZeroUnsupported => libc::ENOTSUP,
             Error::NotFound { .. }
+            | Error::ExportNotFound { .. }
             | Error::CorruptBlock { .. }
             | Error::Timeout { .. }
             | Error::Lease { .. }
@@ -153,6 +164,7 @@ mod tests {
             (Error::PermissionDenied { store: s(), message: m() }, libc::EPERM),
             (Error::Unauthenticated { store: s(), message: m() }, libc::EPERM),
             (Error::NotFound { store: s(), message: m() }, libc::EIO),
+            (Error::ExportNotFound { store: s(), export: "dev".into(), hint: m() }, libc::EIO),
             (Error::CorruptBlock { store: s(), block: 1, message: m() }, libc::EIO),
             (Error::FastZeroUnsupported, libc::ENOTSUP),
             (Error::Timeout { store: s(), message: m() }, libc::EIO),

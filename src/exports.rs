@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use crate::config::{Config, StorageKind};
+use crate::config::{Config, CreatePolicy, StorageKind};
 use crate::export::ExportName;
 use crate::lease::Lease;
 use crate::stats_file::{self, StatsFormat};
@@ -31,52 +31,89 @@ pub fn open_backend(config: &Config) -> Result<Arc<dyn Backend>> {
     })
 }
 
-/// The geometry of `export`: its record if it has one (which `size` and `block_size`, when
-/// given, must match), otherwise a new record of `size` and `block_size`, written now.
+/// The geometry `export` opens with: its record if it has one (whose block size `block-size=`,
+/// when given, must match; `size=` only sizes new exports), otherwise a new record of `size=`
+/// and `block-size=`, written now if `config`'s create policy lets this open create it.
 ///
 /// # Errors
-/// [`Error::Config`] naming `size` or `block-size` when they contradict the record, and
-/// [`Error::NotFound`] for a new export with no `size`.
-pub fn open_geometry(
-    backend: &dyn Backend,
-    export: &ExportName,
-    size: Option<u64>,
-    block_size: Option<usize>,
-) -> Result<Geometry> {
-    if let Some(record) = backend.read_record(export)? {
-        let recorded = Geometry::from_record(&record)?;
-        if let Some(bs) = block_size.filter(|&bs| bs != recorded.block_size()) {
-            return Err(contradiction(
-                export,
+/// [`Error::Config`] naming `block-size` when it contradicts the record, and
+/// [`Error::ExportNotFound`] for a new export this open may not create or has no `size=` for.
+pub fn open_geometry(backend: &dyn Backend, export: &ExportName, config: &Config) -> Result<Geometry> {
+    if let Some(recorded) = Geometry::recorded(backend, export)? {
+        if let Some(bs) = config.block_size.filter(|&bs| bs != recorded.block_size()) {
+            return Err(Error::config(
                 "block-size",
-                recorded.block_size() as u64,
-                bs as u64,
-                "would misread its blocks",
+                format!(
+                    "export {export} was created with block-size={}; block-size={bs} would misread its blocks (omit block-size= or give {})",
+                    recorded.block_size(),
+                    recorded.block_size()
+                ),
             ));
         }
-        if let Some(size) = size.filter(|&s| s != recorded.size()) {
-            return Err(contradiction(export, "size", recorded.size(), size, "contradicts it"));
+        if let Some(size) = config.size.filter(|&s| s != recorded.size()) {
+            log::warn!("export {export} is {} bytes; size={size} only sizes new exports", recorded.size());
         }
         return Ok(recorded);
     }
-    let size = size.ok_or_else(|| Error::NotFound {
-        store: backend.to_string(),
-        message: format!("export {export} does not exist; give size= to create it"),
-    })?;
-    let geometry = Geometry::new(size, block_size.unwrap_or(DEFAULT_BLOCK_SIZE))?;
-    backend.write_record(export, &geometry.to_record())?;
+    let create_hint = format!("create it with `nbds3ctl create {export} --size SIZE`");
+    let may_create = match config.create {
+        CreatePolicy::AnyExport => Ok(()),
+        CreatePolicy::DefaultExport if *export == config.export => Ok(()),
+        CreatePolicy::DefaultExport => Err(format!(
+            "only export={} is created on first open; {create_hint}, or start nbdkit with create=any",
+            config.export
+        )),
+        CreatePolicy::NoExport => Err(format!("nbdkit runs with create=none; {create_hint}")),
+    };
+    let size = may_create.and_then(|()| config.size.ok_or(format!("give size= to create it, or {create_hint}")));
+    let size =
+        size.map_err(|hint| Error::ExportNotFound { store: backend.to_string(), export: export.to_string(), hint })?;
+    let geometry = Geometry::new(size, config.block_size.unwrap_or(DEFAULT_BLOCK_SIZE))?;
+    geometry.record(backend, export)?;
     log::info!("export {export}: created, {size} bytes in {}-byte blocks", geometry.block_size());
     Ok(geometry)
 }
 
-/// A parameter `key` that disagrees with the value `recorded` when `export` was created.
-fn contradiction(export: &ExportName, key: &str, recorded: u64, given: u64, why: &str) -> Error {
-    Error::config(
-        key,
-        format!(
-            "export {export} was created with {key}={recorded}; {key}={given} {why} (omit {key}= or give {recorded})"
-        ),
-    )
+/// Brings the volume of open export `name` up to its record, read again (one GET) for every new
+/// connection: a record grown by `nbds3ctl resize` grows the volume, so the new connection sees
+/// the new size. A record that cannot be read (S3 away) leaves the size as it is: the volume's
+/// dirty data and cache still serve the connection, as they serve those already open.
+///
+/// # Errors
+/// [`Error::ExportNotFound`] when the record was deleted, [`Error::Config`] naming `export` when
+/// it shrank or changed block size (a volume does not shrink under its connections: nbdkit must
+/// be restarted to serve it so); the storage's error listing the range it grew into.
+fn follow_record(backend: &dyn Backend, name: &ExportName, volume: &Volume) -> Result<()> {
+    let open = volume.geometry();
+    let recorded = match Geometry::recorded(backend, name) {
+        Ok(recorded) => recorded,
+        Err(e) => {
+            log::warn!("export {name}: serving {} bytes, as its record could not be read again: {e}", open.size());
+            return Ok(());
+        }
+    };
+    let recorded = recorded.ok_or_else(|| Error::ExportNotFound {
+        store: backend.to_string(),
+        export: name.to_string(),
+        hint: "it was deleted while this nbdkit served it".into(),
+    })?;
+    if recorded.block_size() != open.block_size() || recorded.size() < open.size() {
+        return Err(Error::config(
+            "export",
+            format!(
+                "export {name} is now {} bytes in {}-byte blocks, but this nbdkit serves it as {} bytes in {}-byte blocks; restart nbdkit to serve it as it is now",
+                recorded.size(),
+                recorded.block_size(),
+                open.size(),
+                open.block_size()
+            ),
+        ));
+    }
+    if recorded.size() > open.size() {
+        volume.grow(recorded.size())?;
+        log::info!("export {name}: grown from {} to {} bytes", open.size(), recorded.size());
+    }
+    Ok(())
 }
 
 /// One open export: its volume, and the lease its writers need.
@@ -118,10 +155,13 @@ impl Exports {
     }
 
     /// The export a client asked for (`""` means the configured default), with its lease held
-    /// unless the client is `readonly`.
+    /// unless the client is `readonly`. An export already open is brought up to its record
+    /// first (its record read again and a grown size followed), so a connection opened after `nbds3ctl resize` sees the
+    /// new size.
     ///
     /// # Errors
-    /// [`Error::Config`] for an invalid name or a contradicted geometry, [`Error::Lease`] when
+    /// [`Error::Config`] for an invalid name or a contradicted geometry,
+    /// [`Error::ExportNotFound`] for an export this open may not create, [`Error::Lease`] when
     /// another writer holds the export, and any error opening its storage.
     pub fn open(&self, requested: &str, readonly: bool) -> Result<OpenExport> {
         let name = if requested.is_empty() { self.config.export.clone() } else { ExportName::new(requested)? };
@@ -137,9 +177,6 @@ impl Exports {
         // blocks in S3) must not hold up connections to the others.
         let slot = lock(&self.volumes).entry(name.clone()).or_default().clone();
         let mut slot = lock(&slot);
-        if let Some(open) = &*slot {
-            return Ok(open.clone());
-        }
         let backend = match self.backend.get() {
             Some(b) => b.clone(),
             None => {
@@ -147,7 +184,11 @@ impl Exports {
                 self.backend.get_or_init(|| b).clone()
             }
         };
-        let geometry = open_geometry(&*backend, &name, self.config.size, self.config.block_size)?;
+        if let Some(open) = &*slot {
+            follow_record(&*backend, &name, &open.volume)?;
+            return Ok(open.clone());
+        }
+        let geometry = open_geometry(&*backend, &name, &self.config)?;
         let mut storage = backend.open(&name, geometry.block_size())?;
         log::info!("export {name}: {} bytes in {}-byte blocks on {storage}", geometry.size(), geometry.block_size());
         let lease = self.config.lease_config().map(|c| Lease::new(backend.clone(), name.clone(), c));
@@ -196,8 +237,17 @@ impl Exports {
     /// unload).
     pub fn flush_all(&self) {
         for (name, open) in self.snapshot() {
-            if let Err(e) = open.volume.flush() {
-                log::error!("export {name}: writing back at shutdown failed, unflushed writes are lost: {e}");
+            // A process without the lease (never taken, lost, or not renewed in time) may not
+            // write; with nothing dirty it has nothing to say either.
+            if open.volume.cache().dirty_blocks() > 0 || open.check_writable().is_ok() {
+                if let Err(e) = open.volume.flush() {
+                    match open.volume.cache().dirty_blocks() {
+                        0 => log::warn!("export {name}: the final flush failed, writes since the last FLUSH may not be durable: {e}"),
+                        lost => log::error!(
+                            "export {name}: writing back at shutdown failed, {lost} blocks of unflushed writes are lost: {e}"
+                        ),
+                    }
+                }
             }
             log::info!("export {name}: {}", stats_file::fields(&open.volume.counters()));
             if let Some(lease) = open.lease {
@@ -210,21 +260,81 @@ impl Exports {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::BlockId;
+
+    fn config(pairs: &[(&str, &str)]) -> Config {
+        let mut c = Config::default();
+        for (k, v) in [("storage", "memory"), ("size", "1M")].iter().chain(pairs) {
+            c.set(k, v).unwrap();
+        }
+        c.finish().unwrap();
+        c
+    }
 
     #[test]
-    fn a_new_export_records_its_geometry_and_later_opens_must_agree() {
+    fn a_new_export_records_its_geometry_and_later_opens_keep_it() {
         let backend = MemoryBackend::default();
         let dev = ExportName::new("dev").unwrap();
-        let e = open_geometry(&backend, &dev, None, None).unwrap_err();
-        assert!(e.to_string().contains("export dev does not exist; give size= to create it"), "{e}");
-        let g = open_geometry(&backend, &dev, Some(1 << 20), Some(512)).unwrap();
+        let mut no_size = config(&[]);
+        no_size.size = None;
+        let e = open_geometry(&backend, &dev, &no_size).unwrap_err();
+        assert!(e.to_string().contains("export dev does not exist; give size= to create it, or create it with `nbds3ctl create dev --size SIZE`"), "{e}");
+        let g = open_geometry(&backend, &dev, &config(&[("block-size", "512")])).unwrap();
         assert_eq!((g.size(), g.block_size()), (1 << 20, 512));
-        assert_eq!(open_geometry(&backend, &dev, None, None).unwrap(), g);
-        assert_eq!(open_geometry(&backend, &dev, Some(1 << 20), Some(512)).unwrap(), g);
-        let e = open_geometry(&backend, &dev, None, Some(4096)).unwrap_err().to_string();
+        assert_eq!(open_geometry(&backend, &dev, &no_size).unwrap(), g);
+        assert_eq!(open_geometry(&backend, &dev, &config(&[("size", "2M")])).unwrap(), g, "size= is for new exports");
+        let e = open_geometry(&backend, &dev, &config(&[("block-size", "4096")])).unwrap_err().to_string();
         assert!(e.starts_with("block-size: export dev was created with block-size=512"), "{e}");
-        let e = open_geometry(&backend, &dev, Some(2 << 20), None).unwrap_err().to_string();
-        assert!(e.starts_with("size: export dev was created with size=1048576"), "{e}");
         assert_eq!(backend.list_exports().unwrap(), vec![dev]);
+    }
+
+    #[test]
+    fn only_the_create_policy_s_exports_are_created_on_first_open() {
+        let backend = MemoryBackend::default();
+        let typo = ExportName::new("vm1-typo").unwrap();
+        let e = open_geometry(&backend, &typo, &config(&[("export", "vm1")])).unwrap_err();
+        assert!(matches!(e, Error::ExportNotFound { .. }), "{e:?}");
+        assert!(e.to_string().ends_with("export vm1-typo does not exist; only export=vm1 is created on first open; create it with `nbds3ctl create vm1-typo --size SIZE`, or start nbdkit with create=any"), "{e}");
+        let vm1 = ExportName::new("vm1").unwrap();
+        let e = open_geometry(&backend, &vm1, &config(&[("export", "vm1"), ("create", "none")])).unwrap_err();
+        assert!(e.to_string().ends_with("export vm1 does not exist; nbdkit runs with create=none; create it with `nbds3ctl create vm1 --size SIZE`"), "{e}");
+        assert_eq!(backend.list_exports().unwrap(), vec![], "nothing created");
+        open_geometry(&backend, &vm1, &config(&[("export", "vm1")])).unwrap();
+        open_geometry(&backend, &typo, &config(&[("export", "vm1"), ("create", "any")])).unwrap();
+        assert_eq!(backend.list_exports().unwrap(), vec![vm1.clone(), typo]);
+        assert!(open_geometry(&backend, &vm1, &config(&[("create", "none")])).is_ok(), "existing exports open");
+    }
+
+    #[test]
+    fn an_open_export_follows_its_grown_record_on_the_next_open() {
+        let exports = Exports::new(config(&[("block-size", "4096")]));
+        let first = exports.open("", false).unwrap();
+        first.volume.write(b"kept", (1 << 20) - 4, false).unwrap();
+        let backend = exports.backend.get().unwrap().clone();
+        let dev = ExportName::new("dev").unwrap();
+        Geometry::new(3 << 20, 4096).unwrap().record(&*backend, &dev).unwrap();
+        // Blocks past the old end that storage holds (left by an interrupted shrink) are seen.
+        backend.open(&dev, 4096).unwrap().write_block(BlockId(600), &[7; 4096]).unwrap();
+        let second = exports.open("", false).unwrap();
+        assert!(Arc::ptr_eq(&first.volume, &second.volume), "one volume per export");
+        assert_eq!(second.volume.geometry().size(), 3 << 20);
+        let mut buf = [0u8; 4];
+        second.volume.read(&mut buf, (1 << 20) - 4).unwrap();
+        assert_eq!(&buf, b"kept");
+        second.volume.read(&mut buf, 600 * 4096).unwrap();
+        assert_eq!(buf, [7; 4]);
+        second.volume.write(b"new", (3 << 20) - 3, false).unwrap();
+
+        Geometry::new(2 << 20, 4096).unwrap().record(&*backend, &dev).unwrap();
+        let e = exports.open("", true).unwrap_err().to_string();
+        assert!(
+            e.contains(
+                "export dev is now 2097152 bytes in 4096-byte blocks, but this nbdkit serves it as 3145728 bytes"
+            ),
+            "{e}"
+        );
+        backend.delete_record(&dev).unwrap();
+        let e = exports.open("", true).unwrap_err().to_string();
+        assert!(e.ends_with("export dev does not exist; it was deleted while this nbdkit served it"), "{e}");
     }
 }

@@ -10,7 +10,7 @@
 //!
 //! | phase    | how it gets there                                       | writes to storage        |
 //! |----------|---------------------------------------------------------|--------------------------|
-//! | Free     | created; only read-only connections so far              | refused                  |
+//! | Free     | created; only read-only or refused connections so far   | refused                  |
 //! | Held     | taken; renewed every `window / 3`                        | allowed until `valid_until` |
 //! | Lost     | a renewal found another writer's lease                  | refused (EIO)            |
 //! | Released | nbdkit is shutting down, after the last write-back      | refused                  |
@@ -19,15 +19,24 @@
 //! `lease-time` minus `s3-timeout`: the holder stops writing early enough that a PUT it started
 //! in time has landed, or failed, before anyone else may take the lease over. A holder that
 //! cannot renew (S3 unreachable) therefore fails writes with EIO once its window is over, and
-//! resumes when a renewal succeeds (which proves nobody took over in between).
+//! resumes when a renewal succeeds (which proves nobody took over in between). The window runs
+//! on the monotonic clock, which runs on while a process is frozen (SIGSTOP, a paused VM): a
+//! holder frozen past its window wakes with its writes already refused, before its renewal
+//! thread has even run and found its successor (`tests/failover.rs`).
 //!
 //! Another writer may take the lease over when it has expired (by the wall clock: hosts' clocks
 //! must agree to within a few seconds), when its holder released it, when its holder was a
-//! process of this very machine and boot that no longer exists (a `kill -9` and restart needs no
+//! process of this very host and boot that no longer exists (a `kill -9` and restart needs no
 //! waiting), or when the user says so with `lease-takeover=true`.
+//!
+//! A host is what the lease names it: `host-id=` (or `$NBDS3_HOST_ID`), else the hostname. Only a
+//! holder with the same host id is looked up by pid, so the id must name one machine, or one
+//! container with its own pid namespace: where hostnames repeat (containers on the host's
+//! network, pods of a StatefulSet), each nbdkit needs a host id of its own, or it could take a
+//! live writer's lease for a dead process that merely has the same pid.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::export::ExportName;
@@ -75,6 +84,17 @@ fn unix_seconds() -> u64 {
     (unix_nanos() / 1_000_000_000) as u64
 }
 
+/// The host named in the leases this process takes, when not its hostname.
+static HOST_ID: OnceLock<String> = OnceLock::new();
+
+/// Names this process's host `id` in the leases it takes from now on (`host-id=`, or
+/// `$NBDS3_HOST_ID`), instead of its hostname; the first call wins.
+pub fn set_host_id(id: &str) {
+    if HOST_ID.set(id.to_string()).is_err() {
+        log::debug!("host id already set; ignoring {id}");
+    }
+}
+
 /// This process, as a lease names it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Holder {
@@ -86,19 +106,14 @@ struct Holder {
 
 impl Holder {
     fn this_process() -> Holder {
-        let mut name = [0u8; 256];
-        // SAFETY: gethostname writes at most `name.len()` bytes into the buffer we own.
-        let host = if unsafe { libc::gethostname(name.as_mut_ptr().cast(), name.len()) } == 0 {
-            let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
-            String::from_utf8_lossy(name.get(..end).unwrap_or_default()).into_owned()
-        } else {
-            "unknown-host".into()
-        };
+        let host = HOST_ID.get().cloned().unwrap_or_else(hostname);
         let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default().trim().to_string();
         Holder { host, boot, pid: std::process::id() }
     }
 
-    /// Whether this holder is a process of this machine's current boot that has exited.
+    /// Whether this holder is a process of this host's current boot that has exited. A holder
+    /// with another host id is never looked up by pid, even when it runs on this very machine:
+    /// its pid may mean another process (another container's pid namespace).
     fn is_gone(&self, me: &Holder) -> bool {
         if self.host != me.host || self.boot.is_empty() {
             return false;
@@ -111,6 +126,17 @@ impl Holder {
         pid > 0
             && unsafe { libc::kill(pid, 0) } != 0
             && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
+    }
+}
+
+fn hostname() -> String {
+    let mut name = [0u8; 256];
+    // SAFETY: gethostname writes at most `name.len()` bytes into the buffer we own.
+    if unsafe { libc::gethostname(name.as_mut_ptr().cast(), name.len()) } == 0 {
+        let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+        String::from_utf8_lossy(name.get(..end).unwrap_or_default()).into_owned()
+    } else {
+        "unknown-host".into()
     }
 }
 
@@ -135,14 +161,26 @@ impl LeaseRecord {
         )
     }
 
+    /// The longest field read (host names are at most 255 bytes).
+    const MAX_FIELD: usize = 255;
+
+    /// 9999-12-31T23:59:59Z in Unix seconds: the latest expiry a record may hold.
+    const MAX_EXPIRES: u64 = 253_402_300_799;
+
+    /// The record in `text`, or `None` if it is not one this version wrote: a field missing, a
+    /// number that is not one, a name too long or with control characters for a message to show,
+    /// or an expiry past the year 9999 (no lease runs that long; waiting for it would overflow).
     fn parse(text: &str) -> Option<LeaseRecord> {
         let field = |name: &str| {
-            text.lines().find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix('='))).map(str::to_string)
+            text.lines()
+                .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix('=')))
+                .filter(|v| v.len() <= Self::MAX_FIELD && !v.contains(char::is_control))
+                .map(str::to_string)
         };
         Some(LeaseRecord {
             holder: Holder { host: field("host")?, boot: field("boot")?, pid: field("pid")?.parse().ok()? },
             token: field("token")?,
-            expires: field("expires")?.parse().ok()?,
+            expires: field("expires")?.parse().ok().filter(|&e| e <= Self::MAX_EXPIRES)?,
         })
     }
 
@@ -150,6 +188,69 @@ impl LeaseRecord {
     fn describe(&self) -> String {
         format!("pid {} on {}", self.holder.pid, self.holder.host)
     }
+}
+
+/// Who holds an export's lease, as its lease object says: what `nbds3ctl list` and `info` show,
+/// so that an operator of many hosts sees where each export is served.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LeaseHolder {
+    /// Process `pid` on `host` (an nbdkit, or `nbds3ctl delete`), whose lease lasts until
+    /// `expires` (Unix seconds) unless renewed; 0 once it released the lease.
+    Writer {
+        /// The holder's host id (`host-id=`, else its hostname).
+        host: String,
+        /// The holder's process id on that host.
+        pid: u32,
+        /// Unix seconds; 0 when released.
+        expires: u64,
+    },
+    /// A lease object this version cannot read.
+    Unreadable,
+}
+
+impl LeaseHolder {
+    /// The holder of `export`'s lease, or `None` if no writer ever took it.
+    ///
+    /// # Errors
+    /// Backend failures.
+    pub fn read(backend: &dyn Backend, export: &ExportName) -> Result<Option<LeaseHolder>> {
+        Ok(backend.read_lease(export)?.map(|v| match LeaseRecord::parse(&v.text) {
+            Some(r) => LeaseHolder::Writer { host: r.holder.host, pid: r.holder.pid, expires: r.expires },
+            None => LeaseHolder::Unreadable,
+        }))
+    }
+
+    /// One line for a person, as of `now` (Unix seconds): `pid 12 on host-a until 2026-12-02
+    /// 01:02:03 UTC`, `released by pid 12 on host-a`, `expired at ... (pid 12 on host-a)`.
+    pub fn describe(&self, now: u64) -> String {
+        match self {
+            LeaseHolder::Writer { host, pid, expires: 0 } => format!("released by pid {pid} on {host}"),
+            LeaseHolder::Writer { host, pid, expires } if *expires < now => {
+                format!("expired at {} (pid {pid} on {host})", utc(*expires))
+            }
+            LeaseHolder::Writer { host, pid, expires } => format!("pid {pid} on {host} until {}", utc(*expires)),
+            LeaseHolder::Unreadable => "unreadable (written by another version of nbds3?)".into(),
+        }
+    }
+}
+
+/// Unix seconds as `2026-12-02 01:02:03 UTC`.
+fn utc(seconds: u64) -> String {
+    let Ok(t) = libc::time_t::try_from(seconds) else { return format!("{seconds} s after 1970") };
+    // SAFETY: gmtime_r fills the `tm` we own from the `time_t` we own, and returns NULL on failure.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    if unsafe { libc::gmtime_r(&t, &mut tm) }.is_null() {
+        return format!("{seconds} s after 1970");
+    }
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02} UTC",
+        tm.tm_year + 1900,
+        tm.tm_mon + 1,
+        tm.tm_mday,
+        tm.tm_hour,
+        tm.tm_min,
+        tm.tm_sec
+    )
 }
 
 #[derive(Debug)]
@@ -225,7 +326,7 @@ impl Lease {
             return Ok(());
         }
         Err(self.error(match &*lock(&self.phase) {
-            Phase::Free => "this process does not hold the lease (it was opened read-only)".to_string(),
+            Phase::Free => "this process does not hold the lease (no writable connection has taken it)".to_string(),
             Phase::Held { .. } => format!(
                 "the lease could not be renewed within {} s (is S3 reachable?); writes fail until it is",
                 self.config.window().as_secs()
@@ -456,11 +557,55 @@ mod tests {
     }
 
     #[test]
+    fn only_a_holder_with_this_host_id_is_looked_up_by_pid() {
+        let me = Holder::this_process();
+        let dead = u32::MAX >> 2;
+        let same_host = |pid, boot: &str| Holder { pid, boot: boot.into(), ..me.clone() };
+        assert!(same_host(dead, &me.boot).is_gone(&me), "a dead process of this host and boot");
+        assert!(!same_host(me.pid, &me.boot).is_gone(&me), "this very process");
+        assert!(same_host(me.pid, "another-boot").is_gone(&me), "a process of a boot before this one");
+        // Another host id on this very machine and boot (two containers, or two test hosts): its
+        // pid means nothing here, dead or alive, and neither does its boot.
+        let other_host = |pid, boot: &str| Holder { host: format!("{}-b", me.host), ..same_host(pid, boot) };
+        assert!(!other_host(dead, &me.boot).is_gone(&me));
+        assert!(!other_host(me.pid, &me.boot).is_gone(&me));
+        assert!(!other_host(dead, "another-boot").is_gone(&me));
+    }
+
+    #[test]
+    fn the_holder_is_read_and_described_for_people() {
+        let backend: Arc<dyn Backend> = Arc::new(MemoryBackend::default());
+        let dev = ExportName::new("dev").unwrap();
+        assert_eq!(LeaseHolder::read(&*backend, &dev).unwrap(), None);
+        let lease = Lease::new(backend.clone(), dev.clone(), config(false));
+        lease.hold().unwrap();
+        let me = Holder::this_process();
+        let Some(LeaseHolder::Writer { host, pid, expires }) = LeaseHolder::read(&*backend, &dev).unwrap() else {
+            panic!("no holder")
+        };
+        assert_eq!((host, pid), (me.host.clone(), me.pid));
+        assert!(expires > unix_seconds(), "{expires}");
+        lease.release();
+        let released = LeaseHolder::read(&*backend, &dev).unwrap().unwrap();
+        assert_eq!(released.describe(unix_seconds()), format!("released by pid {} on {}", me.pid, me.host));
+
+        let holder = LeaseHolder::Writer { host: "host-a".into(), pid: 12, expires: 1_795_000_000 };
+        assert_eq!(holder.describe(1_795_000_000), "pid 12 on host-a until 2026-11-18 11:06:40 UTC");
+        assert_eq!(holder.describe(1_795_000_001), "expired at 2026-11-18 11:06:40 UTC (pid 12 on host-a)");
+        backend
+            .replace_lease(&dev, Expect::Version(&backend.read_lease(&dev).unwrap().unwrap().version), "junk")
+            .unwrap();
+        let junk = LeaseHolder::read(&*backend, &dev).unwrap().unwrap();
+        assert_eq!(junk, LeaseHolder::Unreadable);
+        assert!(junk.describe(0).starts_with("unreadable"));
+    }
+
+    #[test]
     fn a_second_writer_is_refused_until_the_first_releases() {
         let backend: Arc<dyn Backend> = Arc::new(MemoryBackend::default());
         let dev = ExportName::new("dev").unwrap();
         let first = Lease::new(backend.clone(), dev.clone(), config(false));
-        assert!(first.check().unwrap_err().to_string().contains("read-only"));
+        assert!(first.check().unwrap_err().to_string().contains("no writable connection has taken it"));
         first.hold().unwrap();
         first.hold().unwrap();
         first.check().unwrap();
@@ -522,5 +667,78 @@ mod tests {
         let (why, until) = forced.may_take(Some(&record(elsewhere, far))).unwrap();
         assert!(why.starts_with("lease-takeover=true, from pid"), "{why}");
         assert_eq!(until, far, "a live holder may write until its lease expires");
+    }
+}
+
+/// [`LeaseRecord::parse`] against what a lease object may hold (someone else's object, a broken
+/// or hostile server): it must refuse, never panic; see `crate::fuzz`. The corpus is in
+/// `tests/corpus/lease/`: inputs named `refused-*` must not parse, `readable-*` must.
+#[cfg(test)]
+mod fuzz {
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn printable(max: usize) -> impl Strategy<Value = String> {
+        vec(33u8..127, 1..max).prop_map(|b| String::from_utf8(b).unwrap_or_default())
+    }
+
+    fn record() -> impl Strategy<Value = LeaseRecord> {
+        (printable(64), printable(40), any::<u32>(), printable(40), 0..=LeaseRecord::MAX_EXPIRES).prop_map(
+            |(host, boot, pid, token, expires)| LeaseRecord { holder: Holder { host, boot, pid }, token, expires },
+        )
+    }
+
+    /// A written record with its lines dropped, repeated, or given other values.
+    fn mangled() -> impl Strategy<Value = String> {
+        let edit = prop_oneof![
+            3 => Just(None),
+            1 => Just(Some(String::new())),
+            1 => any::<String>().prop_map(Some),
+            1 => any::<u64>().prop_map(|n| Some(n.to_string())),
+            1 => Just(Some("18446744073709551616".to_string())),
+        ];
+        (record(), vec(edit, 7)).prop_map(|(r, edits)| {
+            let text = r.to_text();
+            let lines = text.lines().zip(edits).flat_map(|(line, edit)| match edit {
+                None => vec![line.to_string()],
+                Some(value) if value.is_empty() => vec![],
+                Some(value) => {
+                    let name = line.split_once('=').map_or(line, |(n, _)| n);
+                    vec![format!("{name}={value}"), line.to_string()]
+                }
+            });
+            lines.collect::<Vec<_>>().join("\n")
+        })
+    }
+
+    proptest! {
+        #![proptest_config(crate::fuzz::config(512))]
+
+        #[test]
+        fn fuzz_lease_records(text in prop_oneof![any::<String>(), mangled()]) {
+            if let Some(r) = LeaseRecord::parse(&text) {
+                prop_assert!(r.expires <= LeaseRecord::MAX_EXPIRES && r.holder.host.len() <= LeaseRecord::MAX_FIELD);
+                prop_assert!(!r.describe().contains(char::is_control), "{:?}", r.describe());
+            }
+        }
+
+        #[test]
+        fn written_lease_records_read_back(r in record()) {
+            prop_assert_eq!(LeaseRecord::parse(&r.to_text()), Some(r));
+        }
+    }
+
+    #[test]
+    fn corpus_of_lease_records() {
+        for (name, bytes) in crate::fuzz::corpus("lease") {
+            let parsed = LeaseRecord::parse(&String::from_utf8_lossy(&bytes));
+            if name.starts_with("refused-") {
+                assert_eq!(parsed, None, "tests/corpus/lease/{name}");
+            } else if name.starts_with("readable-") {
+                assert!(parsed.is_some(), "tests/corpus/lease/{name}");
+            }
+        }
     }
 }

@@ -42,6 +42,8 @@ pub mod config;
 pub mod error;
 pub mod export;
 pub mod exports;
+#[cfg(test)]
+mod fuzz;
 pub mod lease;
 pub mod logger;
 pub mod param_docs;

@@ -70,6 +70,20 @@ fn read_password(value: &str) -> Result<String> {
     Ok(secret)
 }
 
+/// Warns when the secret key is on nbdkit's command line itself (not `-`, `-FD` or `+FILE`, which
+/// [`read_password`] reads from elsewhere): there `ps` shows it to every user of the host, and
+/// nbdkit's `-v` log prints it with every other `key=value`. The warning never shows the value.
+fn warn_if_inline(key: &str, value: &str) {
+    if !value.is_empty() && !value.starts_with(['-', '+']) {
+        log::warn!(
+            "{key}= was given on the command line, where `ps` and nbdkit's -v debug log show it; give \
+             {key}=+FILE (a file only nbdkit's user can read) instead, or leave access-key= and {key}= out \
+             and let the AWS credential chain find the key (AWS_SECRET_ACCESS_KEY in the environment, \
+             ~/.aws/credentials, an instance role)"
+        );
+    }
+}
+
 /// The export name the client asked for, inside `open`: `""` when it named none. Read here
 /// rather than with `nbdkit::export_name()`, whose error for a name that is not UTF-8 would be
 /// indistinguishable from no name, and would quietly serve the default export.
@@ -127,7 +141,10 @@ impl Server for Connection {
     fn config(key: &str, value: &str) -> nbdkit::Result<()> {
         guard("config", || {
             let value = match key.parse::<ConfigKey>() {
-                Ok(ConfigKey::SecretKey) => read_password(value)?,
+                Ok(ConfigKey::SecretKey) => {
+                    warn_if_inline(key, value);
+                    read_password(value)?
+                }
                 _ => value.to_string(),
             };
             lock(&CONFIG).get_or_insert_with(Config::default).set(key, &value)
@@ -138,6 +155,9 @@ impl Server for Connection {
         guard("config_complete", || {
             let mut config = lock(&CONFIG).take().unwrap_or_default();
             config.finish()?;
+            if let Some(id) = &config.host_id {
+                crate::lease::set_host_id(id);
+            }
             if config.storage_kind() == StorageKind::S3 {
                 // Fail now, before nbdkit forks and reports success, on a typo or bad credentials.
                 storage::s3::check_bucket(&config.s3)?;

@@ -55,7 +55,7 @@ const fn metric(field: &'static str, name: &'static str, kind: Kind, help: &'sta
 }
 
 /// Every counter a volume reports, in the order the text format writes them.
-const METRICS: [Metric; 16] = [
+const METRICS: [Metric; 17] = [
     metric("dirty_bytes", "nbds3_dirty_bytes", Kind::Gauge, "Written data not yet stored, in memory."),
     metric("cached_bytes", "nbds3_cached_bytes", Kind::Gauge, "Clean blocks held in the cache."),
     metric("stored_bytes", "nbds3_stored_bytes", Kind::Gauge, "Blocks stored (blocks of zeros are not)."),
@@ -88,6 +88,12 @@ const METRICS: [Metric; 16] = [
         help: "Mean time of a block write to storage since nbdkit started.",
         divisor: 1_000_000,
     },
+    metric(
+        "retries",
+        "nbds3_retries_total",
+        Kind::Counter,
+        "Storage requests sent again after a transient failure (S3: 5xx, throttling, a dropped connection).",
+    ),
 ];
 
 /// Every counter of the stats file, for its documentation: the name in the text format, the

@@ -1,5 +1,6 @@
-//! A real kernel ext4 filesystem on an nbds3 device, across a clean nbdkit restart (S3) and a
-//! `kill -9` in the middle of a stream of writes (S3 and a directory).
+//! A real kernel ext4 filesystem on an nbds3 device, across a clean nbdkit restart (S3), a
+//! `kill -9` in the middle of a stream of writes (S3 and a directory), and an `nbds3ctl resize`
+//! while it is served, followed by `resize2fs` (S3).
 //!
 //! The kernel reaches the NBD export through `nbd-client` and `/dev/nbdN` when the `nbd` module is
 //! loaded, and otherwise through qemu-storage-daemon's FUSE export (the export shows up as a
@@ -25,7 +26,18 @@ const SMALL_FILES: usize = 2000;
 /// Whether the tools and privileges these tests need are here (when not: a printed reason
 /// outside CI, a panic in CI).
 fn ready() -> bool {
-    let mut tools = vec!["nbdkit", "mkfs.ext4", "fsck.ext4", "mount", "umount", "blockdev", "fstrim", "sha256sum"];
+    let mut tools = vec![
+        "nbdkit",
+        "mkfs.ext4",
+        "fsck.ext4",
+        "mount",
+        "umount",
+        "blockdev",
+        "fstrim",
+        "sha256sum",
+        "e2fsck",
+        "resize2fs",
+    ];
     tools.extend(if nbd_device_available() { &["nbd-client"][..] } else { &["qemu-storage-daemon", "losetup"] });
     tools.into_iter().all(common::have) && can_mount()
 }
@@ -724,4 +736,84 @@ fn ext4_survives_kill_9_during_writes_on_files() {
     }
     let dir = tempfile::tempdir().unwrap();
     ext4_survives_kill_9_during_writes(&["storage=file".into(), format!("dir={}", dir.path().display())]);
+}
+
+/// `nbds3ctl resize` under a mounted ext4 filesystem, on the real S3 server:
+///
+/// 1. nbdkit serves a new 64 MiB export; the kernel sees it as a block device; `mkfs.ext4`,
+///    mount, write the tree of files of [`ext4_survives_an_nbdkit_restart_on_s3`], checksum.
+/// 2. `nbds3ctl resize --size 192M` while nbdkit serves the export and the filesystem is
+///    mounted: the block device keeps its size (an NBD connection keeps the size it opened with).
+/// 3. Unmount, detach; a new block device (a new NBD connection to the same nbdkit) is 192 MiB;
+///    `e2fsck -f` (clean), `resize2fs`, mount: the filesystem is bigger, every file has its checksum, and a
+///    48 MiB file (more than was free before) is written.
+/// 4. Unmount, `fsck.ext4 -fn` clean; a new nbdkit (whose `size=64M` only sizes new exports)
+///    serves 192 MiB, and every file, the big one included, has its checksum.
+#[test]
+fn ext4_grows_with_nbds3ctl_resize_while_served_on_s3() {
+    if !ready() {
+        return;
+    }
+    let Some(env) = common::s3() else { return };
+    let started = Instant::now();
+    let export = common::unique("ext4-grow");
+    let tmp = tempfile::tempdir().unwrap();
+    let store = env.params(TEST_BUCKET);
+    let params = params(&store, &export, "64M", &[]);
+
+    let nbdkit = Nbdkit::start(&params);
+    let mut device = Device::attach(&nbdkit, &tmp.path().join("small"));
+    run_ok(Command::new("mkfs.ext4").args(["-q", "-F", "-b", "4096", "-L", "nbds3"]).arg(device.dev()));
+    let mnt = device.mount();
+    let (written, bytes) = write_tree(&mnt);
+    let before = checksums(&mnt);
+    let (small_fs, small_free) = (filesystem_bytes(&mnt, "size"), filesystem_bytes(&mnt, "avail"));
+    step(started, &format!("64 MiB export {export}: ext4 of {small_fs} bytes, {written} files of {bytes} bytes, {small_free} bytes free"));
+
+    let resized =
+        run_ok(Command::new(env!("CARGO_BIN_EXE_nbds3ctl")).args(&store).args(["resize", &export, "--size", "192M"]));
+    step(started, String::from_utf8_lossy(&resized.stdout).trim());
+    assert_eq!(device.size(), 64 << 20, "a connection keeps the size it opened with");
+    run_ok(&mut Command::new("sync"));
+    device.umount();
+    device.detach();
+
+    let mut device = Device::attach(&nbdkit, &tmp.path().join("grown"));
+    assert_eq!(device.size(), 192 << 20, "a new connection sees the grown export");
+    // Offline: online growth needs CAP_SYS_RESOURCE, which containers often lack; resize2fs wants
+    // a check that records its time first, which `fsck -n` does not.
+    run_ok(Command::new("e2fsck").args(["-f", "-y"]).arg(device.dev()));
+    let grown = run_ok(Command::new("resize2fs").arg(device.dev()));
+    let mnt = device.mount();
+    let big_fs = filesystem_bytes(&mnt, "size");
+    step(started, &format!("reconnected; resize2fs: {}", String::from_utf8_lossy(&grown.stdout).trim()));
+    assert!(big_fs > small_fs + (120 << 20), "the filesystem grew from {small_fs} to only {big_fs} bytes");
+    assert_eq!(checksums(&mnt), before, "files changed across the resize");
+    let fill = common::random_bytes(48 << 20, 80);
+    assert!(fill.len() as u64 > small_free, "the file must need the new space");
+    std::fs::write(mnt.join("fill"), &fill).unwrap();
+    run_ok(Command::new("sync").arg("-f").arg(&mnt));
+    let with_fill = checksums(&mnt);
+    step(started, "files intact; wrote a 48 MiB file, more than was free before");
+    device.umount();
+    fsck_clean(&device, &nbdkit, "after resize2fs");
+    device.detach();
+    nbdkit.stop();
+
+    let nbdkit = Nbdkit::start(&params);
+    let mut device = Device::attach(&nbdkit, &tmp.path().join("restarted"));
+    assert_eq!(device.size(), 192 << 20, "a new nbdkit serves the grown export");
+    let mnt = device.mount();
+    assert_eq!(checksums(&mnt), with_fill, "files changed across the restart");
+    step(started, "new nbdkit: 192 MiB, every file intact");
+    device.umount();
+    device.detach();
+    nbdkit.stop();
+}
+
+/// `df`'s `field` (`size`, `avail`) of the filesystem mounted at `mnt`, in bytes.
+fn filesystem_bytes(mnt: &Path, field: &str) -> u64 {
+    let out = run_ok(Command::new("df").arg("-B1").arg(format!("--output={field}")).arg(mnt));
+    let out = String::from_utf8_lossy(&out.stdout);
+    out.lines().nth(1).and_then(|l| l.trim().parse().ok()).unwrap_or_else(|| panic!("df: {out}"))
 }

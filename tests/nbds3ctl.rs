@@ -18,9 +18,10 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-/// Create an export with nbds3ctl, serve it with nbdkit without size=, write to it (deleting it
-/// meanwhile is refused), see the stored bytes in `list` and `info`, then delete it: its
-/// objects are gone.
+/// Create an export with nbds3ctl, serve it with nbdkit without size=, write to it, grow it
+/// (a new connection sees the new size; deleting or shrinking it meanwhile is refused), see the
+/// stored bytes in `list` and `info` (and their JSON), shrink it (the object past the new end
+/// goes), then delete it: its objects are gone.
 fn lifecycle(params: Vec<String>, objects: impl Fn(&str) -> usize) {
     let export = common::unique("ctl");
     let out = ctl(&params, &["create", &export, "--size", "64M", "--block-size", "64K"]);
@@ -34,6 +35,13 @@ fn lifecycle(params: Vec<String>, objects: impl Fn(&str) -> usize) {
     serve.push(format!("export={export}"));
     let nbdkit = Nbdkit::start(&serve);
     assert_eq!(nbdkit.nbdsh("h.pwrite(b'c' * 200000, 0); h.flush(); print(h.get_size())").trim(), "67108864");
+    let grown = ctl(&params, &["resize", &export, "--size", "128M"]);
+    assert!(grown.status.success(), "{}", stderr(&grown));
+    let script = "print(h.get_size(), h.pread(1, 0)); h.pwrite(b'e' * 65536, 100 << 20); h.flush()";
+    assert_eq!(nbdkit.nbdsh(script).trim(), "134217728 bytearray(b'c')");
+    let shrink = ctl(&params, &["resize", &export, "--size", "64M", "--shrink", "--yes"]);
+    assert_eq!(shrink.status.code(), Some(1), "shrinking a served export: {}", stderr(&shrink));
+    assert!(stderr(&shrink).contains("is held by another writer"), "{}", stderr(&shrink));
     let busy = ctl(&params, &["delete", &export, "--yes"]);
     assert_eq!(busy.status.code(), Some(1), "deleting a served export: {}", stderr(&busy));
     assert!(
@@ -41,17 +49,49 @@ fn lifecycle(params: Vec<String>, objects: impl Fn(&str) -> usize) {
         "{}",
         stderr(&busy)
     );
+    let pid = nbdkit.pid();
     nbdkit.stop();
 
-    let list = ctl(&params, &["list"]);
+    // Both at once: each lists the blocks of every export in the bucket, which other tests share.
+    let (list, all) = std::thread::scope(|s| {
+        let json = s.spawn(|| ctl(&params, &["list", "--json"]));
+        (ctl(&params, &["list"]), json.join().unwrap())
+    });
     assert!(list.status.success(), "{}", stderr(&list));
-    let row = stdout(&list)
-        .lines()
-        .find(|l| l.starts_with(&export))
-        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "));
-    assert_eq!(row, Some(format!("{export} 64M 64K 256K 4")));
+    // The row ends with who held the export's lease: the nbdkit that served it, and released it.
+    let list = stdout(&list);
+    let row = list.lines().find(|l| l.starts_with(&export)).unwrap_or_default();
+    let (columns, host) = row.split_once(&format!("  released by pid {pid} on ")).unwrap_or_default();
+    assert_eq!(columns.split_whitespace().collect::<Vec<_>>().join(" "), format!("{export} 128M 64K 320K 5"), "{list}");
     let info = ctl(&params, &["info", &export]);
-    assert!(stdout(&info).contains("stored:      256K in 4 objects"), "{}", stdout(&info));
+    assert!(stdout(&info).contains("stored:      320K in 5 objects"), "{}", stdout(&info));
+    let json = ctl(&params, &["info", &export, "--json"]);
+    let json: serde_json::Value = serde_json::from_slice(&json.stdout).expect("info --json is JSON");
+    let expected = serde_json::json!({
+        "name": export,
+        "size": 128 << 20,
+        "block_size": 65536,
+        "blocks": 2048,
+        "stored_blocks": 5,
+        "stored_bytes": 5 * 65536,
+        "lease": { "host": host, "pid": pid, "expires": 0 },
+    });
+    assert_eq!(json, expected);
+    let all: Vec<serde_json::Value> = serde_json::from_slice(&all.stdout).expect("list --json is a JSON array");
+    assert_eq!(all.iter().filter(|e| **e == expected).count(), 1, "{all:?}");
+    assert_eq!(objects(&export), 5);
+
+    let refused = ctl(&params, &["resize", &export, "--size", "64M"]);
+    assert_eq!(refused.status.code(), Some(1), "{}", stderr(&refused));
+    assert!(stderr(&refused).contains("give --shrink to do that"), "{}", stderr(&refused));
+    let shrunk = ctl(&params, &["resize", &export, "--size", "64M", "--shrink", "--yes"]);
+    assert_eq!(
+        stdout(&shrunk).trim(),
+        format!("shrank export {export} from 128M to 64M, deleting 1 objects past the new end"),
+        "{}",
+        stderr(&shrunk)
+    );
+    assert!(!stderr(&shrunk).contains("deleting ["), "progress on a pipe: {}", stderr(&shrunk));
     assert_eq!(objects(&export), 4);
 
     let refused = ctl(&params, &["delete", &export]);
@@ -59,6 +99,7 @@ fn lifecycle(params: Vec<String>, objects: impl Fn(&str) -> usize) {
     let deleted = ctl(&params, &["delete", &export, "--yes"]);
     assert!(deleted.status.success(), "{}", stderr(&deleted));
     assert_eq!(stdout(&deleted).trim(), format!("deleted export {export} and its 4 objects"));
+    assert!(!stderr(&deleted).contains("deleting ["), "progress on a pipe: {}", stderr(&deleted));
     assert_eq!(objects(&export), 0);
     assert_eq!(ctl(&params, &["info", &export]).status.code(), Some(3));
 }
@@ -94,6 +135,10 @@ fn bad_usage_exits_2() {
         (vec!["create", "x", "--size", "1G", "--colour", "red"], "unknown option \"--colour\""),
         (vec!["list", "extra"], "unexpected argument \"extra\""),
         (vec![], "no command given"),
+        (vec!["list", "--json=yes"], "unknown option \"--json=yes\" for list"),
+        (vec!["resize", "x"], "resize needs --size SIZE"),
+        (vec!["resize", "x", "--size"], "--size needs a value"),
+        (vec!["help", "frob"], "no help for \"frob\": it is not a command"),
     ] {
         let out = ctl(&p, &args);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
@@ -107,4 +152,27 @@ fn bad_usage_exits_2() {
     assert!(stderr(&out).contains("block-size: 3 is not allowed"), "{}", stderr(&out));
     let out = ctl(&p, &["create", "../etc", "--size", "1G"]);
     assert!(stderr(&out).contains("invalid export name"), "{}", stderr(&out));
+    for args in [vec!["info", "nothing"], vec!["resize", "nothing", "--size", "1G"], vec!["delete", "nothing", "--yes"]]
+    {
+        let out = ctl(&p, &args);
+        assert_eq!(out.status.code(), Some(3), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains("export nothing does not exist"), "{args:?}: {}", stderr(&out));
+    }
+}
+
+/// Every command has its own help, reached as `help COMMAND` and `COMMAND --help`, without
+/// parameters; the general help lists every command.
+#[test]
+fn every_command_has_help() {
+    let general = ctl(&[], &["--help"]);
+    assert!(general.status.success());
+    for command in ["list", "info", "create", "resize", "delete"] {
+        assert!(stdout(&general).contains(&format!("\n  {command} ")), "{command}: {}", stdout(&general));
+        let help = ctl(&[], &["help", command]);
+        assert!(help.status.success(), "{}", stderr(&help));
+        assert!(stdout(&help).starts_with(&format!("Usage: nbds3ctl [KEY=VALUE ...] {command} ")), "{}", stdout(&help));
+        assert_eq!(stdout(&ctl(&[], &[command, "--help"])), stdout(&help));
+    }
+    let resize = stdout(&ctl(&[], &["resize", "-h"]));
+    assert!(resize.contains("Shrinking is refused unless --shrink is given"), "{resize}");
 }

@@ -1,9 +1,11 @@
-//! Many exports from one nbdkit: independent data, hostile names refused, recorded geometry
-//! enforced, and BLOCK_STATUS extents that show holes to real clients.
+//! Many exports from one nbdkit: independent data, hostile and unknown names refused, recorded
+//! geometry enforced, exports grown while served, and BLOCK_STATUS extents that show holes to
+//! real clients.
 
 mod common;
 
-use std::process::Command;
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
 
 use common::{run_ok, Nbdkit};
 
@@ -29,7 +31,7 @@ fn nbdsh_export(nbdkit: &Nbdkit, name: &str, script: &str) -> String {
 fn exports_are_independent() {
     require!("nbdkit", "/usr/bin/python3");
     let dir = tempfile::tempdir().unwrap();
-    let nbdkit = Nbdkit::start(&file_params(dir.path(), &["size=16M", "export=main"]));
+    let nbdkit = Nbdkit::start(&file_params(dir.path(), &["size=16M", "export=main", "create=any"]));
     nbdsh_export(&nbdkit, "alpha", "h.pwrite(b'A' * 4096, 0); h.flush()");
     nbdsh_export(&nbdkit, "beta", "h.pwrite(b'B' * 4096, 0); h.flush()");
     nbdsh_export(&nbdkit, "", "h.pwrite(b'M' * 4096, 0); h.flush()");
@@ -85,13 +87,138 @@ fn recorded_geometry_is_enforced() {
     let nbdkit = Nbdkit::start(&file_params(dir.path(), &["export=dev", "block-size=4096"]));
     assert!(nbdsh_export(&nbdkit, "", "print('connected')").starts_with("refused:"));
     assert!(nbdkit.stderr().contains("export dev was created with block-size=65536"), "{}", nbdkit.stderr());
-    assert!(nbdsh_export(&nbdkit, "other", "").starts_with("refused:"));
-    assert!(nbdkit.stderr().contains("export other does not exist; give size= to create it"), "{}", nbdkit.stderr());
     nbdkit.stop();
 
+    // size= only sizes new exports: an export resized since keeps its recorded size.
     let nbdkit = Nbdkit::start(&file_params(dir.path(), &["export=dev", "size=32M"]));
+    assert_eq!(nbdkit.nbdsh("print(h.get_size())").trim(), "16777216");
+    assert!(nbdkit.stderr().contains("export dev is 16777216 bytes; size=33554432 only sizes new exports"));
+}
+
+/// A mistyped export name is refused, naming the export and how to create it, and creates
+/// nothing: only export= is created on first open, unless create=any; with create=none, nothing
+/// is, and an export made by `nbds3ctl create` opens.
+#[test]
+fn only_the_default_export_is_created_on_first_open() {
+    require!("nbdkit", "/usr/bin/python3");
+    let dir = tempfile::tempdir().unwrap();
+    let nbdkit = Nbdkit::start(&file_params(dir.path(), &["size=16M", "export=main"]));
+    let out = nbdsh_export(&nbdkit, "mian", "print('connected')");
+    assert!(out.starts_with("refused:"), "{out}");
+    let expected = "export mian does not exist; only export=main is created on first open; create it with \
+                    `nbds3ctl create mian --size SIZE`, or start nbdkit with create=any";
+    assert!(nbdkit.stderr().contains(expected), "{}", nbdkit.stderr());
+    assert_eq!(nbdsh_export(&nbdkit, "", "print(h.get_size())").trim(), "16777216");
+    nbdkit.stop();
+    let exports = || {
+        let mut names: Vec<_> = std::fs::read_dir(dir.path().join("exports"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(exports(), ["main"]);
+
+    let nbdkit = Nbdkit::start(&file_params(dir.path(), &["size=16M", "export=other", "create=none"]));
     assert!(nbdsh_export(&nbdkit, "", "").starts_with("refused:"));
-    assert!(nbdkit.stderr().contains("export dev was created with size=16777216"), "{}", nbdkit.stderr());
+    let expected = "export other does not exist; nbdkit runs with create=none; create it with `nbds3ctl create other";
+    assert!(nbdkit.stderr().contains(expected), "{}", nbdkit.stderr());
+    let ctl = run_ok(
+        Command::new(env!("CARGO_BIN_EXE_nbds3ctl"))
+            .args(file_params(dir.path(), &[]))
+            .args(["create", "other", "--size", "8M"]),
+    );
+    assert!(ctl.status.success());
+    assert_eq!(nbdsh_export(&nbdkit, "", "print(h.get_size())").trim(), "8388608");
+    assert_eq!(nbdsh_export(&nbdkit, "main", "print(h.get_size())").trim(), "16777216");
+    nbdkit.stop();
+    assert_eq!(exports(), ["main", "other"]);
+}
+
+/// `nbds3ctl resize` grows an export while nbdkit serves it: a connection opened before keeps
+/// its size and keeps working, one opened afterwards sees the new size, the old data, and the
+/// other connection's writes (one shared volume); a new nbdkit serves the grown export too.
+fn grow_while_served(store: Vec<String>) {
+    let export = common::unique("grow");
+    let ctl = |args: &[&str]| run_ok(Command::new(env!("CARGO_BIN_EXE_nbds3ctl")).args(&store).args(args));
+    ctl(&["create", &export, "--size", "8M"]);
+    let nbdkit = Nbdkit::start(&store);
+    let script = format!(
+        r#"
+import nbd, sys
+def connect():
+    h = nbd.NBD()
+    h.set_export_name({export:?})
+    h.connect_unix({socket:?})
+    return h
+old = connect()
+old.pwrite(b'o' * 4096, (8 << 20) - 4096)
+old.flush()
+print('ready', old.get_size(), flush=True)
+sys.stdin.readline()
+new = connect()
+print('sizes', old.get_size(), new.get_size())
+print('old data', new.pread(4096, (8 << 20) - 4096) == b'o' * 4096)
+new.pwrite(b'n' * 4096, (24 << 20) - 4096)
+new.pwrite(b'm' * 4096, 0)
+new.flush()
+old.pwrite(b'p' * 4096, 4096)
+old.flush()
+print('shared', old.pread(4096, 0) == b'm' * 4096, new.pread(4096, 4096) == b'p' * 4096)
+try:
+    old.pread(1, 8 << 20)
+    print('old connection read past its size')
+except nbd.Error:
+    print('old connection keeps its size')
+"#,
+        socket = nbdkit.socket.display().to_string()
+    );
+    let mut python = Command::new("/usr/bin/python3")
+        .args(["-c", &script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(python.stdout.take().unwrap());
+    let mut ready = String::new();
+    stdout.read_line(&mut ready).unwrap();
+    assert_eq!(ready.trim(), "ready 8388608", "{}", nbdkit.stderr());
+    let grown = ctl(&["resize", &export, "--size", "24M"]);
+    let grown = String::from_utf8_lossy(&grown.stdout);
+    assert_eq!(
+        grown.trim(),
+        format!("grew export {export} from 8M to 24M; clients see the new size when they reconnect")
+    );
+    python.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+    assert!(python.wait().unwrap().success(), "{rest}\n{}", nbdkit.stderr());
+    assert_eq!(
+        rest.lines().collect::<Vec<_>>(),
+        ["sizes 8388608 25165824", "old data True", "shared True True", "old connection keeps its size"],
+        "{}",
+        nbdkit.stderr()
+    );
+    nbdkit.stop();
+
+    let nbdkit = Nbdkit::start(&store);
+    let out = nbdsh_export(&nbdkit, &export, "print(h.get_size(), h.pread(2, (24 << 20) - 2), h.pread(2, 4096))");
+    assert_eq!(out.trim(), "25165824 bytearray(b'nn') bytearray(b'pp')");
+}
+
+#[test]
+fn an_export_grows_while_served_from_a_directory() {
+    require!("nbdkit", "/usr/bin/python3");
+    let dir = tempfile::tempdir().unwrap();
+    grow_while_served(file_params(dir.path(), &[]));
+}
+
+#[test]
+fn an_export_grows_while_served_from_s3() {
+    require!("nbdkit", "/usr/bin/python3");
+    let Some(env) = common::s3() else { return };
+    grow_while_served(env.params(common::TEST_BUCKET));
 }
 
 /// `nbdinfo --map` and `qemu-img map` see holes where nothing is stored, and data where it is.
@@ -145,6 +272,7 @@ fn filters_list_exports_and_advertise_the_block_size() {
         "storage=memory",
         "size=64M",
         "block-size=64K",
+        "create=any",
         "exportname-list=explicit",
         "exportname=vm1",
         "exportname=vm2",

@@ -1,42 +1,128 @@
-//! `nbds3ctl`: list, inspect, create and delete the exports of an nbds3 bucket or directory.
+//! `nbds3ctl`: list, inspect, create, resize and delete the exports of an nbds3 bucket or
+//! directory, for people at a terminal and for scripts (`--json`, exit statuses, no prompts or
+//! progress unless on a terminal).
 
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 
 use nbds3::config::{parse_size, Config, ConfigKey, StorageKind};
 use nbds3::exports::open_backend;
+use nbds3::lease::LeaseHolder;
 use nbds3::{admin, Error, ExportName};
 
 const USAGE: &str = "\
 Usage: nbds3ctl [KEY=VALUE ...] COMMAND [ARGS]
+       nbds3ctl help COMMAND     (or COMMAND --help)
 
 Manage the exports that nbds3 serves from a bucket or directory. KEY=VALUE parameters are the
 plugin's own (run `nbds3ctl --help-params` for them): bucket=, endpoint=, region=, access-key=,
 secret-key= (or +FILE), path-style=, storage=, dir=. Credentials default to the AWS chain.
 
 Commands:
-  list                                        every export: size, block size, stored bytes, objects
-  info NAME                                   one export
-  create NAME --size SIZE [--block-size SIZE] record a new export (sizes take K/M/G/T suffixes)
-  delete NAME [--yes]                         delete an export and all its blocks; asks first
-                                              unless --yes; refused while a writer holds the
-                                              export's lease (see lease-time=, lease-takeover=)
+";
 
+const FOOTER: &str = "
 Exit status: 0 done, 1 failed (the message says why), 2 bad usage, 3 no such export.
 
 Examples:
   nbds3ctl bucket=nbd-storage endpoint=http://localhost:9000 list
   nbds3ctl storage=file dir=/var/lib/nbds3 create vm1 --size 20G --block-size 64K
+  nbds3ctl bucket=nbd-storage resize vm1 --size 40G
 ";
+
+/// A command: how it is called and what it does, for `--help`, and the flags it takes.
+struct Command {
+    name: &'static str,
+    /// Its arguments, as `--help` shows them.
+    args: &'static str,
+    /// One line for the command list.
+    summary: &'static str,
+    /// The rest of `nbds3ctl help NAME`.
+    details: &'static str,
+    /// Whether it takes an export NAME.
+    takes_name: bool,
+    /// Flags that take a value (`--size 1G` or `--size=1G`).
+    options: &'static [&'static str],
+    /// Flags that take none.
+    switches: &'static [&'static str],
+}
+
+const COMMANDS: [Command; 5] = [
+    Command {
+        name: "list",
+        args: "[--json]",
+        summary: "every export: size, block size, stored bytes, objects, lease holder",
+        details: "\
+With --json, a JSON array with one object per export (name, size, block_size, blocks,
+stored_blocks, stored_bytes; sizes in bytes; lease: null if no writer ever took the export's
+lease, else its holder's host and pid and when it expires, in Unix seconds, 0 once released).",
+        takes_name: false,
+        options: &[],
+        switches: &["--json"],
+    },
+    Command {
+        name: "info",
+        args: "NAME [--json]",
+        summary: "one export",
+        details: "\
+With --json, one JSON object, as one element of `list --json`. Exits 3 if there is no such export.",
+        takes_name: true,
+        options: &[],
+        switches: &["--json"],
+    },
+    Command {
+        name: "create",
+        args: "NAME --size SIZE [--block-size SIZE]",
+        summary: "record a new export (sizes take K/M/G/T suffixes)",
+        details: "\
+SIZE is a multiple of the block size (a power of two from 512 to 4M, default 4K). nbdkit creates
+only the export named by its export= parameter on a client's first open (see its create=
+parameter); every other export is created here first.",
+        takes_name: true,
+        options: &["--size", "--block-size"],
+        switches: &[],
+    },
+    Command {
+        name: "resize",
+        args: "NAME --size SIZE [--shrink [--yes]]",
+        summary: "grow an export, also while it is served; shrink it with --shrink",
+        details: "\
+Growing changes only the export's record, and works while nbdkit serves the export: connections
+opened afterwards see the new size (an NBD connection keeps the size it opened with, so clients
+reconnect; then grow the filesystem, e.g. resize2fs). SIZE must be a multiple of the export's
+block size.
+
+Shrinking is refused unless --shrink is given. It deletes the export's data past the new end
+(asking first unless --yes), then records the new size; if it is interrupted, the export keeps
+its old size with part of that data gone, and running it again finishes the job. Like delete, it takes the export's lease
+first, so it is refused while a running nbdkit holds the export for writing: stop that nbdkit
+first. An nbdkit that serves the export read-only refuses new connections to it until it is
+restarted.",
+        takes_name: true,
+        options: &["--size"],
+        switches: &["--shrink", "--yes"],
+    },
+    Command {
+        name: "delete",
+        args: "NAME [--yes]",
+        summary: "delete an export and all its blocks",
+        details: "\
+Asks for the export's name first unless --yes (and refuses without --yes when standard input is
+not a terminal). Refused while a writer holds the export's lease (see nbdkit's lease-time= and
+lease-takeover=), naming that writer. On a terminal, shows its progress.",
+        takes_name: true,
+        options: &[],
+        switches: &["--yes"],
+    },
+];
 
 /// A failure with the exit status it maps to.
 struct Failure(u8, String);
 
 impl From<Error> for Failure {
     fn from(e: Error) -> Self {
-        // 3 is for a missing export only; a missing bucket or directory is a plain failure.
-        let status = match &e {
-            Error::NotFound { message, .. } if message.starts_with("export ") => 3,
+        let status = match e {
+            Error::ExportNotFound { .. } => 3,
             _ => 1,
         };
         Failure(status, e.to_string())
@@ -60,8 +146,8 @@ fn main() -> ExitCode {
 }
 
 fn run(args: &[String]) -> Result<(), Failure> {
-    if args.iter().any(|a| a == "--help" || a == "-h") || args.is_empty() {
-        print!("{USAGE}");
+    if args.is_empty() {
+        print!("{}", general_help());
         return Ok(());
     }
     if args.iter().any(|a| a == "--help-params") {
@@ -70,6 +156,11 @@ fn run(args: &[String]) -> Result<(), Failure> {
     }
     let (params, words): (Vec<&String>, Vec<&String>) =
         args.iter().partition(|a| !a.starts_with('-') && a.contains('='));
+    let words: Vec<&str> = words.into_iter().map(String::as_str).collect();
+    if let Some(help) = help_asked(&words)? {
+        print!("{help}");
+        return Ok(());
+    }
     let mut config = Config::default();
     for p in params {
         let (key, value) = p.split_once('=').unwrap_or((p, ""));
@@ -83,33 +174,42 @@ fn run(args: &[String]) -> Result<(), Failure> {
         return Err(usage("say where the exports are: bucket=NAME (S3) or dir=PATH (storage=file)"));
     }
     config.finish()?;
+    if let Some(id) = &config.host_id {
+        nbds3::lease::set_host_id(id);
+    }
     if config.storage_kind() == StorageKind::Memory {
         return Err(usage("storage=memory keeps nothing between processes; use bucket= or dir="));
     }
-    let mut words = words.into_iter().map(String::as_str);
-    let command = words.next().ok_or_else(|| usage("no command given"))?;
-    let rest: Vec<&str> = words.collect();
+    let name = words.first().ok_or_else(|| usage("no command given"))?;
+    let command = find(name).ok_or_else(|| usage(format!("unknown command {name:?}")))?;
+    let args = Args::parse(command, &words[1..])?;
     let backend = open_backend(&config)?;
-    match command {
+    match command.name {
         "list" => {
-            no_more(&rest)?;
             let exports = admin::list(&*backend)?;
-            println!("{:<24} {:>16} {:>10} {:>16} {:>10}", "EXPORT", "SIZE", "BLOCK", "STORED", "OBJECTS");
+            if args.switch("--json") {
+                print_json(&exports.iter().map(export_json).collect());
+                return Ok(());
+            }
+            println!("{:<24} {:>16} {:>10} {:>16} {:>10}  LEASE", "EXPORT", "SIZE", "BLOCK", "STORED", "OBJECTS");
             for e in exports {
                 println!(
-                    "{:<24} {:>16} {:>10} {:>16} {:>10}",
+                    "{:<24} {:>16} {:>10} {:>16} {:>10}  {}",
                     e.name.as_str(),
                     human(e.geometry.size()),
                     human(e.geometry.block_size() as u64),
                     human(e.stored_bytes()),
-                    e.stored_blocks
+                    e.stored_blocks,
+                    lease_holder(&e)
                 );
             }
         }
         "info" => {
-            let name = export_arg(&rest)?;
-            no_more(&rest[1..])?;
-            let e = admin::info(&*backend, &name)?;
+            let e = admin::info(&*backend, &args.name()?)?;
+            if args.switch("--json") {
+                print_json(&export_json(&e));
+                return Ok(());
+            }
             println!("export:      {}", e.name);
             println!("backend:     {backend}");
             println!("size:        {} ({} bytes)", human(e.geometry.size()), e.geometry.size());
@@ -121,15 +221,12 @@ fn run(args: &[String]) -> Result<(), Failure> {
                 e.stored_blocks,
                 100.0 * e.stored_bytes() as f64 / e.geometry.size() as f64
             );
+            println!("lease:       {}", lease_holder(&e));
         }
         "create" => {
-            let name = export_arg(&rest)?;
-            let known = |a: &&str| ["--size", "--block-size"].iter().any(|f| a == f || a.starts_with(&format!("{f}=")));
-            if let Some(bad) = rest[1..].iter().find(|a| a.starts_with('-') && !known(a)) {
-                return Err(usage(format!("unknown option {bad:?}")));
-            }
-            let size = option(&rest[1..], "--size")?.ok_or_else(|| usage("create needs --size SIZE"))?;
-            let block_size = option(&rest[1..], "--block-size")?.unwrap_or(4096);
+            let name = args.name()?;
+            let size = args.size("--size")?.ok_or_else(|| usage("create needs --size SIZE"))?;
+            let block_size = args.size("--block-size")?.unwrap_or(4096);
             let block_size = usize::try_from(block_size).map_err(|_| usage("--block-size is too large"))?;
             if config.storage_kind() == StorageKind::S3 {
                 // Like the plugin: create the bucket if it is missing and the credentials allow.
@@ -138,64 +235,185 @@ fn run(args: &[String]) -> Result<(), Failure> {
             let g = admin::create(&*backend, &name, size, block_size)?;
             println!("created export {name}: {} in {}-byte blocks", human(g.size()), g.block_size());
         }
-        "delete" => {
-            let name = export_arg(&rest)?;
-            let yes = rest[1..].iter().any(|a| *a == "--yes" || *a == "-y");
-            if let Some(bad) = rest[1..].iter().find(|a| !matches!(**a, "--yes" | "-y")) {
-                return Err(usage(format!("unexpected argument {bad:?}")));
-            }
+        "resize" => {
+            let name = args.name()?;
+            let size = args.size("--size")?.ok_or_else(|| usage("resize needs --size SIZE"))?;
+            let shrink = args.switch("--shrink");
             let e = admin::info(&*backend, &name)?;
-            if !yes {
-                confirm(&format!(
-                    "Delete export {name} ({} in {} objects) from {backend}? This cannot be undone.\nType the export name to confirm: ",
-                    human(e.stored_bytes()),
-                    e.stored_blocks
-                ), name.as_str())?;
+            if shrink && size < e.geometry.size() && !args.switch("--yes") {
+                confirm(
+                    "shrink",
+                    &format!(
+                        "Shrink export {name} from {} to {}, deleting its data past {} from {backend}? This cannot be undone.\nType the export name to confirm: ",
+                        human(e.geometry.size()),
+                        human(size),
+                        human(size)
+                    ),
+                    name.as_str(),
+                )?;
             }
-            let show = std::io::stderr().is_terminal();
-            let deleted = admin::delete(&backend, &name, config.lease_config(), |done, total| {
-                if show {
-                    let pct = (done * 100).checked_div(total).unwrap_or(100);
-                    let bar = "#".repeat((pct / 4) as usize);
-                    eprint!("\rdeleting [{bar:<25}] {done}/{total} objects ({pct}%)");
-                    if done == total {
-                        eprintln!();
-                    }
+            let r = admin::resize(&backend, &name, size, shrink, config.lease_config(), progress("deleting"))?;
+            let (from, to) = (human(r.from.size()), human(r.to.size()));
+            match r.to.size().cmp(&r.from.size()) {
+                std::cmp::Ordering::Equal => println!("export {name} is already {to}"),
+                std::cmp::Ordering::Greater => {
+                    println!("grew export {name} from {from} to {to}; clients see the new size when they reconnect")
                 }
-            })?;
+                std::cmp::Ordering::Less => println!(
+                    "shrank export {name} from {from} to {to}, deleting {} objects past the new end",
+                    r.deleted_blocks
+                ),
+            }
+        }
+        "delete" => {
+            let name = args.name()?;
+            let e = admin::info(&*backend, &name)?;
+            if !args.switch("--yes") {
+                confirm(
+                    "delete",
+                    &format!(
+                        "Delete export {name} ({} in {} objects) from {backend}? This cannot be undone.\nType the export name to confirm: ",
+                        human(e.stored_bytes()),
+                        e.stored_blocks
+                    ),
+                    name.as_str(),
+                )?;
+            }
+            let deleted = admin::delete(&backend, &name, config.lease_config(), progress("deleting"))?;
             println!("deleted export {name} and its {deleted} objects");
         }
-        other => return Err(usage(format!("unknown command {other:?}"))),
+        other => unreachable!("command {other} is in COMMANDS but not run"),
     }
     Ok(())
 }
 
-fn export_arg(rest: &[&str]) -> Result<ExportName, Failure> {
-    let name = rest.first().ok_or_else(|| usage("which export? give its NAME"))?;
-    Ok(ExportName::new(name)?)
+/// Who holds the export's lease, and until when.
+fn lease_holder(e: &admin::ExportInfo) -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    e.lease.as_ref().map_or_else(|| "none".into(), |l| l.describe(now))
 }
 
-fn no_more(rest: &[&str]) -> Result<(), Failure> {
-    match rest.first() {
-        Some(extra) => Err(usage(format!("unexpected argument {extra:?}"))),
-        None => Ok(()),
-    }
+fn find(name: &str) -> Option<&'static Command> {
+    COMMANDS.iter().find(|c| c.name == name)
 }
 
-/// The value of `--flag VALUE` or `--flag=VALUE` among `args`, parsed as a size.
-fn option(args: &[&str], flag: &str) -> Result<Option<u64>, Failure> {
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let value = if *a == flag {
-            Some(*it.next().ok_or_else(|| usage(format!("{flag} needs a value")))?)
-        } else {
-            a.strip_prefix(flag).and_then(|v| v.strip_prefix('='))
-        };
-        if let Some(v) = value {
-            return Ok(Some(parse_size(flag.trim_start_matches('-'), v)?));
+/// The help `words` ask for, if they do: `--help` alone or with no command, `help`, `help
+/// COMMAND`, or `COMMAND ... --help`.
+fn help_asked(words: &[&str]) -> Result<Option<String>, Failure> {
+    let wants_help = |w: &&str| *w == "--help" || *w == "-h";
+    let command = match words {
+        ["help"] => return Ok(Some(general_help())),
+        ["help", name, ..] => Some(*name),
+        _ if words.iter().any(wants_help) => words.iter().copied().find(|w| !w.starts_with('-')),
+        _ => return Ok(None),
+    };
+    match command {
+        None => Ok(Some(general_help())),
+        Some(name) => {
+            let c = find(name).ok_or_else(|| usage(format!("no help for {name:?}: it is not a command")))?;
+            let mut summary = c.summary.chars();
+            let summary: String = summary.next().map(|f| f.to_ascii_uppercase()).into_iter().chain(summary).collect();
+            Ok(Some(format!("Usage: nbds3ctl [KEY=VALUE ...] {} {}\n\n{summary}.\n\n{}\n", c.name, c.args, c.details)))
         }
     }
-    Ok(None)
+}
+
+fn general_help() -> String {
+    let synopses: Vec<String> = COMMANDS.iter().map(|c| format!("{} {}", c.name, c.args)).collect();
+    let width = synopses.iter().map(String::len).max().unwrap_or(0);
+    let mut help = USAGE.to_string();
+    for (synopsis, c) in synopses.iter().zip(&COMMANDS) {
+        help.push_str(&format!("  {synopsis:<width$}  {}\n", c.summary));
+    }
+    help + FOOTER
+}
+
+/// A command's arguments, checked against what it takes.
+struct Args<'a> {
+    name: Option<&'a str>,
+    options: Vec<(&'a str, &'a str)>,
+    switches: Vec<&'a str>,
+}
+
+impl<'a> Args<'a> {
+    fn parse(command: &Command, words: &[&'a str]) -> Result<Self, Failure> {
+        let mut args = Args { name: None, options: Vec::new(), switches: Vec::new() };
+        let mut words = words.iter().copied();
+        while let Some(word) = words.next() {
+            let word = if word == "-y" { "--yes" } else { word };
+            if !word.starts_with('-') {
+                if !command.takes_name || args.name.is_some() {
+                    return Err(usage(format!("unexpected argument {word:?}")));
+                }
+                args.name = Some(word);
+                continue;
+            }
+            let (flag, inline) = word.split_once('=').map_or((word, None), |(f, v)| (f, Some(v)));
+            if let Some(&flag) = command.options.iter().find(|o| **o == flag) {
+                let value = match inline {
+                    Some(v) => v,
+                    None => words.next().ok_or_else(|| usage(format!("{flag} needs a value")))?,
+                };
+                args.options.push((flag, value));
+            } else if let (Some(&flag), None) = (command.switches.iter().find(|s| **s == flag), inline) {
+                args.switches.push(flag);
+            } else {
+                return Err(usage(format!("unknown option {word:?} for {}", command.name)));
+            }
+        }
+        Ok(args)
+    }
+
+    fn name(&self) -> Result<ExportName, Failure> {
+        Ok(ExportName::new(self.name.ok_or_else(|| usage("which export? give its NAME"))?)?)
+    }
+
+    fn switch(&self, flag: &str) -> bool {
+        self.switches.contains(&flag)
+    }
+
+    /// The value of option `flag`, parsed as a size.
+    fn size(&self, flag: &str) -> Result<Option<u64>, Failure> {
+        let value = self.options.iter().rev().find(|(f, _)| *f == flag);
+        Ok(value.map(|(_, v)| parse_size(flag.trim_start_matches('-'), v)).transpose()?)
+    }
+}
+
+/// One export as `list --json` and `info --json` show it: one field a line.
+fn export_json(e: &admin::ExportInfo) -> serde_json::Value {
+    serde_json::json!({
+        "name": e.name.as_str(),
+        "size": e.geometry.size(),
+        "block_size": e.geometry.block_size(),
+        "blocks": e.geometry.blocks(),
+        "stored_blocks": e.stored_blocks,
+        "stored_bytes": e.stored_bytes(),
+        "lease": match &e.lease {
+            Some(LeaseHolder::Writer { host, pid, expires }) => serde_json::json!({ "host": host, "pid": pid, "expires": expires }),
+            Some(LeaseHolder::Unreadable) => serde_json::json!("unreadable"),
+            None => serde_json::Value::Null,
+        },
+    })
+}
+
+fn print_json(value: &serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(value).unwrap_or_else(|e| unreachable!("JSON of plain values: {e}")));
+}
+
+/// A progress callback for `admin`'s long operations: a bar on standard error when it is a
+/// terminal, nothing otherwise (so scripts and logs see only the result).
+fn progress(verb: &'static str) -> impl FnMut(u64, u64) {
+    let show = std::io::stderr().is_terminal();
+    move |done, total| {
+        if show {
+            let pct = (done * 100).checked_div(total).unwrap_or(100);
+            let bar = "#".repeat((pct / 4) as usize);
+            eprint!("\r{verb} [{bar:<25}] {done}/{total} objects ({pct}%)");
+            if done == total {
+                eprintln!();
+            }
+        }
+    }
 }
 
 /// `+FILE` reads the secret from a file, so it does not show in `ps`; anything else is the secret.
@@ -208,9 +426,10 @@ fn read_secret(value: &str) -> Result<String, Failure> {
     }
 }
 
-fn confirm(prompt: &str, expected: &str) -> Result<(), Failure> {
+/// Asks the user to type `expected` before `verb`ing; refuses when no one can answer.
+fn confirm(verb: &str, prompt: &str, expected: &str) -> Result<(), Failure> {
     if !std::io::stdin().is_terminal() {
-        return Err(usage("refusing to delete without --yes when standard input is not a terminal"));
+        return Err(usage(format!("refusing to {verb} without --yes when standard input is not a terminal")));
     }
     eprint!("{prompt}");
     let _ = std::io::stderr().flush();
@@ -219,7 +438,7 @@ fn confirm(prompt: &str, expected: &str) -> Result<(), Failure> {
     if answer.trim() == expected {
         Ok(())
     } else {
-        Err(Failure(1, "not confirmed; nothing deleted".into()))
+        Err(Failure(1, "not confirmed; nothing changed".into()))
     }
 }
 

@@ -24,6 +24,7 @@ use std::hash::{BuildHasher, Hasher};
 use std::io::{self, BufRead, BufReader, IoSlice, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -48,6 +49,10 @@ const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The most response head, or error body, read; a server that sends more is not S3.
 const MAX_HEAD: u64 = 64 * 1024;
 
+/// The most characters of what a server said (an error message, a bad header) that a log line
+/// shows.
+const MAX_SHOWN: usize = 200;
+
 /// Kept-alive connections kept idle; more than the callers ever use at once (nbdkit's threads
 /// plus the read-ahead and write-back workers).
 const MAX_IDLE: usize = 64;
@@ -67,6 +72,8 @@ pub struct DirectClient {
     identity: Identity,
     timeout: Duration,
     idle: Mutex<Vec<Connection>>,
+    /// Attempts after a request's first (not counting a stale kept-alive connection replaced).
+    retries: AtomicU64,
 }
 
 impl fmt::Debug for DirectClient {
@@ -108,8 +115,8 @@ enum Outcome {
 }
 
 /// A kept-alive connection; responses are read through the buffer, requests written to the
-/// stream beneath it.
-struct Connection(BufReader<TcpStream>);
+/// stream beneath it. Reads give up at the current request's deadline (see [`Connection::arm`]).
+struct Connection(BufReader<TcpStream>, Instant);
 
 impl DirectClient {
     /// The direct path for `config`'s bucket with the SDK's `credentials`, or `None` when it does
@@ -155,6 +162,7 @@ impl DirectClient {
             identity: credentials.into(),
             timeout: config.timeout,
             idle: Mutex::new(Vec::new()),
+            retries: AtomicU64::new(0),
         })
     }
 
@@ -185,6 +193,11 @@ impl DirectClient {
         self.run(store, key, block, &mut Body::None).map(drop)
     }
 
+    /// Requests sent again after a transient failure, since this client was made.
+    pub fn retries(&self) -> u64 {
+        self.retries.load(Relaxed)
+    }
+
     /// The request's attempts; whether the object was there.
     fn run(&self, store: &str, key: &str, block: BlockId, body: &mut Body<'_>) -> Result<bool> {
         let request = &Request::new(body.method(), store, key, block);
@@ -204,6 +217,7 @@ impl DirectClient {
                 return Err(error);
             }
             log::debug!("{error}; retrying in {backoff:?}");
+            self.retries.fetch_add(1, Relaxed);
             std::thread::sleep(backoff);
             attempt += 1;
         }
@@ -220,6 +234,7 @@ impl DirectClient {
                 Err(error) => return Ok(Outcome::Retry { error, stale: false }),
             },
         };
+        connection.1 = deadline;
         let wait =
             ATTEMPT_TIMEOUT.min(deadline.saturating_duration_since(Instant::now())).max(Duration::from_millis(1));
         let stream = connection.0.get_ref();
@@ -243,7 +258,7 @@ impl DirectClient {
         // Whether the whole answer was read, so the connection can serve the next request.
         let (outcome, read_whole) = match (head.status, body) {
             (200, Body::Into(buf)) => {
-                let outcome = self.read_body(request, &head, deadline, &mut connection, buf);
+                let outcome = self.read_body(request, &head, &mut connection, buf);
                 let found = matches!(outcome, Ok(Outcome::Done));
                 (outcome, found)
             }
@@ -265,7 +280,8 @@ impl DirectClient {
                 _ => (request.refused(status, "", ""), false),
             },
         };
-        if read_whole && !head.close {
+        // Bytes past the answer are no answer to the next request: the connection is not reused.
+        if read_whole && !head.close && connection.0.buffer().is_empty() {
             let mut idle = lock(&self.idle);
             if idle.len() < MAX_IDLE {
                 idle.push(connection);
@@ -275,14 +291,7 @@ impl DirectClient {
     }
 
     /// The body of a 200 into `buf`, and its checksum checked.
-    fn read_body(
-        &self,
-        request: &Request<'_>,
-        head: &Head,
-        deadline: Instant,
-        c: &mut Connection,
-        buf: &mut [u8],
-    ) -> Result<Outcome> {
+    fn read_body(&self, request: &Request<'_>, head: &Head, c: &mut Connection, buf: &mut [u8]) -> Result<Outcome> {
         let expected = buf.len();
         match head.length {
             Some(n) if n == expected as u64 => {}
@@ -295,7 +304,7 @@ impl DirectClient {
             }
         }
         quick_ack(c);
-        if let Err(e) = read_exact_by(c, buf, deadline) {
+        if let Err(e) = c.read_exact(buf) {
             return Ok(Outcome::Retry { error: request.io_error(&e), stale: false });
         }
         if let Some(sent) = &head.crc32 {
@@ -322,7 +331,7 @@ impl DirectClient {
                 Ok(stream) => {
                     // Each request goes out at once, and a PUT's body right behind its head.
                     stream.set_nodelay(true).map_err(|e| unreachable(&e))?;
-                    return Ok(Connection(BufReader::with_capacity(16 * 1024, stream)));
+                    return Ok(Connection(BufReader::with_capacity(16 * 1024, stream), deadline));
                 }
                 Err(e) => last = e,
             }
@@ -416,8 +425,8 @@ impl<'a> Request<'a> {
     /// An error answer: another attempt for 5xx and throttling (as the SDK), else the error.
     fn refused(&self, status: u16, code: &str, message: &str) -> Result<Outcome> {
         let what = format!("{} {}", self.method, self.key);
-        let detail = if message.is_empty() { String::new() } else { format!(": {message}") };
-        let code = if code.is_empty() { format!("HTTP {status}") } else { code.to_string() };
+        let detail = if message.is_empty() { String::new() } else { format!(": {}", printable(message)) };
+        let code = if code.is_empty() { format!("HTTP {status}") } else { printable(code) };
         let error = classify(self.store, &what, &code, &detail);
         let transient = matches!(status, 429 | 500 | 502 | 503 | 504)
             || matches!(code.as_str(), "SlowDown" | "Throttling" | "ThrottlingException" | "RequestTimeout");
@@ -440,8 +449,19 @@ struct Head {
 }
 
 impl Head {
-    fn read(c: &mut Connection) -> io::Result<Head> {
-        let mut limited = (&mut c.0).take(MAX_HEAD);
+    /// Reads the head of the answer, after any interim (1xx) ones, at most `MAX_HEAD` bytes in all.
+    fn read(r: &mut impl BufRead) -> io::Result<Head> {
+        let mut limited = r.take(MAX_HEAD);
+        loop {
+            let head = Head::read_one(&mut limited)?;
+            // 100 Continue and 103 Early Hints come before the answer (101 would end HTTP).
+            if !(100..200).contains(&head.status) || head.status == 101 {
+                return Ok(head);
+            }
+        }
+    }
+
+    fn read_one(limited: &mut impl BufRead) -> io::Result<Head> {
         let mut line = Vec::new();
         let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_string());
         limited.read_until(b'\n', &mut line)?;
@@ -449,12 +469,16 @@ impl Head {
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the server closed the connection"));
         }
         let status_line = String::from_utf8_lossy(&line);
-        let status = status_line
-            .strip_prefix("HTTP/1.")
-            .and_then(|rest| rest.get(2..5))
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| bad(&format!("not an HTTP/1.x answer: {:?}", status_line.trim_end())))?;
-        let mut head = Head { status, length: None, crc32: None, close: status_line.starts_with("HTTP/1.0") };
+        // HTTP/1.x, a space, three digits, and a reason (or none).
+        let mut parts = status_line.trim_end_matches(['\r', '\n']).splitn(3, ' ');
+        let (version, code) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
+        let status = Some(code)
+            .filter(|c| {
+                matches!(version, "HTTP/1.0" | "HTTP/1.1") && c.len() == 3 && c.bytes().all(|b| b.is_ascii_digit())
+            })
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| bad(&format!("not an HTTP/1.x answer: {}", printable(status_line.trim_end()))))?;
+        let mut head = Head { status, length: None, crc32: None, close: version == "HTTP/1.0" };
         let (mut composite, mut framed_otherwise) = (false, false);
         loop {
             line.clear();
@@ -467,13 +491,21 @@ impl Head {
                 if text.trim().is_empty() {
                     break;
                 }
-                return Err(bad(&format!("malformed header line {:?}", text.trim_end())));
+                return Err(bad(&format!("malformed header line {}", printable(text.trim_end()))));
             };
             let (name, value) = (name.trim().to_ascii_lowercase(), value.trim());
             match name.as_str() {
-                "content-length" => head.length = Some(value.parse().map_err(|_| bad("malformed Content-Length"))?),
+                "content-length" => {
+                    // Digits only; repeated, it must say the same, or where the answer ends is unknown.
+                    let length = Some(value)
+                        .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                        .and_then(|v| v.parse().ok())
+                        .filter(|n| head.length.is_none_or(|m| m == *n))
+                        .ok_or_else(|| bad(&format!("malformed or conflicting Content-Length {}", printable(value))))?;
+                    head.length = Some(length);
+                }
                 "transfer-encoding" => framed_otherwise = true,
-                "connection" => head.close |= value.eq_ignore_ascii_case("close"),
+                "connection" => head.close |= value.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")),
                 "x-amz-checksum-crc32" => head.crc32 = Some(value.to_string()),
                 // A multipart object's checksum is of its parts' checksums, not of the bytes.
                 "x-amz-checksum-type" => composite = value.eq_ignore_ascii_case("COMPOSITE"),
@@ -491,22 +523,36 @@ impl Head {
     }
 }
 
-/// Fills `buf` from the connection, giving up at `deadline`: a server that trickles the body
-/// still cannot hold a request past `s3-timeout`.
-fn read_exact_by(c: &mut Connection, buf: &mut [u8], deadline: Instant) -> io::Result<()> {
-    let mut filled = 0;
-    while let Some(rest) = buf.get_mut(filled..).filter(|rest| !rest.is_empty()) {
-        if let Some(left) = shortened_timeout(deadline)? {
-            c.0.get_ref().set_read_timeout(Some(left))?;
+impl Connection {
+    /// Before a read that will wait for the network, shortens the socket's timeout to what is
+    /// left before the deadline: a server that trickles its answer a byte at a time (each in less
+    /// than the socket's timeout) still cannot hold a request past `s3-timeout`.
+    fn arm(&self) -> io::Result<()> {
+        if self.0.buffer().is_empty() {
+            if let Some(left) = shortened_timeout(self.1)? {
+                self.0.get_ref().set_read_timeout(Some(left))?;
+            }
         }
-        match c.0.read(rest) {
-            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
+        Ok(())
     }
-    Ok(())
+}
+
+impl Read for Connection {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.arm()?;
+        self.0.read(buf)
+    }
+}
+
+impl BufRead for Connection {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        self.arm()?;
+        self.0.fill_buf()
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.0.consume(n);
+    }
 }
 
 /// The socket timeout the next read or write needs so as not to outlast `deadline`, when that is
@@ -519,10 +565,12 @@ fn shortened_timeout(deadline: Instant) -> io::Result<Option<Duration>> {
     Ok((left < ATTEMPT_TIMEOUT).then_some(left))
 }
 
-/// Reads a body of `n` bytes as text.
-fn read_text(c: &mut Connection, n: u64) -> io::Result<String> {
+/// Reads a body of `n` bytes as text; one cut short is an error.
+fn read_text(r: &mut impl Read, n: u64) -> io::Result<String> {
     let mut body = Vec::new();
-    (&mut c.0).take(n).read_to_end(&mut body)?;
+    if r.take(n).read_to_end(&mut body)? as u64 != n {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
     Ok(String::from_utf8_lossy(&body).into_owned())
 }
 
@@ -544,6 +592,22 @@ fn write_both(stream: &mut TcpStream, head: &[u8], body: &[u8], deadline: Instan
         }
     }
     Ok(())
+}
+
+/// What a server said, fit for a log line: at most `MAX_SHOWN` characters, control characters
+/// (a forged second line) escaped.
+fn printable(said: &str) -> String {
+    let mut shown = String::new();
+    for c in said.chars().take(MAX_SHOWN) {
+        match c.is_control() {
+            true => shown.extend(c.escape_default()),
+            false => shown.push(c),
+        }
+    }
+    if said.chars().nth(MAX_SHOWN).is_some() {
+        shown.push_str("...");
+    }
+    shown
 }
 
 /// The text of the first `<name>` element of an S3 error body, or "".
@@ -595,7 +659,12 @@ fn invocation_id() -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::VecDeque;
+    use std::sync::Arc;
+
     use super::*;
+
+    mod fuzz;
 
     #[test]
     fn crc32_in_s3_form() {
@@ -608,43 +677,52 @@ mod tests {
     /// What the canned server does with the next request.
     enum Answer {
         /// Writes these bytes, then waits for the next request on the same connection.
-        Send(String),
+        Send(Vec<u8>),
         /// Writes these bytes and closes the connection.
-        SendAndClose(String),
+        SendAndClose(Vec<u8>),
         /// Holds the connection without answering.
         Silent,
         /// Writes these bytes and closes the connection without reading the request's body.
-        RefuseUnread(String),
+        RefuseUnread(Vec<u8>),
         /// Holds the connection without reading the request's body.
         Stall,
+        /// Writes these bytes one at a time, each after this pause, then waits for the next
+        /// request.
+        Drip(Vec<u8>, Duration),
     }
 
-    fn ok(body: &[u8], crc32: &str) -> String {
-        format!(
-            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nx-amz-checksum-crc32: {crc32}\r\n\r\n{}",
-            body.len(),
-            String::from_utf8_lossy(body)
-        )
+    fn ok(body: &[u8], crc32: &str) -> Vec<u8> {
+        let head =
+            format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nx-amz-checksum-crc32: {crc32}\r\n\r\n", body.len());
+        [head.as_bytes(), body].concat()
     }
 
-    fn error(status: &str, code: &str) -> String {
+    fn error(status: &str, code: &str) -> Vec<u8> {
         let body = format!("<Error><Code>{code}</Code><Message>as canned</Message></Error>");
-        format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\n\r\n{body}", body.len())
+        format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\n\r\n{body}", body.len()).into_bytes()
     }
 
     /// A server on loopback giving `answers` in turn, for the protocol's corners a real S3
     /// server does not show on demand; returns a `DirectClient` to it and the requests seen (head
     /// and body).
-    fn canned(answers: Vec<Answer>, timeout: Duration) -> (DirectClient, std::sync::Arc<Mutex<Vec<String>>>) {
+    fn canned(answers: Vec<Answer>, timeout: Duration) -> (DirectClient, Arc<Mutex<Vec<String>>>) {
+        canned_queue(Arc::new(Mutex::new(answers.into())), timeout)
+    }
+
+    /// [`canned`] with a queue of answers the caller can refill, to serve many cases.
+    fn canned_queue(
+        answers: Arc<Mutex<VecDeque<Answer>>>,
+        timeout: Duration,
+    ) -> (DirectClient, Arc<Mutex<Vec<String>>>) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let authority = listener.local_addr().unwrap().to_string();
-        let seen = std::sync::Arc::new(Mutex::new(Vec::new()));
-        let answers = std::sync::Arc::new(Mutex::new(std::collections::VecDeque::from(answers)));
+        let seen = Arc::new(Mutex::new(Vec::new()));
         let requests = seen.clone();
         std::thread::spawn(move || {
             for stream in listener.incoming() {
                 let Ok(stream) = stream else { return };
                 let (answers, requests) = (answers.clone(), requests.clone());
+                // A write fails when the client has given up, which ends the connection's thread.
                 std::thread::spawn(move || {
                     let mut reader = BufReader::new(stream.try_clone().unwrap());
                     let mut stream = stream;
@@ -659,7 +737,7 @@ mod tests {
                         match answer {
                             Some(Answer::RefuseUnread(bytes)) => {
                                 requests.lock().unwrap().push(head);
-                                return stream.write_all(bytes.as_bytes()).unwrap();
+                                return drop(stream.write_all(&bytes));
                             }
                             Some(Answer::Stall) => return std::thread::sleep(Duration::from_secs(30)),
                             _ => {}
@@ -673,11 +751,18 @@ mod tests {
                             return;
                         }
                         requests.lock().unwrap().push(head + &String::from_utf8_lossy(&body));
-                        match answer {
-                            Some(Answer::Send(bytes)) => stream.write_all(bytes.as_bytes()).unwrap(),
-                            Some(Answer::SendAndClose(bytes)) => return stream.write_all(bytes.as_bytes()).unwrap(),
-                            Some(Answer::Silent) => std::thread::sleep(Duration::from_secs(30)),
+                        let sent = match answer {
+                            Some(Answer::Send(bytes)) => stream.write_all(&bytes),
+                            Some(Answer::SendAndClose(bytes)) => return drop(stream.write_all(&bytes)),
+                            Some(Answer::Drip(bytes, every)) => bytes.iter().try_for_each(|b| {
+                                std::thread::sleep(every);
+                                stream.write_all(&[*b])
+                            }),
+                            Some(Answer::Silent) => return std::thread::sleep(Duration::from_secs(30)),
                             Some(Answer::RefuseUnread(_) | Answer::Stall) | None => return,
+                        };
+                        if sent.is_err() {
+                            return;
                         }
                     }
                 });
@@ -713,6 +798,7 @@ mod tests {
         assert_eq!(&buf, body);
         let seen = seen.lock().unwrap();
         assert_eq!(seen.len(), 3);
+        assert_eq!(direct.retries(), 2, "the 503 and the 500 were counted as retries");
         let id = |h: &String| h.lines().find(|l| l.starts_with("amz-sdk-invocation-id")).map(str::to_string);
         assert!(id(&seen[0]).is_some() && seen.iter().all(|h| id(h) == id(&seen[0])), "{seen:#?}");
         assert!(seen[0].starts_with("GET /bucket/blocks/e/0000000000000000 HTTP/1.1\r\n"), "{seen:#?}");
@@ -742,6 +828,7 @@ mod tests {
             started.elapsed()
         );
         assert_eq!(seen.lock().unwrap().len(), 6, "one request per GET reached the server");
+        assert_eq!(direct.retries(), 0, "a stale connection replaced is no retry");
     }
 
     #[test]
@@ -768,7 +855,7 @@ mod tests {
         let err = get(&direct, &mut buf).unwrap_err();
         assert!(err.to_string().contains("is 5 bytes, expected 4"), "{err}");
         let chunked = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nabcd\r\n0\r\n\r\n".to_string();
-        let (direct, _) = canned(vec![Answer::Send(chunked)], Duration::from_secs(5));
+        let (direct, _) = canned(vec![Answer::Send(chunked.into())], Duration::from_secs(5));
         let err = get(&direct, &mut buf).unwrap_err();
         assert!(err.to_string().contains("no Content-Length"), "{err}");
     }
@@ -785,7 +872,7 @@ mod tests {
     #[test]
     fn puts_send_the_block_and_its_checksum() {
         let stored = "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n".to_string();
-        let answers = vec![Answer::Send(error("503 Slow Down", "SlowDown")), Answer::Send(stored)];
+        let answers = vec![Answer::Send(error("503 Slow Down", "SlowDown")), Answer::Send(stored.into())];
         let (direct, seen) = canned(answers, Duration::from_secs(20));
         direct.put("store", "blocks/e/0000000000001000", BlockId(1), b"12345").unwrap();
         let seen = seen.lock().unwrap();
@@ -825,7 +912,7 @@ mod tests {
     #[test]
     fn deletes() {
         let deleted = "HTTP/1.1 204 No Content\r\n\r\n".to_string();
-        let (direct, seen) = canned(vec![Answer::Send(deleted)], Duration::from_secs(5));
+        let (direct, seen) = canned(vec![Answer::Send(deleted.into())], Duration::from_secs(5));
         direct.delete("store", "blocks/e/0000000000000000", BlockId(0)).unwrap();
         assert!(seen.lock().unwrap()[0].starts_with("DELETE /bucket/blocks/e/0000000000000000 HTTP/1.1\r\n"));
         let (direct, _) = canned(vec![Answer::Send(error("403 Forbidden", "AccessDenied"))], Duration::from_secs(5));

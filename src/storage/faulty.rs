@@ -112,6 +112,10 @@ impl<S: Storage> Storage for FaultyStorage<S> {
         self.check("flush", &self.fail_writes, None)?;
         self.inner.flush()
     }
+
+    fn retries(&self) -> u64 {
+        self.inner.retries()
+    }
 }
 
 #[cfg(test)]

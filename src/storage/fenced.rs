@@ -3,6 +3,11 @@
 //! The lease is checked where blocks are written, not only where NBD requests arrive, because
 //! write-back happens later, on other threads: a process that lost its lease while it held dirty
 //! blocks must not write them over its successor's.
+//!
+//! The check passes a write on to `inner` at once; the `s3-timeout` margin of the lease then
+//! bounds the request. Time spent between the check and the request's start is not covered:
+//! an S3 store that makes the write wait for one of its `s3-concurrency` request slots starts
+//! the request's own timeout only when it gets one.
 
 use std::fmt;
 use std::sync::Arc;
@@ -66,6 +71,10 @@ impl Storage for FencedStorage {
     fn flush(&self) -> Result<()> {
         self.lease.check()?;
         self.inner.flush()
+    }
+
+    fn retries(&self) -> u64 {
+        self.inner.retries()
     }
 }
 

@@ -64,6 +64,11 @@ impl MeteredStorage {
         MeteredStorage { inner, stats: StorageStats::default() }
     }
 
+    /// The counters by name, in the stats file's order, with the store's retries.
+    pub fn counters(&self) -> Vec<(&'static str, u64)> {
+        self.stats.counters().into_iter().chain([("retries", self.inner.retries())]).collect()
+    }
+
     fn count<T>(&self, counter: &AtomicU64, n: u64, result: Result<T>) -> Result<T> {
         counter.fetch_add(n, Relaxed);
         if result.is_err() {
@@ -126,6 +131,10 @@ impl Storage for MeteredStorage {
     fn flush(&self) -> Result<()> {
         self.inner.flush()
     }
+
+    fn retries(&self) -> u64 {
+        self.inner.retries()
+    }
 }
 
 #[cfg(test)]
@@ -159,5 +168,6 @@ mod tests {
                 ("bytes_up", 512)
             ]
         );
+        assert_eq!(s.counters().last(), Some(&("retries", 0)));
     }
 }

@@ -108,6 +108,13 @@ pub trait Storage: Send + Sync + fmt::Debug + fmt::Display {
     /// # Errors
     /// Backend failures; earlier writes may or may not be durable then.
     fn flush(&self) -> Result<()>;
+
+    /// Requests this store sent again after a transient failure (S3: 5xx, throttling, a dropped
+    /// connection, no answer in time), whether or not a later attempt succeeded: what a failing
+    /// server cost that the other counters do not show. Stores that never retry count none.
+    fn retries(&self) -> u64 {
+        0
+    }
 }
 
 /// A lease's text and the version the backend gave it, for [`Backend::replace_lease`].

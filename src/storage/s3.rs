@@ -15,18 +15,22 @@
 //! does them on the caller's thread, with the same checks and retry policy, at half the CPU.
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::BehaviorVersion;
+use aws_sdk_s3::config::interceptors::BeforeTransmitInterceptorContextRef;
 use aws_sdk_s3::config::retry::{RetryPartition, TokenBucket};
-use aws_sdk_s3::config::{Credentials, Region, SharedCredentialsProvider};
+use aws_sdk_s3::config::{ConfigBag, Credentials, Intercept, Region, RuntimeComponents, SharedCredentialsProvider};
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{Delete, ObjectIdentifier};
 use aws_sdk_s3::Client;
+use aws_smithy_runtime_api::box_error::BoxError;
+use aws_smithy_runtime_api::client::retries::RequestAttempts;
 use bytes::Bytes;
 use tokio::sync::{Semaphore, SemaphorePermit};
 
@@ -107,6 +111,8 @@ pub struct S3Client {
     /// Every request but single-block ones, and those too where `direct` is `None`.
     pub sdk: Client,
     direct: Option<Arc<DirectClient>>,
+    /// The SDK's retries, counted by [`CountRetries`].
+    sdk_retries: Arc<AtomicU64>,
 }
 
 impl S3Client {
@@ -117,29 +123,56 @@ impl S3Client {
 }
 
 impl From<Client> for S3Client {
-    /// Everything through the SDK.
+    /// Everything through the SDK, whose retries this does not count (see [`client`]).
     fn from(sdk: Client) -> Self {
-        S3Client { sdk, direct: None }
+        S3Client { sdk, direct: None, sdk_retries: Arc::default() }
+    }
+}
+
+/// Counts the SDK's retries: every attempt after an operation's first.
+#[derive(Debug)]
+struct CountRetries(Arc<AtomicU64>);
+
+impl Intercept for CountRetries {
+    fn name(&self) -> &'static str {
+        "CountRetries"
+    }
+
+    fn read_before_attempt(
+        &self,
+        _: &BeforeTransmitInterceptorContextRef<'_>,
+        _: &RuntimeComponents,
+        cfg: &mut ConfigBag,
+    ) -> std::result::Result<(), BoxError> {
+        if cfg.load::<RequestAttempts>().is_some_and(|a| a.attempts() > 1) {
+            self.0.fetch_add(1, Relaxed);
+        }
+        Ok(())
     }
 }
 
 /// Builds an S3 client for `config` that retries transient failures (throttling, 5xx, dropped
 /// connections) with backoff, within `config.timeout`. Must run inside a tokio runtime.
 pub async fn client(config: &S3Config) -> S3Client {
-    let (sdk, credentials) = build_sdk(config, 5).await;
+    let sdk_retries = Arc::default();
+    let (sdk, credentials) = build_sdk(config, 5, &sdk_retries).await;
     let direct = match credentials {
         Some(credentials) => DirectClient::new(config, &credentials).await.map(Arc::new),
         None => None,
     };
-    S3Client { sdk, direct }
+    S3Client { sdk, direct, sdk_retries }
 }
 
 async fn build_client(config: &S3Config, max_attempts: u32) -> Client {
-    build_sdk(config, max_attempts).await.0
+    build_sdk(config, max_attempts, &Arc::default()).await.0
 }
 
-/// The SDK's client, and the credentials it signs with.
-async fn build_sdk(config: &S3Config, max_attempts: u32) -> (Client, Option<SharedCredentialsProvider>) {
+/// The SDK's client, counting its retries in `retries`, and the credentials it signs with.
+async fn build_sdk(
+    config: &S3Config,
+    max_attempts: u32,
+    retries: &Arc<AtomicU64>,
+) -> (Client, Option<SharedCredentialsProvider>) {
     let mut loader = aws_config::defaults(BehaviorVersion::latest())
         .region(Region::new(config.region.clone()))
         .retry_config(RetryConfig::standard().with_max_attempts(max_attempts))
@@ -161,7 +194,8 @@ async fn build_sdk(config: &S3Config, max_attempts: u32) -> (Client, Option<Shar
     let unlimited = RetryPartition::custom("nbds3").token_bucket(TokenBucket::unlimited()).build();
     let mut builder = aws_sdk_s3::config::Builder::from(&sdk)
         .force_path_style(config.path_style.unwrap_or(false))
-        .retry_partition(unlimited);
+        .retry_partition(unlimited)
+        .interceptor(CountRetries(Arc::clone(retries)));
     if let Some(endpoint) = &config.endpoint {
         builder = builder.endpoint_url(endpoint);
     }
@@ -241,6 +275,9 @@ pub fn probe_conditional_writes(config: &S3Config) -> Result<bool> {
     Ok(honoured)
 }
 
+/// The most bytes of a record or lease read: both are a few short lines.
+const MAX_TEXT: usize = 64 * 1024;
+
 /// The exports of one bucket: records at `exports/{export}`, leases at `leases/{export}`, blocks
 /// under `blocks/{export}/`.
 #[derive(Debug)]
@@ -268,11 +305,21 @@ impl S3Backend {
     /// The text at `key` and its ETag, or `None` if there is no such object.
     async fn get_text(&self, key: &str) -> Result<Option<VersionedText>> {
         match self.client.sdk.get_object().bucket(&self.config.bucket).key(key).send().await {
-            Ok(o) => {
+            Ok(mut o) => {
                 let version = o.e_tag().unwrap_or_default().to_string();
-                let body = o.body.collect().await.map_err(|e| Error::backend(self, format!("GET {key}: {e}")))?;
-                let text = String::from_utf8(body.into_bytes().to_vec())
-                    .map_err(|_| Error::backend(self, format!("GET {key}: not UTF-8 text")))?;
+                // Records and leases are a few lines; an object of any size may be there instead.
+                let mut body = Vec::new();
+                while let Some(chunk) =
+                    o.body.try_next().await.map_err(|e| Error::backend(self, format!("GET {key}: {e}")))?
+                {
+                    if body.len() + chunk.len() > MAX_TEXT {
+                        let why = format!("GET {key}: more than {MAX_TEXT} bytes, so not a record or lease of nbds3");
+                        return Err(Error::backend(self, why));
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+                let text =
+                    String::from_utf8(body).map_err(|_| Error::backend(self, format!("GET {key}: not UTF-8 text")))?;
                 Ok(Some(VersionedText { text, version }))
             }
             Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => Ok(None),
@@ -396,6 +443,8 @@ pub struct S3Storage {
     client: Client,
     /// Block GETs, PUTs and DELETEs without the SDK, where that applies.
     direct: Option<Arc<DirectClient>>,
+    /// The SDK's retries; shared with the other exports of the bucket, as the client is.
+    sdk_retries: Arc<AtomicU64>,
     bucket: String,
     export: ExportName,
     block_size: usize,
@@ -423,6 +472,7 @@ impl S3Storage {
         S3Storage {
             client: client.sdk,
             direct: client.direct,
+            sdk_retries: client.sdk_retries,
             bucket: config.bucket.clone(),
             export: export.clone(),
             block_size,
@@ -606,6 +656,11 @@ impl Storage for S3Storage {
         // S3 acknowledges a PUT or DELETE only once it is durable: there is nothing to flush.
         Ok(())
     }
+
+    /// The bucket's client's retries, all exports together: they share its connections.
+    fn retries(&self) -> u64 {
+        self.sdk_retries.load(Relaxed) + self.direct.as_ref().map_or(0, |d| d.retries())
+    }
 }
 
 /// One block GET, owning what it needs so that it can run as a task of its own.
@@ -703,5 +758,51 @@ pub(super) fn classify(store: &str, what: &str, code: &str, detail: &str) -> Err
         "AccessDenied" | "AllAccessDisabled" | "Forbidden" | "HTTP 403" => Error::PermissionDenied { store, message },
         "NoSuchBucket" => Error::NotFound { store, message },
         _ => Error::Backend { store, message },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{BufRead, BufReader, Write};
+
+    use super::*;
+
+    /// The SDK's retries reach [`Storage::retries`]: a block GET answered 503 SlowDown once, then
+    /// with the block, counts one.
+    #[test]
+    fn sdk_retries_are_counted() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        std::thread::spawn(move || {
+            let slow_down = "<Error><Code>SlowDown</Code><Message>as canned</Message></Error>";
+            let answers = [
+                format!("HTTP/1.1 503 Slow Down\r\nContent-Length: {}\r\n\r\n{slow_down}", slow_down.len()),
+                "HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nabcd".to_string(),
+            ];
+            let (stream, _) = listener.accept().unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            for answer in answers {
+                let mut line = String::new();
+                while reader.read_line(&mut line).unwrap() > 2 {
+                    line.clear();
+                }
+                (&stream).write_all(answer.as_bytes()).unwrap();
+            }
+        });
+        let config = S3Config {
+            bucket: "bucket".into(),
+            endpoint: Some(endpoint),
+            path_style: Some(true),
+            access_key: Some("AKID".into()),
+            secret_key: Some(Secret("secret".into())),
+            ..Default::default()
+        };
+        let client = runtime().unwrap().block_on(client(&config));
+        let through_sdk = S3Client { direct: None, ..client };
+        let storage = S3Storage::new(through_sdk, &config, &ExportName::new("e").unwrap(), 4);
+        let mut buf = BlockBuf::zeroed(4);
+        assert!(storage.read_block(BlockId(0), &mut buf).unwrap());
+        assert_eq!(&buf[..], b"abcd");
+        assert_eq!(storage.retries(), 1);
     }
 }

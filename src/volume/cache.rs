@@ -45,6 +45,25 @@ use crate::{lock, Error, Result};
 /// request runs, in batches of this size, so a full-device trim needs no memory per block.
 const DELETE_BATCH: usize = 1000;
 
+/// The blocks storage holds among `blocks`, listed in up to `concurrency` slices at a time.
+fn list_stored(storage: &dyn Storage, blocks: Range<u64>, concurrency: usize) -> Result<BTreeSet<u64>> {
+    let allocated = Mutex::new(BTreeSet::new());
+    // Eight slices keep a busy S3 server listing a large export eight pages at a time; local
+    // backends list everything in one call.
+    let slices: u64 = if concurrency >= 8 { 8 } else { 1 };
+    let step = (blocks.end - blocks.start).div_ceil(slices).max(1);
+    let ranges: Vec<Range<u64>> = (0..slices)
+        .map(|i| blocks.start + i * step..(blocks.start + (i + 1) * step).min(blocks.end))
+        .filter(|r| !r.is_empty())
+        .collect();
+    parallel(ranges, concurrency, |r| {
+        let ids = storage.list_blocks_in(r)?;
+        lock(&allocated).extend(ids.into_iter().map(|b| b.0));
+        Ok(())
+    })?;
+    Ok(allocated.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner))
+}
+
 /// What a slot knows of its block's bytes.
 #[derive(Debug, Clone)]
 enum Content {
@@ -150,18 +169,7 @@ impl BlockCache {
     /// # Errors
     /// The storage's error if the blocks cannot be listed.
     pub fn new(storage: Arc<dyn Storage>, capacity: usize, blocks: u64, concurrency: usize) -> Result<Self> {
-        let allocated = Mutex::new(BTreeSet::new());
-        // Eight slices keep a busy S3 server listing a large export eight pages at a time; local
-        // backends list everything in one call.
-        let slices: u64 = if concurrency >= 8 { 8 } else { 1 };
-        let step = blocks.div_ceil(slices).max(1);
-        let ranges: Vec<Range<u64>> = (0..slices).map(|i| i * step..((i + 1) * step).min(blocks)).collect();
-        parallel(ranges, concurrency, |r| {
-            let ids = storage.list_blocks_in(r)?;
-            lock(&allocated).extend(ids.into_iter().map(|b| b.0));
-            Ok(())
-        })?;
-        let allocated = allocated.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let allocated = list_stored(&*storage, 0..blocks, concurrency)?;
         Ok(BlockCache {
             block_size: storage.block_size(),
             storage,
@@ -170,6 +178,17 @@ impl BlockCache {
             dirty_bytes: AtomicU64::new(0),
             stats: CacheStats::default(),
         })
+    }
+
+    /// Adds the blocks storage holds among `blocks` to the map of stored blocks: a range the
+    /// device grew into, which no request may touch yet.
+    ///
+    /// # Errors
+    /// The storage's error if the blocks cannot be listed.
+    pub fn add_stored(&self, blocks: Range<u64>, concurrency: usize) -> Result<()> {
+        let stored = list_stored(&*self.storage, blocks, concurrency)?;
+        lock(&self.index).allocated.extend(stored);
+        Ok(())
     }
 
     /// How many clean blocks the cache keeps.

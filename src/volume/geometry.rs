@@ -1,7 +1,8 @@
-//! The pure block math: a device's size and block size, and how a byte range splits into blocks.
+//! The pure block math: a device's size and block size, and how a byte range splits into blocks;
+//! and the record that keeps an export's geometry in its store.
 
-use crate::storage::BlockId;
-use crate::{Error, Result};
+use crate::storage::{Backend, BlockId};
+use crate::{Error, ExportName, Result};
 
 /// The smallest block size accepted.
 pub const MIN_BLOCK_SIZE: usize = 512;
@@ -9,6 +10,9 @@ pub const MIN_BLOCK_SIZE: usize = 512;
 pub const MAX_BLOCK_SIZE: usize = 4 << 20;
 /// The default block size.
 pub const DEFAULT_BLOCK_SIZE: usize = 4096;
+
+/// The most characters of a malformed record that its error shows.
+const MAX_RECORD_SHOWN: usize = 200;
 
 /// A device's size and block size, both validated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -73,12 +77,37 @@ impl Geometry {
         self.size / self.block_size as u64
     }
 
-    /// The text stored as an export's record when it is created.
+    /// The same block size at `size` bytes (an export resized).
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming `size` when it is not a positive multiple of the block size.
+    pub fn with_size(&self, size: u64) -> Result<Self> {
+        Geometry::new(size, self.block_size)
+    }
+
+    /// The text stored as an export's record: written when the export is created, rewritten
+    /// (size only) by `nbds3ctl resize`.
     pub fn to_record(&self) -> String {
         format!(
-            "# nbds3 export geometry, written once when the export was created\nsize={}\nblock-size={}\n",
+            "# nbds3 export geometry; the block size never changes, the size only with nbds3ctl resize\nsize={}\nblock-size={}\n",
             self.size, self.block_size
         )
+    }
+
+    /// The geometry recorded for `export` in `backend`; `None` if it has no record.
+    ///
+    /// # Errors
+    /// Backend failures, and a malformed record.
+    pub fn recorded(backend: &dyn Backend, export: &ExportName) -> Result<Option<Self>> {
+        backend.read_record(export)?.map(|text| Geometry::from_record(&text)).transpose()
+    }
+
+    /// Writes this geometry as the record of `export` in `backend`.
+    ///
+    /// # Errors
+    /// Backend failures.
+    pub fn record(&self, backend: &dyn Backend, export: &ExportName) -> Result<()> {
+        backend.write_record(export, &self.to_record())
     }
 
     /// Parses a record written by [`to_record`](Self::to_record).
@@ -97,7 +126,12 @@ impl Geometry {
         }
         match (size, block_size) {
             (Some(size), Some(block_size)) => Geometry::new(size, block_size),
-            _ => Err(Error::config("export", format!("malformed geometry record {text:?}"))),
+            _ => {
+                // The record comes from the store, and may be anything of any size.
+                let shown: String = text.chars().take(MAX_RECORD_SHOWN).collect();
+                let cut = if shown.len() < text.len() { "..." } else { "" };
+                Err(Error::config("export", format!("malformed geometry record {shown:?}{cut}")))
+            }
         }
     }
 

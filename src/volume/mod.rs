@@ -9,7 +9,7 @@ pub mod cache;
 pub mod geometry;
 mod streams;
 
-use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::sync::{Arc, Condvar, Mutex, PoisonError, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 pub use cache::{BlockCache, CacheStats};
@@ -36,7 +36,12 @@ pub struct VolumeConfig {
 /// One export's device.
 #[derive(Debug)]
 pub struct Volume {
-    geometry: Geometry,
+    /// Grows (never shrinks) while connections use it, when `nbds3ctl resize` grew the export:
+    /// every request checks its range against the size of the moment, and a connection never
+    /// asks past the size it was given when it opened.
+    geometry: RwLock<Geometry>,
+    /// Held while the device grows, so that two growths never list the same new blocks.
+    growing: Mutex<()>,
     config: VolumeConfig,
     cache: BlockCache,
     /// The storage under the cache, counting its requests.
@@ -64,7 +69,8 @@ impl Volume {
         let blocks = |bytes: u64| usize::try_from(bytes / block_size as u64).unwrap_or(usize::MAX);
         let storage = Arc::new(MeteredStorage::new(storage));
         Ok(Volume {
-            geometry,
+            geometry: RwLock::new(geometry),
+            growing: Mutex::new(()),
             config,
             cache: BlockCache::new(storage.clone(), blocks(config.cache_bytes), geometry.blocks(), config.concurrency)?,
             storage,
@@ -122,18 +128,42 @@ impl Volume {
     /// This volume's counters by name, in the stats file's order: the dirty, cached and stored
     /// bytes, the cache's counters, and the requests that reached storage.
     pub fn counters(&self) -> Vec<(&'static str, u64)> {
-        let bs = self.geometry.block_size() as u64;
+        let bs = self.geometry().block_size() as u64;
         let memory = [
             ("dirty_bytes", self.cache.dirty_bytes()),
             ("cached_bytes", self.cache.clean_blocks() as u64 * bs),
             ("stored_bytes", self.cache.allocated_blocks() as u64 * bs),
         ];
-        memory.into_iter().chain(self.cache.stats.counters()).chain(self.storage.stats.counters()).collect()
+        memory.into_iter().chain(self.cache.stats.counters()).chain(self.storage.counters()).collect()
     }
 
     /// The device's geometry.
     pub fn geometry(&self) -> Geometry {
-        self.geometry
+        *self.geometry.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Grows the device to `size` bytes, after `nbds3ctl resize` grew its record. The blocks
+    /// storage holds in the new range are listed first (normally none), so that they read as
+    /// stored from the moment the new size shows. Connections opened before keep the size they
+    /// were given (NBD fixes it at the handshake); those opened afterwards see the new one.
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming `size` when it is smaller than the device (a volume never shrinks
+    /// under its connections) or not a multiple of the block size; the storage's error if the
+    /// new range cannot be listed.
+    pub fn grow(&self, size: u64) -> Result<()> {
+        let _growing = lock(&self.growing);
+        let old = self.geometry();
+        if size < old.size() {
+            return Err(Error::config(
+                "size",
+                format!("{size} is less than the device's {} bytes: a volume does not shrink while open", old.size()),
+            ));
+        }
+        let new = old.with_size(size)?;
+        self.cache.add_stored(old.blocks()..new.blocks(), self.config.concurrency)?;
+        *self.geometry.write().unwrap_or_else(PoisonError::into_inner) = new;
+        Ok(())
     }
 
     /// The cache, for its counters.
@@ -166,7 +196,7 @@ impl Volume {
     /// # Errors
     /// [`Error::OutOfRange`], or the storage's error for a block that could not be read.
     pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        let pieces: Vec<Piece> = self.geometry.pieces(offset, buf.len() as u64)?.collect();
+        let pieces: Vec<Piece> = self.geometry().pieces(offset, buf.len() as u64)?.collect();
         // Fetch the missing blocks of a chunk at once rather than one round trip after another;
         // a chunk is at most half the cache, so nothing fetched is evicted before it is copied.
         let chunk = (self.cache.capacity() / 2).max(1);
@@ -188,7 +218,7 @@ impl Volume {
     /// # Errors
     /// [`Error::OutOfRange`], or the storage's error for a block that could not be read.
     pub fn prefetch(&self, len: u64, offset: u64) -> Result<()> {
-        let pieces = self.geometry.pieces(offset, len)?;
+        let pieces = self.geometry().pieces(offset, len)?;
         let blocks = pieces.map(|p| p.block).take(self.cache.capacity());
         self.cache.prefetch(blocks, self.config.concurrency)
     }
@@ -199,7 +229,7 @@ impl Volume {
     /// [`Error::OutOfRange`], or a storage error from reading a partial block, from making room
     /// among the dirty blocks, or (with `fua`) from writing back.
     pub fn write(&self, data: &[u8], offset: u64, fua: bool) -> Result<()> {
-        let pieces = self.geometry.pieces(offset, data.len() as u64)?;
+        let pieces = self.geometry().pieces(offset, data.len() as u64)?;
         self.make_room()?;
         for p in pieces {
             self.cache.write(p.block, p.offset_in_block, &data[p.buf_offset..p.buf_offset + p.len])?;
@@ -215,9 +245,10 @@ impl Volume {
     /// [`Error::FastZeroUnsupported`] when `fast` is set and the range has partial blocks (that
     /// would need a read); otherwise as [`write`](Self::write).
     pub fn zero(&self, len: u64, offset: u64, fua: bool, fast: bool) -> Result<()> {
-        let block_size = self.geometry.block_size();
-        let edges = self.geometry.partial_pieces(offset, len)?;
-        let whole = self.geometry.whole_blocks(offset, len);
+        let geometry = self.geometry();
+        let block_size = geometry.block_size();
+        let edges = geometry.partial_pieces(offset, len)?;
+        let whole = geometry.whole_blocks(offset, len);
         if fast && !edges.is_empty() {
             return Err(Error::FastZeroUnsupported);
         }
@@ -236,8 +267,9 @@ impl Volume {
     /// # Errors
     /// [`Error::OutOfRange`].
     pub fn extents(&self, len: u64, offset: u64) -> Result<Vec<(u64, u64, bool)>> {
-        self.geometry.pieces(offset, len)?;
-        let bs = self.geometry.block_size() as u64;
+        let geometry = self.geometry();
+        geometry.pieces(offset, len)?;
+        let bs = geometry.block_size() as u64;
         let end = offset + len;
         let blocks = offset / bs..end.div_ceil(bs);
         Ok(self
@@ -264,7 +296,7 @@ impl Volume {
     /// With `fua`, makes the blocks of `len` bytes at `offset` durable.
     fn finish(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
         if fua {
-            let bs = self.geometry.block_size() as u64;
+            let bs = self.geometry().block_size() as u64;
             self.cache.write_back_range(offset / bs..(offset + len).div_ceil(bs), self.config.concurrency)?;
             self.storage.flush()?;
         }
@@ -290,7 +322,7 @@ impl Volume {
     /// Where the background writer stops: a round of requests (`concurrency` blocks, at most a
     /// quarter of `max-dirty`) below `max-dirty`, so that writers find room for a while.
     fn background_target(&self) -> u64 {
-        let round = self.config.concurrency as u64 * self.geometry.block_size() as u64;
+        let round = self.config.concurrency as u64 * self.geometry().block_size() as u64;
         let max = self.config.max_dirty_bytes;
         max - round.min(max / 4)
     }

@@ -105,7 +105,7 @@ impl Streams {
             // Never `clamp`: a read longer than half the bound would make it panic.
             d.window = (d.window * 2).max(len.max(bs) * 2).min(max.max(bs));
             let from = d.queued_until.max(d.next).next_multiple_of(bs);
-            let to = (d.next + d.window).min(volume.geometry.size());
+            let to = (d.next + d.window).min(volume.geometry().size());
             if from >= to {
                 return;
             }
@@ -140,7 +140,7 @@ impl Streams {
     /// The volume's block size, or `None` when it has nothing to gain (one request at a time:
     /// memory storage).
     fn block_size_if_useful(volume: &Volume) -> Option<u64> {
-        (volume.config.concurrency >= 2).then(|| volume.geometry.block_size() as u64)
+        (volume.config.concurrency >= 2).then(|| volume.geometry().block_size() as u64)
     }
 
     fn push(&self, volume: &Arc<Volume>, jobs: impl Iterator<Item = Job>) {
