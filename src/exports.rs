@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use crate::config::{Config, CreatePolicy, StorageKind};
 use crate::export::ExportName;
 use crate::lease::Lease;
+use crate::stats_file::{self, StatsFormat};
 use crate::storage::{Backend, FencedStorage, FileBackend, MemoryBackend, S3Backend};
 use crate::volume::{Geometry, Volume, DEFAULT_BLOCK_SIZE};
 use crate::{lock, Error, Result};
@@ -202,22 +203,22 @@ impl Exports {
         Ok(open)
     }
 
-    /// One line per open export: `export=NAME` and its counters.
-    pub fn stats(&self) -> String {
-        let mut volumes = self.snapshot();
-        volumes.sort_by(|a, b| a.0.cmp(&b.0));
-        volumes.iter().map(|(name, open)| format!("export={name} {}\n", open.volume.stats_fields())).collect()
+    /// The stats file: every open export's counters, in `format`.
+    pub fn stats(&self, format: StatsFormat) -> String {
+        let mut counters: Vec<_> =
+            self.snapshot().into_iter().map(|(name, open)| (name, open.volume.counters())).collect();
+        stats_file::render(format, &mut counters)
     }
 
     /// With `stats-file=`, rewrites that file every `stats-interval` (atomically, by rename).
     fn start_stats_writer(&self) {
         let Some(path) = self.config.stats_file.clone() else { return };
-        let interval = self.config.stats_interval;
+        let (interval, format) = (self.config.stats_interval, self.config.stats_format);
         let spawned = std::thread::Builder::new().name("nbds3-stats".into()).spawn(move || loop {
             std::thread::sleep(interval);
             let Some(exports) = crate::plugin::exports() else { return };
             let tmp = path.with_extension("tmp");
-            if let Err(e) = std::fs::write(&tmp, exports.stats()).and_then(|()| std::fs::rename(&tmp, &path)) {
+            if let Err(e) = std::fs::write(&tmp, exports.stats(format)).and_then(|()| std::fs::rename(&tmp, &path)) {
                 log::warn!("stats-file {}: {e}", path.display());
             }
         });
@@ -248,7 +249,7 @@ impl Exports {
                     }
                 }
             }
-            log::info!("export {name}: {}", open.volume.stats_fields());
+            log::info!("export {name}: {}", stats_file::fields(&open.volume.counters()));
             if let Some(lease) = open.lease {
                 lease.release();
             }

@@ -46,7 +46,9 @@ pub mod exports;
 mod fuzz;
 pub mod lease;
 pub mod logger;
+pub mod param_docs;
 mod plugin;
+pub mod stats_file;
 pub mod storage;
 pub mod volume;
 

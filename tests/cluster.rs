@@ -374,8 +374,8 @@ fn a_volume_server_killed_under_load_loses_nothing() {
     };
     let (read_before, write_before) = (worst(false, |r| r.read), worst(false, |r| r.write_flush));
     let (read_after, write_after) = (worst(true, |r| r.read), worst(true, |r| r.write_flush));
-    println!(
-        "cluster: volume server 1 killed {:.1} s into {:.1} s of fio and {} probe rounds; longest probe read \
+    common::note(&format!(
+        "volume server 1 killed {:.1} s into {:.1} s of fio and {} probe rounds; longest probe read \
          {:.3} s before the kill, {read_after:.3} s after; longest write+FLUSH {:.3} s before, {write_after:.3} s \
          after; fio's longest FLUSH {fio_flush:.3} s, longest read or write {fio_io:.3} s; S3 requests retried: \
          {}, failed: {}",
@@ -386,16 +386,16 @@ fn a_volume_server_killed_under_load_loses_nothing() {
         write_before,
         counter(&counters, "retries"),
         counter(&counters, "errors"),
-    );
-    println!("cluster: stats after the kill: {}", counters.trim());
+    ));
+    common::note(&format!("stats after the kill: {}", counters.trim()));
     let copies = cluster.copies();
     let single = copies.iter().filter(|(_, n)| *n == 1).count();
     assert!(single > 0, "the master saw volume server 1 die: {copies:?}");
-    println!(
-        "cluster: {single} volumes down to one copy; {} uploads of the filer's to the dead server failed (redone \
+    common::note(&format!(
+        "{single} volumes down to one copy; {} uploads of the filer's to the dead server failed (redone \
          elsewhere)",
         cluster.failed_uploads_to_volume(1)
-    );
+    ));
     assert!(rounds.iter().any(|r| r.started > killed_at), "the probe went on after the kill ({count} rounds)");
     let stall = read_after.max(write_after).max(fio_flush).max(fio_io);
     assert!(stall < S3_TIMEOUT.as_secs_f64(), "I/O stalled {stall:.1} s, past s3-timeout");
@@ -408,10 +408,14 @@ fn a_volume_server_killed_under_load_loses_nothing() {
     nbdkit.stop();
 
     cluster.run(&["start-volume", "1"]);
-    println!("cluster: volume server 1 back; copies per volume: {:?}", cluster.copies());
+    common::note(&format!("volume server 1 back; copies per volume: {:?}", cluster.copies()));
     let nbdkit = Nbdkit::start(&params());
     fio(work.path(), "verify-with-node-back", &fio_jobs(&nbdkit.uri(), Phase::Verify));
     check_probe_slots(&nbdkit, count);
     nbdkit.stop();
-    println!("cluster: whole test {:.1} s (live phase {:.1} s)", started.elapsed().as_secs_f64(), live.as_secs_f64());
+    common::note(&format!(
+        "whole test {:.1} s (live phase {:.1} s)",
+        started.elapsed().as_secs_f64(),
+        live.as_secs_f64()
+    ));
 }

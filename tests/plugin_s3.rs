@@ -99,6 +99,8 @@ fn a_missing_bucket_is_created() {
     let nbdkit = Nbdkit::start(&p);
     nbdkit.nbdsh("h.pwrite(b'new' * 2000, 0); h.flush()");
     assert_eq!(env.list(&bucket, "blocks/dev/").len(), 2);
+    nbdkit.stop();
+    env.remove_bucket(&bucket);
 }
 
 /// Start-up fails fast, with the bucket and the reason, on bad credentials, a bucket the

@@ -33,21 +33,20 @@ pub struct StorageStats {
 }
 
 impl StorageStats {
-    /// `key=value` pairs, space-separated, in a fixed order (the stats file's format).
-    pub fn fields(&self) -> String {
+    /// The counters by name, in the stats file's order; `put_avg_us` is the mean write time.
+    pub fn counters(&self) -> [(&'static str, u64); 9] {
         let puts = self.puts.load(Relaxed);
-        let avg = self.put_micros.load(Relaxed).checked_div(puts).unwrap_or(0);
-        format!(
-            "gets={} puts={} deletes={} delete_batches={} lists={} errors={} bytes_down={} bytes_up={} put_avg_us={avg}",
-            self.gets.load(Relaxed),
-            puts,
-            self.deletes.load(Relaxed),
-            self.delete_batches.load(Relaxed),
-            self.lists.load(Relaxed),
-            self.errors.load(Relaxed),
-            self.bytes_down.load(Relaxed),
-            self.bytes_up.load(Relaxed),
-        )
+        [
+            ("gets", self.gets.load(Relaxed)),
+            ("puts", puts),
+            ("deletes", self.deletes.load(Relaxed)),
+            ("delete_batches", self.delete_batches.load(Relaxed)),
+            ("lists", self.lists.load(Relaxed)),
+            ("errors", self.errors.load(Relaxed)),
+            ("bytes_down", self.bytes_down.load(Relaxed)),
+            ("bytes_up", self.bytes_up.load(Relaxed)),
+            ("put_avg_us", self.put_micros.load(Relaxed).checked_div(puts).unwrap_or(0)),
+        ]
     }
 }
 
@@ -65,9 +64,9 @@ impl MeteredStorage {
         MeteredStorage { inner, stats: StorageStats::default() }
     }
 
-    /// The counters as `key=value` pairs (the stats file's format), with the store's retries.
-    pub fn fields(&self) -> String {
-        format!("{} retries={}", self.stats.fields(), self.inner.retries())
+    /// The counters by name, in the stats file's order, with the store's retries.
+    pub fn counters(&self) -> Vec<(&'static str, u64)> {
+        self.stats.counters().into_iter().chain([("retries", self.inner.retries())]).collect()
     }
 
     fn count<T>(&self, counter: &AtomicU64, n: u64, result: Result<T>) -> Result<T> {
@@ -155,11 +154,20 @@ mod tests {
         s.read_block(BlockId(2), &mut BlockBuf::zeroed(512)).unwrap();
         s.delete_blocks(&[BlockId(1), BlockId(2)]).unwrap();
         assert!(s.write_block(BlockId(1), &[1; 3]).is_err());
-        let f = s.stats.fields();
-        assert!(
-            f.starts_with("gets=2 puts=2 deletes=2 delete_batches=1 lists=0 errors=1 bytes_down=512 bytes_up=512"),
-            "{f}"
+        let counted = s.stats.counters();
+        assert_eq!(
+            counted.get(..8).unwrap(),
+            [
+                ("gets", 2),
+                ("puts", 2),
+                ("deletes", 2),
+                ("delete_batches", 1),
+                ("lists", 0),
+                ("errors", 1),
+                ("bytes_down", 512),
+                ("bytes_up", 512)
+            ]
         );
-        assert!(s.fields().ends_with(" retries=0"), "{}", s.fields());
+        assert_eq!(s.counters().last(), Some(&("retries", 0)));
     }
 }

@@ -136,15 +136,14 @@ pub struct CacheStats {
 }
 
 impl CacheStats {
-    /// `key=value` pairs, space-separated, in a fixed order (the stats file's format).
-    pub fn fields(&self) -> String {
-        format!(
-            "hits={} holes={} misses={} read_modify_writes={}",
-            self.hits.load(Relaxed),
-            self.holes.load(Relaxed),
-            self.misses.load(Relaxed),
-            self.read_modify_writes.load(Relaxed)
-        )
+    /// The counters by name, in the stats file's order.
+    pub fn counters(&self) -> [(&'static str, u64); 4] {
+        [
+            ("hits", self.hits.load(Relaxed)),
+            ("holes", self.holes.load(Relaxed)),
+            ("misses", self.misses.load(Relaxed)),
+            ("read_modify_writes", self.read_modify_writes.load(Relaxed)),
+        ]
     }
 }
 

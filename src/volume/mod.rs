@@ -125,18 +125,16 @@ impl Volume {
         }
     }
 
-    /// Counters of this volume as `key=value` pairs: the cache's, the dirty and cached bytes,
-    /// and the requests that reached storage.
-    pub fn stats_fields(&self) -> String {
+    /// This volume's counters by name, in the stats file's order: the dirty, cached and stored
+    /// bytes, the cache's counters, and the requests that reached storage.
+    pub fn counters(&self) -> Vec<(&'static str, u64)> {
         let bs = self.geometry().block_size() as u64;
-        format!(
-            "dirty_bytes={} cached_bytes={} stored_bytes={} {} {}",
-            self.cache.dirty_bytes(),
-            self.cache.clean_blocks() as u64 * bs,
-            self.cache.allocated_blocks() as u64 * bs,
-            self.cache.stats.fields(),
-            self.storage.fields()
-        )
+        let memory = [
+            ("dirty_bytes", self.cache.dirty_bytes()),
+            ("cached_bytes", self.cache.clean_blocks() as u64 * bs),
+            ("stored_bytes", self.cache.allocated_blocks() as u64 * bs),
+        ];
+        memory.into_iter().chain(self.cache.stats.counters()).chain(self.storage.counters()).collect()
     }
 
     /// The device's geometry.

@@ -180,6 +180,18 @@ impl S3Env {
             client.put_object().bucket(bucket).key(key).body(data.to_vec().into()).send().await.expect("put");
         })
     }
+
+    /// Deletes every object of `bucket` and the bucket itself: a bucket costs a server like
+    /// SeaweedFS volumes of its own, so a test that makes one must not leave it behind.
+    pub fn remove_bucket(&self, bucket: &str) {
+        let keys = self.list(bucket, "");
+        self.with_client(async |client| {
+            for key in keys {
+                client.delete_object().bucket(bucket).key(key).send().await.expect("delete object");
+            }
+            client.delete_bucket().bucket(bucket).send().await.expect("delete bucket");
+        })
+    }
 }
 
 /// A private SeaweedFS (`weed server`: master, volume server, filer and S3 gateway in one
@@ -231,8 +243,9 @@ pub fn seaweedfs() -> Option<SeaweedFs> {
         .arg(format!("-master.port.grpc={}", ports[1]))
         .arg(format!("-volume.port={}", ports[2]))
         .arg(format!("-volume.port.grpc={}", ports[3]))
-        // Auto-sized (free disk / volume size), and no 10 s pause before it stops.
-        .args(["-volume.max=0", "-volume.preStopSeconds=0", "-filer"])
+        // A fixed cap on volumes, as in scripts/seaweedfs (whose comment says why), and no 10 s
+        // pause before it stops.
+        .args(["-volume.max=100", "-volume.preStopSeconds=0", "-filer"])
         .arg(format!("-filer.port={}", ports[4]))
         .arg(format!("-filer.port.grpc={}", ports[5]))
         .arg(format!("-filer.localSocket={}", dir.path().join("filer.sock").display()))
