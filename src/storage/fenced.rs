@@ -14,8 +14,10 @@
 //! attempt or any retry, once that deadline has passed: the last look at the clock comes right
 //! before bytes are written to the socket (`DirectClient`'s writes, the SDK's
 //! `read_before_transmit`). A pause anywhere before that look is caught by it, because the
-//! monotonic clock runs on while the process is frozen; a pause after it can only delay bytes
-//! already handed to the kernel. What the deadline cannot bound is a server that applies a PUT
+//! monotonic clock runs on while the process is frozen. On the direct path a pause after it can
+//! only delay bytes already handed to the kernel; the SDK writes a body after its hook, and its
+//! operation timeout, set to the same deadline, cuts the connection there, so a server gets at
+//! most a truncated PUT, which it discards. What the deadline cannot bound is a server that applies a PUT
 //! it has fully received long after: the lease assumes S3 applies a request within `s3-timeout`
 //! of receiving it.
 //!
