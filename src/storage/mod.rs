@@ -16,6 +16,7 @@ use crate::Result;
 pub mod direct;
 pub mod fenced;
 pub mod file;
+pub mod keys;
 pub mod memory;
 pub mod metered;
 pub mod s3;

@@ -37,9 +37,10 @@ use bytes::Bytes;
 use tokio::sync::{Semaphore, SemaphorePermit};
 
 use super::direct::DirectClient;
+use super::keys::{parse_block_leaf, LEASE_PREFIX, RECORD_PREFIX};
 use super::{check_len, Backend, BlockBuf, BlockId, Expect, Fence, Storage, VersionedText};
 use crate::config::Secret;
-use crate::export::{parse_block_leaf, ExportName, LEASE_PREFIX, RECORD_PREFIX};
+use crate::export::ExportName;
 use crate::{Error, Result};
 
 /// S3 allows at most this many keys in one DeleteObjects request.
