@@ -44,7 +44,7 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::export::ExportName;
-use crate::storage::{Backend, Expect};
+use crate::storage::{Backend, Expect, WriteWindow};
 use crate::{lock, Error, Result};
 
 /// How leases are taken and kept.
@@ -548,6 +548,12 @@ impl Lease {
             }
         }
         Ok(())
+    }
+}
+
+impl WriteWindow for Lease {
+    fn deadline(&self) -> Result<Instant> {
+        Lease::deadline(self)
     }
 }
 

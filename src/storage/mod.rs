@@ -24,7 +24,7 @@ pub mod s3;
 pub mod conformance;
 pub mod faulty;
 
-pub use fenced::FencedStorage;
+pub use fenced::{FencedStorage, WriteWindow};
 pub use file::{FileBackend, FileStorage};
 pub use memory::{MemoryBackend, MemoryStorage};
 pub use metered::{MeteredStorage, StorageStats};
