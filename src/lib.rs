@@ -62,3 +62,9 @@ pub use volume::{Geometry, Volume, VolumeConfig};
 pub(crate) fn lock<T: ?Sized>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
+
+/// Nanoseconds since the Unix epoch, by the wall clock: unique enough for the names of lease
+/// tokens and probe objects, which both the lease and the storage layer make.
+pub(crate) fn unix_nanos() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or_default()
+}

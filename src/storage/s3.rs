@@ -332,7 +332,7 @@ impl S3Backend {
     /// Finds out whether the server honours `If-None-Match: *`, by creating a probe object twice.
     async fn probe_conditional_writes(&self) -> Result<bool> {
         // "/" never appears in an export name, so the probe never meets a real lease.
-        let key = format!("{LEASE_PREFIX}probe/{}-{}", std::process::id(), crate::lease::unix_nanos());
+        let key = format!("{LEASE_PREFIX}probe/{}-{}", std::process::id(), crate::unix_nanos());
         self.put_text_if(&key, Expect::Absent, "probe").await?;
         let honoured = self.put_text_if(&key, Expect::Absent, "probe").await?.is_none();
         if let Err(e) = self.client.sdk.delete_object().bucket(&self.config.bucket).key(&key).send().await {
