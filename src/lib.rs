@@ -14,8 +14,12 @@
 //!   BlockCache     per-block locks, LRU of clean blocks, bounded set of dirty blocks
 //!        │  whole blocks only
 //!   MeteredStorage counts requests; FencedStorage lets writes through only under the lease
-//!   Storage        MemoryStorage │ FileStorage │ S3Storage
+//!   Storage        MemoryStorage │ FileStorage │ S3Storage; the bucket's key layout (keys.rs)
 //! ```
+//!
+//! Imports point down this diagram only (`scripts/check-module-cycles` fails on a cycle): a lower
+//! layer names what it needs from a higher one as a type of its own, such as the storage layer's
+//! [`WriteWindow`](storage::WriteWindow), which the [`Lease`](lease::Lease) implements.
 //!
 //! # Why blocks, not objects per file?
 //! A block device has no files. Storing fixed-size blocks as objects keyed by their byte offset
