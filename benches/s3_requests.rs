@@ -47,8 +47,8 @@ use aws_sigv4::http_request::{sign, PayloadChecksumKind, SignableBody, SignableR
 use aws_sigv4::sign::v4;
 use aws_smithy_runtime_api::client::identity::Identity;
 use nbds3::block_buf::BlockBuf;
-use nbds3::config::Secret;
-use nbds3::storage::s3::{client, runtime, S3Config, S3Storage};
+use nbds3::storage::s3::{client, runtime, S3Storage};
+use nbds3::storage::{S3Config, Secret};
 use nbds3::{BlockId, ExportName, Storage};
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;

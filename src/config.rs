@@ -4,7 +4,6 @@
 //! PARAMETERS ([`param_docs`](crate::param_docs)) are generated from [`ConfigKey::ALL`], so the
 //! documentation cannot drift from what is parsed.
 
-use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
@@ -12,7 +11,7 @@ use std::time::Duration;
 use crate::export::ExportName;
 use crate::lease::LeaseConfig;
 use crate::stats_file::StatsFormat;
-use crate::storage::S3Config;
+use crate::storage::{S3Config, Secret};
 use crate::volume::{VolumeConfig, DEFAULT_BLOCK_SIZE};
 use crate::{Error, Result};
 
@@ -25,16 +24,6 @@ pub enum StorageKind {
     File,
     /// An S3 bucket.
     S3,
-}
-
-/// A secret that never shows in `Debug` output or logs.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(pub String);
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(<redacted>)")
-    }
 }
 
 /// One parameter of the plugin.

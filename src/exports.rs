@@ -135,6 +135,9 @@ impl OpenExport {
     }
 }
 
+/// Open exports by name, each behind the lock it is opened under.
+type Slots = Mutex<HashMap<ExportName, Arc<Mutex<Option<OpenExport>>>>>;
+
 /// The volumes of this process, opened on first use.
 #[derive(Debug)]
 pub struct Exports {
@@ -143,7 +146,8 @@ pub struct Exports {
     backend: OnceLock<Arc<dyn Backend>>,
     /// Open exports by name, each opened once under its own lock; kept until the process exits
     /// so their caches outlive connections. `None` while opening, or after opening failed.
-    volumes: Mutex<HashMap<ExportName, Arc<Mutex<Option<OpenExport>>>>>,
+    /// Shared with the stats-file writer's thread, which outlives any borrow of `self`.
+    volumes: Arc<Slots>,
     /// Set once the stats-file writer has been started (with the first export).
     stats_writer: OnceLock<()>,
 }
@@ -151,7 +155,12 @@ pub struct Exports {
 impl Exports {
     /// The exports of a finished `config`.
     pub fn new(config: Config) -> Self {
-        Exports { config, backend: OnceLock::new(), volumes: Mutex::new(HashMap::new()), stats_writer: OnceLock::new() }
+        Exports {
+            config,
+            backend: OnceLock::new(),
+            volumes: Arc::new(Mutex::new(HashMap::new())),
+            stats_writer: OnceLock::new(),
+        }
     }
 
     /// The export a client asked for (`""` means the configured default), with its lease held
@@ -205,20 +214,18 @@ impl Exports {
 
     /// The stats file: every open export's counters, in `format`.
     pub fn stats(&self, format: StatsFormat) -> String {
-        let mut counters: Vec<_> =
-            self.snapshot().into_iter().map(|(name, open)| (name, open.volume.counters())).collect();
-        stats_file::render(format, &mut counters)
+        stats(&self.volumes, format)
     }
 
     /// With `stats-file=`, rewrites that file every `stats-interval` (atomically, by rename).
     fn start_stats_writer(&self) {
         let Some(path) = self.config.stats_file.clone() else { return };
         let (interval, format) = (self.config.stats_interval, self.config.stats_format);
+        let volumes = self.volumes.clone();
         let spawned = std::thread::Builder::new().name("nbds3-stats".into()).spawn(move || loop {
             std::thread::sleep(interval);
-            let Some(exports) = crate::plugin::exports() else { return };
             let tmp = path.with_extension("tmp");
-            if let Err(e) = std::fs::write(&tmp, exports.stats(format)).and_then(|()| std::fs::rename(&tmp, &path)) {
+            if let Err(e) = std::fs::write(&tmp, stats(&volumes, format)).and_then(|()| std::fs::rename(&tmp, &path)) {
                 log::warn!("stats-file {}: {e}", path.display());
             }
         });
@@ -228,9 +235,7 @@ impl Exports {
     }
 
     fn snapshot(&self) -> Vec<(ExportName, OpenExport)> {
-        let slots: Vec<_> = lock(&self.volumes).iter().map(|(n, slot)| (n.clone(), slot.clone())).collect();
-        // An export still opening has nothing to count or write back yet: skip it, don't wait.
-        slots.into_iter().filter_map(|(name, slot)| slot.try_lock().ok()?.clone().map(|open| (name, open))).collect()
+        snapshot(&self.volumes)
     }
 
     /// Writes back every volume's dirty blocks, logs its counters and releases its lease (at
@@ -255,6 +260,20 @@ impl Exports {
             }
         }
     }
+}
+
+/// The exports open in `volumes`.
+fn snapshot(volumes: &Slots) -> Vec<(ExportName, OpenExport)> {
+    let slots: Vec<_> = lock(volumes).iter().map(|(n, slot)| (n.clone(), slot.clone())).collect();
+    // An export still opening has nothing to count or write back yet: skip it, don't wait.
+    slots.into_iter().filter_map(|(name, slot)| slot.try_lock().ok()?.clone().map(|open| (name, open))).collect()
+}
+
+/// The stats file of the exports open in `volumes`, in `format`.
+fn stats(volumes: &Slots, format: StatsFormat) -> String {
+    let mut counters: Vec<_> =
+        snapshot(volumes).into_iter().map(|(name, open)| (name, open.volume.counters())).collect();
+    stats_file::render(format, &mut counters)
 }
 
 #[cfg(test)]

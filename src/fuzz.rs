@@ -115,7 +115,7 @@ mod records {
     use proptest::prelude::*;
 
     use super::{config, corpus};
-    use crate::export::{block_leaf, parse_block_leaf};
+    use crate::storage::keys::{block_leaf, parse_block_leaf};
     use crate::storage::BlockId;
     use crate::volume::{Geometry, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
 

@@ -41,11 +41,11 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use crate::export::ExportName;
-use crate::storage::{Backend, Expect};
-use crate::{lock, Error, Result};
+use crate::storage::{Backend, Expect, WriteWindow};
+use crate::{lock, unix_nanos, Error, Result};
 
 /// How leases are taken and kept.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,11 +77,6 @@ pub fn warn_without_conditional_writes(store: &str) {
              while another holds the export. See \"One writer per export\" in the README."
         );
     }
-}
-
-/// Nanoseconds since the Unix epoch, by the wall clock.
-pub(crate) fn unix_nanos() -> u128 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or_default()
 }
 
 fn unix_seconds() -> u64 {
@@ -548,6 +543,12 @@ impl Lease {
             }
         }
         Ok(())
+    }
+}
+
+impl WriteWindow for Lease {
+    fn deadline(&self) -> Result<Instant> {
+        Lease::deadline(self)
     }
 }
 

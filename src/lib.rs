@@ -14,8 +14,12 @@
 //!   BlockCache     per-block locks, LRU of clean blocks, bounded set of dirty blocks
 //!        │  whole blocks only
 //!   MeteredStorage counts requests; FencedStorage lets writes through only under the lease
-//!   Storage        MemoryStorage │ FileStorage │ S3Storage
+//!   Storage        MemoryStorage │ FileStorage │ S3Storage; the bucket's key layout (keys.rs)
 //! ```
+//!
+//! Imports point down this diagram only (`scripts/check-module-cycles` fails on a cycle): a lower
+//! layer names what it needs from a higher one as a type of its own, such as the storage layer's
+//! [`WriteWindow`](storage::WriteWindow), which the [`Lease`](lease::Lease) implements.
 //!
 //! # Why blocks, not objects per file?
 //! A block device has no files. Storing fixed-size blocks as objects keyed by their byte offset
@@ -61,4 +65,10 @@ pub use volume::{Geometry, Volume, VolumeConfig};
 /// Locks `m`, ignoring poisoning: a panic elsewhere must not turn every later request into one.
 pub(crate) fn lock<T: ?Sized>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Nanoseconds since the Unix epoch, by the wall clock: unique enough for the names of lease
+/// tokens and probe objects, which both the lease and the storage layer make.
+pub(crate) fn unix_nanos() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or_default()
 }

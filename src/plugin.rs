@@ -46,7 +46,7 @@ fn guard<T>(what: &str, f: impl FnOnce() -> Result<T>) -> nbdkit::Result<T> {
 }
 
 /// The exports of this process, once the configuration is complete.
-pub(crate) fn exports() -> Option<&'static Exports> {
+fn exports() -> Option<&'static Exports> {
     EXPORTS.get()
 }
 

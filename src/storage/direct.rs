@@ -33,8 +33,8 @@ use aws_sigv4::http_request::{sign, PayloadChecksumKind, SignableBody, SignableR
 use aws_sigv4::sign::v4;
 use aws_smithy_runtime_api::client::identity::Identity;
 
-use super::s3::{classify, S3Config};
-use super::BlockId;
+use super::s3_errors::classify;
+use super::{BlockId, S3Config};
 use crate::{lock, Error, Result};
 
 /// The SDK's standard retry policy: attempts per request, and the cap on one backoff.
@@ -802,7 +802,7 @@ pub(super) mod tests {
             endpoint: Some(format!("http://{authority}")),
             path_style: Some(true),
             access_key: Some("AKID".into()),
-            secret_key: Some(crate::config::Secret("secret".into())),
+            secret_key: Some(crate::storage::Secret("secret".into())),
             ..Default::default()
         };
         (config, seen)

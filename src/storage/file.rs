@@ -14,8 +14,9 @@ use std::sync::Arc;
 
 use std::os::fd::AsRawFd;
 
+use super::keys::{block_leaf, parse_block_leaf, LEASE_PREFIX, RECORD_PREFIX};
 use super::{check_len, Backend, BlockBuf, BlockId, Expect, Storage, VersionedText};
-use crate::export::{block_leaf, parse_block_leaf, ExportName, LEASE_PREFIX, RECORD_PREFIX};
+use crate::export::ExportName;
 use crate::{Error, Result};
 
 /// The exports of one directory: records in `{dir}/exports/`, leases in `{dir}/leases/`, blocks

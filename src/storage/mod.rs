@@ -16,18 +16,22 @@ use crate::Result;
 pub mod direct;
 pub mod fenced;
 pub mod file;
+pub mod keys;
 pub mod memory;
 pub mod metered;
 pub mod s3;
+pub mod s3_config;
+mod s3_errors;
 
 pub mod conformance;
 pub mod faulty;
 
-pub use fenced::FencedStorage;
+pub use fenced::{FencedStorage, WriteWindow};
 pub use file::{FileBackend, FileStorage};
 pub use memory::{MemoryBackend, MemoryStorage};
 pub use metered::{MeteredStorage, StorageStats};
-pub use s3::{S3Backend, S3Client, S3Config, S3Storage};
+pub use s3::{S3Backend, S3Client, S3Storage};
+pub use s3_config::{S3Config, Secret};
 
 /// The index of a block in its export: block `n` covers bytes `n * block_size ..`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

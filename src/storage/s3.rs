@@ -37,56 +37,14 @@ use bytes::Bytes;
 use tokio::sync::{Semaphore, SemaphorePermit};
 
 use super::direct::DirectClient;
-use super::{check_len, Backend, BlockBuf, BlockId, Expect, Fence, Storage, VersionedText};
-use crate::config::Secret;
-use crate::export::{parse_block_leaf, ExportName, LEASE_PREFIX, RECORD_PREFIX};
+use super::keys::{parse_block_leaf, LEASE_PREFIX, RECORD_PREFIX};
+use super::s3_errors::classify;
+use super::{check_len, Backend, BlockBuf, BlockId, Expect, Fence, S3Config, Storage, VersionedText};
+use crate::export::ExportName;
 use crate::{Error, Result};
 
 /// S3 allows at most this many keys in one DeleteObjects request.
 const MAX_DELETE_BATCH: usize = 1000;
-
-/// How to reach the bucket.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct S3Config {
-    /// The bucket.
-    pub bucket: String,
-    /// The endpoint URL; `None` means AWS.
-    pub endpoint: Option<String>,
-    /// The signing region.
-    pub region: String,
-    /// The access key id; `None` means the AWS credential chain.
-    pub access_key: Option<String>,
-    /// The secret key that goes with `access_key`.
-    pub secret_key: Option<Secret>,
-    /// Path-style URLs (`endpoint/bucket/key`); `None` until the config is finished.
-    pub path_style: Option<bool>,
-    /// Requests in flight during write-back.
-    pub concurrency: usize,
-    /// The bound on one request, retries included.
-    pub timeout: Duration,
-}
-
-impl Default for S3Config {
-    fn default() -> Self {
-        S3Config {
-            bucket: String::new(),
-            endpoint: None,
-            region: "us-east-1".into(),
-            access_key: None,
-            secret_key: None,
-            path_style: None,
-            concurrency: 16,
-            timeout: Duration::from_secs(30),
-        }
-    }
-}
-
-impl S3Config {
-    /// `S3Storage(endpoint/bucket)`, how messages name this store.
-    pub fn describe(&self) -> String {
-        format!("S3Storage({}/{})", self.endpoint.as_deref().unwrap_or("aws"), self.bucket)
-    }
-}
 
 /// The process-wide runtime, created on first use (after nbdkit forks).
 ///
@@ -374,7 +332,7 @@ impl S3Backend {
     /// Finds out whether the server honours `If-None-Match: *`, by creating a probe object twice.
     async fn probe_conditional_writes(&self) -> Result<bool> {
         // "/" never appears in an export name, so the probe never meets a real lease.
-        let key = format!("{LEASE_PREFIX}probe/{}-{}", std::process::id(), crate::lease::unix_nanos());
+        let key = format!("{LEASE_PREFIX}probe/{}-{}", std::process::id(), crate::unix_nanos());
         self.put_text_if(&key, Expect::Absent, "probe").await?;
         let honoured = self.put_text_if(&key, Expect::Absent, "probe").await?.is_none();
         if let Err(e) = self.client.sdk.delete_object().bucket(&self.config.bucket).key(&key).send().await {
@@ -809,24 +767,6 @@ where
     }
 }
 
-/// The error category of an S3 error answer, from its code: `detail` is ": message" or "".
-pub(super) fn classify(store: &str, what: &str, code: &str, detail: &str) -> Error {
-    let store = store.to_string();
-    let message = format!("{what}: {code}{detail}");
-    // Some servers (Garage) answer a bad key or signature with a plain AccessDenied.
-    let bad_credentials =
-        ["signature", "no such key", "access key"].iter().any(|m| detail.to_ascii_lowercase().contains(m));
-    match code {
-        "AccessDenied" if bad_credentials => Error::Unauthenticated { store, message },
-        "InvalidAccessKeyId" | "SignatureDoesNotMatch" | "InvalidToken" | "ExpiredToken" => {
-            Error::Unauthenticated { store, message }
-        }
-        "AccessDenied" | "AllAccessDisabled" | "Forbidden" | "HTTP 403" => Error::PermissionDenied { store, message },
-        "NoSuchBucket" => Error::NotFound { store, message },
-        _ => Error::Backend { store, message },
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::collections::VecDeque;
@@ -835,7 +775,7 @@ mod tests {
     use super::*;
     use crate::lease::{Lease, LeaseConfig};
     use crate::storage::direct::tests::{canned_server, Answer};
-    use crate::storage::{FencedStorage, MemoryBackend};
+    use crate::storage::{FencedStorage, MemoryBackend, Secret};
 
     /// [`canned_server`] giving `answers` in turn, for a bucket with one request slot and a
     /// 5 s `s3-timeout`.

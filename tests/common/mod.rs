@@ -141,7 +141,7 @@ impl S3Env {
             endpoint: Some(self.endpoint.clone()),
             path_style: Some(true),
             access_key: Some(self.access_key.clone()),
-            secret_key: Some(nbds3::config::Secret(self.secret_key.clone())),
+            secret_key: Some(nbds3::storage::Secret(self.secret_key.clone())),
             ..Default::default()
         }
     }
