@@ -27,9 +27,6 @@ pub enum Error {
         /// Size of the device.
         size: u64,
     },
-    /// A write reached a read-only volume.
-    #[error("{0} is read-only")]
-    ReadOnly(String),
     /// The backend refused the request (S3 403, file permission denied).
     #[error("{store}: permission denied: {message}")]
     PermissionDenied {
@@ -136,7 +133,6 @@ impl Error {
     pub fn errno(&self) -> i32 {
         match self {
             Error::Config { .. } | Error::OutOfRange { .. } => libc::EINVAL,
-            Error::ReadOnly(_) => libc::EPERM,
             Error::PermissionDenied { .. } | Error::Unauthenticated { .. } => libc::EPERM,
             Error::FastZeroUnsupported => libc::ENOTSUP,
             Error::NotFound { .. }
@@ -160,7 +156,6 @@ mod tests {
         let cases: Vec<(Error, i32)> = vec![
             (Error::config("size", "bad"), libc::EINVAL),
             (Error::OutOfRange { offset: 1, len: 2, size: 3 }, libc::EINVAL),
-            (Error::ReadOnly("v".into()), libc::EPERM),
             (Error::PermissionDenied { store: s(), message: m() }, libc::EPERM),
             (Error::Unauthenticated { store: s(), message: m() }, libc::EPERM),
             (Error::NotFound { store: s(), message: m() }, libc::EIO),

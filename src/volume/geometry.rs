@@ -34,13 +34,6 @@ pub struct Piece {
     pub buf_offset: usize,
 }
 
-impl Piece {
-    /// Whether the piece covers its whole block.
-    pub fn is_whole_block(&self, block_size: usize) -> bool {
-        self.len == block_size
-    }
-}
-
 impl Geometry {
     /// Validates a device of `size` bytes in blocks of `block_size` bytes.
     ///
