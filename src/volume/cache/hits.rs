@@ -26,10 +26,13 @@ use crate::storage::BlockId;
 /// At most this many entries (24 bytes each): beyond it, blocks share entries.
 const MAX_ENTRIES: usize = 1 << 22;
 
+/// One entry: the block it holds, and that block's bytes.
+type Entry = Mutex<Option<(BlockId, Arc<BlockBuf>)>>;
+
 /// A direct-mapped table from block to its resident bytes.
 #[derive(Debug)]
 pub(super) struct HitTable {
-    entries: Box<[Mutex<Option<(BlockId, Arc<BlockBuf>)>>]>,
+    entries: Box<[Entry]>,
     /// `entries.len() - 1`; the length is a power of two.
     mask: u64,
 }
@@ -42,7 +45,7 @@ impl HitTable {
         HitTable { entries: (0..len).map(|_| Mutex::new(None)).collect(), mask: len as u64 - 1 }
     }
 
-    fn entry(&self, id: BlockId) -> &Mutex<Option<(BlockId, Arc<BlockBuf>)>> {
+    fn entry(&self, id: BlockId) -> &Entry {
         // Below `len`, so the cast keeps every bit.
         &self.entries[(id.0 & self.mask) as usize]
     }
