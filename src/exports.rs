@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::config::{Config, CreatePolicy, StorageKind};
 use crate::export::ExportName;
+use crate::export_record::{ExportRecord, Layout};
 use crate::lease::Lease;
 use crate::stats_file::{self, StatsFormat};
 use crate::storage::{Backend, FencedStorage, FileBackend, MemoryBackend, S3Backend};
@@ -39,7 +40,13 @@ pub fn open_backend(config: &Config) -> Result<Arc<dyn Backend>> {
 /// [`Error::Config`] naming `block-size` when it contradicts the record, and
 /// [`Error::ExportNotFound`] for a new export this open may not create or has no `size=` for.
 pub fn open_geometry(backend: &dyn Backend, export: &ExportName, config: &Config) -> Result<Geometry> {
-    if let Some(recorded) = Geometry::recorded(backend, export)? {
+    if let Some(ExportRecord { geometry: recorded, layout }) = ExportRecord::read(backend, export)? {
+        if layout != Layout::Plain {
+            return Err(Error::config(
+                "export",
+                format!("export {export} has layout {layout}, which nbdkit cannot serve yet"),
+            ));
+        }
         if let Some(bs) = config.block_size.filter(|&bs| bs != recorded.block_size()) {
             return Err(Error::config(
                 "block-size",
@@ -69,7 +76,7 @@ pub fn open_geometry(backend: &dyn Backend, export: &ExportName, config: &Config
     let size =
         size.map_err(|hint| Error::ExportNotFound { store: backend.to_string(), export: export.to_string(), hint })?;
     let geometry = Geometry::new(size, config.block_size.unwrap_or(DEFAULT_BLOCK_SIZE))?;
-    geometry.record(backend, export)?;
+    ExportRecord::plain(geometry).write(backend, export)?;
     log::info!("export {export}: created, {size} bytes in {}-byte blocks", geometry.block_size());
     Ok(geometry)
 }
@@ -85,8 +92,8 @@ pub fn open_geometry(backend: &dyn Backend, export: &ExportName, config: &Config
 /// be restarted to serve it so); the storage's error listing the range it grew into.
 fn follow_record(backend: &dyn Backend, name: &ExportName, volume: &Volume) -> Result<()> {
     let open = volume.geometry();
-    let recorded = match Geometry::recorded(backend, name) {
-        Ok(recorded) => recorded,
+    let recorded = match ExportRecord::read(backend, name) {
+        Ok(recorded) => recorded.map(|r| r.geometry),
         Err(e) => {
             log::warn!("export {name}: serving {} bytes, as its record could not be read again: {e}", open.size());
             return Ok(());
@@ -331,7 +338,7 @@ mod tests {
         first.volume.write(b"kept", (1 << 20) - 4, false).unwrap();
         let backend = exports.backend.get().unwrap().clone();
         let dev = ExportName::new("dev").unwrap();
-        Geometry::new(3 << 20, 4096).unwrap().record(&*backend, &dev).unwrap();
+        ExportRecord::plain(Geometry::new(3 << 20, 4096).unwrap()).write(&*backend, &dev).unwrap();
         // Blocks past the old end that storage holds (left by an interrupted shrink) are seen.
         backend.open(&dev, 4096).unwrap().write_block(BlockId(600), &[7; 4096]).unwrap();
         let second = exports.open("", false).unwrap();
@@ -344,7 +351,7 @@ mod tests {
         assert_eq!(buf, [7; 4]);
         second.volume.write(b"new", (3 << 20) - 3, false).unwrap();
 
-        Geometry::new(2 << 20, 4096).unwrap().record(&*backend, &dev).unwrap();
+        ExportRecord::plain(Geometry::new(2 << 20, 4096).unwrap()).write(&*backend, &dev).unwrap();
         let e = exports.open("", true).unwrap_err().to_string();
         assert!(
             e.contains(

@@ -45,6 +45,7 @@ pub mod block_buf;
 pub mod config;
 pub mod error;
 pub mod export;
+pub mod export_record;
 pub mod exports;
 #[cfg(test)]
 mod fuzz;

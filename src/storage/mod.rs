@@ -19,6 +19,7 @@ pub mod file;
 pub mod keys;
 pub mod memory;
 pub mod metered;
+pub mod objects;
 pub mod s3;
 pub mod s3_config;
 mod s3_errors;
@@ -30,6 +31,7 @@ pub use fenced::{FencedStorage, WriteWindow};
 pub use file::{FileBackend, FileStorage};
 pub use memory::{MemoryBackend, MemoryStorage};
 pub use metered::{MeteredStorage, StorageStats};
+pub use objects::{MemoryObjects, ObjectStore};
 pub use s3::{S3Backend, S3Client, S3Storage};
 pub use s3_config::{S3Config, Secret};
 
