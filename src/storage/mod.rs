@@ -23,7 +23,9 @@ pub mod s3;
 pub mod s3_config;
 mod s3_errors;
 
+#[cfg(any(test, feature = "testing"))]
 pub mod conformance;
+#[cfg(any(test, feature = "testing"))]
 pub mod faulty;
 
 pub use fenced::{FencedStorage, WriteWindow};
