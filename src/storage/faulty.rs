@@ -6,7 +6,7 @@
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 
-use super::{BlockBuf, BlockId, Storage};
+use super::{BlockBuf, BlockId, Capabilities, Storage};
 use crate::{Error, Result};
 
 /// Wraps `inner`, counting calls and failing chosen ones with [`Error::Backend`].
@@ -28,6 +28,8 @@ pub struct FaultyStorage<S> {
     /// Calls of `flush`.
     pub flushes: AtomicU64,
     calls: AtomicU64,
+    /// What the store claims to be instead of what `inner` is (see [`posing_as`](Self::posing_as)).
+    posing_as: Option<Capabilities>,
 }
 
 impl<S: Storage> FaultyStorage<S> {
@@ -43,7 +45,14 @@ impl<S: Storage> FaultyStorage<S> {
             deletes: AtomicU64::new(0),
             flushes: AtomicU64::new(0),
             calls: AtomicU64::new(0),
+            posing_as: None,
         }
+    }
+
+    /// Claims `capabilities` instead of the inner store's: RAM posing as a remote store, so that
+    /// a test sees what the layers above do for one.
+    pub fn posing_as(self, capabilities: Capabilities) -> Self {
+        FaultyStorage { posing_as: Some(capabilities), ..self }
     }
 
     /// The wrapped store.
@@ -115,6 +124,10 @@ impl<S: Storage> Storage for FaultyStorage<S> {
 
     fn retries(&self) -> u64 {
         self.inner.retries()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.posing_as.unwrap_or_else(|| self.inner.capabilities())
     }
 }
 

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 pub use cache::{BlockCache, CacheStats};
 pub use geometry::{Geometry, Piece, DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
 
-use crate::storage::{MeteredStorage, Storage};
+use crate::storage::{Capabilities, MeteredStorage, Storage};
 use crate::{lock, Error, Result};
 use streams::Streams;
 
@@ -50,6 +50,8 @@ pub struct Volume {
     wake: (Mutex<bool>, Condvar),
     /// Sequential reads and writes, and the workers that load ahead and write behind them.
     streams: Streams,
+    /// What the storage is like, asked once: whether reading ahead and writing behind pay.
+    capabilities: Capabilities,
 }
 
 impl Volume {
@@ -73,6 +75,7 @@ impl Volume {
             growing: Mutex::new(()),
             config,
             cache: BlockCache::new(storage.clone(), blocks(config.cache_bytes), geometry.blocks(), config.concurrency)?,
+            capabilities: storage.capabilities(),
             storage,
             wake: (Mutex::new(false), Condvar::new()),
             streams: Streams::default(),

@@ -137,10 +137,10 @@ impl Streams {
         self.push(volume, (from..to).map(|b| Job::WriteBack(BlockId(b))));
     }
 
-    /// The volume's block size, or `None` when it has nothing to gain (one request at a time:
-    /// memory storage).
+    /// The volume's block size, or `None` when its storage answers too fast for overlapping
+    /// requests to gain anything (RAM).
     fn block_size_if_useful(volume: &Volume) -> Option<u64> {
-        (volume.config.concurrency >= 2).then(|| volume.geometry().block_size() as u64)
+        volume.capabilities.slow_requests.then(|| volume.geometry().block_size() as u64)
     }
 
     fn push(&self, volume: &Arc<Volume>, jobs: impl Iterator<Item = Job>) {

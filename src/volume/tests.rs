@@ -6,7 +6,7 @@ use std::sync::Arc;
 use super::*;
 use crate::storage::faulty::FaultyStorage;
 use crate::storage::MemoryStorage;
-use crate::storage::{BlockBuf, BlockId};
+use crate::storage::{BlockBuf, BlockId, Capabilities};
 
 const BS: usize = 4096;
 
@@ -20,7 +20,26 @@ fn stored_volume(
     config: VolumeConfig,
     stored: &[(u64, u8)],
 ) -> (Volume, Arc<FaultyStorage<MemoryStorage>>) {
-    let storage = Arc::new(FaultyStorage::new(MemoryStorage::new(BS)));
+    volume_on(FaultyStorage::new(MemoryStorage::new(BS)), blocks, config, stored)
+}
+
+/// As [`stored_volume`], over RAM posing as a remote store: sequential reads are read ahead and
+/// sequential writes written behind.
+fn remote_volume(
+    blocks: u64,
+    config: VolumeConfig,
+    stored: &[(u64, u8)],
+) -> (Volume, Arc<FaultyStorage<MemoryStorage>>) {
+    volume_on(FaultyStorage::new(MemoryStorage::new(BS)).posing_as(Capabilities::REMOTE), blocks, config, stored)
+}
+
+fn volume_on(
+    storage: FaultyStorage<MemoryStorage>,
+    blocks: u64,
+    config: VolumeConfig,
+    stored: &[(u64, u8)],
+) -> (Volume, Arc<FaultyStorage<MemoryStorage>>) {
+    let storage = Arc::new(storage);
     for &(id, byte) in stored {
         storage.inner().write_block(BlockId(id), &[byte; BS]).unwrap();
     }
@@ -331,7 +350,7 @@ fn storage_with_another_block_size_is_refused() {
 #[test]
 fn sequential_reads_load_ahead_in_the_background() {
     let stored: Vec<(u64, u8)> = (0..256).map(|b| (b, 5)).collect();
-    let (v, s) = stored_volume(256, roomy(), &stored);
+    let (v, s) = remote_volume(256, roomy(), &stored);
     let v = Arc::new(v);
     let mut buf = vec![0; BS];
     v.read_sequentially(&mut buf, 0).unwrap();
@@ -360,12 +379,40 @@ fn sequential_reads_load_ahead_in_the_background() {
     assert_eq!(s.reads.load(Relaxed), before + 1);
 }
 
+/// What storage is, not the request concurrency, decides read-ahead and sliced listing: S3 at
+/// `s3-concurrency=1` reads ahead (it used to not), RAM does neither at any concurrency.
+#[test]
+fn read_ahead_and_sliced_listing_follow_what_storage_is_not_the_concurrency() {
+    // Waits up to `wait` for reads past the four asked for.
+    let lists_and_reads = |(v, s): (Volume, Arc<FaultyStorage<MemoryStorage>>), wait| {
+        let v = Arc::new(v);
+        let mut buf = vec![0; BS];
+        for b in 0..4 {
+            v.read_sequentially(&mut buf, b * BS as u64).unwrap();
+        }
+        let deadline = std::time::Instant::now() + wait;
+        while s.reads.load(Relaxed) <= 4 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let lists = v.counters().into_iter().find(|(name, _)| *name == "lists").unwrap().1;
+        (lists, s.reads.load(Relaxed))
+    };
+    let stored: Vec<(u64, u8)> = (0..64).map(|b| (b, 5)).collect();
+    let one_at_a_time = VolumeConfig { concurrency: 1, ..roomy() };
+    let (lists, reads) = lists_and_reads(remote_volume(64, one_at_a_time, &stored), Duration::from_secs(5));
+    assert_eq!(lists, 8, "a remote store is listed in slices");
+    assert!(reads > 4, "a remote store is read ahead of a sequential reader: {reads} blocks read");
+    let many_at_a_time = VolumeConfig { concurrency: 16, ..roomy() };
+    let (lists, reads) = lists_and_reads(stored_volume(64, many_at_a_time, &stored), Duration::from_millis(200));
+    assert_eq!((lists, reads), (1, 4), "RAM is listed at once and never read ahead");
+}
+
 #[test]
 fn sequential_reads_longer_than_the_read_ahead_bound_are_served() {
     // A 4-block cache bounds read-ahead to one block; each read is 8 (this used to panic).
     let config =
         VolumeConfig { cache_bytes: 4 * BS as u64, max_dirty_bytes: 1 << 20, concurrency: 4, writeback_delay: None };
-    let (v, _) = stored_volume(64, config, &[(9, 2), (20, 3)]);
+    let (v, _) = remote_volume(64, config, &[(9, 2), (20, 3)]);
     let v = Arc::new(v);
     let mut buf = vec![0; 8 * BS];
     for i in 0..4u64 {
@@ -377,7 +424,7 @@ fn sequential_reads_longer_than_the_read_ahead_bound_are_served() {
 
 #[test]
 fn sequential_writes_are_written_back_behind_the_writer_and_random_ones_wait_for_flush() {
-    let (v, s) = volume(256, roomy());
+    let (v, s) = remote_volume(256, roomy(), &[]);
     let v = Arc::new(v);
     for b in [200u64, 90, 170, 240, 130] {
         v.write_sequentially(&[3; BS], b * BS as u64, false).unwrap();
