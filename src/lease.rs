@@ -40,12 +40,12 @@
 //! live writer's lease for a dead process that merely has the same pid.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::export::ExportName;
 use crate::storage::{Backend, Expect, WriteWindow};
-use crate::{lock, unix_nanos, Error, Result};
+use crate::{background, lock, unix_nanos, Error, Result};
 
 /// How leases are taken and kept.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -260,6 +260,35 @@ enum Phase {
     Released,
 }
 
+/// The phase, and whether a request about the lease is in flight.
+#[derive(Debug)]
+struct State {
+    phase: Phase,
+    /// Set while a take, a renewal or the release talks to the backend, with the lock let go (a
+    /// request may take `s3-timeout`, a takeover waits out the old lease): the others wait for
+    /// it on [`Lease::changed`] rather than send a request of their own from a version that is
+    /// about to change, so the release never loses to a renewal of the version it replaces, two
+    /// opens never both take the lease, and [`Lease::deadline`] never waits at all.
+    busy: bool,
+}
+
+/// A request about the lease in flight (see [`State::busy`]); over when dropped, even by a panic.
+struct InFlight<'a>(&'a Lease);
+
+impl InFlight<'_> {
+    /// Ends the request, applying its outcome to the phase.
+    fn finish(self, outcome: impl FnOnce(&mut Phase)) {
+        outcome(&mut lock(&self.0.state).phase);
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        lock(&self.0.state).busy = false;
+        self.0.changed.notify_all();
+    }
+}
+
 /// The lease of one export, shared by its volume's storage and its writable connections.
 #[derive(Debug)]
 pub struct Lease {
@@ -267,12 +296,11 @@ pub struct Lease {
     export: ExportName,
     config: LeaseConfig,
     me: Holder,
-    phase: Mutex<Phase>,
-    /// Held while a renewal or the release talks to the backend, so that the release never
-    /// races a renewal of the same version (and loses to it, leaving the lease unreleased).
-    writing: Mutex<()>,
-    /// Wakes the renewal thread early, at release.
-    wake: Condvar,
+    /// Never held across a backend request or a sleep.
+    state: Mutex<State>,
+    /// Signalled when a request about the lease ends, and at release (which wakes the renewal
+    /// thread early).
+    changed: Condvar,
     /// Writes are allowed while `epoch.elapsed()` is below this many nanoseconds; 0 when not
     /// held. Read without the lock on every write.
     valid_until: AtomicU64,
@@ -287,9 +315,8 @@ impl Lease {
             export,
             config,
             me: Holder::this_process(),
-            phase: Mutex::new(Phase::Free),
-            writing: Mutex::new(()),
-            wake: Condvar::new(),
+            state: Mutex::new(State { phase: Phase::Free, busy: false }),
+            changed: Condvar::new(),
             valid_until: AtomicU64::new(0),
             epoch: Instant::now(),
         })
@@ -301,19 +328,37 @@ impl Lease {
     /// [`Error::Lease`] naming the holder when another writer holds it, or when this process
     /// lost it; backend failures while reading or writing the lease.
     pub fn hold(self: &Arc<Self>) -> Result<()> {
-        let mut phase = lock(&self.phase);
-        match &*phase {
+        // Only another open taking the lease is waited for: a renewal in flight means it is held.
+        let state = lock(&self.state);
+        let state = self
+            .changed
+            .wait_while(state, |s| s.busy && matches!(s.phase, Phase::Free))
+            .unwrap_or_else(PoisonError::into_inner);
+        match &state.phase {
             Phase::Held { .. } => Ok(()),
             Phase::Lost(why) => Err(self.error(why.clone())),
             Phase::Released => Err(self.error("the lease was released at shutdown")),
             Phase::Free => {
+                let request = self.start_request(state);
                 let (version, token) = self.take()?;
-                *phase = Phase::Held { version, token };
-                drop(phase);
+                request.finish(|phase| *phase = Phase::Held { version, token });
                 self.spawn_renewer();
                 Ok(())
             }
         }
+    }
+
+    /// Marks a request about the lease in flight and lets `state`'s lock go; the request is over
+    /// when the returned guard is finished or dropped.
+    fn start_request(&self, mut state: MutexGuard<'_, State>) -> InFlight<'_> {
+        state.busy = true;
+        InFlight(self)
+    }
+
+    /// The state, locked, once no request about the lease is in flight.
+    fn idle_state(&self) -> MutexGuard<'_, State> {
+        let state = lock(&self.state);
+        self.changed.wait_while(state, |s| s.busy).unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Whether writes are allowed now: the lease is held and renewed within its window.
@@ -336,7 +381,7 @@ impl Lease {
         if elapsed < self.valid_until.load(Ordering::Acquire) {
             return Ok(now + self.config.request_timeout);
         }
-        Err(self.error(match &*lock(&self.phase) {
+        Err(self.error(match &lock(&self.state).phase {
             Phase::Free => "this process does not hold the lease (no writable connection has taken it)".to_string(),
             Phase::Held { .. } => format!(
                 "the lease could not be renewed within {} s (is S3 reachable?); writes fail until it is",
@@ -350,11 +395,12 @@ impl Lease {
     /// Gives the lease up so that another writer can take it at once (at unload, after the last
     /// write-back).
     pub fn release(&self) {
-        let _writing = lock(&self.writing);
-        let mut phase = lock(&self.phase);
-        let Phase::Held { version, token } = std::mem::replace(&mut *phase, Phase::Released) else { return };
+        // A renewal in flight ends first, so the release replaces the version it wrote.
+        let mut state = self.idle_state();
+        let Phase::Held { version, token } = std::mem::replace(&mut state.phase, Phase::Released) else { return };
         self.valid_until.store(0, Ordering::Release);
-        self.wake.notify_all();
+        let _request = self.start_request(state);
+        self.changed.notify_all();
         let record = LeaseRecord { holder: self.me.clone(), token, expires: 0 };
         match self.backend.replace_lease(&self.export, Expect::Version(&version), &record.to_text()) {
             Ok(Some(_)) => log::info!("export {}: lease released", self.export),
@@ -471,23 +517,50 @@ impl Lease {
         (self.config.window() / 3).max(Duration::from_millis(100))
     }
 
+    /// Starts the renewal thread. Should it panic, the lease is as good as lost (nothing renews
+    /// it): writes fail at once, saying which thread died, rather than when the window runs out.
     fn spawn_renewer(self: &Arc<Self>) {
-        let lease = self.clone();
-        let spawned = std::thread::Builder::new().name("nbds3-lease".into()).spawn(move || lease.renew_loop());
+        let (lease, failing) = (self.clone(), self.clone());
+        let spawned = background::spawn(
+            "nbds3-lease",
+            move || lease.renew_loop(),
+            move |what| {
+                let mut state = lock(&failing.state);
+                if matches!(state.phase, Phase::Held { .. }) {
+                    failing.lose(
+                        &mut state.phase,
+                        format!(
+                            "{what}; the lease is no longer renewed, so this process no longer writes to the export"
+                        ),
+                    );
+                }
+            },
+        );
         if let Err(e) = spawned {
             log::error!("export {}: cannot start the lease renewal thread, writes will stop: {e}", self.export);
         }
     }
 
+    /// Refuses writes from now on, for `why`, said once at error level.
+    fn lose(&self, phase: &mut Phase, why: String) {
+        self.valid_until.store(0, Ordering::Release);
+        log::error!("export {}: {why}", self.export);
+        *phase = Phase::Lost(why);
+    }
+
     fn renew_loop(&self) {
         let mut pause = self.renew_interval();
         loop {
-            let phase = lock(&self.phase);
-            let (phase, _) = self.wake.wait_timeout(phase, pause).unwrap_or_else(std::sync::PoisonError::into_inner);
-            let Phase::Held { version, token } = &*phase else { return };
+            let state = lock(&self.state);
+            // Until the pause is over, or the release (which leaves the phase) wakes it early.
+            let (state, _) = self
+                .changed
+                .wait_timeout_while(state, pause, |s| matches!(s.phase, Phase::Held { .. }))
+                .unwrap_or_else(PoisonError::into_inner);
+            let Phase::Held { version, token } = &state.phase else { return };
             let (version, token) = (version.clone(), token.clone());
-            drop(phase);
-            pause = match self.renew(&version, &token) {
+            let request = self.start_request(state);
+            pause = match self.renew(&version, &token, request) {
                 Ok(()) => self.renew_interval(),
                 Err(e) => {
                     log::warn!("export {}: could not renew the lease, retrying: {e}", self.export);
@@ -497,12 +570,9 @@ impl Lease {
         }
     }
 
-    /// Renews the lease at `version`; marks it lost when another writer has replaced it.
-    fn renew(&self, version: &str, token: &str) -> Result<()> {
-        let _writing = lock(&self.writing);
-        if !matches!(&*lock(&self.phase), Phase::Held { version: v, .. } if v == version) {
-            return Ok(());
-        }
+    /// Renews the lease at `version` as `request`; marks it lost when another writer has
+    /// replaced it.
+    fn renew(&self, version: &str, token: &str, request: InFlight<'_>) -> Result<()> {
         let started = Instant::now();
         // A server that ignores If-Match cannot refuse a renewal over a successor's lease, so
         // look first (this narrows the race; it cannot close it).
@@ -512,8 +582,7 @@ impl Lease {
             let current = self.backend.read_lease(&self.export)?;
             current.map(|v| LeaseRecord::parse(&v.text)).filter(|r| r.as_ref().is_none_or(|r| r.token != token))
         };
-        // The new version, or who took the lease over (looked up before the phase lock is taken
-        // again).
+        // The new version, or who took the lease over.
         let renewed = match successor {
             Some(holder) => Err(holder),
             None => match self.backend.replace_lease(
@@ -527,21 +596,22 @@ impl Lease {
                 }
             },
         };
-        let mut phase = lock(&self.phase);
-        let Phase::Held { version: held, .. } = &mut *phase else { return Ok(()) };
-        match renewed {
-            Ok(new_version) => {
-                *held = new_version;
-                self.extend_from(started);
+        request.finish(|phase| {
+            let Phase::Held { version: held, .. } = phase else { return };
+            match renewed {
+                Ok(new_version) => {
+                    *held = new_version;
+                    self.extend_from(started);
+                }
+                Err(holder) => {
+                    let who = holder.map_or_else(|| "another writer".into(), |r| format!("nbds3 {}", r.describe()));
+                    self.lose(
+                        phase,
+                        format!("the lease was taken over by {who}; this process no longer writes to the export"),
+                    );
+                }
             }
-            Err(holder) => {
-                self.valid_until.store(0, Ordering::Release);
-                let who = holder.map_or_else(|| "another writer".into(), |r| format!("nbds3 {}", r.describe()));
-                let why = format!("the lease was taken over by {who}; this process no longer writes to the export");
-                log::error!("export {}: {why}", self.export);
-                *phase = Phase::Lost(why);
-            }
-        }
+        });
         Ok(())
     }
 }

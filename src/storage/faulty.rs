@@ -19,6 +19,8 @@ pub struct FaultyStorage<S> {
     pub fail_writes: AtomicBool,
     /// When non-zero, fail every `fail_one_in`-th call of any kind.
     pub fail_one_in: AtomicU64,
+    /// Chosen calls panic instead of failing: a bug below the layer under test.
+    pub panic_instead: AtomicBool,
     /// Calls of `read_block`.
     pub reads: AtomicU64,
     /// Calls of `write_block`.
@@ -40,6 +42,7 @@ impl<S: Storage> FaultyStorage<S> {
             fail_reads: AtomicBool::new(false),
             fail_writes: AtomicBool::new(false),
             fail_one_in: AtomicU64::new(0),
+            panic_instead: AtomicBool::new(false),
             reads: AtomicU64::new(0),
             writes: AtomicU64::new(0),
             deletes: AtomicU64::new(0),
@@ -65,6 +68,9 @@ impl<S: Storage> FaultyStorage<S> {
         let one_in = self.fail_one_in.load(Relaxed);
         if forced.load(Relaxed) || (one_in != 0 && n % one_in == 0) {
             let block = id.map(|b| format!(" of block {b}")).unwrap_or_default();
+            if self.panic_instead.load(Relaxed) {
+                panic!("injected panic in {what}{block}");
+            }
             return Err(Error::backend(self, format!("injected fault in {what}{block}")));
         }
         Ok(())

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::os::fd::AsRawFd;
 
 use super::keys::{block_leaf, parse_block_leaf, LEASE_PREFIX, RECORD_PREFIX};
-use super::{check_len, Backend, BlockBuf, Capabilities, BlockId, Expect, Storage, VersionedText};
+use super::{check_len, Backend, BlockBuf, BlockId, Capabilities, Expect, Storage, VersionedText};
 use crate::export::ExportName;
 use crate::{Error, Result};
 

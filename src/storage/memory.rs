@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::{Arc, Mutex};
 
-use super::{check_len, Backend, BlockBuf, Capabilities, BlockId, Expect, Storage, VersionedText};
+use super::{check_len, Backend, BlockBuf, BlockId, Capabilities, Expect, Storage, VersionedText};
 use crate::export::ExportName;
 use crate::{lock, Result};
 

@@ -24,8 +24,8 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use super::Volume;
-use crate::lock;
 use crate::storage::BlockId;
+use crate::{background, lock};
 
 /// How many requests of one stream may be in flight, and so arrive out of order. The slack this
 /// allows is in requests, not blocks, so that small random requests on large blocks are not
@@ -151,8 +151,8 @@ impl Streams {
 
     fn start_workers(&self, volume: Weak<Volume>, n: usize) {
         for _ in 0..n {
-            let volume = volume.clone();
-            let spawned = std::thread::Builder::new().name("nbds3-streams".into()).spawn(move || loop {
+            let (volume, failing) = (volume.clone(), volume.clone());
+            let worker = move || loop {
                 let Some(v) = volume.upgrade() else { return };
                 let next = {
                     let queue = lock(&v.streams.queue);
@@ -171,6 +171,8 @@ impl Streams {
                             log::debug!("read-ahead of block {id} failed: {e}");
                         }
                     }
+                    // A failed volume writes nothing more back (see `Volume`).
+                    Some(Job::WriteBack(_)) if v.has_failed() => {}
                     Some(Job::WriteBack(id)) => {
                         if let Err(e) = v.cache.write_back(&[id], 1) {
                             log::debug!("write-behind of block {id} failed: {e}");
@@ -178,8 +180,8 @@ impl Streams {
                     }
                     None => {}
                 }
-            });
-            if let Err(e) = spawned {
+            };
+            if let Err(e) = background::spawn("nbds3-streams", worker, move |what| Volume::fail(&failing, what)) {
                 log::warn!("cannot start a read-ahead and write-behind worker: {e}");
             }
         }
