@@ -5,7 +5,9 @@
 //! made on another, so `can_multi_conn` can be true.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
 use crate::config::{Config, CreatePolicy, StorageKind};
 use crate::export::ExportName;
@@ -13,7 +15,7 @@ use crate::lease::Lease;
 use crate::stats_file::{self, StatsFormat};
 use crate::storage::{Backend, FencedStorage, FileBackend, MemoryBackend, S3Backend};
 use crate::volume::{Geometry, Volume, DEFAULT_BLOCK_SIZE};
-use crate::{lock, Error, Result};
+use crate::{background, lock, Error, Result};
 
 /// Opens the backend `config` names. For S3 this builds the client on the process-wide runtime,
 /// so call it after nbdkit forks.
@@ -217,21 +219,12 @@ impl Exports {
         stats(&self.volumes, format)
     }
 
-    /// With `stats-file=`, rewrites that file every `stats-interval` (atomically, by rename).
+    /// With `stats-file=`, rewrites that file every `stats-interval`.
     fn start_stats_writer(&self) {
         let Some(path) = self.config.stats_file.clone() else { return };
         let (interval, format) = (self.config.stats_interval, self.config.stats_format);
         let volumes = self.volumes.clone();
-        let spawned = std::thread::Builder::new().name("nbds3-stats".into()).spawn(move || loop {
-            std::thread::sleep(interval);
-            let tmp = path.with_extension("tmp");
-            if let Err(e) = std::fs::write(&tmp, stats(&volumes, format)).and_then(|()| std::fs::rename(&tmp, &path)) {
-                log::warn!("stats-file {}: {e}", path.display());
-            }
-        });
-        if let Err(e) = spawned {
-            log::warn!("cannot start the stats writer: {e}");
-        }
+        write_stats_every(path, interval, move || stats(&volumes, format));
     }
 
     fn snapshot(&self) -> Vec<(ExportName, OpenExport)> {
@@ -259,6 +252,25 @@ impl Exports {
                 lease.release();
             }
         }
+    }
+}
+
+/// Rewrites the file at `path` with what `render` says every `interval` (atomically, by rename),
+/// on a thread of its own. A panic there stops the stats file, with an error in the log, and
+/// nothing else: the counters are for watching the exports, no data depends on them, and failing
+/// the exports' writes for a fault in their monitoring would turn it into an outage.
+fn write_stats_every(path: PathBuf, interval: Duration, render: impl Fn() -> String + Send + 'static) {
+    let shown = path.display().to_string();
+    let writer = move || loop {
+        std::thread::sleep(interval);
+        let tmp = path.with_extension("tmp");
+        if let Err(e) = std::fs::write(&tmp, render()).and_then(|()| std::fs::rename(&tmp, &path)) {
+            log::warn!("stats-file {}: {e}", path.display());
+        }
+    };
+    let on_panic = move |what| log::error!("stats-file {shown}: {what}; the file is no longer updated");
+    if let Err(e) = background::spawn("nbds3-stats", writer, on_panic) {
+        log::warn!("cannot start the stats writer: {e}");
     }
 }
 

@@ -631,6 +631,11 @@ mod tests {
         LeaseConfig { time: Duration::from_secs(6), takeover, request_timeout: Duration::from_secs(2) }
     }
 
+    /// Renewed every 0.5 s, writes allowed for 1.5 s after a renewal.
+    fn short_config(takeover: bool) -> LeaseConfig {
+        LeaseConfig { time: Duration::from_secs(2), takeover, request_timeout: Duration::from_millis(500) }
+    }
+
     #[test]
     fn records_round_trip_and_junk_is_not_a_record() {
         let r = LeaseRecord { holder: Holder::this_process(), token: "t1".into(), expires: 123 };
@@ -709,14 +714,9 @@ mod tests {
     fn a_takeover_waits_out_the_old_lease_which_fences_its_holder() {
         let backend: Arc<dyn Backend> = Arc::new(MemoryBackend::default());
         let dev = ExportName::new("dev").unwrap();
-        let short = |takeover| LeaseConfig {
-            time: Duration::from_secs(2),
-            takeover,
-            request_timeout: Duration::from_millis(500),
-        };
-        let first = Lease::new(backend.clone(), dev.clone(), short(false));
+        let first = Lease::new(backend.clone(), dev.clone(), short_config(false));
         first.hold().unwrap();
-        let second = Lease::new(backend.clone(), dev.clone(), short(true));
+        let second = Lease::new(backend.clone(), dev.clone(), short_config(true));
         let started = Instant::now();
         second.hold().unwrap();
         assert!(started.elapsed() >= Duration::from_secs(1), "the takeover did not wait: {:?}", started.elapsed());
@@ -750,6 +750,153 @@ mod tests {
         let (why, until) = forced.may_take(Some(&record(elsewhere, far))).unwrap();
         assert!(why.starts_with("lease-takeover=true, from pid"), "{why}");
         assert_eq!(until, far, "a live holder may write until its lease expires");
+    }
+
+    /// A backend whose lease writes a test can hold up, as a slow S3 server would, or make panic.
+    #[derive(Debug, Default)]
+    struct Gated {
+        inner: MemoryBackend,
+        /// While set, `replace_lease` waits.
+        closed: Mutex<bool>,
+        opened: Condvar,
+        /// `replace_lease` calls in flight, and the most there ever were at once.
+        in_flight: AtomicU64,
+        most_in_flight: AtomicU64,
+        /// While set, `replace_lease` panics.
+        panics: AtomicBool,
+    }
+
+    impl Gated {
+        fn set_closed(&self, closed: bool) {
+            *lock(&self.closed) = closed;
+            self.opened.notify_all();
+        }
+
+        /// Waits (at most 5 s) until `n` lease writes are held up.
+        fn wait_for_held_up(&self, n: u64) {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while self.in_flight.load(Ordering::SeqCst) < n {
+                assert!(Instant::now() < deadline, "no lease write was sent");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+
+    impl std::fmt::Display for Gated {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("Gated")
+        }
+    }
+
+    impl Backend for Gated {
+        fn open(&self, export: &ExportName, block_size: usize) -> Result<Arc<dyn crate::Storage>> {
+            self.inner.open(export, block_size)
+        }
+        fn read_record(&self, export: &ExportName) -> Result<Option<String>> {
+            self.inner.read_record(export)
+        }
+        fn write_record(&self, export: &ExportName, record: &str) -> Result<()> {
+            self.inner.write_record(export, record)
+        }
+        fn delete_record(&self, export: &ExportName) -> Result<()> {
+            self.inner.delete_record(export)
+        }
+        fn list_exports(&self) -> Result<Vec<ExportName>> {
+            self.inner.list_exports()
+        }
+        fn read_lease(&self, export: &ExportName) -> Result<Option<crate::storage::VersionedText>> {
+            self.inner.read_lease(export)
+        }
+        fn replace_lease(&self, export: &ExportName, expected: Expect<'_>, text: &str) -> Result<Option<String>> {
+            if self.panics.load(Ordering::SeqCst) {
+                panic!("injected panic in a lease write");
+            }
+            let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most_in_flight.fetch_max(now, Ordering::SeqCst);
+            drop(self.opened.wait_while(lock(&self.closed), |closed| *closed).unwrap());
+            let result = self.inner.replace_lease(export, expected, text);
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            result
+        }
+        fn atomic_leases(&self) -> Result<bool> {
+            Ok(true)
+        }
+    }
+
+    /// `check` (asked before every write) while `lease` waits on the backend, from another thread
+    /// so that a check stuck behind a lock fails the test instead of hanging it.
+    fn check_meanwhile(lease: &Arc<Lease>) -> Result<()> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let lease = lease.clone();
+        std::thread::spawn(move || tx.send(lease.check()));
+        rx.recv_timeout(Duration::from_secs(1)).expect("check() waited for a lease request")
+    }
+
+    /// A slow lease request (S3 taking its time, a takeover waiting out the old lease) holds up
+    /// nothing but itself: writes are checked at once; a second open waits for the first's take
+    /// rather than take the lease again; the release waits for a renewal in flight and replaces
+    /// the version it wrote, so the lease ends up released; never two requests at once.
+    #[test]
+    fn slow_lease_requests_hold_up_no_check_and_never_overlap() {
+        let backend = Arc::new(Gated::default());
+        let lease = Lease::new(backend.clone(), ExportName::new("slow").unwrap(), short_config(false));
+        backend.set_closed(true);
+        let opens: Vec<_> = (0..2)
+            .map(|_| {
+                let lease = lease.clone();
+                std::thread::spawn(move || lease.hold())
+            })
+            .collect();
+        backend.wait_for_held_up(1);
+        let e = check_meanwhile(&lease).unwrap_err().to_string();
+        assert!(e.contains("does not hold the lease"), "{e}");
+        backend.set_closed(false);
+        for open in opens {
+            open.join().unwrap().unwrap();
+        }
+        check_meanwhile(&lease).unwrap();
+
+        backend.set_closed(true);
+        backend.wait_for_held_up(1);
+        check_meanwhile(&lease).unwrap();
+        let release = {
+            let lease = lease.clone();
+            std::thread::spawn(move || lease.release())
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!release.is_finished(), "the release went ahead of the renewal in flight");
+        backend.set_closed(false);
+        release.join().unwrap();
+        let holder = LeaseHolder::read(&*backend, &ExportName::new("slow").unwrap()).unwrap().unwrap();
+        assert!(holder.describe(unix_seconds()).starts_with("released by"), "{holder:?}");
+        assert_eq!(backend.most_in_flight.load(Ordering::SeqCst), 1);
+    }
+
+    /// The renewal thread panicking (a bug, injected here through the backend) stops writes at
+    /// once with an error that names it, and says so in the log, rather than leave the lease to
+    /// run out unrenewed while writes go on.
+    #[test]
+    fn a_panic_in_the_renewal_thread_stops_writes_at_once_naming_it() {
+        crate::background::captured_log::start();
+        let backend = Arc::new(Gated::default());
+        let lease = Lease::new(backend.clone(), ExportName::new("renewer-panics").unwrap(), short_config(false));
+        lease.hold().unwrap();
+        backend.panics.store(true, Ordering::SeqCst);
+        // Well within the 1.5 s window: the renewal runs every 0.5 s.
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while lease.check().is_ok() {
+            assert!(Instant::now() < deadline, "writes still allowed after the renewal thread panicked");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let e = lease.check().unwrap_err();
+        assert_eq!(e.errno(), libc::EIO);
+        let died = "thread nbds3-lease panicked: injected panic in a lease write";
+        assert_eq!(
+            e.to_string(),
+            format!("export renewer-panics: {died}; the lease is no longer renewed, so this process no longer writes to the export")
+        );
+        assert!(lease.hold().is_err(), "nor does a new connection take it");
+        assert_eq!(crate::background::captured_log::lines_with(died), [format!("ERROR {e}")]);
     }
 }
 
