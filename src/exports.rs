@@ -302,6 +302,36 @@ mod tests {
         c
     }
 
+    /// A panic in the stats thread (injected through what it renders) stops the stats file, says
+    /// so once at error level, and stops nothing else.
+    #[test]
+    fn a_panic_in_the_stats_thread_stops_the_stats_file_and_says_so() {
+        crate::background::captured_log::start();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stats");
+        let renders = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counted = renders.clone();
+        write_stats_every(path.clone(), Duration::from_millis(10), move || {
+            if counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 2 {
+                panic!("injected panic in the stats test");
+            }
+            "export=dev\n".into()
+        });
+        let died = "thread nbds3-stats panicked: injected panic in the stats test";
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while crate::background::captured_log::lines_with(died).is_empty() {
+            assert!(std::time::Instant::now() < deadline, "nothing logged");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(
+            crate::background::captured_log::lines_with(died),
+            [format!("ERROR stats-file {}: {died}; the file is no longer updated", path.display())]
+        );
+        assert_eq!(renders.load(std::sync::atomic::Ordering::SeqCst), 3, "the writer stopped");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "export=dev\n");
+    }
+
     #[test]
     fn a_new_export_records_its_geometry_and_later_opens_keep_it() {
         let backend = MemoryBackend::default();

@@ -710,14 +710,27 @@ fn parallel_while<T: Send>(
     }
     let first_error: Mutex<Option<Error>> = Mutex::new(None);
     std::thread::scope(|scope| {
-        for _ in 0..workers {
-            scope.spawn(|| {
-                while let Some(item) = next() {
-                    if let Err(e) = work(item) {
-                        lock(&first_error).get_or_insert(e);
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                scope.spawn(|| {
+                    while let Some(item) = next() {
+                        if let Err(e) = work(item) {
+                            lock(&first_error).get_or_insert(e);
+                        }
                     }
-                }
-            });
+                })
+            })
+            .collect();
+        // A worker's panic goes on in this thread with its own message, which the scope's own
+        // join would replace with "a scoped thread panicked".
+        let mut first_panic = None;
+        for handle in handles {
+            if let Err(panic) = handle.join() {
+                first_panic.get_or_insert(panic);
+            }
+        }
+        if let Some(panic) = first_panic {
+            std::panic::resume_unwind(panic);
         }
     });
     let first_error = lock(&first_error).take();

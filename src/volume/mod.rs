@@ -149,9 +149,16 @@ impl Volume {
     /// background threads; says so once, at error level.
     pub(crate) fn fail(volume: &Weak<Volume>, what: String) {
         let Some(v) = volume.upgrade() else { return };
-        log::error!("{}: {what}; writes and FLUSH fail with EIO until nbdkit restarts (reads go on)", v.storage);
-        // The first death is the one to report; later ones (the other stream workers) add nothing.
-        let _ = v.failed.set(what);
+        // The first death is the one to report; later ones (the other stream workers, dying of
+        // the same cause) add nothing a user can act on.
+        match v.failed.set(what) {
+            Ok(()) => log::error!(
+                "{}: {}; writes and FLUSH fail with EIO until nbdkit restarts (reads go on)",
+                v.storage,
+                v.failed.get().map_or("", String::as_str)
+            ),
+            Err(what) => log::debug!("{}: {what} as well", v.storage),
+        }
     }
 
     /// Whether writes may go on: no background thread has died.

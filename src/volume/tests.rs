@@ -480,3 +480,66 @@ fn partial_writes_count_only_their_pages_against_max_dirty() {
         (&[1; 8192][..], &[2; 4096][..], &[1; BIG - 12288][..])
     );
 }
+
+/// Polls `op` (at most 5 s) until it fails, and returns its error.
+fn first_error(op: impl Fn() -> Result<()>) -> Error {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match op() {
+            Err(e) => return e,
+            Ok(()) => assert!(std::time::Instant::now() < deadline, "still no error"),
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// What a client of a volume whose background thread panicked sees: writes, zeroes and FLUSH fail
+/// with EIO naming the thread and the panic (`died`, up to the block it names), reads go on (of
+/// block `readable`, filled with `expected` and never stored), and the log says it once at error
+/// level.
+fn assert_failed_by(v: &Volume, died: &str, readable: u64, expected: u8) {
+    let e = first_error(|| v.write(&[6; BS], 15 * BS as u64, false));
+    assert_eq!(e.errno(), libc::EIO);
+    let message = e.to_string();
+    assert!(message.starts_with(&format!("FaultyStorage(MemoryStorage): {died}")), "{message}");
+    assert!(message.ends_with("; writes and FLUSH fail until nbdkit restarts"), "{message}");
+    assert_eq!(v.flush().unwrap_err().to_string(), message);
+    assert_eq!(v.zero(BS as u64, 0, false, false).unwrap_err().to_string(), message);
+    let mut buf = vec![0; BS];
+    v.read(&mut buf, readable * BS as u64).unwrap();
+    assert!(buf.iter().all(|&b| b == expected), "block {readable}, dirty, reads back as written");
+    let logged = crate::background::captured_log::lines_with(died);
+    assert_eq!(logged.len(), 1, "{logged:?}");
+    let what = message.split("; ").next().unwrap();
+    assert!(logged[0].starts_with(&format!("ERROR {what}; writes and FLUSH fail with EIO")), "{logged:?}");
+}
+
+#[test]
+fn a_panic_in_the_background_writer_fails_writes_and_flush_but_not_reads() {
+    crate::background::captured_log::start();
+    let config = VolumeConfig { writeback_delay: Some(std::time::Duration::from_millis(20)), ..roomy() };
+    let (v, s) = volume(16, config);
+    let v = Arc::new(v);
+    v.write(&[4; BS], 3 * BS as u64, false).unwrap();
+    s.panic_instead.store(true, Relaxed);
+    s.fail_writes.store(true, Relaxed);
+    v.start_background_writer();
+    assert_failed_by(&v, "thread nbds3-writeback panicked: injected panic in write of block 0000000000000003", 3, 4);
+}
+
+#[test]
+fn a_panic_in_a_stream_worker_fails_writes_and_flush_but_not_reads() {
+    crate::background::captured_log::start();
+    let (v, s) = remote_volume(256, roomy(), &[]);
+    let v = Arc::new(v);
+    s.panic_instead.store(true, Relaxed);
+    s.fail_writes.store(true, Relaxed);
+    // Blocks 100.. are written behind the writer by the stream workers, which panic on the
+    // first they take (each worker on its own block; only the first death is said).
+    for b in 100..164u64 {
+        if v.write_sequentially(&[b as u8; BS], b * BS as u64, false).is_err() {
+            break;
+        }
+    }
+    assert_failed_by(&v, "thread nbds3-streams panicked: injected panic in write of block 00000000000000", 100, 100);
+}
