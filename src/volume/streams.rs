@@ -8,6 +8,9 @@
 //! writes, and a FLUSH at the end finds little left to do. Random writes are left dirty until
 //! FLUSH, `max-dirty` or `writeback-delay`, so blocks rewritten often cost one PUT, not many.
 //!
+//! Only over storage whose requests are slow enough to be worth overlapping (S3, files: see
+//! [`Capabilities`](crate::storage::Capabilities)); over RAM it would only cost copies and threads.
+//!
 //! Both go into one queue that long-lived workers, as many as the volume's concurrency, take one
 //! block at a time: `concurrency` requests stay in flight as long as a stream goes on, without the
 //! gap that waiting for a whole batch leaves at its tail. A read elsewhere (a seek) drops the
