@@ -99,7 +99,7 @@ impl Volume {
     /// dirty that long. It stops when the volume is dropped. Call it after nbdkit forks.
     ///
     /// Below `max-dirty` nothing is written back early (but what sequential writers leave behind,
-    /// see [`streams`]): a working set of random writes that fits costs one PUT per block at
+    /// see `streams`): a working set of random writes that fits costs one PUT per block at
     /// FLUSH, however often it is rewritten.
     pub fn start_background_writer(self: &Arc<Self>) {
         let volume: Weak<Volume> = Arc::downgrade(self);
