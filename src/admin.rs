@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use crate::export_record::{ExportRecord, Layout};
 use crate::lease::{Lease, LeaseConfig, LeaseHolder};
 use crate::storage::{Backend, BlockId, Storage};
 use crate::{Error, ExportName, Geometry, Result};
@@ -14,6 +15,8 @@ pub struct ExportInfo {
     pub name: ExportName,
     /// Its recorded geometry.
     pub geometry: Geometry,
+    /// How its blocks are stored.
+    pub layout: Layout,
     /// How many blocks storage holds.
     pub stored_blocks: u64,
     /// Who holds its lease; `None` if no writer ever took it.
@@ -40,14 +43,15 @@ pub fn list(backend: &dyn Backend) -> Result<Vec<ExportInfo>> {
 /// # Errors
 /// [`Error::ExportNotFound`] if it has no record; backend failures.
 pub fn info(backend: &dyn Backend, name: &ExportName) -> Result<ExportInfo> {
-    let geometry = Geometry::recorded(backend, name)?.ok_or_else(|| Error::ExportNotFound {
+    let record = ExportRecord::read(backend, name)?.ok_or_else(|| Error::ExportNotFound {
         store: backend.to_string(),
         export: name.to_string(),
         hint: "`nbds3ctl list` shows the exports there are".into(),
     })?;
+    let ExportRecord { geometry, layout } = record;
     let stored_blocks = backend.open(name, geometry.block_size())?.list_blocks()?.len() as u64;
     let lease = LeaseHolder::read(backend, name)?;
-    Ok(ExportInfo { name: name.clone(), geometry, stored_blocks, lease })
+    Ok(ExportInfo { name: name.clone(), geometry, layout, stored_blocks, lease })
 }
 
 /// Creates an export of `size` bytes in `block_size`-byte blocks.
@@ -59,7 +63,7 @@ pub fn create(backend: &dyn Backend, name: &ExportName, size: u64, block_size: u
         return Err(Error::config("export", format!("export {name} already exists")));
     }
     let geometry = Geometry::new(size, block_size)?;
-    geometry.record(backend, name)?;
+    ExportRecord::plain(geometry).write(backend, name)?;
     Ok(geometry)
 }
 
@@ -95,7 +99,8 @@ pub fn resize(
     lease: Option<LeaseConfig>,
     progress: impl FnMut(u64, u64),
 ) -> Result<Resized> {
-    let from = info(&**backend, name)?.geometry;
+    let ExportInfo { geometry: from, layout, .. } = info(&**backend, name)?;
+    let record = |geometry| ExportRecord { geometry, layout }.write(&**backend, name);
     let bs = from.block_size() as u64;
     if size % bs != 0 || size == 0 {
         let down = size / bs * bs;
@@ -120,11 +125,11 @@ pub fn resize(
         resized.deleted_blocks = under_lease(backend, name, lease, |storage| {
             let past_end = storage.list_blocks_in(to.blocks()..u64::MAX)?;
             let deleted = delete_in_batches(storage, &past_end, progress)?;
-            to.record(&**backend, name)?;
+            record(to)?;
             Ok(deleted)
         })?;
     } else if to != from {
-        to.record(&**backend, name)?;
+        record(to)?;
     }
     Ok(resized)
 }

@@ -5,15 +5,18 @@
 //! made on another, so `can_multi_conn` can be true.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
 use crate::config::{Config, CreatePolicy, StorageKind};
 use crate::export::ExportName;
+use crate::export_record::{ExportRecord, Layout};
 use crate::lease::Lease;
 use crate::stats_file::{self, StatsFormat};
 use crate::storage::{Backend, FencedStorage, FileBackend, MemoryBackend, S3Backend};
 use crate::volume::{Geometry, Volume, DEFAULT_BLOCK_SIZE};
-use crate::{lock, Error, Result};
+use crate::{background, lock, Error, Result};
 
 /// Opens the backend `config` names. For S3 this builds the client on the process-wide runtime,
 /// so call it after nbdkit forks.
@@ -39,7 +42,13 @@ pub fn open_backend(config: &Config) -> Result<Arc<dyn Backend>> {
 /// [`Error::Config`] naming `block-size` when it contradicts the record, and
 /// [`Error::ExportNotFound`] for a new export this open may not create or has no `size=` for.
 pub fn open_geometry(backend: &dyn Backend, export: &ExportName, config: &Config) -> Result<Geometry> {
-    if let Some(recorded) = Geometry::recorded(backend, export)? {
+    if let Some(ExportRecord { geometry: recorded, layout }) = ExportRecord::read(backend, export)? {
+        if layout != Layout::Plain {
+            return Err(Error::config(
+                "export",
+                format!("export {export} has layout {layout}, which nbdkit cannot serve yet"),
+            ));
+        }
         if let Some(bs) = config.block_size.filter(|&bs| bs != recorded.block_size()) {
             return Err(Error::config(
                 "block-size",
@@ -69,7 +78,7 @@ pub fn open_geometry(backend: &dyn Backend, export: &ExportName, config: &Config
     let size =
         size.map_err(|hint| Error::ExportNotFound { store: backend.to_string(), export: export.to_string(), hint })?;
     let geometry = Geometry::new(size, config.block_size.unwrap_or(DEFAULT_BLOCK_SIZE))?;
-    geometry.record(backend, export)?;
+    ExportRecord::plain(geometry).write(backend, export)?;
     log::info!("export {export}: created, {size} bytes in {}-byte blocks", geometry.block_size());
     Ok(geometry)
 }
@@ -85,8 +94,8 @@ pub fn open_geometry(backend: &dyn Backend, export: &ExportName, config: &Config
 /// be restarted to serve it so); the storage's error listing the range it grew into.
 fn follow_record(backend: &dyn Backend, name: &ExportName, volume: &Volume) -> Result<()> {
     let open = volume.geometry();
-    let recorded = match Geometry::recorded(backend, name) {
-        Ok(recorded) => recorded,
+    let recorded = match ExportRecord::read(backend, name) {
+        Ok(recorded) => recorded.map(|r| r.geometry),
         Err(e) => {
             log::warn!("export {name}: serving {} bytes, as its record could not be read again: {e}", open.size());
             return Ok(());
@@ -217,21 +226,12 @@ impl Exports {
         stats(&self.volumes, format)
     }
 
-    /// With `stats-file=`, rewrites that file every `stats-interval` (atomically, by rename).
+    /// With `stats-file=`, rewrites that file every `stats-interval`.
     fn start_stats_writer(&self) {
         let Some(path) = self.config.stats_file.clone() else { return };
         let (interval, format) = (self.config.stats_interval, self.config.stats_format);
         let volumes = self.volumes.clone();
-        let spawned = std::thread::Builder::new().name("nbds3-stats".into()).spawn(move || loop {
-            std::thread::sleep(interval);
-            let tmp = path.with_extension("tmp");
-            if let Err(e) = std::fs::write(&tmp, stats(&volumes, format)).and_then(|()| std::fs::rename(&tmp, &path)) {
-                log::warn!("stats-file {}: {e}", path.display());
-            }
-        });
-        if let Err(e) = spawned {
-            log::warn!("cannot start the stats writer: {e}");
-        }
+        write_stats_every(path, interval, move || stats(&volumes, format));
     }
 
     fn snapshot(&self) -> Vec<(ExportName, OpenExport)> {
@@ -262,6 +262,25 @@ impl Exports {
     }
 }
 
+/// Rewrites the file at `path` with what `render` says every `interval` (atomically, by rename),
+/// on a thread of its own. A panic there stops the stats file, with an error in the log, and
+/// nothing else: the counters are for watching the exports, no data depends on them, and failing
+/// the exports' writes for a fault in their monitoring would turn it into an outage.
+fn write_stats_every(path: PathBuf, interval: Duration, render: impl Fn() -> String + Send + 'static) {
+    let shown = path.display().to_string();
+    let writer = move || loop {
+        std::thread::sleep(interval);
+        let tmp = path.with_extension("tmp");
+        if let Err(e) = std::fs::write(&tmp, render()).and_then(|()| std::fs::rename(&tmp, &path)) {
+            log::warn!("stats-file {}: {e}", path.display());
+        }
+    };
+    let on_panic = move |what| log::error!("stats-file {shown}: {what}; the file is no longer updated");
+    if let Err(e) = background::spawn("nbds3-stats", writer, on_panic) {
+        log::warn!("cannot start the stats writer: {e}");
+    }
+}
+
 /// The exports open in `volumes`.
 fn snapshot(volumes: &Slots) -> Vec<(ExportName, OpenExport)> {
     let slots: Vec<_> = lock(volumes).iter().map(|(n, slot)| (n.clone(), slot.clone())).collect();
@@ -288,6 +307,36 @@ mod tests {
         }
         c.finish().unwrap();
         c
+    }
+
+    /// A panic in the stats thread (injected through what it renders) stops the stats file, says
+    /// so once at error level, and stops nothing else.
+    #[test]
+    fn a_panic_in_the_stats_thread_stops_the_stats_file_and_says_so() {
+        crate::background::captured_log::start();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stats");
+        let renders = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counted = renders.clone();
+        write_stats_every(path.clone(), Duration::from_millis(10), move || {
+            if counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 2 {
+                panic!("injected panic in the stats test");
+            }
+            "export=dev\n".into()
+        });
+        let died = "thread nbds3-stats panicked: injected panic in the stats test";
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while crate::background::captured_log::lines_with(died).is_empty() {
+            assert!(std::time::Instant::now() < deadline, "nothing logged");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(
+            crate::background::captured_log::lines_with(died),
+            [format!("ERROR stats-file {}: {died}; the file is no longer updated", path.display())]
+        );
+        assert_eq!(renders.load(std::sync::atomic::Ordering::SeqCst), 3, "the writer stopped");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "export=dev\n");
     }
 
     #[test]
@@ -331,7 +380,7 @@ mod tests {
         first.volume.write(b"kept", (1 << 20) - 4, false).unwrap();
         let backend = exports.backend.get().unwrap().clone();
         let dev = ExportName::new("dev").unwrap();
-        Geometry::new(3 << 20, 4096).unwrap().record(&*backend, &dev).unwrap();
+        ExportRecord::plain(Geometry::new(3 << 20, 4096).unwrap()).write(&*backend, &dev).unwrap();
         // Blocks past the old end that storage holds (left by an interrupted shrink) are seen.
         backend.open(&dev, 4096).unwrap().write_block(BlockId(600), &[7; 4096]).unwrap();
         let second = exports.open("", false).unwrap();
@@ -344,7 +393,7 @@ mod tests {
         assert_eq!(buf, [7; 4]);
         second.volume.write(b"new", (3 << 20) - 3, false).unwrap();
 
-        Geometry::new(2 << 20, 4096).unwrap().record(&*backend, &dev).unwrap();
+        ExportRecord::plain(Geometry::new(2 << 20, 4096).unwrap()).write(&*backend, &dev).unwrap();
         let e = exports.open("", true).unwrap_err().to_string();
         assert!(
             e.contains(

@@ -115,6 +115,7 @@ mod records {
     use proptest::prelude::*;
 
     use super::{config, corpus};
+    use crate::export_record::ExportRecord;
     use crate::storage::keys::{block_leaf, parse_block_leaf};
     use crate::storage::BlockId;
     use crate::volume::{Geometry, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
@@ -132,9 +133,9 @@ mod records {
     /// A written record with a line replaced, added or cut, or arbitrary text, or much of it.
     fn record_text() -> impl Strategy<Value = String> {
         prop_oneof![
-            geometry().prop_map(|g| g.to_record()),
+            geometry().prop_map(|g| ExportRecord::plain(g).to_text()),
             (geometry(), any::<String>(), any::<usize>()).prop_map(|(g, junk, at)| {
-                let text = g.to_record();
+                let text = ExportRecord::plain(g).to_text();
                 let at = text.char_indices().map(|(i, _)| i).nth(at % text.chars().count()).unwrap_or(0);
                 format!("{}{junk}{}", &text[..at], &text[at..])
             }),
@@ -159,8 +160,8 @@ mod records {
 
         #[test]
         fn fuzz_export_records(text in record_text()) {
-            match Geometry::from_record(&text) {
-                Ok(g) => prop_assert_eq!(Geometry::new(g.size(), g.block_size()).ok(), Some(g)),
+            match ExportRecord::parse(&text) {
+                Ok(ExportRecord { geometry: g, .. }) => prop_assert_eq!(Geometry::new(g.size(), g.block_size()).ok(), Some(g)),
                 // The error shows at most the record's start, however big the record.
                 Err(e) => prop_assert!(e.to_string().len() < 2048, "{} bytes", e.to_string().len()),
             }
@@ -168,7 +169,8 @@ mod records {
 
         #[test]
         fn written_export_records_read_back(g in geometry()) {
-            prop_assert_eq!(Geometry::from_record(&g.to_record()).ok(), Some(g));
+            let record = ExportRecord::plain(g);
+            prop_assert_eq!(ExportRecord::parse(&record.to_text()).ok(), Some(record));
         }
 
         #[test]
@@ -188,7 +190,7 @@ mod records {
     #[test]
     fn corpus_of_export_records() {
         for (name, bytes) in corpus("export-record") {
-            let parsed = Geometry::from_record(&String::from_utf8_lossy(&bytes));
+            let parsed = ExportRecord::parse(&String::from_utf8_lossy(&bytes));
             if name.starts_with("refused-") {
                 let e = parsed.expect_err(&name).to_string();
                 assert!(e.len() < 2048, "tests/corpus/export-record/{name}: {} bytes", e.len());

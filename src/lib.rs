@@ -41,10 +41,12 @@
 #![warn(unreachable_pub, missing_debug_implementations)]
 
 pub mod admin;
+mod background;
 pub mod block_buf;
 pub mod config;
 pub mod error;
 pub mod export;
+pub mod export_record;
 pub mod exports;
 #[cfg(test)]
 mod fuzz;

@@ -72,6 +72,7 @@ fn lifecycle(params: Vec<String>, objects: impl Fn(&str) -> usize) {
         "size": 128 << 20,
         "block_size": 65536,
         "blocks": 2048,
+        "layout": "plain",
         "stored_blocks": 5,
         "stored_bytes": 5 * 65536,
         "lease": { "host": host, "pid": pid, "expires": 0 },

@@ -215,6 +215,7 @@ fn run(args: &[String]) -> Result<(), Failure> {
             println!("size:        {} ({} bytes)", human(e.geometry.size()), e.geometry.size());
             println!("block size:  {} ({} bytes)", human(e.geometry.block_size() as u64), e.geometry.block_size());
             println!("blocks:      {}", e.geometry.blocks());
+            println!("layout:      {}", e.layout);
             println!(
                 "stored:      {} in {} objects ({:.2} % of the device)",
                 human(e.stored_bytes()),
@@ -386,6 +387,7 @@ fn export_json(e: &admin::ExportInfo) -> serde_json::Value {
         "size": e.geometry.size(),
         "block_size": e.geometry.block_size(),
         "blocks": e.geometry.blocks(),
+        "layout": e.layout.to_string(),
         "stored_blocks": e.stored_blocks,
         "stored_bytes": e.stored_bytes(),
         "lease": match &e.lease {

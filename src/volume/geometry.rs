@@ -1,8 +1,7 @@
-//! The pure block math: a device's size and block size, and how a byte range splits into blocks;
-//! and the record that keeps an export's geometry in its store.
+//! The pure block math: a device's size and block size, and how a byte range splits into blocks.
 
-use crate::storage::{Backend, BlockId};
-use crate::{Error, ExportName, Result};
+use crate::storage::BlockId;
+use crate::{Error, Result};
 
 /// The smallest block size accepted.
 pub const MIN_BLOCK_SIZE: usize = 512;
@@ -10,9 +9,6 @@ pub const MIN_BLOCK_SIZE: usize = 512;
 pub const MAX_BLOCK_SIZE: usize = 4 << 20;
 /// The default block size.
 pub const DEFAULT_BLOCK_SIZE: usize = 4096;
-
-/// The most characters of a malformed record that its error shows.
-const MAX_RECORD_SHOWN: usize = 200;
 
 /// A device's size and block size, both validated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,56 +72,6 @@ impl Geometry {
     /// [`Error::Config`] naming `size` when it is not a positive multiple of the block size.
     pub fn with_size(&self, size: u64) -> Result<Self> {
         Geometry::new(size, self.block_size)
-    }
-
-    /// The text stored as an export's record: written when the export is created, rewritten
-    /// (size only) by `nbds3ctl resize`.
-    pub fn to_record(&self) -> String {
-        format!(
-            "# nbds3 export geometry; the block size never changes, the size only with nbds3ctl resize\nsize={}\nblock-size={}\n",
-            self.size, self.block_size
-        )
-    }
-
-    /// The geometry recorded for `export` in `backend`; `None` if it has no record.
-    ///
-    /// # Errors
-    /// Backend failures, and a malformed record.
-    pub fn recorded(backend: &dyn Backend, export: &ExportName) -> Result<Option<Self>> {
-        backend.read_record(export)?.map(|text| Geometry::from_record(&text)).transpose()
-    }
-
-    /// Writes this geometry as the record of `export` in `backend`.
-    ///
-    /// # Errors
-    /// Backend failures.
-    pub fn record(&self, backend: &dyn Backend, export: &ExportName) -> Result<()> {
-        backend.write_record(export, &self.to_record())
-    }
-
-    /// Parses a record written by [`to_record`](Self::to_record).
-    ///
-    /// # Errors
-    /// [`Error::Config`] if the record is malformed or its values are not allowed.
-    pub fn from_record(text: &str) -> Result<Self> {
-        let mut size = None;
-        let mut block_size = None;
-        for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
-            match line.split_once('=') {
-                Some(("size", v)) => size = v.parse::<u64>().ok(),
-                Some(("block-size", v)) => block_size = v.parse::<usize>().ok(),
-                _ => {}
-            }
-        }
-        match (size, block_size) {
-            (Some(size), Some(block_size)) => Geometry::new(size, block_size),
-            _ => {
-                // The record comes from the store, and may be anything of any size.
-                let shown: String = text.chars().take(MAX_RECORD_SHOWN).collect();
-                let cut = if shown.len() < text.len() { "..." } else { "" };
-                Err(Error::config("export", format!("malformed geometry record {shown:?}{cut}")))
-            }
-        }
     }
 
     /// The blocks that `len` bytes at `offset` cover entirely (an empty range if none).
@@ -273,15 +219,6 @@ mod tests {
         let g = Geometry::new(4 * 4096, 4096).unwrap();
         assert!(matches!(g.pieces(4 * 4096 - 1, 2), Err(Error::OutOfRange { .. })));
         assert!(matches!(g.pieces(u64::MAX, 2), Err(Error::OutOfRange { .. })));
-    }
-
-    #[test]
-    fn records_round_trip_and_malformed_ones_are_refused() {
-        let g = Geometry::new(1 << 30, 65536).unwrap();
-        assert_eq!(Geometry::from_record(&g.to_record()).unwrap(), g);
-        for bad in ["", "size=1024", "size=x\nblock-size=4096", "size=4097\nblock-size=4096"] {
-            assert!(Geometry::from_record(bad).is_err(), "{bad:?}");
-        }
     }
 
     #[test]

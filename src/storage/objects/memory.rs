@@ -1,0 +1,140 @@
+//! `MemoryObjects`: objects in a map in RAM, for tests of every layout without a server, and
+//! for throw-away devices.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::ops::Bound;
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use super::{Listed, Object, ObjectStore, Put, ReadInto};
+use crate::storage::{BlockBuf, Fence};
+use crate::{lock, Error, Result};
+
+/// One stored object.
+#[derive(Debug)]
+struct Stored {
+    bytes: Vec<u8>,
+    /// Unique within the store: a counter, so rewriting the same bytes still changes it.
+    version: u64,
+    modified: SystemTime,
+}
+
+/// Objects in RAM, gone with the process. Conditional writes are real compare-and-swaps.
+#[derive(Debug, Default)]
+pub struct MemoryObjects {
+    objects: Mutex<BTreeMap<String, Stored>>,
+    /// The last version given out.
+    versions: Mutex<u64>,
+}
+
+impl MemoryObjects {
+    fn next_version(&self) -> u64 {
+        let mut v = lock(&self.versions);
+        *v += 1;
+        *v
+    }
+}
+
+impl fmt::Display for MemoryObjects {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("MemoryObjects")
+    }
+}
+
+impl ObjectStore for MemoryObjects {
+    fn get(&self, key: &str, max_len: usize) -> Result<Option<Object>> {
+        let objects = lock(&self.objects);
+        let Some(stored) = objects.get(key) else { return Ok(None) };
+        if stored.bytes.len() > max_len {
+            return Err(Error::backend(self, format!("{key}: more than {max_len} bytes")));
+        }
+        Ok(Some(Object { bytes: stored.bytes.clone(), version: stored.version.to_string() }))
+    }
+
+    fn read_into(&self, key: &str, offset: Option<u64>, buf: &mut BlockBuf) -> Result<ReadInto> {
+        let objects = lock(&self.objects);
+        let Some(stored) = objects.get(key) else { return Ok(ReadInto::Missing) };
+        let size = stored.bytes.len() as u64;
+        let start = offset.unwrap_or(0);
+        let fits = match offset {
+            None => size == buf.len() as u64,
+            Some(start) => start.checked_add(buf.len() as u64).is_some_and(|end| end <= size),
+        };
+        if !fits {
+            return Ok(ReadInto::WrongSize(size));
+        }
+        let (start, len) = (start as usize, buf.len());
+        buf.copy_from_slice(&stored.bytes[start..start + len]);
+        Ok(ReadInto::Filled)
+    }
+
+    fn put(&self, key: &str, data: &[u8], condition: Put<'_>, fence: Option<Fence<'_>>) -> Result<Option<String>> {
+        if let Some(fence) = fence {
+            fence()?;
+        }
+        let mut objects = lock(&self.objects);
+        let holds = match (condition, objects.get(key)) {
+            (Put::Always, _) | (Put::IfAbsent, None) => true,
+            (Put::IfVersion(v), Some(stored)) => stored.version.to_string() == v,
+            (Put::IfAbsent, Some(_)) | (Put::IfVersion(_), None) => false,
+        };
+        if !holds {
+            return Ok(None);
+        }
+        let version = self.next_version();
+        objects.insert(key.to_string(), Stored { bytes: data.to_vec(), version, modified: SystemTime::now() });
+        Ok(Some(version.to_string()))
+    }
+
+    fn delete(&self, keys: &[String], fence: Option<Fence<'_>>) -> Result<()> {
+        if let Some(fence) = fence {
+            fence()?;
+        }
+        let mut objects = lock(&self.objects);
+        for key in keys {
+            objects.remove(key);
+        }
+        Ok(())
+    }
+
+    fn list(&self, prefix: &str, start_after: Option<&str>, visit: &mut dyn FnMut(Listed) -> bool) -> Result<()> {
+        // Copied out first, so `visit` may call back into the store.
+        let listed: Vec<Listed> = {
+            let objects = lock(&self.objects);
+            let from = match start_after {
+                Some(after) if after >= prefix => Bound::Excluded(after.to_string()),
+                _ => Bound::Included(prefix.to_string()),
+            };
+            objects
+                .range((from, Bound::Unbounded))
+                .take_while(|(k, _)| k.starts_with(prefix))
+                .map(|(k, s)| Listed { key: k.clone(), size: s.bytes.len() as u64, modified: s.modified })
+                .collect()
+        };
+        for item in listed {
+            if !visit(item) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn sync(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn conditional_writes(&self) -> Result<bool> {
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conformance() {
+        super::super::conformance::all(&MemoryObjects::default());
+    }
+}
