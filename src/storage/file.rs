@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::os::fd::AsRawFd;
 
 use super::keys::{block_leaf, parse_block_leaf, LEASE_PREFIX, RECORD_PREFIX};
-use super::{check_len, Backend, BlockBuf, BlockId, Expect, Storage, VersionedText};
+use super::{check_len, Backend, BlockBuf, BlockId, Expect, ObjectStore, Storage, VersionedText};
 use crate::export::ExportName;
 use crate::{Error, Result};
 
@@ -139,6 +139,10 @@ impl Backend for FileBackend {
         Ok(true)
     }
 
+    fn objects(&self) -> Option<Arc<dyn ObjectStore>> {
+        None
+    }
+
     fn list_exports(&self) -> Result<Vec<ExportName>> {
         let dir = self.root.join(RECORD_PREFIX);
         let entries = match fs::read_dir(&dir) {
@@ -218,8 +222,8 @@ impl Storage for FileStorage {
         if len != self.block_size as u64 {
             return Err(Error::CorruptBlock {
                 store: self.to_string(),
-                block: id.0,
-                message: format!("{} is {len} bytes, expected {}", path.display(), self.block_size),
+                key: path.display().to_string(),
+                message: format!("it is {len} bytes, expected {}", self.block_size),
             });
         }
         file.read_exact(buf).map_err(|e| self.err(&path, &e))?;
@@ -292,7 +296,7 @@ mod tests {
         let s = FileStorage::open(root.path(), &export, 4096).unwrap();
         fs::write(root.path().join("blocks/dev/0000000000002000"), b"short").unwrap();
         let e = s.read_block(BlockId(2), &mut BlockBuf::zeroed(4096)).unwrap_err();
-        assert!(matches!(e, Error::CorruptBlock { block: 2, .. }), "{e}");
+        assert!(matches!(&e, Error::CorruptBlock { key, .. } if key.ends_with("blocks/dev/0000000000002000")), "{e}");
         assert!(e.to_string().contains("is 5 bytes, expected 4096"), "{e}");
     }
 

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::{Arc, Mutex};
 
-use super::{check_len, Backend, BlockBuf, BlockId, Expect, Storage, VersionedText};
+use super::{check_len, Backend, BlockBuf, BlockId, Expect, ObjectStore, Storage, VersionedText};
 use crate::export::ExportName;
 use crate::{lock, Result};
 
@@ -71,6 +71,10 @@ impl Backend for MemoryBackend {
 
     fn atomic_leases(&self) -> Result<bool> {
         Ok(true)
+    }
+
+    fn objects(&self) -> Option<Arc<dyn ObjectStore>> {
+        None
     }
 }
 
