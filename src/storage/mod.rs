@@ -5,9 +5,10 @@
 //! the [`Volume`](crate::Volume). That keeps each backend small: the memory, file and S3 backends
 //! differ only in where a block's bytes go.
 //!
-//! Beneath the blocks is the object layer ([`objects`]): the S3 backend is an [`ObjectStore`]
-//! ([`s3::S3Objects`]), on which the generic [`ObjectBackend`] keeps records and leases and the
-//! [`PlainStorage`] layout keeps blocks.
+//! Beneath the blocks is the object layer ([`objects`]): a bucket ([`S3Objects`]), a directory
+//! ([`DirObjects`]) or RAM ([`MemoryObjects`]) is an [`ObjectStore`], on which the one
+//! [`ObjectBackend`] keeps every export's record and lease, and the [`PlainStorage`] layout its
+//! blocks.
 
 use std::fmt;
 use std::sync::Arc;
@@ -18,7 +19,6 @@ use crate::export::ExportName;
 use crate::Result;
 
 pub mod fenced;
-pub mod file;
 pub mod keys;
 pub mod memory;
 pub mod metered;
@@ -31,11 +31,10 @@ pub mod conformance;
 pub mod faulty;
 
 pub use fenced::{FencedStorage, WriteWindow};
-pub use file::{FileBackend, FileStorage};
 pub use memory::{MemoryBackend, MemoryStorage};
 pub use metered::{MeteredStorage, StorageStats};
 pub use object_backend::ObjectBackend;
-pub use objects::{MemoryObjects, ObjectStore};
+pub use objects::{DirObjects, MemoryObjects, ObjectStore};
 pub use plain::PlainStorage;
 pub use s3::{S3Config, S3Objects, Secret};
 

@@ -130,12 +130,61 @@ impl Backend for ObjectBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::{conformance, MemoryObjects};
+    use crate::storage::{conformance, DirObjects, MemoryObjects};
 
     #[test]
-    fn conformance_over_memory_objects() {
-        let backend = ObjectBackend::new(Arc::new(MemoryObjects::default()));
+    fn conformance_in_memory() {
+        let objects: Arc<dyn ObjectStore> = Arc::new(MemoryObjects::default());
+        let place = |n: u32| ExportName::new(&format!("place{n}")).unwrap();
+        conformance::run_all(
+            &|n| Box::new(PlainStorage::new(Arc::clone(&objects), &place(n), conformance::BLOCK_SIZE)),
+            false,
+        );
+        let backend = ObjectBackend::new(objects);
         conformance::backend_records(&backend, "");
         conformance::backend_leases(&backend, "");
+    }
+
+    #[test]
+    fn conformance_in_a_directory() {
+        let root = tempfile::tempdir().unwrap();
+        let objects = || Arc::new(DirObjects::new(root.path()).unwrap());
+        let backend = || ObjectBackend::new(objects());
+        conformance::run_all(
+            // A new store each time, as a new process would open the directory.
+            &|n| {
+                Box::new(PlainStorage::new(
+                    objects(),
+                    &ExportName::new(&format!("place{n}")).unwrap(),
+                    conformance::BLOCK_SIZE,
+                ))
+            },
+            true,
+        );
+        conformance::backend_records(&backend(), "");
+        conformance::backend_leases(&backend(), "");
+    }
+
+    /// Directories written by earlier versions keep working: their paths are the keys, and their
+    /// temporary files are not blocks.
+    #[test]
+    fn a_directory_of_an_earlier_version_is_read_as_it_was_written() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("blocks/dev")).unwrap();
+        std::fs::create_dir_all(root.path().join("exports")).unwrap();
+        std::fs::write(root.path().join("exports/dev"), "size=16384\nblock-size=4096\n").unwrap();
+        std::fs::write(root.path().join("exports/tmp~dev"), "size=1").unwrap();
+        std::fs::write(root.path().join("blocks/dev/0000000000002000"), [7; 4096]).unwrap();
+        std::fs::write(root.path().join("blocks/dev/.0000000000001000.tmp"), b"x").unwrap();
+        std::fs::write(root.path().join("blocks/dev/README"), b"x").unwrap();
+        let backend = ObjectBackend::new(Arc::new(DirObjects::new(root.path()).unwrap()));
+        let dev = ExportName::new("dev").unwrap();
+        assert_eq!(backend.list_exports().unwrap(), std::slice::from_ref(&dev));
+        assert_eq!(backend.read_record(&dev).unwrap().as_deref(), Some("size=16384\nblock-size=4096\n"));
+        let blocks = backend.open(&dev, 4096).unwrap();
+        assert_eq!(blocks.list_blocks().unwrap(), [crate::BlockId(2)]);
+        let mut buf = crate::storage::BlockBuf::zeroed(4096);
+        assert!(blocks.read_block(crate::BlockId(2), &mut buf).unwrap());
+        assert_eq!(&buf[..], &[7; 4096][..]);
     }
 }

@@ -136,7 +136,18 @@ pub trait ObjectStore: Send + Sync + fmt::Debug + fmt::Display {
     }
 }
 
+/// Whether an object of `size` bytes has the `len` bytes a [`read_into`](ObjectStore::read_into)
+/// at `offset` asks for: the whole object must be `len` long, a range must end within it.
+pub(crate) fn holds(size: u64, offset: Option<u64>, len: usize) -> bool {
+    match offset {
+        None => size == len as u64,
+        Some(start) => start.checked_add(len as u64).is_some_and(|end| end <= size),
+    }
+}
+
 pub mod conformance;
+pub mod dir;
 pub mod memory;
 
+pub use dir::DirObjects;
 pub use memory::MemoryObjects;

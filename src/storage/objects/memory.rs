@@ -57,11 +57,7 @@ impl ObjectStore for MemoryObjects {
         let Some(stored) = objects.get(key) else { return Ok(ReadInto::Missing) };
         let size = stored.bytes.len() as u64;
         let start = offset.unwrap_or(0);
-        let fits = match offset {
-            None => size == buf.len() as u64,
-            Some(start) => start.checked_add(buf.len() as u64).is_some_and(|end| end <= size),
-        };
-        if !fits {
+        if !super::holds(size, offset, buf.len()) {
             return Ok(ReadInto::WrongSize(size));
         }
         let (start, len) = (start as usize, buf.len());
