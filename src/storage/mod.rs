@@ -248,9 +248,8 @@ pub trait Backend: Send + Sync + fmt::Debug + fmt::Display {
     fn atomic_leases(&self) -> Result<bool>;
 
     /// The object store beneath these exports, for layouts written against the object layer
-    /// (`cas`), or `None` for a backend that keeps blocks some other way. S3 hands out a store
-    /// with request slots of its own each time.
-    fn objects(&self) -> Option<Arc<dyn ObjectStore>>;
+    /// (`cas`). S3 hands out a store with request slots of its own each time.
+    fn objects(&self) -> Arc<dyn ObjectStore>;
 }
 
 /// Checks the length of a caller's buffer against the contract, so no backend indexes out of bounds.

@@ -122,8 +122,8 @@ impl Backend for ObjectBackend {
         self.objects.conditional_writes()
     }
 
-    fn objects(&self) -> Option<Arc<dyn ObjectStore>> {
-        Some((self.per_export)())
+    fn objects(&self) -> Arc<dyn ObjectStore> {
+        (self.per_export)()
     }
 }
 
