@@ -24,7 +24,7 @@ fn conformance_on(env: &S3Env) -> bool {
     let transport = s3::runtime().unwrap().block_on(Transport::new(&config));
     assert!(transport.is_direct(), "an http:// endpoint with static keys: block requests go direct");
     let run = common::unique("conformance");
-    for (path, transport) in [("direct", transport.clone()), ("sdk", transport.sdk_only_of())] {
+    for (path, transport) in [("direct", transport.clone()), ("sdk", transport.without_direct())] {
         conformance::run_all(
             &|place| {
                 let export = ExportName::new(&format!("{run}-{path}-{place}")).unwrap();
@@ -95,7 +95,7 @@ fn refused_block_requests_say_why() {
     {
         let config = S3Config { timeout: std::time::Duration::from_secs(20), ..env.config(common::TEST_BUCKET) };
         let transport = s3::runtime().unwrap().block_on(Transport::new(&config));
-        for (path, transport) in [("direct", transport.clone()), ("sdk", transport.sdk_only_of())] {
+        for (path, transport) in [("direct", transport.clone()), ("sdk", transport.without_direct())] {
             let store = blocks(&transport, &config, &export, 4096);
             let big = blocks(&transport, &config, &export, 1 << 20);
             let big_block = vec![9; 1 << 20];

@@ -80,8 +80,8 @@ pub trait ObjectStore: Send + Sync + fmt::Debug + fmt::Display {
     /// leases and map pages are small; a stray object may be anything).
     ///
     /// # Errors
-    /// Store failures, and [`Error::Backend`](crate::Error::Backend) naming the key for an
-    /// object longer than `max_len`.
+    /// Store failures, and [`Error::CorruptRecord`](crate::Error::CorruptRecord) naming the key
+    /// for an object longer than `max_len`.
     fn get(&self, key: &str, max_len: usize) -> Result<Option<Object>>;
 
     /// Reads `buf.len()` bytes of the object at `key` into `buf`: the whole object when `offset`

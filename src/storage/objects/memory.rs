@@ -47,7 +47,8 @@ impl ObjectStore for MemoryObjects {
         let objects = lock(&self.objects);
         let Some(stored) = objects.get(key) else { return Ok(None) };
         if stored.bytes.len() > max_len {
-            return Err(Error::backend(self, format!("{key}: more than {max_len} bytes")));
+            let message = format!("more than {max_len} bytes");
+            return Err(Error::CorruptRecord { store: self.to_string(), key: key.to_string(), message });
         }
         Ok(Some(Object { bytes: stored.bytes.clone(), version: stored.version.to_string() }))
     }

@@ -169,7 +169,7 @@ mod tests {
         let transport = runtime().unwrap().block_on(Transport::new(config));
         assert!(transport.is_direct());
         let export = ExportName::new("e").unwrap();
-        let through_sdk = transport.sdk_only_of();
+        let through_sdk = transport.without_direct();
         let store = |t| PlainStorage::new(Arc::new(S3Objects::new(t, config)), &export, 4);
         [("direct", store(transport)), ("sdk", store(through_sdk))]
     }
@@ -288,7 +288,7 @@ mod tests {
             secret_key: Some(Secret("secret".into())),
             ..Default::default()
         };
-        let transport = runtime().unwrap().block_on(Transport::new(&config)).sdk_only_of();
+        let transport = runtime().unwrap().block_on(Transport::new(&config)).without_direct();
         let storage =
             PlainStorage::new(Arc::new(S3Objects::new(transport, &config)), &ExportName::new("e").unwrap(), 4);
         let mut buf = BlockBuf::zeroed(4);

@@ -57,7 +57,7 @@ impl Transport {
     }
 
     /// This transport with every request through the SDK, as on an `https://` endpoint.
-    pub fn sdk_only_of(&self) -> Self {
+    pub fn without_direct(&self) -> Self {
         Transport { direct: None, ..self.clone() }
     }
 
