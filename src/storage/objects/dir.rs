@@ -36,6 +36,9 @@ pub struct DirObjects {
     temporaries: AtomicU64,
     /// Directories whose entries changed (renames, deletes, new directories) since the last sync.
     unsynced: Mutex<HashSet<PathBuf>>,
+    /// Held through a whole sync: one that finds nothing left to sync must still wait for the
+    /// fsyncs of a concurrent one (another connection's FLUSH) that took its directories.
+    syncing: Mutex<()>,
 }
 
 impl DirObjects {
@@ -50,6 +53,7 @@ impl DirObjects {
                 name: format!("FileStorage({})", root.display()),
                 temporaries: AtomicU64::new(0),
                 unsynced: Mutex::new(HashSet::new()),
+                syncing: Mutex::new(()),
             }),
             Ok(_) => Err(Error::config("dir", format!("{} is not a directory", root.display()))),
             Err(e) => Err(Error::config("dir", format!("{}: {e}", root.display()))),
@@ -261,6 +265,7 @@ impl ObjectStore for DirObjects {
     }
 
     fn sync(&self) -> Result<()> {
+        let _syncing = lock(&self.syncing);
         let dirs: Vec<PathBuf> = lock(&self.unsynced).drain().collect();
         for (i, dir) in dirs.iter().enumerate() {
             if let Err(e) = File::open(dir).and_then(|d| d.sync_all()) {
