@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::{Arc, Mutex};
 
-use super::{check_len, BlockBuf, BlockId, MemoryObjects, ObjectBackend, Storage};
+use super::{check_len, BlockBuf, BlockId, Capabilities, MemoryObjects, ObjectBackend, Storage};
 use crate::{lock, Result};
 
 /// The exports of one process, in RAM: records, leases and blocks as [`MemoryObjects`], kept
@@ -76,6 +76,10 @@ impl Storage for MemoryStorage {
 
     fn flush(&self) -> Result<()> {
         Ok(())
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities { slow_requests: false, sliced_listing: false }
     }
 }
 

@@ -27,7 +27,7 @@
 use std::fmt;
 use std::time::SystemTime;
 
-use super::{BlockBuf, Fence};
+use super::{BlockBuf, Capabilities, Fence};
 use crate::Result;
 
 /// A small object read whole, with its version.
@@ -134,6 +134,12 @@ pub trait ObjectStore: Send + Sync + fmt::Debug + fmt::Display {
     fn retries(&self) -> u64 {
         0
     }
+
+    /// What this store is like (see [`Storage::capabilities`](super::Storage::capabilities)),
+    /// which the layouts over it report as theirs. The default describes a remote store (S3).
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::REMOTE
+    }
 }
 
 /// Whether an object of `size` bytes has the `len` bytes a [`read_into`](ObjectStore::read_into)
@@ -145,6 +151,7 @@ pub(crate) fn holds(size: u64, offset: Option<u64>, len: usize) -> bool {
     }
 }
 
+#[cfg(any(test, feature = "testing"))]
 pub mod conformance;
 pub mod dir;
 pub mod memory;

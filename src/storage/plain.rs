@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use super::keys::parse_block_leaf;
 use super::objects::{Listed, ObjectStore, Put, ReadInto};
-use super::{check_len, BlockBuf, BlockId, Fence, Storage};
+use super::{check_len, BlockBuf, BlockId, Capabilities, Fence, Storage};
 use crate::export::ExportName;
 use crate::{Error, Result};
 
@@ -117,6 +117,10 @@ impl Storage for PlainStorage {
 
     fn retries(&self) -> u64 {
         self.objects.retries()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.objects.capabilities()
     }
 }
 

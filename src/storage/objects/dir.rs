@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
 
 use super::{Listed, Object, ObjectStore, Put, ReadInto};
-use crate::storage::{BlockBuf, Fence};
+use crate::storage::{BlockBuf, Capabilities, Fence};
 use crate::{lock, Error, Result};
 
 /// The file whose `flock` serialises conditional puts between processes on this machine: where
@@ -281,6 +281,12 @@ impl ObjectStore for DirObjects {
 
     fn conditional_writes(&self) -> Result<bool> {
         Ok(true)
+    }
+
+    /// A read may wait on a disk and every write waits on an fsync: worth overlapping. A
+    /// directory is walked in one call.
+    fn capabilities(&self) -> Capabilities {
+        Capabilities { slow_requests: true, sliced_listing: false }
     }
 }
 

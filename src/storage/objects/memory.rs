@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use std::time::SystemTime;
 
 use super::{Listed, Object, ObjectStore, Put, ReadInto};
-use crate::storage::{BlockBuf, Fence};
+use crate::storage::{BlockBuf, Capabilities, Fence};
 use crate::{lock, Error, Result};
 
 /// The most objects [`MemoryObjects::list`] copies out at once.
@@ -132,6 +132,11 @@ impl ObjectStore for MemoryObjects {
 
     fn conditional_writes(&self) -> Result<bool> {
         Ok(true)
+    }
+
+    /// RAM: overlapping requests with the client's only costs copies and threads.
+    fn capabilities(&self) -> Capabilities {
+        Capabilities { slow_requests: false, sliced_listing: false }
     }
 }
 
