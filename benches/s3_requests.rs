@@ -55,8 +55,10 @@ use aws_sigv4::http_request::{sign, PayloadChecksumKind, SignableBody, SignableR
 use aws_sigv4::sign::v4;
 use aws_smithy_runtime_api::client::identity::Identity;
 use nbds3::block_buf::BlockBuf;
-use nbds3::storage::direct::DirectClient;
-use nbds3::storage::s3::{client, runtime, S3Storage};
+use nbds3::storage::objects::ReadInto;
+use nbds3::storage::s3::direct::DirectClient;
+use nbds3::storage::s3::{self, runtime, S3Objects};
+use nbds3::storage::PlainStorage;
 use nbds3::storage::{S3Config, Secret};
 use nbds3::{BlockId, ExportName, Storage};
 
@@ -103,8 +105,8 @@ fn main() -> Result<()> {
     };
     nbds3::storage::s3::check_bucket(&config)?;
     let export = ExportName::new(&format!("s3-get-bench-{}", std::process::id()))?;
-    let sdk = runtime()?.block_on(client(&config));
-    let store = Arc::new(S3Storage::new(sdk.clone(), &config, &export, size));
+    let sdk = runtime()?.block_on(s3::Transport::new(&config));
+    let store = Arc::new(PlainStorage::new(Arc::new(S3Objects::new(sdk.clone(), &config)), &export, size));
     let ids: Vec<BlockId> = (0..objects as u64).map(BlockId).collect();
     // Distinct, incompressible-looking bytes in every block (Garage compresses with zstd).
     let blocks: Vec<Vec<u8>> = ids
@@ -125,11 +127,12 @@ fn main() -> Result<()> {
         store.write_block(id, block)?;
     }
     let blocks = Arc::new(blocks);
-    let through_sdk = Arc::new(S3Storage::new(sdk.sdk.clone().into(), &config, &export, size));
+    let through_sdk =
+        Arc::new(PlainStorage::new(Arc::new(S3Objects::new(sdk.without_direct(), &config)), &export, size));
     let unchecked = aws_sdk_s3::Client::from_conf(
         sdk.sdk.config().to_builder().response_checksum_validation(ResponseChecksumValidation::WhenRequired).build(),
     );
-    let unchecked = Arc::new(S3Storage::new(unchecked.into(), &config, &export, size));
+    let unchecked = Arc::new(PlainStorage::new(Arc::new(S3Objects::new(unchecked.into(), &config)), &export, size));
     let keys: Arc<[String]> = ids.iter().map(|&id| export.block_key(id, size)).collect();
     let paths: Vec<String> = keys.iter().map(|key| format!("/{}/{key}", config.bucket)).collect();
     let credentials = Credentials::new(var("AWS_ACCESS_KEY_ID")?, var("AWS_SECRET_ACCESS_KEY")?, None, None, "env");
@@ -185,7 +188,7 @@ fn contender<'a>(label: &'static str, make: impl Fn() -> Result<RequestFn> + 'a)
     (label, Box::new(make))
 }
 
-fn block_reader(store: Arc<S3Storage>, ids: &[BlockId]) -> Result<RequestFn> {
+fn block_reader(store: Arc<PlainStorage>, ids: &[BlockId]) -> Result<RequestFn> {
     let ids = ids.to_vec();
     let mut block = BlockBuf::recycled(store.block_size());
     Ok(Box::new(move |n| {
@@ -197,7 +200,7 @@ fn block_reader(store: Arc<S3Storage>, ids: &[BlockId]) -> Result<RequestFn> {
     }))
 }
 
-fn block_writer(store: Arc<S3Storage>, ids: &[BlockId], blocks: &Arc<Vec<Vec<u8>>>) -> Result<RequestFn> {
+fn block_writer(store: Arc<PlainStorage>, ids: &[BlockId], blocks: &Arc<Vec<Vec<u8>>>) -> Result<RequestFn> {
     let (ids, blocks) = (ids.to_vec(), Arc::clone(blocks));
     Ok(Box::new(move |n| Ok(store.write_block(ids[n % ids.len()], &blocks[n % blocks.len()])?)))
 }
@@ -225,14 +228,15 @@ struct Direct(Arc<DirectClient>);
 
 impl Transport for Direct {
     fn get(&mut self, key: &str, buf: &mut [u8]) -> Result<()> {
-        match self.0.get("bench", key, BlockId(0), buf)? {
-            true => Ok(()),
-            false => Err(format!("{key} is missing").into()),
+        match self.0.get("bench", key, buf)? {
+            ReadInto::Filled => Ok(()),
+            _ => Err(format!("{key} is missing or of another size").into()),
         }
     }
 
     fn put(&mut self, key: &str, data: &[u8]) -> Result<()> {
-        Ok(self.0.put("bench", key, BlockId(0), data, Instant::now() + Duration::from_secs(30))?)
+        self.0.put("bench", key, data, Instant::now() + Duration::from_secs(30))?;
+        Ok(())
     }
 }
 

@@ -61,13 +61,24 @@ pub enum Error {
         /// How to create it, or to find the ones that exist.
         hint: String,
     },
-    /// A stored block is not what this volume wrote there (wrong size, unreadable).
-    #[error("{store}: block {block:016x} is corrupt: {message}")]
+    /// A stored block is not what this volume wrote there (wrong size or checksum).
+    #[error("{store}: block {key} is corrupt: {message}")]
     CorruptBlock {
         /// The store's short name.
         store: String,
-        /// The block index.
-        block: u64,
+        /// The block's key, which names it as [`BlockId`](crate::BlockId)'s doc says.
+        key: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// A stored export record or lease (or another small object nbds3 reads whole) is not one
+    /// that nbds3 wrote: it does not parse, or it is far too large to be one.
+    #[error("{store}: {key} is corrupt: {message}")]
+    CorruptRecord {
+        /// The store's short name.
+        store: String,
+        /// The object's key.
+        key: String,
         /// What is wrong with it.
         message: String,
     },
@@ -95,10 +106,17 @@ pub enum Error {
     Backend {
         /// The store's short name.
         store: String,
-        /// What failed, with the key or path.
+        /// What failed, with the key or path, and the cause's own words.
         message: String,
+        /// The failure beneath, where there is one (an I/O or SDK error), for callers that walk
+        /// [`source`](std::error::Error::source) chains; `message` already says what it says.
+        #[source]
+        source: Option<BoxError>,
     },
 }
+
+/// A cause carried by an [`Error`].
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The crate's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -111,7 +129,12 @@ impl Error {
 
     /// A backend failure of `store`.
     pub fn backend(store: impl fmt::Display, message: impl fmt::Display) -> Self {
-        Error::Backend { store: store.to_string(), message: message.to_string() }
+        Error::Backend { store: store.to_string(), message: message.to_string(), source: None }
+    }
+
+    /// A backend failure of `store` caused by `source`, which `message` describes.
+    pub fn backend_caused(store: impl fmt::Display, message: impl fmt::Display, source: impl Into<BoxError>) -> Self {
+        Error::Backend { store: store.to_string(), message: message.to_string(), source: Some(source.into()) }
     }
 
     /// Folds an I/O error of a local file into a category, keeping the path in the message.
@@ -121,7 +144,7 @@ impl Error {
         match e.kind() {
             std::io::ErrorKind::PermissionDenied => Error::PermissionDenied { store, message },
             std::io::ErrorKind::NotFound => Error::NotFound { store, message },
-            _ => Error::Backend { store, message },
+            _ => Error::backend_caused(store, message, std::io::Error::new(e.kind(), e.to_string())),
         }
     }
 
@@ -138,6 +161,7 @@ impl Error {
             Error::NotFound { .. }
             | Error::ExportNotFound { .. }
             | Error::CorruptBlock { .. }
+            | Error::CorruptRecord { .. }
             | Error::Timeout { .. }
             | Error::Lease { .. }
             | Error::Backend { .. } => libc::EIO,
@@ -160,7 +184,8 @@ mod tests {
             (Error::Unauthenticated { store: s(), message: m() }, libc::EPERM),
             (Error::NotFound { store: s(), message: m() }, libc::EIO),
             (Error::ExportNotFound { store: s(), export: "dev".into(), hint: m() }, libc::EIO),
-            (Error::CorruptBlock { store: s(), block: 1, message: m() }, libc::EIO),
+            (Error::CorruptBlock { store: s(), key: "blocks/dev/0000000000001000".into(), message: m() }, libc::EIO),
+            (Error::CorruptRecord { store: s(), key: "exports/dev".into(), message: m() }, libc::EIO),
             (Error::FastZeroUnsupported, libc::ENOTSUP),
             (Error::Timeout { store: s(), message: m() }, libc::EIO),
             (Error::Lease { export: "dev".into(), message: m() }, libc::EIO),
@@ -178,5 +203,7 @@ mod tests {
         let other = std::io::Error::other("disk on fire");
         let e = Error::io("F", "/x", &other);
         assert_eq!(e.to_string(), "F: /x: disk on fire");
+        let cause = std::error::Error::source(&e).expect("the I/O error is the cause");
+        assert_eq!(cause.to_string(), "disk on fire");
     }
 }

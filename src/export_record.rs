@@ -99,6 +99,13 @@ impl ExportRecord {
     /// [`Error::Config`] naming `export` for a malformed record, one of a newer format or an
     /// unknown layout, or values that are not allowed.
     pub fn parse(text: &str) -> Result<Self> {
+        Self::parse_text(text).map_err(|refusal| match refusal {
+            Refusal::Malformed(message) => Error::config("export", message),
+            Refusal::Unreadable(e) => e,
+        })
+    }
+
+    fn parse_text(text: &str) -> Result<Self, Refusal> {
         let mut fields = std::collections::HashMap::new();
         for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
             if let Some((key, value)) = line.split_once('=') {
@@ -108,7 +115,7 @@ impl ExportRecord {
         let malformed = || {
             // The record comes from the store, and may be anything of any size.
             let cut = if text.chars().count() > MAX_RECORD_SHOWN { "..." } else { "" };
-            Error::config("export", format!("malformed export record {:?}{cut}", shown(text)))
+            Refusal::Malformed(format!("malformed export record {:?}{cut}", shown(text)))
         };
         let number = |key: &str| fields.get(key).and_then(|v| v.parse::<u64>().ok());
         let (layout, size_key, block_size_key) = match fields.get("format") {
@@ -117,25 +124,25 @@ impl ExportRecord {
                 Ok(2) => {
                     let layout = fields.get("layout").ok_or_else(malformed)?;
                     let layout = Layout::parse(layout).map_err(|_| {
-                        Error::config(
+                        Refusal::Unreadable(Error::config(
                             "export",
                             format!(
                                 "the export's layout is {:?}, which this nbds3 ({}) does not know: upgrade nbds3 to serve it",
                                 shown(layout),
                                 env!("CARGO_PKG_VERSION")
                             ),
-                        )
+                        ))
                     })?;
                     (layout, "device-size", "device-block-size")
                 }
                 Ok(newer) if newer > RECORD_FORMAT => {
-                    return Err(Error::config(
+                    return Err(Refusal::Unreadable(Error::config(
                         "export",
                         format!(
                             "the export's record is format {newer}, written by a newer nbds3; this one ({}) reads formats 1 to {RECORD_FORMAT}: upgrade nbds3 to serve it",
                             env!("CARGO_PKG_VERSION")
                         ),
-                    ))
+                    )))
                 }
                 _ => return Err(malformed()),
             },
@@ -143,7 +150,8 @@ impl ExportRecord {
         match (number(size_key), number(block_size_key)) {
             (Some(size), Some(block_size)) => {
                 let block_size = usize::try_from(block_size).map_err(|_| malformed())?;
-                Ok(ExportRecord { geometry: Geometry::new(size, block_size)?, layout })
+                let geometry = Geometry::new(size, block_size).map_err(|e| Refusal::Malformed(e.to_string()))?;
+                Ok(ExportRecord { geometry, layout })
             }
             _ => Err(malformed()),
         }
@@ -152,9 +160,16 @@ impl ExportRecord {
     /// The record of `export` in `backend`; `None` if it has none.
     ///
     /// # Errors
-    /// Backend failures, and a record [`parse`](Self::parse) refuses.
+    /// Backend failures, [`Error::CorruptRecord`] for a record that is not one nbds3 wrote, and
+    /// [`Error::Config`] for one this binary cannot read (a newer format, an unknown layout).
     pub fn read(backend: &dyn Backend, export: &ExportName) -> Result<Option<Self>> {
-        backend.read_record(export)?.map(|text| ExportRecord::parse(&text)).transpose()
+        let Some(text) = backend.read_record(export)? else { return Ok(None) };
+        Self::parse_text(&text).map(Some).map_err(|refusal| match refusal {
+            Refusal::Malformed(message) => {
+                Error::CorruptRecord { store: backend.to_string(), key: export.record_key(), message }
+            }
+            Refusal::Unreadable(e) => e,
+        })
     }
 
     /// Writes this as the record of `export` in `backend`.
@@ -164,6 +179,14 @@ impl ExportRecord {
     pub fn write(&self, backend: &dyn Backend, export: &ExportName) -> Result<()> {
         backend.write_record(export, &self.to_text())
     }
+}
+
+/// Why a record's text was refused.
+enum Refusal {
+    /// It is not a record nbds3 wrote (or its values are not allowed): the message says how.
+    Malformed(String),
+    /// It may be one a newer nbds3 wrote, which this one cannot read.
+    Unreadable(Error),
 }
 
 /// The start of `text`, for messages: what the store gave may be anything of any size.
@@ -214,6 +237,16 @@ mod tests {
             let e = ExportRecord::parse(text).unwrap_err().to_string();
             assert!(e.contains(why), "{text:?}: {e}");
         }
+    }
+
+    #[test]
+    fn a_malformed_stored_record_is_a_corrupt_record_named_by_its_key() {
+        let backend = crate::storage::MemoryBackend::default();
+        let export = ExportName::new("dev").unwrap();
+        backend.write_record(&export, "size=x").unwrap();
+        let e = ExportRecord::read(&backend, &export).unwrap_err();
+        assert!(matches!(&e, Error::CorruptRecord { key, .. } if key == "exports/dev"), "{e:?}");
+        assert!(e.to_string().contains("malformed export record"), "{e}");
     }
 
     #[test]

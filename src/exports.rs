@@ -14,7 +14,7 @@ use crate::export::ExportName;
 use crate::export_record::{ExportRecord, Layout};
 use crate::lease::Lease;
 use crate::stats_file::{self, StatsFormat};
-use crate::storage::{Backend, FencedStorage, FileBackend, MemoryBackend, S3Backend};
+use crate::storage::{s3, Backend, DirObjects, FencedStorage, MemoryBackend, ObjectBackend};
 use crate::volume::{Geometry, Volume, DEFAULT_BLOCK_SIZE};
 use crate::{background, lock, Error, Result};
 
@@ -28,9 +28,9 @@ pub fn open_backend(config: &Config) -> Result<Arc<dyn Backend>> {
         StorageKind::Memory => Arc::new(MemoryBackend::default()),
         StorageKind::File => {
             let dir = config.dir.as_deref().ok_or_else(|| Error::config("dir", "storage=file needs dir=PATH"))?;
-            Arc::new(FileBackend::new(dir)?)
+            Arc::new(ObjectBackend::new(Arc::new(DirObjects::new(dir)?)))
         }
-        StorageKind::S3 => Arc::new(S3Backend::new(&config.s3)?),
+        StorageKind::S3 => Arc::new(s3::backend(&config.s3)?),
     })
 }
 

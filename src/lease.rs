@@ -821,6 +821,9 @@ mod tests {
         fn atomic_leases(&self) -> Result<bool> {
             Ok(true)
         }
+        fn objects(&self) -> Arc<dyn crate::storage::ObjectStore> {
+            self.inner.objects()
+        }
     }
 
     /// `check` (asked before every write) while `lease` waits on the backend, from another thread

@@ -14,7 +14,10 @@
 //!   BlockCache     per-block locks, LRU of clean blocks, bounded set of dirty blocks
 //!        │  whole blocks only
 //!   MeteredStorage counts requests; FencedStorage lets writes through only under the lease
-//!   Storage        MemoryStorage │ FileStorage │ S3Storage; the bucket's key layout (keys.rs)
+//!   Storage        PlainStorage: one object per block, at the keys keys.rs lays out;
+//!        │         ObjectBackend keeps each export's record and lease beside them
+//!   ObjectStore    S3Objects (storage/s3/: one transport seam, SDK │ direct HTTP/1.1; one retry
+//!                  policy; one error fold) │ DirObjects │ MemoryObjects
 //! ```
 //!
 //! Imports point down this diagram only (`scripts/check-module-cycles` fails on a cycle): a lower

@@ -347,8 +347,8 @@ fn writes_queued_for_a_request_slot_do_not_land_after_a_takeover() {
     use std::sync::Arc;
 
     use nbds3::lease::{Lease, LeaseConfig};
-    use nbds3::storage::s3::{client, runtime};
-    use nbds3::storage::{Backend, FencedStorage, S3Backend, S3Storage};
+    use nbds3::storage::s3::{self, runtime, S3Objects, Transport};
+    use nbds3::storage::{Backend, FencedStorage, PlainStorage};
     use nbds3::{BlockId, ExportName, Storage};
 
     let Some(env) = common::s3() else { return };
@@ -357,7 +357,7 @@ fn writes_queued_for_a_request_slot_do_not_land_after_a_takeover() {
         LeaseConfig { time: Duration::from_secs(LEASE_TIME), takeover: false, request_timeout: Duration::from_secs(2) };
     let opened = |lease_endpoint: String, blocks_endpoint: String| {
         let lease_backend: Arc<dyn Backend> = Arc::new(
-            S3Backend::new(&nbds3::storage::S3Config { endpoint: Some(lease_endpoint), ..env.config(TEST_BUCKET) })
+            s3::backend(&nbds3::storage::S3Config { endpoint: Some(lease_endpoint), ..env.config(TEST_BUCKET) })
                 .expect("backend"),
         );
         let config = nbds3::storage::S3Config {
@@ -366,7 +366,8 @@ fn writes_queued_for_a_request_slot_do_not_land_after_a_takeover() {
             timeout: lease_config.request_timeout,
             ..env.config(TEST_BUCKET)
         };
-        let s3 = S3Storage::new(runtime().unwrap().block_on(client(&config)), &config, &export, BLOCK);
+        let transport = runtime().unwrap().block_on(Transport::new(&config));
+        let s3 = PlainStorage::new(Arc::new(S3Objects::new(transport, &config)), &export, BLOCK);
         let lease = Lease::new(lease_backend, export.clone(), lease_config);
         (Arc::new(FencedStorage::new(Arc::new(s3), lease.clone())), lease)
     };

@@ -10,7 +10,7 @@ mod common;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use nbds3::storage::{Backend, S3Backend};
+use nbds3::storage::{s3, Backend};
 use nbds3::ExportName;
 
 /// The system allocator, counting the bytes held by all threads and the most ever held.
@@ -74,7 +74,7 @@ fn huge_records_and_leases_are_refused_without_reading_them_whole() {
     env.put(BUCKET, &export.record_key(), &junk);
     env.put(BUCKET, &export.lease_key(), &junk);
     drop(junk);
-    let backend = S3Backend::new(&config).unwrap();
+    let backend = s3::backend(&config).unwrap();
     let (record, record_peak) = peak_allocation(|| backend.read_record(&export));
     let (lease, lease_peak) = peak_allocation(|| backend.read_lease(&export));
     backend.delete_record(&export).unwrap();

@@ -85,7 +85,7 @@ fn an_object_of_the_wrong_size_is_an_error_not_a_crash() {
     );
     assert_eq!(out.trim(), "EIO\nbytearray(b'\\x00\\x00\\x00\\x00')");
     let log = nbdkit.stderr();
-    assert!(log.contains(&format!("object {key} is 11 bytes, expected 4096")), "{log}");
+    assert!(log.contains(&format!("block {key} is corrupt: it is 11 bytes, expected 4096")), "{log}");
 }
 
 /// nbds3 creates a missing bucket when the credentials allow it.

@@ -5,27 +5,36 @@
 mod common;
 
 use common::S3Env;
-use nbds3::storage::{conformance, s3, Backend, BlockBuf, S3Backend, S3Client, S3Config, S3Storage};
+use std::sync::Arc;
+
+use nbds3::storage::s3::{self, S3Objects, Transport};
+use nbds3::storage::{conformance, objects, Backend, BlockBuf, PlainStorage, S3Config};
 use nbds3::{BlockId, Error, ExportName, Storage};
+
+/// The blocks of `export`, `block_size` bytes each, in `config`'s bucket through `transport`.
+fn blocks(transport: &Transport, config: &S3Config, export: &ExportName, block_size: usize) -> PlainStorage {
+    PlainStorage::new(Arc::new(S3Objects::new(transport.clone(), config)), export, block_size)
+}
 
 /// Runs every conformance check on `env`'s server, with block requests both ways (the direct path
 /// http:// endpoints take, and the SDK's, which https:// endpoints take); returns whether its
 /// leases are atomic.
 fn conformance_on(env: &S3Env) -> bool {
     let config: S3Config = env.config(common::TEST_BUCKET);
-    let client = s3::runtime().unwrap().block_on(s3::client(&config));
-    assert!(client.is_direct(), "an http:// endpoint with static keys: block requests go direct");
+    let transport = s3::runtime().unwrap().block_on(Transport::new(&config));
+    assert!(transport.is_direct(), "an http:// endpoint with static keys: block requests go direct");
     let run = common::unique("conformance");
-    for (path, client) in [("direct", client.clone()), ("sdk", S3Client::from(client.sdk.clone()))] {
+    for (path, transport) in [("direct", transport.clone()), ("sdk", transport.without_direct())] {
         conformance::run_all(
             &|place| {
                 let export = ExportName::new(&format!("{run}-{path}-{place}")).unwrap();
-                Box::new(S3Storage::new(client.clone(), &config, &export, conformance::BLOCK_SIZE))
+                Box::new(blocks(&transport, &config, &export, conformance::BLOCK_SIZE))
             },
             true,
         );
+        objects::conformance::all(&S3Objects::new(transport, &config));
     }
-    let backend = S3Backend::new(&config).unwrap();
+    let backend = s3::backend(&config).unwrap();
     conformance::backend_records(&backend, &format!("{run}-rec-"));
     conformance::backend_leases(&backend, &format!("{run}-lease-"));
     let atomic = backend.atomic_leases().unwrap();
@@ -33,7 +42,8 @@ fn conformance_on(env: &S3Env) -> bool {
     atomic
 }
 
-/// `S3Storage` keeps the same contract as the memory and file backends, on the server under
+/// The S3 store keeps the same contracts (objects, blocks, records, leases) as the memory and
+/// file stores, on the server under
 /// test. Where that ignores conditional writes (Garage 2.5), the backend finds that out (by
 /// probing) rather than trusting them; the lease checks then run without the compare-and-swap
 /// assertions.
@@ -77,21 +87,17 @@ fn refused_block_requests_say_why() {
     let no_access = if env.server == "garage" { "not found" } else { "permission denied" };
     let wrong_secret = common::S3Env { secret_key: "0".repeat(64), ..env.clone() };
     let export = ExportName::new(&common::unique("refused")).unwrap();
-    let written = S3Storage::new(
-        s3::runtime().unwrap().block_on(s3::client(&env.config(common::TEST_BUCKET))),
-        &env.config(common::TEST_BUCKET),
-        &export,
-        4096,
-    );
+    let config = env.config(common::TEST_BUCKET);
+    let written = blocks(&s3::runtime().unwrap().block_on(Transport::new(&config)), &config, &export, 4096);
     written.write_block(BlockId(1), &[7; 4096]).unwrap();
     for (who, env, expected) in
         [("a wrong secret", wrong_secret, "credentials rejected"), ("a key without access", limited, no_access)]
     {
         let config = S3Config { timeout: std::time::Duration::from_secs(20), ..env.config(common::TEST_BUCKET) };
-        let client = s3::runtime().unwrap().block_on(s3::client(&config));
-        for (path, client) in [("direct", client.clone()), ("sdk", S3Client::from(client.sdk.clone()))] {
-            let store = S3Storage::new(client.clone(), &config, &export, 4096);
-            let big = S3Storage::new(client, &config, &export, 1 << 20);
+        let transport = s3::runtime().unwrap().block_on(Transport::new(&config));
+        for (path, transport) in [("direct", transport.clone()), ("sdk", transport.without_direct())] {
+            let store = blocks(&transport, &config, &export, 4096);
+            let big = blocks(&transport, &config, &export, 1 << 20);
             let big_block = vec![9; 1 << 20];
             let requests: [(&str, &dyn Fn() -> nbds3::Result<()>); 3] = [
                 ("GET", &|| store.read_block(BlockId(1), &mut BlockBuf::zeroed(4096)).map(drop)),

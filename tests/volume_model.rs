@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use nbds3::storage::faulty::FaultyStorage;
-use nbds3::storage::{FileStorage, MemoryStorage, Storage};
+use nbds3::storage::{DirObjects, MemoryStorage, PlainStorage, Storage};
 use nbds3::{ExportName, Geometry, Volume, VolumeConfig};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -76,10 +76,11 @@ fn memory_backend_matches_the_model() {
 fn file_backend_matches_the_model_and_survives_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let export = ExportName::new("model").unwrap();
-    let model = run_model(Arc::new(FileStorage::open(dir.path(), &export, BS).unwrap()), 100, 1500);
+    let model =
+        run_model(Arc::new(PlainStorage::new(Arc::new(DirObjects::new(dir.path()).unwrap()), &export, BS)), 100, 1500);
     // A fresh volume on the same directory sees exactly what the last one flushed.
     let again = Volume::new(
-        Arc::new(FileStorage::open(dir.path(), &export, BS).unwrap()),
+        Arc::new(PlainStorage::new(Arc::new(DirObjects::new(dir.path()).unwrap()), &export, BS)),
         Geometry::new(SIZE, BS).unwrap(),
         small_cache(),
     )

@@ -152,7 +152,7 @@ mod tests {
         let s = FaultyStorage::new(MemoryStorage::new(512));
         s.fail_writes.store(true, Relaxed);
         let e = s.write_block(BlockId(4), &[1; 512]).unwrap_err();
-        assert_eq!(e.to_string(), "FaultyStorage(MemoryStorage): injected fault in write of block 0000000000000004");
+        assert_eq!(e.to_string(), "FaultyStorage(MemoryStorage): injected fault in write of block 4");
         assert!(s.inner().list_blocks().unwrap().is_empty());
     }
 }

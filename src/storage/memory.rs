@@ -1,76 +1,21 @@
-//! `MemoryStorage`: blocks in a map in RAM, for tests and throw-away devices.
+//! `MemoryStorage`: blocks in a map in RAM, for tests that need a block store without keys; and
+//! `MemoryBackend`, the exports of `storage=memory`, kept as objects in RAM.
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::{Arc, Mutex};
 
-use super::{check_len, Backend, BlockBuf, BlockId, Capabilities, Expect, Storage, VersionedText};
-use crate::export::ExportName;
+use super::{check_len, BlockBuf, BlockId, Capabilities, MemoryObjects, ObjectBackend, Storage};
 use crate::{lock, Result};
 
-/// The exports of one process, in RAM.
-#[derive(Debug, Default)]
-pub struct MemoryBackend {
-    /// Each export's blocks, kept so a second open reaches the same data.
-    exports: Mutex<BTreeMap<ExportName, Arc<MemoryStorage>>>,
-    /// Each export's record.
-    records: Mutex<BTreeMap<ExportName, String>>,
-    /// Each export's lease; its text is its version.
-    leases: Mutex<BTreeMap<ExportName, String>>,
-}
+/// The exports of one process, in RAM: records, leases and blocks as [`MemoryObjects`], kept
+/// like those of any other store (`MemoryBackend::default()`).
+pub type MemoryBackend = ObjectBackend;
 
-impl fmt::Display for MemoryBackend {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("MemoryBackend")
-    }
-}
-
-impl Backend for MemoryBackend {
-    fn open(&self, export: &ExportName, block_size: usize) -> Result<Arc<dyn Storage>> {
-        let mut exports = lock(&self.exports);
-        let storage = exports.entry(export.clone()).or_insert_with(|| Arc::new(MemoryStorage::new(block_size)));
-        Ok(storage.clone())
-    }
-
-    fn read_record(&self, export: &ExportName) -> Result<Option<String>> {
-        Ok(lock(&self.records).get(export).cloned())
-    }
-
-    fn write_record(&self, export: &ExportName, record: &str) -> Result<()> {
-        lock(&self.records).insert(export.clone(), record.to_string());
-        Ok(())
-    }
-
-    fn delete_record(&self, export: &ExportName) -> Result<()> {
-        lock(&self.records).remove(export);
-        lock(&self.leases).remove(export);
-        lock(&self.exports).remove(export);
-        Ok(())
-    }
-
-    fn list_exports(&self) -> Result<Vec<ExportName>> {
-        Ok(lock(&self.records).keys().cloned().collect())
-    }
-
-    fn read_lease(&self, export: &ExportName) -> Result<Option<VersionedText>> {
-        Ok(lock(&self.leases).get(export).map(|text| VersionedText { text: text.clone(), version: text.clone() }))
-    }
-
-    fn replace_lease(&self, export: &ExportName, expected: Expect<'_>, text: &str) -> Result<Option<String>> {
-        let mut leases = lock(&self.leases);
-        let current = leases.get(export).map(String::as_str);
-        let as_expected = match expected {
-            Expect::Absent => current.is_none(),
-            Expect::Version(v) => current == Some(v),
-        };
-        Ok(as_expected.then(|| {
-            leases.insert(export.clone(), text.to_string());
-            text.to_string()
-        }))
-    }
-
-    fn atomic_leases(&self) -> Result<bool> {
-        Ok(true)
+impl Default for ObjectBackend {
+    /// An empty store in RAM.
+    fn default() -> Self {
+        ObjectBackend::new(Arc::new(MemoryObjects::default()))
     }
 }
 
@@ -146,7 +91,5 @@ mod tests {
     #[test]
     fn conformance() {
         conformance::run_all(&|_| Box::new(MemoryStorage::new(conformance::BLOCK_SIZE)), false);
-        conformance::backend_records(&MemoryBackend::default(), "");
-        conformance::backend_leases(&MemoryBackend::default(), "");
     }
 }

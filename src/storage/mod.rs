@@ -4,6 +4,11 @@
 //! or writes exactly one whole block; byte offsets, partial blocks and caching live above it, in
 //! the [`Volume`](crate::Volume). That keeps each backend small: the memory, file and S3 backends
 //! differ only in where a block's bytes go.
+//!
+//! Beneath the blocks is the object layer ([`objects`]): a bucket ([`S3Objects`]), a directory
+//! ([`DirObjects`]) or RAM ([`MemoryObjects`]) is an [`ObjectStore`], on which the one
+//! [`ObjectBackend`] keeps every export's record and lease, and the [`PlainStorage`] layout its
+//! blocks.
 
 use std::fmt;
 use std::sync::Arc;
@@ -13,16 +18,14 @@ pub use crate::block_buf::BlockBuf;
 use crate::export::ExportName;
 use crate::Result;
 
-pub mod direct;
 pub mod fenced;
-pub mod file;
 pub mod keys;
 pub mod memory;
 pub mod metered;
+pub mod object_backend;
 pub mod objects;
+pub mod plain;
 pub mod s3;
-pub mod s3_config;
-mod s3_errors;
 
 #[cfg(any(test, feature = "testing"))]
 pub mod conformance;
@@ -30,20 +33,24 @@ pub mod conformance;
 pub mod faulty;
 
 pub use fenced::{FencedStorage, WriteWindow};
-pub use file::{FileBackend, FileStorage};
 pub use memory::{MemoryBackend, MemoryStorage};
 pub use metered::{MeteredStorage, StorageStats};
-pub use objects::{MemoryObjects, ObjectStore};
-pub use s3::{S3Backend, S3Client, S3Storage};
-pub use s3_config::{S3Config, Secret};
+pub use object_backend::ObjectBackend;
+pub use objects::{DirObjects, MemoryObjects, ObjectStore};
+pub use plain::PlainStorage;
+pub use s3::{S3Config, S3Objects, Secret};
 
 /// The index of a block in its export: block `n` covers bytes `n * block_size ..`.
+///
+/// It displays as that index in decimal. Messages about a stored block (errors, logs) name it by
+/// its key instead (`blocks/{export}/{byte offset in hex}`, see [`keys`]), which is what a user
+/// finds in the bucket or directory; where both appear, the index is the decimal one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct BlockId(pub u64);
 
 impl fmt::Display for BlockId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:016x}", self.0)
+        write!(f, "{}", self.0)
     }
 }
 
@@ -266,6 +273,10 @@ pub trait Backend: Send + Sync + fmt::Debug + fmt::Display {
     /// # Errors
     /// Backend failures while finding out.
     fn atomic_leases(&self) -> Result<bool>;
+
+    /// The object store beneath these exports, for layouts written against the object layer
+    /// (`cas`). S3 hands out a store with request slots of its own each time.
+    fn objects(&self) -> Arc<dyn ObjectStore>;
 }
 
 /// Checks the length of a caller's buffer against the contract, so no backend indexes out of bounds.
@@ -301,7 +312,7 @@ mod tests {
     }
 
     #[test]
-    fn block_ids_print_as_fixed_width_hex() {
-        assert_eq!(BlockId(0x1f).to_string(), "000000000000001f");
+    fn block_ids_print_as_decimal_indexes() {
+        assert_eq!(BlockId(0x1f).to_string(), "31");
     }
 }

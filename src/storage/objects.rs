@@ -27,7 +27,7 @@
 use std::fmt;
 use std::time::SystemTime;
 
-use super::{BlockBuf, Fence};
+use super::{BlockBuf, Capabilities, Fence};
 use crate::Result;
 
 /// A small object read whole, with its version.
@@ -80,8 +80,8 @@ pub trait ObjectStore: Send + Sync + fmt::Debug + fmt::Display {
     /// leases and map pages are small; a stray object may be anything).
     ///
     /// # Errors
-    /// Store failures, and [`Error::Backend`](crate::Error::Backend) naming the key for an
-    /// object longer than `max_len`.
+    /// Store failures, and [`Error::CorruptRecord`](crate::Error::CorruptRecord) naming the key
+    /// for an object longer than `max_len`.
     fn get(&self, key: &str, max_len: usize) -> Result<Option<Object>>;
 
     /// Reads `buf.len()` bytes of the object at `key` into `buf`: the whole object when `offset`
@@ -134,10 +134,27 @@ pub trait ObjectStore: Send + Sync + fmt::Debug + fmt::Display {
     fn retries(&self) -> u64 {
         0
     }
+
+    /// What this store is like (see [`Storage::capabilities`](super::Storage::capabilities)),
+    /// which the layouts over it report as theirs. The default describes a remote store (S3).
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::REMOTE
+    }
+}
+
+/// Whether an object of `size` bytes has the `len` bytes a [`read_into`](ObjectStore::read_into)
+/// at `offset` asks for: the whole object must be `len` long, a range must end within it.
+pub(crate) fn holds(size: u64, offset: Option<u64>, len: usize) -> bool {
+    match offset {
+        None => size == len as u64,
+        Some(start) => start.checked_add(len as u64).is_some_and(|end| end <= size),
+    }
 }
 
 #[cfg(any(test, feature = "testing"))]
 pub mod conformance;
+pub mod dir;
 pub mod memory;
 
+pub use dir::DirObjects;
 pub use memory::MemoryObjects;

@@ -525,7 +525,7 @@ fn a_panic_in_the_background_writer_fails_writes_and_flush_but_not_reads() {
     s.fail_writes.store(true, Relaxed);
     v.start_background_writer();
     // Block 3, or the block the first probing write dirtied, whichever the writer tries first.
-    assert_failed_by(&v, "thread nbds3-writeback panicked: injected panic in write of block 00000000000000", 3, 4);
+    assert_failed_by(&v, "thread nbds3-writeback panicked: injected panic in write of block ", 3, 4);
 }
 
 #[test]
@@ -542,5 +542,5 @@ fn a_panic_in_a_stream_worker_fails_writes_and_flush_but_not_reads() {
             break;
         }
     }
-    assert_failed_by(&v, "thread nbds3-streams panicked: injected panic in write of block 00000000000000", 100, 100);
+    assert_failed_by(&v, "thread nbds3-streams panicked: injected panic in write of block ", 100, 100);
 }

@@ -150,7 +150,7 @@ impl S3Env {
     pub fn with_client<T>(&self, f: impl AsyncFnOnce(aws_sdk_s3::Client) -> T) -> T {
         let config = self.config("");
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        rt.block_on(async { f(nbds3::storage::s3::client(&config).await.sdk).await })
+        rt.block_on(async { f(nbds3::storage::s3::Transport::new(&config).await.sdk).await })
     }
 
     /// The keys stored under `prefix` in `bucket`, listed with the SDK directly.

@@ -1,5 +1,5 @@
-//! `DirectClient`: block GETs, PUTs and DELETEs over plain HTTP/1.1 on the caller's thread,
-//! straight between the block and the socket.
+//! `DirectClient`: the direct transport: whole-object GETs, PUTs and DELETEs over plain HTTP/1.1
+//! on the caller's thread, straight between the block and the socket.
 //!
 //! Kept over hyper, which spent 1.20x this client's CPU per 4K GET, 1.35x per 4K PUT and 1.44-1.47x
 //! at 1M (docs/PERFORMANCE.md, "Transport: hand-written HTTP/1.1 vs hyper").
@@ -16,10 +16,12 @@
 //! sent (for the server to check) on the way out, as the SDK does.
 //!
 //! It covers only what block I/O needs: `http://` endpoints (TLS stays with the SDK), credentials
-//! that do not expire, and bodies framed by `Content-Length`. Every other request (listings,
-//! batch deletes, records, leases), and all requests when these do not hold, go through the SDK.
-//! Retries follow the SDK's standard policy: 5xx, throttling and dropped connections are retried
-//! with jittered exponential backoff, at most 5 attempts, all within `s3-timeout`.
+//! that do not expire, unconditional requests for one whole object, and bodies framed by
+//! `Content-Length`. Every other request (ranged reads, listings, batch deletes, conditional
+//! writes, records, leases), and all requests when these do not hold, go through the SDK (see
+//! [`Transport`](super::transport::Transport)). Retries follow the one [`RetryPolicy`]: 5xx,
+//! throttling and dropped connections are retried with jittered exponential backoff, all within
+//! `s3-timeout`.
 
 use std::collections::hash_map::RandomState;
 use std::fmt;
@@ -36,25 +38,13 @@ use aws_sigv4::http_request::{sign, PayloadChecksumKind, SignableBody, SignableR
 use aws_sigv4::sign::v4;
 use aws_smithy_runtime_api::client::identity::Identity;
 
-use super::s3_errors::classify;
-use super::{BlockId, S3Config};
+use http::{printable, read_text, xml_field, Head, MAX_HEAD};
+
+use super::errors::{classify, transient};
+use super::retry::RetryPolicy;
+use super::S3Config;
+use crate::storage::objects::ReadInto;
 use crate::{lock, Error, Result};
-
-/// The SDK's standard retry policy: attempts per request, and the cap on one backoff.
-const MAX_ATTEMPTS: u32 = 5;
-const MAX_BACKOFF: Duration = Duration::from_secs(20);
-
-/// Bounds on one attempt's connect and on the wait for each read or write, as the SDK's client
-/// has them.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The most response head, or error body, read; a server that sends more is not S3.
-const MAX_HEAD: u64 = 64 * 1024;
-
-/// The most characters of what a server said (an error message, a bad header) that a log line
-/// shows.
-const MAX_SHOWN: usize = 200;
 
 /// Kept-alive connections kept idle; more than the callers ever use at once (nbdkit's threads
 /// plus the read-ahead and write-back workers).
@@ -62,6 +52,8 @@ const MAX_IDLE: usize = 64;
 
 /// SHA-256 of the empty body, which SigV4 signs for a GET or DELETE.
 const EMPTY_SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+mod http;
 
 /// Block requests to one bucket over plain HTTP/1.1, with a pool of kept-alive connections.
 pub struct DirectClient {
@@ -74,7 +66,9 @@ pub struct DirectClient {
     region: String,
     identity: Identity,
     timeout: Duration,
-    idle: Mutex<Vec<Connection>>,
+    idle: Mutex<Vec<Socket>>,
+    /// Attempts, backoff and the bounds on connects and waits.
+    policy: RetryPolicy,
     /// Attempts after a request's first (not counting a stale kept-alive connection replaced).
     retries: AtomicU64,
 }
@@ -85,7 +79,7 @@ impl fmt::Debug for DirectClient {
     }
 }
 
-/// What one request does with the block.
+/// What one request does with the object.
 enum Body<'b> {
     /// GET: the object's bytes, which must fill this exactly.
     Into(&'b mut [u8]),
@@ -107,19 +101,22 @@ impl Body<'_> {
 
 /// What one attempt came to.
 enum Outcome {
-    /// Done: the block's bytes are in the buffer, or stored, or deleted.
-    Done,
+    /// Done: the object's bytes are in the buffer, or stored (with this ETag), or deleted.
+    Done(Option<String>),
     /// There is no such object (GET).
     Missing,
+    /// The object is this many bytes long, not the buffer's length (GET).
+    WrongSize(u64),
     /// A failure worth another attempt (5xx, throttling, a dropped connection); the error if no
     /// attempt is left. `stale` when a kept-alive connection turned out closed before it
     /// answered: retried at once on a new connection, without counting as an attempt.
     Retry { error: Error, stale: bool },
 }
 
-/// A kept-alive connection; responses are read through the buffer, requests written to the
-/// stream beneath it. Reads give up at the current request's deadline (see [`Connection::arm`]).
-struct Connection(BufReader<TcpStream>, Instant);
+/// A kept-alive TCP socket to the endpoint; responses are read through the buffer, requests
+/// written to the stream beneath it. Reads give up at the current request's deadline (see
+/// [`Socket::arm`]).
+struct Socket(BufReader<TcpStream>, Instant);
 
 impl DirectClient {
     /// The direct path for `config`'s bucket with the SDK's `credentials`, or `None` when it does
@@ -132,7 +129,8 @@ impl DirectClient {
         if authority.is_empty() || authority.contains(['/', '?', '#', '@']) || !config.bucket.chars().all(plain) {
             return None;
         }
-        let credentials = match tokio::time::timeout(CONNECT_TIMEOUT, credentials.provide_credentials()).await {
+        let wait = RetryPolicy::REQUESTS.connect_timeout;
+        let credentials = match tokio::time::timeout(wait, credentials.provide_credentials()).await {
             Ok(Ok(c)) => c,
             failed => {
                 let why = failed
@@ -165,29 +163,31 @@ impl DirectClient {
             identity: credentials.into(),
             timeout: config.timeout,
             idle: Mutex::new(Vec::new()),
+            policy: RetryPolicy::REQUESTS,
             retries: AtomicU64::new(0),
         })
     }
 
-    /// Reads the object at `key` (block `block` of `store`) into `buf`, which it must fill
-    /// exactly; returns whether the object exists (`false`: `buf` is untouched).
+    /// Reads the object at `key` (of `store`, for messages) into `buf`, which it must fill
+    /// exactly (`buf` is untouched when it is missing).
     ///
     /// # Errors
-    /// As the SDK path: [`Error::CorruptBlock`] for an object of the wrong size or checksum,
+    /// As the SDK path: [`Error::CorruptBlock`] for bytes that do not match their checksum,
     /// [`Error::Timeout`] past `s3-timeout`, and the server's refusals by category.
-    pub fn get(&self, store: &str, key: &str, block: BlockId, buf: &mut [u8]) -> Result<bool> {
-        self.run(store, key, block, &mut Body::Into(buf), Instant::now() + self.timeout)
+    pub fn get(&self, store: &str, key: &str, buf: &mut [u8]) -> Result<ReadInto> {
+        self.run(store, key, &mut Body::Into(buf), Instant::now() + self.timeout).map(|(found, _)| found)
     }
 
-    /// Stores `data` as the object at `key`, with its CRC32 for the server to check; no byte of
-    /// it is sent after `deadline` (see [`FencedStorage`](super::FencedStorage)).
+    /// Stores `data` as the object at `key`, with its CRC32 for the server to check, returning
+    /// its ETag (or "" from a server that sends none); no byte of
+    /// it is sent after `deadline` (see [`FencedStorage`](crate::storage::FencedStorage)).
     ///
     /// # Errors
     /// As [`get`](Self::get), but for the checks on what comes back; [`Error::Timeout`] too for
     /// a request its deadline stopped before it was sent.
-    pub fn put(&self, store: &str, key: &str, block: BlockId, data: &[u8], deadline: Instant) -> Result<()> {
+    pub fn put(&self, store: &str, key: &str, data: &[u8], deadline: Instant) -> Result<String> {
         let crc32 = base64_u32(crc32fast::hash(data));
-        self.run(store, key, block, &mut Body::From(data, crc32), deadline).map(drop)
+        self.run(store, key, &mut Body::From(data, crc32), deadline).map(|(_, etag)| etag)
     }
 
     /// Deletes the object at `key`, as [`put`](Self::put) by `deadline`; deleting an object that
@@ -195,8 +195,8 @@ impl DirectClient {
     ///
     /// # Errors
     /// As [`put`](Self::put).
-    pub fn delete(&self, store: &str, key: &str, block: BlockId, deadline: Instant) -> Result<()> {
-        self.run(store, key, block, &mut Body::None, deadline).map(drop)
+    pub fn delete(&self, store: &str, key: &str, deadline: Instant) -> Result<()> {
+        self.run(store, key, &mut Body::None, deadline).map(drop)
     }
 
     /// Requests sent again after a transient failure, since this client was made.
@@ -205,26 +205,25 @@ impl DirectClient {
     }
 
     /// The request's attempts, none begun after `deadline` (nor any byte sent after it: see
-    /// [`write_both`]); whether the object was there.
-    fn run(&self, store: &str, key: &str, block: BlockId, body: &mut Body<'_>, deadline: Instant) -> Result<bool> {
-        let request = &Request::new(body.method(), store, key, block);
+    /// [`write_both`]); what it found, and the object's ETag where the answer gave one.
+    fn run(&self, store: &str, key: &str, body: &mut Body<'_>, deadline: Instant) -> Result<(ReadInto, String)> {
+        let request = &Request::new(body.method(), store, key);
         let mut attempt = 1;
         loop {
             if Instant::now() >= deadline {
                 return Err(request.too_late());
             }
             let error = match self.attempt(request, deadline, body) {
-                Ok(Outcome::Done) => return Ok(true),
-                Ok(Outcome::Missing) => return Ok(false),
+                Ok(Outcome::Done(etag)) => return Ok((ReadInto::Filled, etag.unwrap_or_default())),
+                Ok(Outcome::Missing) => return Ok((ReadInto::Missing, String::new())),
+                Ok(Outcome::WrongSize(n)) => return Ok((ReadInto::WrongSize(n), String::new())),
                 Ok(Outcome::Retry { stale: true, .. }) => continue,
                 Ok(Outcome::Retry { error, stale: false }) => error,
                 Err(e) => return Err(e),
             };
-            // Full jitter, as the SDK: a random wait up to 1 s, 2 s, 4 s ... capped.
-            let backoff = MAX_BACKOFF.min(Duration::from_secs(1 << (attempt - 1).min(5))).mul_f64(random_fraction());
-            if attempt >= MAX_ATTEMPTS || Instant::now() + backoff >= deadline {
+            let Some(backoff) = self.policy.backoff(attempt).filter(|b| Instant::now() + *b < deadline) else {
                 return Err(error);
-            }
+            };
             log::debug!("{error}; retrying in {backoff:?}");
             self.retries.fetch_add(1, Relaxed);
             std::thread::sleep(backoff);
@@ -244,8 +243,11 @@ impl DirectClient {
             },
         };
         connection.1 = deadline;
-        let wait =
-            ATTEMPT_TIMEOUT.min(deadline.saturating_duration_since(Instant::now())).max(Duration::from_millis(1));
+        let wait = self
+            .policy
+            .attempt_timeout
+            .min(deadline.saturating_duration_since(Instant::now()))
+            .max(Duration::from_millis(1));
         let stream = connection.0.get_ref();
         let timed = stream.set_read_timeout(Some(wait)).and_then(|()| stream.set_write_timeout(Some(wait)));
         let written = timed.and_then(|()| self.send(request, body, deadline, &mut connection));
@@ -268,12 +270,12 @@ impl DirectClient {
         let (outcome, read_whole) = match (head.status, body) {
             (200, Body::Into(buf)) => {
                 let outcome = self.read_body(request, &head, &mut connection, buf);
-                let found = matches!(outcome, Ok(Outcome::Done));
+                let found = matches!(outcome, Ok(Outcome::Done(_)));
                 (outcome, found)
             }
             (200 | 204, body) if !matches!(body, Body::Into(_)) => {
                 let drained = head.length.filter(|&n| n <= MAX_HEAD).map(|n| read_text(&mut connection, n));
-                (Ok(Outcome::Done), matches!(drained, Some(Ok(_))))
+                (Ok(Outcome::Done(head.etag.clone())), matches!(drained, Some(Ok(_))))
             }
             (status, body) => match head.length.filter(|&n| n <= MAX_HEAD).map(|n| read_text(&mut connection, n)) {
                 Some(Ok(text)) => {
@@ -300,11 +302,11 @@ impl DirectClient {
     }
 
     /// The body of a 200 into `buf`, and its checksum checked.
-    fn read_body(&self, request: &Request<'_>, head: &Head, c: &mut Connection, buf: &mut [u8]) -> Result<Outcome> {
+    fn read_body(&self, request: &Request<'_>, head: &Head, c: &mut Socket, buf: &mut [u8]) -> Result<Outcome> {
         let expected = buf.len();
         match head.length {
             Some(n) if n == expected as u64 => {}
-            Some(n) => return Err(request.corrupt(format!("object {} is {n} bytes, expected {expected}", request.key))),
+            Some(n) => return Ok(Outcome::WrongSize(n)),
             None => {
                 return Err(Error::backend(
                     request.store,
@@ -319,28 +321,27 @@ impl DirectClient {
         if let Some(sent) = &head.crc32 {
             let got = base64_u32(crc32fast::hash(buf));
             if *sent != got {
-                return Err(request.corrupt(format!(
-                    "object {} does not match its checksum (CRC32 {got}, the server says {sent})",
-                    request.key
-                )));
+                return Err(
+                    request.corrupt(format!("it does not match its checksum (CRC32 {got}, the server says {sent})"))
+                );
             }
         }
-        Ok(Outcome::Done)
+        Ok(Outcome::Done(head.etag.clone()))
     }
 
-    fn connect(&self, request: &Request<'_>, deadline: Instant) -> Result<Connection> {
+    fn connect(&self, request: &Request<'_>, deadline: Instant) -> Result<Socket> {
         let unreachable = |e: &dyn fmt::Display| {
             let what = format!("{} {}", request.method, request.key);
             Error::backend(request.store, format!("{what}: cannot reach the endpoint {}: {e}", self.addr))
         };
         let mut last = io::Error::new(io::ErrorKind::NotFound, "the host name resolves to no address");
         for addr in self.addr.to_socket_addrs().map_err(|e| unreachable(&e))? {
-            let wait = CONNECT_TIMEOUT.min(deadline.saturating_duration_since(Instant::now()));
+            let wait = self.policy.connect_timeout.min(deadline.saturating_duration_since(Instant::now()));
             match TcpStream::connect_timeout(&addr, wait.max(Duration::from_millis(1))) {
                 Ok(stream) => {
                     // Each request goes out at once, and a PUT's body right behind its head.
                     stream.set_nodelay(true).map_err(|e| unreachable(&e))?;
-                    return Ok(Connection(BufReader::with_capacity(16 * 1024, stream), deadline));
+                    return Ok(Socket(BufReader::with_capacity(16 * 1024, stream), deadline));
                 }
                 Err(e) => last = e,
             }
@@ -349,7 +350,7 @@ impl DirectClient {
     }
 
     /// Writes the signed request, and a PUT's body.
-    fn send(&self, request: &Request<'_>, body: &Body<'_>, deadline: Instant, c: &mut Connection) -> io::Result<()> {
+    fn send(&self, request: &Request<'_>, body: &Body<'_>, deadline: Instant, c: &mut Socket) -> io::Result<()> {
         let method = request.method;
         let path = format!("{}{}", self.prefix, request.key);
         let url = format!("http://{}{path}", self.host);
@@ -402,19 +403,18 @@ impl DirectClient {
     }
 }
 
-/// One block request, for messages and retries.
+/// One object request, for messages and retries.
 struct Request<'a> {
     method: &'static str,
     store: &'a str,
     key: &'a str,
-    block: BlockId,
     /// The same for every attempt.
     operation: String,
 }
 
 impl<'a> Request<'a> {
-    fn new(method: &'static str, store: &'a str, key: &'a str, block: BlockId) -> Self {
-        Request { method, store, key, block, operation: invocation_id() }
+    fn new(method: &'static str, store: &'a str, key: &'a str) -> Self {
+        Request { method, store, key, operation: invocation_id() }
     }
 
     fn io_error(&self, e: &io::Error) -> Error {
@@ -423,7 +423,11 @@ impl<'a> Request<'a> {
             io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
                 Error::Timeout { store, message: format!("{} {}: no answer in time", self.method, self.key) }
             }
-            _ => Error::Backend { store, message: format!("{} {}: the connection failed: {e}", self.method, self.key) },
+            _ => Error::backend_caused(
+                store,
+                format!("{} {}: the connection failed: {e}", self.method, self.key),
+                io::Error::new(e.kind(), e.to_string()),
+            ),
         }
     }
 
@@ -434,7 +438,7 @@ impl<'a> Request<'a> {
     }
 
     fn corrupt(&self, message: String) -> Error {
-        Error::CorruptBlock { store: self.store.to_string(), block: self.block.0, message }
+        Error::CorruptBlock { store: self.store.to_string(), key: self.key.to_string(), message }
     }
 
     /// An error answer: another attempt for 5xx and throttling (as the SDK), else the error.
@@ -443,9 +447,7 @@ impl<'a> Request<'a> {
         let detail = if message.is_empty() { String::new() } else { format!(": {}", printable(message)) };
         let code = if code.is_empty() { format!("HTTP {status}") } else { printable(code) };
         let error = classify(self.store, &what, &code, &detail);
-        let transient = matches!(status, 429 | 500 | 502 | 503 | 504)
-            || matches!(code.as_str(), "SlowDown" | "Throttling" | "ThrottlingException" | "RequestTimeout");
-        if transient {
+        if transient(status, &code) {
             Ok(Outcome::Retry { error, stale: false })
         } else {
             Err(error)
@@ -453,92 +455,7 @@ impl<'a> Request<'a> {
     }
 }
 
-/// What a response head says that matters here.
-struct Head {
-    status: u16,
-    length: Option<u64>,
-    /// The object's CRC32 (base64), when the server has one for the whole object.
-    crc32: Option<String>,
-    /// The server closes the connection after this response.
-    close: bool,
-}
-
-impl Head {
-    /// Reads the head of the answer, after any interim (1xx) ones, at most `MAX_HEAD` bytes in all.
-    fn read(r: &mut impl BufRead) -> io::Result<Head> {
-        let mut limited = r.take(MAX_HEAD);
-        loop {
-            let head = Head::read_one(&mut limited)?;
-            // 100 Continue and 103 Early Hints come before the answer (101 would end HTTP).
-            if !(100..200).contains(&head.status) || head.status == 101 {
-                return Ok(head);
-            }
-        }
-    }
-
-    fn read_one(limited: &mut impl BufRead) -> io::Result<Head> {
-        let mut line = Vec::new();
-        let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_string());
-        limited.read_until(b'\n', &mut line)?;
-        if line.is_empty() {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the server closed the connection"));
-        }
-        let status_line = String::from_utf8_lossy(&line);
-        // HTTP/1.x, a space, three digits, and a reason (or none).
-        let mut parts = status_line.trim_end_matches(['\r', '\n']).splitn(3, ' ');
-        let (version, code) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
-        let status = Some(code)
-            .filter(|c| {
-                matches!(version, "HTTP/1.0" | "HTTP/1.1") && c.len() == 3 && c.bytes().all(|b| b.is_ascii_digit())
-            })
-            .and_then(|c| c.parse().ok())
-            .ok_or_else(|| bad(&format!("not an HTTP/1.x answer: {}", printable(status_line.trim_end()))))?;
-        let mut head = Head { status, length: None, crc32: None, close: version == "HTTP/1.0" };
-        let (mut composite, mut framed_otherwise) = (false, false);
-        loop {
-            line.clear();
-            limited.read_until(b'\n', &mut line)?;
-            if line.is_empty() {
-                return Err(bad("the answer's head is cut short or too long"));
-            }
-            let text = String::from_utf8_lossy(&line);
-            let Some((name, value)) = text.split_once(':') else {
-                if text.trim().is_empty() {
-                    break;
-                }
-                return Err(bad(&format!("malformed header line {}", printable(text.trim_end()))));
-            };
-            let (name, value) = (name.trim().to_ascii_lowercase(), value.trim());
-            match name.as_str() {
-                "content-length" => {
-                    // Digits only; repeated, it must say the same, or where the answer ends is unknown.
-                    let length = Some(value)
-                        .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
-                        .and_then(|v| v.parse().ok())
-                        .filter(|n| head.length.is_none_or(|m| m == *n))
-                        .ok_or_else(|| bad(&format!("malformed or conflicting Content-Length {}", printable(value))))?;
-                    head.length = Some(length);
-                }
-                "transfer-encoding" => framed_otherwise = true,
-                "connection" => head.close |= value.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")),
-                "x-amz-checksum-crc32" => head.crc32 = Some(value.to_string()),
-                // A multipart object's checksum is of its parts' checksums, not of the bytes.
-                "x-amz-checksum-type" => composite = value.eq_ignore_ascii_case("COMPOSITE"),
-                _ => {}
-            }
-        }
-        if framed_otherwise {
-            // A body not framed by its length is not read here, nor the connection reused.
-            (head.length, head.close) = (None, true);
-        }
-        if composite || head.crc32.as_deref().is_some_and(|c| c.contains('-')) {
-            head.crc32 = None;
-        }
-        Ok(head)
-    }
-}
-
-impl Connection {
+impl Socket {
     /// Before a read that will wait for the network, shortens the socket's timeout to what is
     /// left before the deadline: a server that trickles its answer a byte at a time (each in less
     /// than the socket's timeout) still cannot hold a request past `s3-timeout`.
@@ -552,14 +469,14 @@ impl Connection {
     }
 }
 
-impl Read for Connection {
+impl Read for Socket {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.arm()?;
         self.0.read(buf)
     }
 }
 
-impl BufRead for Connection {
+impl BufRead for Socket {
     fn fill_buf(&mut self) -> io::Result<&[u8]> {
         self.arm()?;
         self.0.fill_buf()
@@ -571,22 +488,13 @@ impl BufRead for Connection {
 }
 
 /// The socket timeout the next read or write needs so as not to outlast `deadline`, when that is
-/// shorter than the attempt's own; `TimedOut` once the deadline has passed.
+/// shorter than an attempt's own; `TimedOut` once the deadline has passed.
 fn shortened_timeout(deadline: Instant) -> io::Result<Option<Duration>> {
     let left = deadline.saturating_duration_since(Instant::now());
     if left.is_zero() {
         return Err(io::ErrorKind::TimedOut.into());
     }
-    Ok((left < ATTEMPT_TIMEOUT).then_some(left))
-}
-
-/// Reads a body of `n` bytes as text; one cut short is an error.
-fn read_text(r: &mut impl Read, n: u64) -> io::Result<String> {
-    let mut body = Vec::new();
-    if r.take(n).read_to_end(&mut body)? as u64 != n {
-        return Err(io::ErrorKind::UnexpectedEof.into());
-    }
-    Ok(String::from_utf8_lossy(&body).into_owned())
+    Ok((left < RetryPolicy::REQUESTS.attempt_timeout).then_some(left))
 }
 
 /// Writes `head` and then `body` with as few system calls as the socket takes (a small PUT goes
@@ -609,33 +517,11 @@ fn write_both(stream: &mut TcpStream, head: &[u8], body: &[u8], deadline: Instan
     Ok(())
 }
 
-/// What a server said, fit for a log line: at most `MAX_SHOWN` characters, control characters
-/// (a forged second line) escaped.
-fn printable(said: &str) -> String {
-    let mut shown = String::new();
-    for c in said.chars().take(MAX_SHOWN) {
-        match c.is_control() {
-            true => shown.extend(c.escape_default()),
-            false => shown.push(c),
-        }
-    }
-    if said.chars().nth(MAX_SHOWN).is_some() {
-        shown.push_str("...");
-    }
-    shown
-}
-
-/// The text of the first `<name>` element of an S3 error body, or "".
-fn xml_field<'a>(body: &'a str, name: &str) -> &'a str {
-    let (open, close) = (format!("<{name}>"), format!("</{name}>"));
-    body.split_once(open.as_str()).and_then(|(_, rest)| rest.split_once(close.as_str())).map_or("", |(v, _)| v)
-}
-
 /// Asks the kernel to acknowledge what arrives at once. Servers that leave Nagle's algorithm on
 /// (Garage) hold back a response's last small segment until the one before it is acknowledged,
 /// which a delayed ACK puts off by up to 40 ms; the flag does not stick, so it is set before
 /// each read.
-fn quick_ack(c: &Connection) {
+fn quick_ack(c: &Socket) {
     let on: libc::c_int = 1;
     // SAFETY: a valid socket and a c_int option of the right size; failure only costs latency.
     unsafe {
@@ -652,11 +538,6 @@ fn quick_ack(c: &Connection) {
 /// A CRC32 as S3 writes it: the four big-endian bytes in base64.
 fn base64_u32(crc: u32) -> String {
     aws_smithy_types::base64::encode(crc.to_be_bytes())
-}
-
-/// A random number in `0..1`, from the standard library's per-process random keys.
-fn random_fraction() -> f64 {
-    (RandomState::new().build_hasher().finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// A fresh UUID-shaped identifier for one operation.
@@ -815,8 +696,8 @@ pub(super) mod tests {
         Instant::now() + Duration::from_secs(20)
     }
 
-    fn get(direct: &DirectClient, buf: &mut [u8]) -> Result<bool> {
-        direct.get("store", "blocks/e/0000000000000000", BlockId(0), buf)
+    fn get(direct: &DirectClient, buf: &mut [u8]) -> Result<ReadInto> {
+        direct.get("store", "blocks/e/0000000000000000", buf)
     }
 
     #[test]
@@ -830,7 +711,7 @@ pub(super) mod tests {
         ];
         let (direct, seen) = canned(answers, Duration::from_secs(20));
         let mut buf = [0; 10];
-        assert!(get(&direct, &mut buf).unwrap());
+        assert_eq!(get(&direct, &mut buf).unwrap(), ReadInto::Filled);
         assert_eq!(&buf, body);
         let seen = seen.lock().unwrap();
         assert_eq!(seen.len(), 3);
@@ -851,11 +732,11 @@ pub(super) mod tests {
         let answers = (0..6).map(|_| Answer::SendAndClose(ok(body, &crc))).collect();
         let (direct, seen) = canned(answers, Duration::from_secs(20));
         let mut buf = [0; 3];
-        assert!(get(&direct, &mut buf).unwrap());
+        assert_eq!(get(&direct, &mut buf).unwrap(), ReadInto::Filled);
         std::thread::sleep(Duration::from_millis(50));
         let started = Instant::now();
         for _ in 0..5 {
-            assert!(get(&direct, &mut buf).unwrap());
+            assert_eq!(get(&direct, &mut buf).unwrap(), ReadInto::Filled);
             assert_eq!(&buf, body);
         }
         assert!(
@@ -871,7 +752,7 @@ pub(super) mod tests {
     fn missing_objects_and_refusals() {
         let (direct, _) = canned(vec![Answer::Send(error("404 Not Found", "NoSuchKey"))], Duration::from_secs(5));
         let mut buf = [7; 4];
-        assert!(!get(&direct, &mut buf).unwrap());
+        assert_eq!(get(&direct, &mut buf).unwrap(), ReadInto::Missing);
         assert_eq!(buf, [7; 4], "untouched");
         let (direct, _) = canned(vec![Answer::Send(error("404 Not Found", "NoSuchBucket"))], Duration::from_secs(5));
         assert!(matches!(get(&direct, &mut buf), Err(Error::NotFound { .. })));
@@ -881,15 +762,14 @@ pub(super) mod tests {
     }
 
     #[test]
-    fn wrong_bytes_are_corrupt_blocks() {
+    fn wrong_bytes_are_corrupt_and_wrong_lengths_are_told() {
         let mut buf = [0; 4];
         let (direct, _) = canned(vec![Answer::Send(ok(b"abcd", "AAAAAA=="))], Duration::from_secs(5));
         let err = get(&direct, &mut buf).unwrap_err();
         assert!(matches!(err, Error::CorruptBlock { .. }) && err.to_string().contains("checksum"), "{err}");
         let (direct, _) =
             canned(vec![Answer::Send(ok(b"abcde", &base64_u32(crc32fast::hash(b"abcde"))))], Duration::from_secs(5));
-        let err = get(&direct, &mut buf).unwrap_err();
-        assert!(err.to_string().contains("is 5 bytes, expected 4"), "{err}");
+        assert_eq!(get(&direct, &mut buf).unwrap(), ReadInto::WrongSize(5));
         let chunked = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nabcd\r\n0\r\n\r\n".to_string();
         let (direct, _) = canned(vec![Answer::Send(chunked.into())], Duration::from_secs(5));
         let err = get(&direct, &mut buf).unwrap_err();
@@ -910,7 +790,7 @@ pub(super) mod tests {
         let stored = "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n".to_string();
         let answers = vec![Answer::Send(error("503 Slow Down", "SlowDown")), Answer::Send(stored.into())];
         let (direct, seen) = canned(answers, Duration::from_secs(20));
-        direct.put("store", "blocks/e/0000000000001000", BlockId(1), b"12345", in_20_s()).unwrap();
+        direct.put("store", "blocks/e/0000000000001000", b"12345", in_20_s()).unwrap();
         let seen = seen.lock().unwrap();
         assert_eq!(seen.len(), 2, "the 503 was retried: {seen:#?}");
         let put = &seen[1];
@@ -929,7 +809,7 @@ pub(super) mod tests {
         let big = vec![1; 4 << 20];
         let answers = vec![Answer::RefuseUnread(error("403 Forbidden", "SignatureDoesNotMatch"))];
         let (direct, _) = canned(answers, Duration::from_secs(5));
-        let err = direct.put("store", "blocks/e/0000000000000000", BlockId(0), &big, in_20_s()).unwrap_err();
+        let err = direct.put("store", "blocks/e/0000000000000000", &big, in_20_s()).unwrap_err();
         assert!(matches!(err, Error::Unauthenticated { .. }), "{err:?}");
         assert!(err.to_string().contains("PUT blocks/e/0000000000000000"), "{err}");
     }
@@ -940,8 +820,7 @@ pub(super) mod tests {
         let big = vec![1; 64 << 20];
         let (direct, _) = canned(vec![Answer::Stall, Answer::Stall], Duration::from_secs(2));
         let started = Instant::now();
-        let err =
-            direct.put("store", "blocks/e/0000000000000000", BlockId(0), &big, started + direct.timeout).unwrap_err();
+        let err = direct.put("store", "blocks/e/0000000000000000", &big, started + direct.timeout).unwrap_err();
         assert!(matches!(err, Error::Timeout { .. }), "{err:?}");
         assert!(started.elapsed() < Duration::from_secs(4), "took {:?}", started.elapsed());
     }
@@ -950,10 +829,10 @@ pub(super) mod tests {
     fn deletes() {
         let deleted = "HTTP/1.1 204 No Content\r\n\r\n".to_string();
         let (direct, seen) = canned(vec![Answer::Send(deleted.into())], Duration::from_secs(5));
-        direct.delete("store", "blocks/e/0000000000000000", BlockId(0), in_20_s()).unwrap();
+        direct.delete("store", "blocks/e/0000000000000000", in_20_s()).unwrap();
         assert!(seen.lock().unwrap()[0].starts_with("DELETE /bucket/blocks/e/0000000000000000 HTTP/1.1\r\n"));
         let (direct, _) = canned(vec![Answer::Send(error("403 Forbidden", "AccessDenied"))], Duration::from_secs(5));
-        let err = direct.delete("store", "blocks/e/0000000000000000", BlockId(0), in_20_s()).unwrap_err();
+        let err = direct.delete("store", "blocks/e/0000000000000000", in_20_s()).unwrap_err();
         assert!(matches!(err, Error::PermissionDenied { .. }), "{err:?}");
     }
 
