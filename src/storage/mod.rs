@@ -13,6 +13,7 @@ pub use crate::block_buf::BlockBuf;
 use crate::export::ExportName;
 use crate::Result;
 
+pub mod cas;
 pub mod direct;
 pub mod fenced;
 pub mod file;
