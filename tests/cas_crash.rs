@@ -20,11 +20,15 @@ const BS: usize = 512;
 
 /// An object store that stops answering after `budget` requests, like a process killed there.
 /// With `lose_last_answer`, the last request reaches the store but its caller sees an error.
+/// Before that, one request in `flaky_one_in` (if not 0) fails without reaching the store, as a
+/// refused connection does, and the writer goes on.
 #[derive(Debug)]
 struct Dying {
     inner: Arc<MemoryObjects>,
     left: AtomicU64,
     lose_last_answer: bool,
+    flaky_one_in: u64,
+    attempts: AtomicU64,
 }
 
 impl fmt::Display for Dying {
@@ -45,6 +49,10 @@ impl Dying {
 
     fn run<T>(&self, op: impl FnOnce() -> Result<T>) -> Result<T> {
         let dead = || Err(Error::backend(self, "killed"));
+        let n = self.attempts.fetch_add(1, Ordering::SeqCst);
+        if self.flaky_one_in != 0 && (n.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40) % self.flaky_one_in == 0 {
+            return Err(Error::backend(self, "connection refused"));
+        }
         match self.request() {
             (false, _) => dead(),
             (true, answered) => {
@@ -109,6 +117,8 @@ fn run_until_killed(
         inner: inner.clone(),
         left: AtomicU64::new(rng.random_range(1..300)),
         lose_last_answer: rng.random_bool(0.5),
+        flaky_one_in: if rng.random_bool(0.5) { rng.random_range(3..20) } else { 0 },
+        attempts: AtomicU64::new(seed),
     });
     let config = CasConfig {
         cached_pages: rng.random_range(1..8),
@@ -133,10 +143,15 @@ fn run_until_killed(
             }),
             _ => {
                 attempted.push(state.clone());
-                s.flush().map(|()| {
-                    *acked = state.clone();
-                    attempted.clear();
-                })
+                match s.flush() {
+                    Ok(()) => {
+                        *acked = state.clone();
+                        attempted.clear();
+                    }
+                    // A failed FLUSH may be retried; the writer goes on, as a client would.
+                    Err(_) => continue,
+                }
+                Ok(())
             }
         };
         if result.is_err() {
