@@ -5,7 +5,9 @@
 //! made on another, so `can_multi_conn` can be true.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
 use crate::config::{Config, CreatePolicy, StorageKind};
 use crate::export::ExportName;
@@ -14,7 +16,7 @@ use crate::lease::Lease;
 use crate::stats_file::{self, StatsFormat};
 use crate::storage::{Backend, FencedStorage, FileBackend, MemoryBackend, S3Backend};
 use crate::volume::{Geometry, Volume, DEFAULT_BLOCK_SIZE};
-use crate::{lock, Error, Result};
+use crate::{background, lock, Error, Result};
 
 /// Opens the backend `config` names. For S3 this builds the client on the process-wide runtime,
 /// so call it after nbdkit forks.
@@ -224,21 +226,12 @@ impl Exports {
         stats(&self.volumes, format)
     }
 
-    /// With `stats-file=`, rewrites that file every `stats-interval` (atomically, by rename).
+    /// With `stats-file=`, rewrites that file every `stats-interval`.
     fn start_stats_writer(&self) {
         let Some(path) = self.config.stats_file.clone() else { return };
         let (interval, format) = (self.config.stats_interval, self.config.stats_format);
         let volumes = self.volumes.clone();
-        let spawned = std::thread::Builder::new().name("nbds3-stats".into()).spawn(move || loop {
-            std::thread::sleep(interval);
-            let tmp = path.with_extension("tmp");
-            if let Err(e) = std::fs::write(&tmp, stats(&volumes, format)).and_then(|()| std::fs::rename(&tmp, &path)) {
-                log::warn!("stats-file {}: {e}", path.display());
-            }
-        });
-        if let Err(e) = spawned {
-            log::warn!("cannot start the stats writer: {e}");
-        }
+        write_stats_every(path, interval, move || stats(&volumes, format));
     }
 
     fn snapshot(&self) -> Vec<(ExportName, OpenExport)> {
@@ -269,6 +262,25 @@ impl Exports {
     }
 }
 
+/// Rewrites the file at `path` with what `render` says every `interval` (atomically, by rename),
+/// on a thread of its own. A panic there stops the stats file, with an error in the log, and
+/// nothing else: the counters are for watching the exports, no data depends on them, and failing
+/// the exports' writes for a fault in their monitoring would turn it into an outage.
+fn write_stats_every(path: PathBuf, interval: Duration, render: impl Fn() -> String + Send + 'static) {
+    let shown = path.display().to_string();
+    let writer = move || loop {
+        std::thread::sleep(interval);
+        let tmp = path.with_extension("tmp");
+        if let Err(e) = std::fs::write(&tmp, render()).and_then(|()| std::fs::rename(&tmp, &path)) {
+            log::warn!("stats-file {}: {e}", path.display());
+        }
+    };
+    let on_panic = move |what| log::error!("stats-file {shown}: {what}; the file is no longer updated");
+    if let Err(e) = background::spawn("nbds3-stats", writer, on_panic) {
+        log::warn!("cannot start the stats writer: {e}");
+    }
+}
+
 /// The exports open in `volumes`.
 fn snapshot(volumes: &Slots) -> Vec<(ExportName, OpenExport)> {
     let slots: Vec<_> = lock(volumes).iter().map(|(n, slot)| (n.clone(), slot.clone())).collect();
@@ -295,6 +307,36 @@ mod tests {
         }
         c.finish().unwrap();
         c
+    }
+
+    /// A panic in the stats thread (injected through what it renders) stops the stats file, says
+    /// so once at error level, and stops nothing else.
+    #[test]
+    fn a_panic_in_the_stats_thread_stops_the_stats_file_and_says_so() {
+        crate::background::captured_log::start();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stats");
+        let renders = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counted = renders.clone();
+        write_stats_every(path.clone(), Duration::from_millis(10), move || {
+            if counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 2 {
+                panic!("injected panic in the stats test");
+            }
+            "export=dev\n".into()
+        });
+        let died = "thread nbds3-stats panicked: injected panic in the stats test";
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while crate::background::captured_log::lines_with(died).is_empty() {
+            assert!(std::time::Instant::now() < deadline, "nothing logged");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(
+            crate::background::captured_log::lines_with(died),
+            [format!("ERROR stats-file {}: {died}; the file is no longer updated", path.display())]
+        );
+        assert_eq!(renders.load(std::sync::atomic::Ordering::SeqCst), 3, "the writer stopped");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "export=dev\n");
     }
 
     #[test]

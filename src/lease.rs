@@ -40,12 +40,12 @@
 //! live writer's lease for a dead process that merely has the same pid.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::export::ExportName;
 use crate::storage::{Backend, Expect, WriteWindow};
-use crate::{lock, unix_nanos, Error, Result};
+use crate::{background, lock, unix_nanos, Error, Result};
 
 /// How leases are taken and kept.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -260,6 +260,35 @@ enum Phase {
     Released,
 }
 
+/// The phase, and whether a request about the lease is in flight.
+#[derive(Debug)]
+struct State {
+    phase: Phase,
+    /// Set while a take, a renewal or the release talks to the backend, with the lock let go (a
+    /// request may take `s3-timeout`, a takeover waits out the old lease): the others wait for
+    /// it on [`Lease::changed`] rather than send a request of their own from a version that is
+    /// about to change, so the release never loses to a renewal of the version it replaces, two
+    /// opens never both take the lease, and [`Lease::deadline`] never waits at all.
+    busy: bool,
+}
+
+/// A request about the lease in flight (see [`State::busy`]); over when dropped, even by a panic.
+struct InFlight<'a>(&'a Lease);
+
+impl InFlight<'_> {
+    /// Ends the request, applying its outcome to the phase.
+    fn finish(self, outcome: impl FnOnce(&mut Phase)) {
+        outcome(&mut lock(&self.0.state).phase);
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        lock(&self.0.state).busy = false;
+        self.0.changed.notify_all();
+    }
+}
+
 /// The lease of one export, shared by its volume's storage and its writable connections.
 #[derive(Debug)]
 pub struct Lease {
@@ -267,12 +296,11 @@ pub struct Lease {
     export: ExportName,
     config: LeaseConfig,
     me: Holder,
-    phase: Mutex<Phase>,
-    /// Held while a renewal or the release talks to the backend, so that the release never
-    /// races a renewal of the same version (and loses to it, leaving the lease unreleased).
-    writing: Mutex<()>,
-    /// Wakes the renewal thread early, at release.
-    wake: Condvar,
+    /// Never held across a backend request or a sleep.
+    state: Mutex<State>,
+    /// Signalled when a request about the lease ends, and at release (which wakes the renewal
+    /// thread early).
+    changed: Condvar,
     /// Writes are allowed while `epoch.elapsed()` is below this many nanoseconds; 0 when not
     /// held. Read without the lock on every write.
     valid_until: AtomicU64,
@@ -287,9 +315,8 @@ impl Lease {
             export,
             config,
             me: Holder::this_process(),
-            phase: Mutex::new(Phase::Free),
-            writing: Mutex::new(()),
-            wake: Condvar::new(),
+            state: Mutex::new(State { phase: Phase::Free, busy: false }),
+            changed: Condvar::new(),
             valid_until: AtomicU64::new(0),
             epoch: Instant::now(),
         })
@@ -301,19 +328,37 @@ impl Lease {
     /// [`Error::Lease`] naming the holder when another writer holds it, or when this process
     /// lost it; backend failures while reading or writing the lease.
     pub fn hold(self: &Arc<Self>) -> Result<()> {
-        let mut phase = lock(&self.phase);
-        match &*phase {
+        // Only another open taking the lease is waited for: a renewal in flight means it is held.
+        let state = lock(&self.state);
+        let state = self
+            .changed
+            .wait_while(state, |s| s.busy && matches!(s.phase, Phase::Free))
+            .unwrap_or_else(PoisonError::into_inner);
+        match &state.phase {
             Phase::Held { .. } => Ok(()),
             Phase::Lost(why) => Err(self.error(why.clone())),
             Phase::Released => Err(self.error("the lease was released at shutdown")),
             Phase::Free => {
+                let request = self.start_request(state);
                 let (version, token) = self.take()?;
-                *phase = Phase::Held { version, token };
-                drop(phase);
+                request.finish(|phase| *phase = Phase::Held { version, token });
                 self.spawn_renewer();
                 Ok(())
             }
         }
+    }
+
+    /// Marks a request about the lease in flight and lets `state`'s lock go; the request is over
+    /// when the returned guard is finished or dropped.
+    fn start_request(&self, mut state: MutexGuard<'_, State>) -> InFlight<'_> {
+        state.busy = true;
+        InFlight(self)
+    }
+
+    /// The state, locked, once no request about the lease is in flight.
+    fn idle_state(&self) -> MutexGuard<'_, State> {
+        let state = lock(&self.state);
+        self.changed.wait_while(state, |s| s.busy).unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Whether writes are allowed now: the lease is held and renewed within its window.
@@ -336,7 +381,7 @@ impl Lease {
         if elapsed < self.valid_until.load(Ordering::Acquire) {
             return Ok(now + self.config.request_timeout);
         }
-        Err(self.error(match &*lock(&self.phase) {
+        Err(self.error(match &lock(&self.state).phase {
             Phase::Free => "this process does not hold the lease (no writable connection has taken it)".to_string(),
             Phase::Held { .. } => format!(
                 "the lease could not be renewed within {} s (is S3 reachable?); writes fail until it is",
@@ -350,11 +395,12 @@ impl Lease {
     /// Gives the lease up so that another writer can take it at once (at unload, after the last
     /// write-back).
     pub fn release(&self) {
-        let _writing = lock(&self.writing);
-        let mut phase = lock(&self.phase);
-        let Phase::Held { version, token } = std::mem::replace(&mut *phase, Phase::Released) else { return };
+        // A renewal in flight ends first, so the release replaces the version it wrote.
+        let mut state = self.idle_state();
+        let Phase::Held { version, token } = std::mem::replace(&mut state.phase, Phase::Released) else { return };
         self.valid_until.store(0, Ordering::Release);
-        self.wake.notify_all();
+        let _request = self.start_request(state);
+        self.changed.notify_all();
         let record = LeaseRecord { holder: self.me.clone(), token, expires: 0 };
         match self.backend.replace_lease(&self.export, Expect::Version(&version), &record.to_text()) {
             Ok(Some(_)) => log::info!("export {}: lease released", self.export),
@@ -471,23 +517,50 @@ impl Lease {
         (self.config.window() / 3).max(Duration::from_millis(100))
     }
 
+    /// Starts the renewal thread. Should it panic, the lease is as good as lost (nothing renews
+    /// it): writes fail at once, saying which thread died, rather than when the window runs out.
     fn spawn_renewer(self: &Arc<Self>) {
-        let lease = self.clone();
-        let spawned = std::thread::Builder::new().name("nbds3-lease".into()).spawn(move || lease.renew_loop());
+        let (lease, failing) = (self.clone(), self.clone());
+        let spawned = background::spawn(
+            "nbds3-lease",
+            move || lease.renew_loop(),
+            move |what| {
+                let mut state = lock(&failing.state);
+                if matches!(state.phase, Phase::Held { .. }) {
+                    failing.lose(
+                        &mut state.phase,
+                        format!(
+                            "{what}; the lease is no longer renewed, so this process no longer writes to the export"
+                        ),
+                    );
+                }
+            },
+        );
         if let Err(e) = spawned {
             log::error!("export {}: cannot start the lease renewal thread, writes will stop: {e}", self.export);
         }
     }
 
+    /// Refuses writes from now on, for `why`, said once at error level.
+    fn lose(&self, phase: &mut Phase, why: String) {
+        self.valid_until.store(0, Ordering::Release);
+        log::error!("export {}: {why}", self.export);
+        *phase = Phase::Lost(why);
+    }
+
     fn renew_loop(&self) {
         let mut pause = self.renew_interval();
         loop {
-            let phase = lock(&self.phase);
-            let (phase, _) = self.wake.wait_timeout(phase, pause).unwrap_or_else(std::sync::PoisonError::into_inner);
-            let Phase::Held { version, token } = &*phase else { return };
+            let state = lock(&self.state);
+            // Until the pause is over, or the release (which leaves the phase) wakes it early.
+            let (state, _) = self
+                .changed
+                .wait_timeout_while(state, pause, |s| matches!(s.phase, Phase::Held { .. }))
+                .unwrap_or_else(PoisonError::into_inner);
+            let Phase::Held { version, token } = &state.phase else { return };
             let (version, token) = (version.clone(), token.clone());
-            drop(phase);
-            pause = match self.renew(&version, &token) {
+            let request = self.start_request(state);
+            pause = match self.renew(&version, &token, request) {
                 Ok(()) => self.renew_interval(),
                 Err(e) => {
                     log::warn!("export {}: could not renew the lease, retrying: {e}", self.export);
@@ -497,12 +570,9 @@ impl Lease {
         }
     }
 
-    /// Renews the lease at `version`; marks it lost when another writer has replaced it.
-    fn renew(&self, version: &str, token: &str) -> Result<()> {
-        let _writing = lock(&self.writing);
-        if !matches!(&*lock(&self.phase), Phase::Held { version: v, .. } if v == version) {
-            return Ok(());
-        }
+    /// Renews the lease at `version` as `request`; marks it lost when another writer has
+    /// replaced it.
+    fn renew(&self, version: &str, token: &str, request: InFlight<'_>) -> Result<()> {
         let started = Instant::now();
         // A server that ignores If-Match cannot refuse a renewal over a successor's lease, so
         // look first (this narrows the race; it cannot close it).
@@ -512,8 +582,7 @@ impl Lease {
             let current = self.backend.read_lease(&self.export)?;
             current.map(|v| LeaseRecord::parse(&v.text)).filter(|r| r.as_ref().is_none_or(|r| r.token != token))
         };
-        // The new version, or who took the lease over (looked up before the phase lock is taken
-        // again).
+        // The new version, or who took the lease over.
         let renewed = match successor {
             Some(holder) => Err(holder),
             None => match self.backend.replace_lease(
@@ -527,21 +596,22 @@ impl Lease {
                 }
             },
         };
-        let mut phase = lock(&self.phase);
-        let Phase::Held { version: held, .. } = &mut *phase else { return Ok(()) };
-        match renewed {
-            Ok(new_version) => {
-                *held = new_version;
-                self.extend_from(started);
+        request.finish(|phase| {
+            let Phase::Held { version: held, .. } = phase else { return };
+            match renewed {
+                Ok(new_version) => {
+                    *held = new_version;
+                    self.extend_from(started);
+                }
+                Err(holder) => {
+                    let who = holder.map_or_else(|| "another writer".into(), |r| format!("nbds3 {}", r.describe()));
+                    self.lose(
+                        phase,
+                        format!("the lease was taken over by {who}; this process no longer writes to the export"),
+                    );
+                }
             }
-            Err(holder) => {
-                self.valid_until.store(0, Ordering::Release);
-                let who = holder.map_or_else(|| "another writer".into(), |r| format!("nbds3 {}", r.describe()));
-                let why = format!("the lease was taken over by {who}; this process no longer writes to the export");
-                log::error!("export {}: {why}", self.export);
-                *phase = Phase::Lost(why);
-            }
-        }
+        });
         Ok(())
     }
 }
@@ -559,6 +629,11 @@ mod tests {
 
     fn config(takeover: bool) -> LeaseConfig {
         LeaseConfig { time: Duration::from_secs(6), takeover, request_timeout: Duration::from_secs(2) }
+    }
+
+    /// Renewed every 0.5 s, writes allowed for 1.5 s after a renewal.
+    fn short_config(takeover: bool) -> LeaseConfig {
+        LeaseConfig { time: Duration::from_secs(2), takeover, request_timeout: Duration::from_millis(500) }
     }
 
     #[test]
@@ -639,14 +714,9 @@ mod tests {
     fn a_takeover_waits_out_the_old_lease_which_fences_its_holder() {
         let backend: Arc<dyn Backend> = Arc::new(MemoryBackend::default());
         let dev = ExportName::new("dev").unwrap();
-        let short = |takeover| LeaseConfig {
-            time: Duration::from_secs(2),
-            takeover,
-            request_timeout: Duration::from_millis(500),
-        };
-        let first = Lease::new(backend.clone(), dev.clone(), short(false));
+        let first = Lease::new(backend.clone(), dev.clone(), short_config(false));
         first.hold().unwrap();
-        let second = Lease::new(backend.clone(), dev.clone(), short(true));
+        let second = Lease::new(backend.clone(), dev.clone(), short_config(true));
         let started = Instant::now();
         second.hold().unwrap();
         assert!(started.elapsed() >= Duration::from_secs(1), "the takeover did not wait: {:?}", started.elapsed());
@@ -680,6 +750,153 @@ mod tests {
         let (why, until) = forced.may_take(Some(&record(elsewhere, far))).unwrap();
         assert!(why.starts_with("lease-takeover=true, from pid"), "{why}");
         assert_eq!(until, far, "a live holder may write until its lease expires");
+    }
+
+    /// A backend whose lease writes a test can hold up, as a slow S3 server would, or make panic.
+    #[derive(Debug, Default)]
+    struct Gated {
+        inner: MemoryBackend,
+        /// While set, `replace_lease` waits.
+        closed: Mutex<bool>,
+        opened: Condvar,
+        /// `replace_lease` calls in flight, and the most there ever were at once.
+        in_flight: AtomicU64,
+        most_in_flight: AtomicU64,
+        /// While set, `replace_lease` panics.
+        panics: AtomicBool,
+    }
+
+    impl Gated {
+        fn set_closed(&self, closed: bool) {
+            *lock(&self.closed) = closed;
+            self.opened.notify_all();
+        }
+
+        /// Waits (at most 5 s) until `n` lease writes are held up.
+        fn wait_for_held_up(&self, n: u64) {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while self.in_flight.load(Ordering::SeqCst) < n {
+                assert!(Instant::now() < deadline, "no lease write was sent");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+
+    impl std::fmt::Display for Gated {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("Gated")
+        }
+    }
+
+    impl Backend for Gated {
+        fn open(&self, export: &ExportName, block_size: usize) -> Result<Arc<dyn crate::Storage>> {
+            self.inner.open(export, block_size)
+        }
+        fn read_record(&self, export: &ExportName) -> Result<Option<String>> {
+            self.inner.read_record(export)
+        }
+        fn write_record(&self, export: &ExportName, record: &str) -> Result<()> {
+            self.inner.write_record(export, record)
+        }
+        fn delete_record(&self, export: &ExportName) -> Result<()> {
+            self.inner.delete_record(export)
+        }
+        fn list_exports(&self) -> Result<Vec<ExportName>> {
+            self.inner.list_exports()
+        }
+        fn read_lease(&self, export: &ExportName) -> Result<Option<crate::storage::VersionedText>> {
+            self.inner.read_lease(export)
+        }
+        fn replace_lease(&self, export: &ExportName, expected: Expect<'_>, text: &str) -> Result<Option<String>> {
+            if self.panics.load(Ordering::SeqCst) {
+                panic!("injected panic in a lease write");
+            }
+            let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most_in_flight.fetch_max(now, Ordering::SeqCst);
+            drop(self.opened.wait_while(lock(&self.closed), |closed| *closed).unwrap());
+            let result = self.inner.replace_lease(export, expected, text);
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            result
+        }
+        fn atomic_leases(&self) -> Result<bool> {
+            Ok(true)
+        }
+    }
+
+    /// `check` (asked before every write) while `lease` waits on the backend, from another thread
+    /// so that a check stuck behind a lock fails the test instead of hanging it.
+    fn check_meanwhile(lease: &Arc<Lease>) -> Result<()> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let lease = lease.clone();
+        std::thread::spawn(move || tx.send(lease.check()));
+        rx.recv_timeout(Duration::from_secs(1)).expect("check() waited for a lease request")
+    }
+
+    /// A slow lease request (S3 taking its time, a takeover waiting out the old lease) holds up
+    /// nothing but itself: writes are checked at once; a second open waits for the first's take
+    /// rather than take the lease again; the release waits for a renewal in flight and replaces
+    /// the version it wrote, so the lease ends up released; never two requests at once.
+    #[test]
+    fn slow_lease_requests_hold_up_no_check_and_never_overlap() {
+        let backend = Arc::new(Gated::default());
+        let lease = Lease::new(backend.clone(), ExportName::new("slow").unwrap(), short_config(false));
+        backend.set_closed(true);
+        let opens: Vec<_> = (0..2)
+            .map(|_| {
+                let lease = lease.clone();
+                std::thread::spawn(move || lease.hold())
+            })
+            .collect();
+        backend.wait_for_held_up(1);
+        let e = check_meanwhile(&lease).unwrap_err().to_string();
+        assert!(e.contains("does not hold the lease"), "{e}");
+        backend.set_closed(false);
+        for open in opens {
+            open.join().unwrap().unwrap();
+        }
+        check_meanwhile(&lease).unwrap();
+
+        backend.set_closed(true);
+        backend.wait_for_held_up(1);
+        check_meanwhile(&lease).unwrap();
+        let release = {
+            let lease = lease.clone();
+            std::thread::spawn(move || lease.release())
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!release.is_finished(), "the release went ahead of the renewal in flight");
+        backend.set_closed(false);
+        release.join().unwrap();
+        let holder = LeaseHolder::read(&*backend, &ExportName::new("slow").unwrap()).unwrap().unwrap();
+        assert!(holder.describe(unix_seconds()).starts_with("released by"), "{holder:?}");
+        assert_eq!(backend.most_in_flight.load(Ordering::SeqCst), 1);
+    }
+
+    /// The renewal thread panicking (a bug, injected here through the backend) stops writes at
+    /// once with an error that names it, and says so in the log, rather than leave the lease to
+    /// run out unrenewed while writes go on.
+    #[test]
+    fn a_panic_in_the_renewal_thread_stops_writes_at_once_naming_it() {
+        crate::background::captured_log::start();
+        let backend = Arc::new(Gated::default());
+        let lease = Lease::new(backend.clone(), ExportName::new("renewer-panics").unwrap(), short_config(false));
+        lease.hold().unwrap();
+        backend.panics.store(true, Ordering::SeqCst);
+        // Well within the 1.5 s window: the renewal runs every 0.5 s.
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while lease.check().is_ok() {
+            assert!(Instant::now() < deadline, "writes still allowed after the renewal thread panicked");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let e = lease.check().unwrap_err();
+        assert_eq!(e.errno(), libc::EIO);
+        let died = "thread nbds3-lease panicked: injected panic in a lease write";
+        assert_eq!(
+            e.to_string(),
+            format!("export renewer-panics: {died}; the lease is no longer renewed, so this process no longer writes to the export")
+        );
+        assert!(lease.hold().is_err(), "nor does a new connection take it");
+        assert_eq!(crate::background::captured_log::lines_with(died), [format!("ERROR {e}")]);
     }
 }
 

@@ -41,6 +41,7 @@
 #![warn(unreachable_pub, missing_debug_implementations)]
 
 pub mod admin;
+mod background;
 pub mod block_buf;
 pub mod config;
 pub mod error;

@@ -8,6 +8,7 @@ use std::sync::{Mutex, OnceLock};
 
 use nbdkit::{CacheFlags, ExtentHandle, ExtentType, Flags, FuaFlags, Server, ThreadModel};
 
+use crate::background::panic_message;
 use crate::config::{ConfigKey, StorageKind};
 use crate::exports::{Exports, OpenExport};
 use crate::logger::sanitize;
@@ -35,11 +36,7 @@ fn guard<T>(what: &str, f: impl FnOnce() -> Result<T>) -> nbdkit::Result<T> {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(nbdkit::Error::new(e.errno(), sanitize(&e.to_string()))),
         Err(panic) => {
-            let why = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_default();
+            let why = panic_message(&*panic);
             Err(nbdkit::Error::new(libc::EIO, sanitize(&format!("internal error in {what}: {why}"))))
         }
     }

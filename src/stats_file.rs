@@ -3,7 +3,7 @@
 //! rather than read logs.
 //!
 //! Both are rendered from the counters each [`Volume`](crate::Volume) reports by name, so the
-//! formats cannot disagree; [`METRICS`] gives each counter its Prometheus name, type and help.
+//! formats cannot disagree; `METRICS` gives each counter its Prometheus name, type and help.
 
 use crate::export::ExportName;
 

@@ -6,7 +6,7 @@
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 
-use super::{BlockBuf, BlockId, Storage};
+use super::{BlockBuf, BlockId, Capabilities, Storage};
 use crate::{Error, Result};
 
 /// Wraps `inner`, counting calls and failing chosen ones with [`Error::Backend`].
@@ -19,6 +19,8 @@ pub struct FaultyStorage<S> {
     pub fail_writes: AtomicBool,
     /// When non-zero, fail every `fail_one_in`-th call of any kind.
     pub fail_one_in: AtomicU64,
+    /// Chosen calls panic instead of failing: a bug below the layer under test.
+    pub panic_instead: AtomicBool,
     /// Calls of `read_block`.
     pub reads: AtomicU64,
     /// Calls of `write_block`.
@@ -28,6 +30,8 @@ pub struct FaultyStorage<S> {
     /// Calls of `flush`.
     pub flushes: AtomicU64,
     calls: AtomicU64,
+    /// What the store claims to be instead of what `inner` is (see [`posing_as`](Self::posing_as)).
+    posing_as: Option<Capabilities>,
 }
 
 impl<S: Storage> FaultyStorage<S> {
@@ -38,12 +42,20 @@ impl<S: Storage> FaultyStorage<S> {
             fail_reads: AtomicBool::new(false),
             fail_writes: AtomicBool::new(false),
             fail_one_in: AtomicU64::new(0),
+            panic_instead: AtomicBool::new(false),
             reads: AtomicU64::new(0),
             writes: AtomicU64::new(0),
             deletes: AtomicU64::new(0),
             flushes: AtomicU64::new(0),
             calls: AtomicU64::new(0),
+            posing_as: None,
         }
+    }
+
+    /// Claims `capabilities` instead of the inner store's: RAM posing as a remote store, so that
+    /// a test sees what the layers above do for one.
+    pub fn posing_as(self, capabilities: Capabilities) -> Self {
+        FaultyStorage { posing_as: Some(capabilities), ..self }
     }
 
     /// The wrapped store.
@@ -56,6 +68,9 @@ impl<S: Storage> FaultyStorage<S> {
         let one_in = self.fail_one_in.load(Relaxed);
         if forced.load(Relaxed) || (one_in != 0 && n % one_in == 0) {
             let block = id.map(|b| format!(" of block {b}")).unwrap_or_default();
+            if self.panic_instead.load(Relaxed) {
+                panic!("injected panic in {what}{block}");
+            }
             return Err(Error::backend(self, format!("injected fault in {what}{block}")));
         }
         Ok(())
@@ -115,6 +130,10 @@ impl<S: Storage> Storage for FaultyStorage<S> {
 
     fn retries(&self) -> u64 {
         self.inner.retries()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.posing_as.unwrap_or_else(|| self.inner.capabilities())
     }
 }
 

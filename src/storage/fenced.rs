@@ -29,7 +29,7 @@ use std::sync::Arc;
 
 use std::time::Instant;
 
-use super::{BlockBuf, BlockId, Storage};
+use super::{BlockBuf, BlockId, Capabilities, Storage};
 use crate::Result;
 
 /// What decides whether a write may go out now: the export's lease (see
@@ -99,6 +99,10 @@ impl Storage for FencedStorage {
 
     fn retries(&self) -> u64 {
         self.inner.retries()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
     }
 }
 

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::os::fd::AsRawFd;
 
 use super::keys::{block_leaf, parse_block_leaf, LEASE_PREFIX, RECORD_PREFIX};
-use super::{check_len, Backend, BlockBuf, BlockId, Expect, Storage, VersionedText};
+use super::{check_len, Backend, BlockBuf, BlockId, Capabilities, Expect, Storage, VersionedText};
 use crate::export::ExportName;
 use crate::{Error, Result};
 
@@ -263,6 +263,12 @@ impl Storage for FileStorage {
     fn flush(&self) -> Result<()> {
         // Block files were fsynced before their rename; the directory holds the renames and deletes.
         File::open(&self.dir).and_then(|d| d.sync_all()).map_err(|e| self.err(&self.dir, &e))
+    }
+
+    /// A block read may wait on a disk and every write waits on an fsync: worth overlapping. A
+    /// directory is listed in one call.
+    fn capabilities(&self) -> Capabilities {
+        Capabilities { slow_requests: true, sliced_listing: false }
     }
 }
 

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::{Arc, Mutex};
 
-use super::{check_len, Backend, BlockBuf, BlockId, Expect, Storage, VersionedText};
+use super::{check_len, Backend, BlockBuf, BlockId, Capabilities, Expect, Storage, VersionedText};
 use crate::export::ExportName;
 use crate::{lock, Result};
 
@@ -131,6 +131,10 @@ impl Storage for MemoryStorage {
 
     fn flush(&self) -> Result<()> {
         Ok(())
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities { slow_requests: false, sliced_listing: false }
     }
 }
 

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::{BlockBuf, BlockId, Storage};
+use super::{BlockBuf, BlockId, Capabilities, Storage};
 use crate::Result;
 
 /// Request counters of one store.
@@ -134,6 +134,10 @@ impl Storage for MeteredStorage {
 
     fn retries(&self) -> u64 {
         self.inner.retries()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
     }
 }
 

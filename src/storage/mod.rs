@@ -25,7 +25,9 @@ pub mod s3;
 pub mod s3_config;
 mod s3_errors;
 
+#[cfg(any(test, feature = "testing"))]
 pub mod conformance;
+#[cfg(any(test, feature = "testing"))]
 pub mod faulty;
 
 pub use fenced::{FencedStorage, WriteWindow};
@@ -155,6 +157,31 @@ pub trait Storage: Send + Sync + fmt::Debug + fmt::Display {
     fn retries(&self) -> u64 {
         0
     }
+
+    /// What this store is like, for the layers above to tune themselves by. The default
+    /// describes a remote object store (S3), which is what that tuning is for; local stores say
+    /// otherwise, and decorators forward their inner store's.
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::REMOTE
+    }
+}
+
+/// What a [`Storage`] is like: what the layers above ask rather than guess it from the request
+/// concurrency a user set (which is about how hard to push a server, not about what it is).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capabilities {
+    /// A block request waits on something slow (a network round trip, a disk, an fsync), so it
+    /// pays to overlap requests with the client's: read ahead of sequential readers, write back
+    /// behind sequential writers. Not so for RAM, where that only costs copies and threads.
+    pub slow_requests: bool,
+    /// Listing a key range costs one request per page of keys, so a large export is listed
+    /// sooner in slices listed at once (S3 `start-after`); a local store lists in one call.
+    pub sliced_listing: bool,
+}
+
+impl Capabilities {
+    /// A remote object store: requests take a round trip, listings a page at a time.
+    pub const REMOTE: Capabilities = Capabilities { slow_requests: true, sliced_listing: true };
 }
 
 /// Says, right before a block write or delete goes out, until when it may be sent (an export

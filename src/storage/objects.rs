@@ -136,6 +136,7 @@ pub trait ObjectStore: Send + Sync + fmt::Debug + fmt::Display {
     }
 }
 
+#[cfg(any(test, feature = "testing"))]
 pub mod conformance;
 pub mod memory;
 

@@ -45,12 +45,12 @@ use crate::{lock, Error, Result};
 /// request runs, in batches of this size, so a full-device trim needs no memory per block.
 const DELETE_BATCH: usize = 1000;
 
-/// The blocks storage holds among `blocks`, listed in up to `concurrency` slices at a time.
+/// The blocks storage holds among `blocks`, listed in slices, up to `concurrency` at a time,
+/// where the store lists faster so.
 fn list_stored(storage: &dyn Storage, blocks: Range<u64>, concurrency: usize) -> Result<BTreeSet<u64>> {
     let allocated = Mutex::new(BTreeSet::new());
-    // Eight slices keep a busy S3 server listing a large export eight pages at a time; local
-    // backends list everything in one call.
-    let slices: u64 = if concurrency >= 8 { 8 } else { 1 };
+    // Eight slices keep a busy S3 server listing a large export eight pages at a time.
+    let slices: u64 = if storage.capabilities().sliced_listing { 8 } else { 1 };
     let step = (blocks.end - blocks.start).div_ceil(slices).max(1);
     let ranges: Vec<Range<u64>> = (0..slices)
         .map(|i| blocks.start + i * step..(blocks.start + (i + 1) * step).min(blocks.end))
@@ -710,14 +710,27 @@ fn parallel_while<T: Send>(
     }
     let first_error: Mutex<Option<Error>> = Mutex::new(None);
     std::thread::scope(|scope| {
-        for _ in 0..workers {
-            scope.spawn(|| {
-                while let Some(item) = next() {
-                    if let Err(e) = work(item) {
-                        lock(&first_error).get_or_insert(e);
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                scope.spawn(|| {
+                    while let Some(item) = next() {
+                        if let Err(e) = work(item) {
+                            lock(&first_error).get_or_insert(e);
+                        }
                     }
-                }
-            });
+                })
+            })
+            .collect();
+        // A worker's panic goes on in this thread with its own message, which the scope's own
+        // join would replace with "a scoped thread panicked".
+        let mut first_panic = None;
+        for handle in handles {
+            if let Err(panic) = handle.join() {
+                first_panic.get_or_insert(panic);
+            }
+        }
+        if let Some(panic) = first_panic {
+            std::panic::resume_unwind(panic);
         }
     });
     let first_error = lock(&first_error).take();

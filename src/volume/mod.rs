@@ -4,19 +4,28 @@
 //! [`BlockCache`], and decides when data must reach storage: on FLUSH, on FUA, and early when
 //! too many blocks are dirty. All connections to one export share one `Volume`, so a FLUSH on one
 //! connection covers writes made on every other.
+//!
+//! A panic in one of its background threads (the writer, the stream workers) fails the volume:
+//! from then on writes, zeroes and FLUSH return EIO naming the thread that died, and nothing more
+//! is written back, since a panic may have left a block's state half-changed (the per-block locks
+//! ignore poisoning) and storing it could turn one bug into silent corruption; the client learns
+//! that its unflushed writes are not safe instead of being told they are. Reads go on: they
+//! change nothing in storage, and a file system that can still read can be unmounted cleanly and
+//! have its data copied off; at worst a block the panic interrupted reads as the client's last
+//! or previous write of it.
 
 pub mod cache;
 pub mod geometry;
 mod streams;
 
-use std::sync::{Arc, Condvar, Mutex, PoisonError, RwLock, Weak};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 pub use cache::{BlockCache, CacheStats};
 pub use geometry::{Geometry, Piece, DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
 
-use crate::storage::{MeteredStorage, Storage};
-use crate::{lock, Error, Result};
+use crate::storage::{Capabilities, MeteredStorage, Storage};
+use crate::{background, lock, Error, Result};
 use streams::Streams;
 
 /// How a `Volume` caches and writes back.
@@ -50,6 +59,10 @@ pub struct Volume {
     wake: (Mutex<bool>, Condvar),
     /// Sequential reads and writes, and the workers that load ahead and write behind them.
     streams: Streams,
+    /// What the storage is like, asked once: whether reading ahead and writing behind pay.
+    capabilities: Capabilities,
+    /// Which background thread panicked, once one has: writes and FLUSH fail from then on.
+    failed: OnceLock<String>,
 }
 
 impl Volume {
@@ -73,9 +86,11 @@ impl Volume {
             growing: Mutex::new(()),
             config,
             cache: BlockCache::new(storage.clone(), blocks(config.cache_bytes), geometry.blocks(), config.concurrency)?,
+            capabilities: storage.capabilities(),
             storage,
             wake: (Mutex::new(false), Condvar::new()),
             streams: Streams::default(),
+            failed: OnceLock::new(),
         })
     }
 
@@ -84,18 +99,22 @@ impl Volume {
     /// dirty that long. It stops when the volume is dropped. Call it after nbdkit forks.
     ///
     /// Below `max-dirty` nothing is written back early (but what sequential writers leave behind,
-    /// see [`streams`]): a working set of random writes that fits costs one PUT per block at
+    /// see `streams`): a working set of random writes that fits costs one PUT per block at
     /// FLUSH, however often it is rewritten.
     pub fn start_background_writer(self: &Arc<Self>) {
         let volume: Weak<Volume> = Arc::downgrade(self);
         let tick =
             self.config.writeback_delay.map_or(Duration::from_secs(1), |d| (d / 2).max(Duration::from_millis(10)));
-        let spawned = std::thread::Builder::new().name("nbds3-writeback".into()).spawn(move || {
+        let failing = volume.clone();
+        let writer = move || {
             // Dirty blocks seen at the previous tick: still dirty now means dirty for a whole tick.
             let mut seen = Vec::new();
             let mut last_error: Option<Instant> = None;
             loop {
                 let Some(v) = volume.upgrade() else { return };
+                if v.has_failed() {
+                    return;
+                }
                 let woken = {
                     let (flag, condvar) = &v.wake;
                     let guard = lock(flag);
@@ -119,10 +138,45 @@ impl Volume {
                     }
                 }
             }
-        });
+        };
+        let spawned = background::spawn("nbds3-writeback", writer, move |what| Self::fail(&failing, what));
         if let Err(e) = spawned {
             log::warn!("cannot start the background writer, writers will write back themselves: {e}");
         }
+    }
+
+    /// Fails `volume` (if it is still there) for good, because `what` happened to one of its
+    /// background threads; says so once, at error level.
+    pub(crate) fn fail(volume: &Weak<Volume>, what: String) {
+        let Some(v) = volume.upgrade() else { return };
+        // The first death is the one to report; later ones (the other stream workers, dying of
+        // the same cause) add nothing a user can act on.
+        match v.failed.set(what) {
+            Ok(()) => log::error!(
+                "{}: {}; writes and FLUSH fail with EIO until nbdkit restarts (reads go on)",
+                v.storage,
+                v.failed.get().map_or("", String::as_str)
+            ),
+            Err(what) => log::debug!("{}: {what} as well", v.storage),
+        }
+    }
+
+    /// Whether writes may go on: no background thread has died.
+    ///
+    /// # Errors
+    /// [`Error::Backend`] naming the thread that died and why.
+    fn check_alive(&self) -> Result<()> {
+        match self.failed.get() {
+            None => Ok(()),
+            Some(what) => {
+                Err(Error::backend(&*self.storage, format!("{what}; writes and FLUSH fail until nbdkit restarts")))
+            }
+        }
+    }
+
+    /// Whether a background thread of this volume has died.
+    fn has_failed(&self) -> bool {
+        self.failed.get().is_some()
     }
 
     /// This volume's counters by name, in the stats file's order: the dirty, cached and stored
@@ -227,8 +281,10 @@ impl Volume {
     ///
     /// # Errors
     /// [`Error::OutOfRange`], or a storage error from reading a partial block, from making room
-    /// among the dirty blocks, or (with `fua`) from writing back.
+    /// among the dirty blocks, or (with `fua`) from writing back. [`Error::Backend`] naming the
+    /// thread once a background thread of the volume died.
     pub fn write(&self, data: &[u8], offset: u64, fua: bool) -> Result<()> {
+        self.check_alive()?;
         let pieces = self.geometry().pieces(offset, data.len() as u64)?;
         self.make_room()?;
         for p in pieces {
@@ -245,6 +301,7 @@ impl Volume {
     /// [`Error::FastZeroUnsupported`] when `fast` is set and the range has partial blocks (that
     /// would need a read); otherwise as [`write`](Self::write).
     pub fn zero(&self, len: u64, offset: u64, fua: bool, fast: bool) -> Result<()> {
+        self.check_alive()?;
         let geometry = self.geometry();
         let block_size = geometry.block_size();
         let edges = geometry.partial_pieces(offset, len)?;
@@ -288,7 +345,9 @@ impl Volume {
     ///
     /// # Errors
     /// The first storage error; blocks that failed stay dirty and a later flush retries them.
+    /// [`Error::Backend`] naming the thread once a background thread of the volume died.
     pub fn flush(&self) -> Result<()> {
+        self.check_alive()?;
         self.cache.write_back_all(self.config.concurrency)?;
         self.storage.flush()
     }

@@ -8,6 +8,9 @@
 //! writes, and a FLUSH at the end finds little left to do. Random writes are left dirty until
 //! FLUSH, `max-dirty` or `writeback-delay`, so blocks rewritten often cost one PUT, not many.
 //!
+//! Only over storage whose requests are slow enough to be worth overlapping (S3, files: see
+//! [`Capabilities`](crate::storage::Capabilities)); over RAM it would only cost copies and threads.
+//!
 //! Both go into one queue that long-lived workers, as many as the volume's concurrency, take one
 //! block at a time: `concurrency` requests stay in flight as long as a stream goes on, without the
 //! gap that waiting for a whole batch leaves at its tail. A read elsewhere (a seek) drops the
@@ -24,8 +27,8 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use super::Volume;
-use crate::lock;
 use crate::storage::BlockId;
+use crate::{background, lock};
 
 /// How many requests of one stream may be in flight, and so arrive out of order. The slack this
 /// allows is in requests, not blocks, so that small random requests on large blocks are not
@@ -137,10 +140,10 @@ impl Streams {
         self.push(volume, (from..to).map(|b| Job::WriteBack(BlockId(b))));
     }
 
-    /// The volume's block size, or `None` when it has nothing to gain (one request at a time:
-    /// memory storage).
+    /// The volume's block size, or `None` when its storage answers too fast for overlapping
+    /// requests to gain anything (RAM).
     fn block_size_if_useful(volume: &Volume) -> Option<u64> {
-        (volume.config.concurrency >= 2).then(|| volume.geometry().block_size() as u64)
+        volume.capabilities.slow_requests.then(|| volume.geometry().block_size() as u64)
     }
 
     fn push(&self, volume: &Arc<Volume>, jobs: impl Iterator<Item = Job>) {
@@ -151,8 +154,8 @@ impl Streams {
 
     fn start_workers(&self, volume: Weak<Volume>, n: usize) {
         for _ in 0..n {
-            let volume = volume.clone();
-            let spawned = std::thread::Builder::new().name("nbds3-streams".into()).spawn(move || loop {
+            let (volume, failing) = (volume.clone(), volume.clone());
+            let worker = move || loop {
                 let Some(v) = volume.upgrade() else { return };
                 let next = {
                     let queue = lock(&v.streams.queue);
@@ -171,6 +174,8 @@ impl Streams {
                             log::debug!("read-ahead of block {id} failed: {e}");
                         }
                     }
+                    // A failed volume writes nothing more back (see `Volume`).
+                    Some(Job::WriteBack(_)) if v.has_failed() => {}
                     Some(Job::WriteBack(id)) => {
                         if let Err(e) = v.cache.write_back(&[id], 1) {
                             log::debug!("write-behind of block {id} failed: {e}");
@@ -178,8 +183,8 @@ impl Streams {
                     }
                     None => {}
                 }
-            });
-            if let Err(e) = spawned {
+            };
+            if let Err(e) = background::spawn("nbds3-streams", worker, move |what| Volume::fail(&failing, what)) {
                 log::warn!("cannot start a read-ahead and write-behind worker: {e}");
             }
         }

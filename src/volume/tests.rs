@@ -6,7 +6,7 @@ use std::sync::Arc;
 use super::*;
 use crate::storage::faulty::FaultyStorage;
 use crate::storage::MemoryStorage;
-use crate::storage::{BlockBuf, BlockId};
+use crate::storage::{BlockBuf, BlockId, Capabilities};
 
 const BS: usize = 4096;
 
@@ -20,7 +20,26 @@ fn stored_volume(
     config: VolumeConfig,
     stored: &[(u64, u8)],
 ) -> (Volume, Arc<FaultyStorage<MemoryStorage>>) {
-    let storage = Arc::new(FaultyStorage::new(MemoryStorage::new(BS)));
+    volume_on(FaultyStorage::new(MemoryStorage::new(BS)), blocks, config, stored)
+}
+
+/// As [`stored_volume`], over RAM posing as a remote store: sequential reads are read ahead and
+/// sequential writes written behind.
+fn remote_volume(
+    blocks: u64,
+    config: VolumeConfig,
+    stored: &[(u64, u8)],
+) -> (Volume, Arc<FaultyStorage<MemoryStorage>>) {
+    volume_on(FaultyStorage::new(MemoryStorage::new(BS)).posing_as(Capabilities::REMOTE), blocks, config, stored)
+}
+
+fn volume_on(
+    storage: FaultyStorage<MemoryStorage>,
+    blocks: u64,
+    config: VolumeConfig,
+    stored: &[(u64, u8)],
+) -> (Volume, Arc<FaultyStorage<MemoryStorage>>) {
+    let storage = Arc::new(storage);
     for &(id, byte) in stored {
         storage.inner().write_block(BlockId(id), &[byte; BS]).unwrap();
     }
@@ -331,7 +350,7 @@ fn storage_with_another_block_size_is_refused() {
 #[test]
 fn sequential_reads_load_ahead_in_the_background() {
     let stored: Vec<(u64, u8)> = (0..256).map(|b| (b, 5)).collect();
-    let (v, s) = stored_volume(256, roomy(), &stored);
+    let (v, s) = remote_volume(256, roomy(), &stored);
     let v = Arc::new(v);
     let mut buf = vec![0; BS];
     v.read_sequentially(&mut buf, 0).unwrap();
@@ -360,12 +379,40 @@ fn sequential_reads_load_ahead_in_the_background() {
     assert_eq!(s.reads.load(Relaxed), before + 1);
 }
 
+/// What storage is, not the request concurrency, decides read-ahead and sliced listing: S3 at
+/// `s3-concurrency=1` reads ahead (it used to not), RAM does neither at any concurrency.
+#[test]
+fn read_ahead_and_sliced_listing_follow_what_storage_is_not_the_concurrency() {
+    // Waits up to `wait` for reads past the four asked for.
+    let lists_and_reads = |(v, s): (Volume, Arc<FaultyStorage<MemoryStorage>>), wait| {
+        let v = Arc::new(v);
+        let mut buf = vec![0; BS];
+        for b in 0..4 {
+            v.read_sequentially(&mut buf, b * BS as u64).unwrap();
+        }
+        let deadline = std::time::Instant::now() + wait;
+        while s.reads.load(Relaxed) <= 4 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let lists = v.counters().into_iter().find(|(name, _)| *name == "lists").unwrap().1;
+        (lists, s.reads.load(Relaxed))
+    };
+    let stored: Vec<(u64, u8)> = (0..64).map(|b| (b, 5)).collect();
+    let one_at_a_time = VolumeConfig { concurrency: 1, ..roomy() };
+    let (lists, reads) = lists_and_reads(remote_volume(64, one_at_a_time, &stored), Duration::from_secs(5));
+    assert_eq!(lists, 8, "a remote store is listed in slices");
+    assert!(reads > 4, "a remote store is read ahead of a sequential reader: {reads} blocks read");
+    let many_at_a_time = VolumeConfig { concurrency: 16, ..roomy() };
+    let (lists, reads) = lists_and_reads(stored_volume(64, many_at_a_time, &stored), Duration::from_millis(200));
+    assert_eq!((lists, reads), (1, 4), "RAM is listed at once and never read ahead");
+}
+
 #[test]
 fn sequential_reads_longer_than_the_read_ahead_bound_are_served() {
     // A 4-block cache bounds read-ahead to one block; each read is 8 (this used to panic).
     let config =
         VolumeConfig { cache_bytes: 4 * BS as u64, max_dirty_bytes: 1 << 20, concurrency: 4, writeback_delay: None };
-    let (v, _) = stored_volume(64, config, &[(9, 2), (20, 3)]);
+    let (v, _) = remote_volume(64, config, &[(9, 2), (20, 3)]);
     let v = Arc::new(v);
     let mut buf = vec![0; 8 * BS];
     for i in 0..4u64 {
@@ -377,7 +424,7 @@ fn sequential_reads_longer_than_the_read_ahead_bound_are_served() {
 
 #[test]
 fn sequential_writes_are_written_back_behind_the_writer_and_random_ones_wait_for_flush() {
-    let (v, s) = volume(256, roomy());
+    let (v, s) = remote_volume(256, roomy(), &[]);
     let v = Arc::new(v);
     for b in [200u64, 90, 170, 240, 130] {
         v.write_sequentially(&[3; BS], b * BS as u64, false).unwrap();
@@ -432,4 +479,68 @@ fn partial_writes_count_only_their_pages_against_max_dirty() {
         (&buf[..8192], &buf[8192..12288], &buf[12288..]),
         (&[1; 8192][..], &[2; 4096][..], &[1; BIG - 12288][..])
     );
+}
+
+/// Polls `op` (at most 5 s) until it fails, and returns its error.
+fn first_error(op: impl Fn() -> Result<()>) -> Error {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match op() {
+            Err(e) => return e,
+            Ok(()) => assert!(std::time::Instant::now() < deadline, "still no error"),
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// What a client of a volume whose background thread panicked sees: writes, zeroes and FLUSH fail
+/// with EIO naming the thread and the panic (`died`, up to the block it names), reads go on (of
+/// block `readable`, filled with `expected` and never stored), and the log says it once at error
+/// level.
+fn assert_failed_by(v: &Volume, died: &str, readable: u64, expected: u8) {
+    let e = first_error(|| v.write(&[6; BS], 15 * BS as u64, false));
+    assert_eq!(e.errno(), libc::EIO);
+    let message = e.to_string();
+    assert!(message.starts_with(&format!("FaultyStorage(MemoryStorage): {died}")), "{message}");
+    assert!(message.ends_with("; writes and FLUSH fail until nbdkit restarts"), "{message}");
+    assert_eq!(v.flush().unwrap_err().to_string(), message);
+    assert_eq!(v.zero(BS as u64, 0, false, false).unwrap_err().to_string(), message);
+    let mut buf = vec![0; BS];
+    v.read(&mut buf, readable * BS as u64).unwrap();
+    assert!(buf.iter().all(|&b| b == expected), "block {readable}, dirty, reads back as written");
+    let logged = crate::background::captured_log::lines_with(died);
+    assert_eq!(logged.len(), 1, "{logged:?}");
+    let what = message.split("; ").next().unwrap();
+    assert!(logged[0].starts_with(&format!("ERROR {what}; writes and FLUSH fail with EIO")), "{logged:?}");
+}
+
+#[test]
+fn a_panic_in_the_background_writer_fails_writes_and_flush_but_not_reads() {
+    crate::background::captured_log::start();
+    let config = VolumeConfig { writeback_delay: Some(std::time::Duration::from_millis(20)), ..roomy() };
+    let (v, s) = volume(16, config);
+    let v = Arc::new(v);
+    v.write(&[4; BS], 3 * BS as u64, false).unwrap();
+    s.panic_instead.store(true, Relaxed);
+    s.fail_writes.store(true, Relaxed);
+    v.start_background_writer();
+    // Block 3, or the block the first probing write dirtied, whichever the writer tries first.
+    assert_failed_by(&v, "thread nbds3-writeback panicked: injected panic in write of block 00000000000000", 3, 4);
+}
+
+#[test]
+fn a_panic_in_a_stream_worker_fails_writes_and_flush_but_not_reads() {
+    crate::background::captured_log::start();
+    let (v, s) = remote_volume(256, roomy(), &[]);
+    let v = Arc::new(v);
+    s.panic_instead.store(true, Relaxed);
+    s.fail_writes.store(true, Relaxed);
+    // Blocks 100.. are written behind the writer by the stream workers, which panic on the
+    // first they take (each worker on its own block; only the first death is said).
+    for b in 100..164u64 {
+        if v.write_sequentially(&[b as u8; BS], b * BS as u64, false).is_err() {
+            break;
+        }
+    }
+    assert_failed_by(&v, "thread nbds3-streams panicked: injected panic in write of block 00000000000000", 100, 100);
 }
