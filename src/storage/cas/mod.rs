@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use lru::LruCache;
 
 use super::objects::{ObjectStore, Put, ReadInto};
-use super::{check_len, BlockBuf, BlockId, Storage};
+use super::{check_len, BlockBuf, BlockId, Capabilities, Storage};
 use crate::{lock, Error, ExportName, Result};
 
 pub mod format;
@@ -459,17 +459,26 @@ impl Storage for CasStorage {
     }
 
     fn list_blocks_in(&self, range: std::ops::Range<u64>) -> Result<Vec<BlockId>> {
-        // Listing walks the committed-or-frozen tree, so it first freezes what changed.
-        let root = {
-            let _flushing = lock(&self.flushing);
-            if self.source == Source::Head {
-                self.store_changed_pages()?
-            } else {
-                lock(&self.state).committed.root
+        // A copy of the working map (its changed pages are bounded), so no lock is held while
+        // pages are read.
+        let map = lock(&self.state).map.clone();
+        let mut found = Vec::new();
+        let mut load = |hash: &Hash, level: u8| {
+            let cached = {
+                let mut st = lock(&self.state);
+                let State { cache, pending, .. } = &mut *st;
+                clean(cache, pending, hash)
+            };
+            match cached {
+                Some(page) => Ok(page),
+                None => {
+                    let page = Arc::new(fetch_page(&*self.store, hash, level)?);
+                    lock(&self.state).cache.put(*hash, page.clone());
+                    Ok(page)
+                }
             }
         };
-        let mut found = Vec::new();
-        ops::walk(&*self.store, &root, range, &mut |id, _| found.push(id))?;
+        map.walk(&range, &mut load, &mut |id| found.push(id))?;
         Ok(found)
     }
 
@@ -484,6 +493,11 @@ impl Storage for CasStorage {
 
     fn retries(&self) -> u64 {
         self.store.retries()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        // Requests go to a remote store; the map is listed in one walk, not in key-range slices.
+        Capabilities { slow_requests: true, sliced_listing: false }
     }
 }
 

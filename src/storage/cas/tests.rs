@@ -50,6 +50,8 @@ fn writes_show_after_reopen_only_once_flushed() {
     let s = open(&store, "e");
     s.write_block(BlockId(1), &block(1)).unwrap();
     assert_eq!(read(&open(&store, "e"), 1), None, "unflushed writes are not committed");
+    assert_eq!(s.list_blocks().unwrap(), vec![BlockId(1)], "listing sees unflushed writes");
+    assert!(keys(&store, "cas/pages/").is_empty(), "listing writes nothing");
     s.flush().unwrap();
     s.write_block(BlockId(2), &block(2)).unwrap();
     let again = open(&store, "e");
