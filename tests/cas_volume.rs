@@ -16,7 +16,7 @@ const BS: usize = 512;
 const SIZE: u64 = 3000 * BS as u64;
 
 fn volume(store: &Arc<MemoryObjects>, export: &ExportName) -> Volume {
-    let config = CasConfig { cached_pages: 2, max_dirty_pages: 2, allow_unconditional: false };
+    let config = CasConfig { cached_pages: 2, max_dirty_pages: 2, ..CasConfig::default() };
     let storage = Arc::new(CasStorage::open(store.clone(), export, BS, config).expect("open"));
     let cache = VolumeConfig {
         cache_bytes: 4 * BS as u64,

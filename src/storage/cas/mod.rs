@@ -169,7 +169,7 @@ impl CasStorage {
             return Err(Error::config(
                 "layout",
                 format!(
-                    "{store} does not honour conditional writes, so a second writer of cas export {export} could not be fenced and FLUSH would not be atomic; serve it from a server that does, or opt in with allow-unconditional-cas"
+                    "{store} does not honour conditional writes, so a second writer of cas export {export} could not be fenced and FLUSH would not be atomic; serve it from a server that honours If-Match and If-None-Match"
                 ),
             ));
         }

@@ -37,7 +37,7 @@ fn keys(store: &MemoryObjects, prefix: &str) -> Vec<String> {
 #[test]
 fn conformance_with_tiny_memory_limits() {
     let store = Arc::new(MemoryObjects::default());
-    let config = CasConfig { cached_pages: 1, max_dirty_pages: 2, allow_unconditional: false };
+    let config = CasConfig { cached_pages: 1, max_dirty_pages: 2, ..CasConfig::default() };
     conformance::run_all(
         &|place| Box::new(CasStorage::open(store.clone(), &name(&format!("e{place}")), BLOCK_SIZE, config).unwrap()),
         true,
@@ -246,7 +246,7 @@ fn diffs_list_changed_runs_and_skip_equal_subtrees() {
 fn a_large_export_opens_with_one_get_and_keeps_its_memory_bounded() {
     let store = Arc::new(CountingGets { inner: MemoryObjects::default(), gets: AtomicU64::new(0) });
     let e = name("big");
-    let config = CasConfig { cached_pages: 4, max_dirty_pages: 8, allow_unconditional: false };
+    let config = CasConfig { cached_pages: 4, max_dirty_pages: 8, ..CasConfig::default() };
     let blocks = (1u64 << 40) / BLOCK_SIZE as u64; // 1 TiB
     let s = CasStorage::open(store.clone(), &e, BLOCK_SIZE, config).unwrap();
     let mut written = Vec::new();
