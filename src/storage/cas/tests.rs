@@ -175,6 +175,14 @@ fn snapshots_and_clones_share_blocks_and_stay_apart() {
 struct CountingGets {
     inner: MemoryObjects,
     gets: AtomicU64,
+    /// What it says of its conditional writes (the memory store's are real either way).
+    conditional: bool,
+}
+
+impl CountingGets {
+    fn new(conditional: bool) -> Self {
+        CountingGets { inner: MemoryObjects::default(), gets: AtomicU64::new(0), conditional }
+    }
 }
 
 impl fmt::Display for CountingGets {
@@ -204,13 +212,13 @@ impl ObjectStore for CountingGets {
         Ok(())
     }
     fn conditional_writes(&self) -> Result<bool> {
-        Ok(true)
+        Ok(self.conditional)
     }
 }
 
 #[test]
 fn diffs_list_changed_runs_and_skip_equal_subtrees() {
-    let store = Arc::new(CountingGets { inner: MemoryObjects::default(), gets: AtomicU64::new(0) });
+    let store = Arc::new(CountingGets::new(true));
     let e = name("e");
     let s = CasStorage::open(store.clone(), &e, BLOCK_SIZE, CasConfig::default()).unwrap();
     for id in (0..20_000).step_by(7) {
@@ -244,7 +252,7 @@ fn diffs_list_changed_runs_and_skip_equal_subtrees() {
 
 #[test]
 fn a_large_export_opens_with_one_get_and_keeps_its_memory_bounded() {
-    let store = Arc::new(CountingGets { inner: MemoryObjects::default(), gets: AtomicU64::new(0) });
+    let store = Arc::new(CountingGets::new(true));
     let e = name("big");
     let config = CasConfig { cached_pages: 4, max_dirty_pages: 8, ..CasConfig::default() };
     let blocks = (1u64 << 40) / BLOCK_SIZE as u64; // 1 TiB
@@ -270,4 +278,15 @@ fn a_large_export_opens_with_one_get_and_keeps_its_memory_bounded() {
     for (id, seed) in written.iter().step_by(97) {
         assert_eq!(read(&again, *id), Some(block(*seed)), "block {id}");
     }
+}
+
+#[test]
+fn a_store_without_conditional_writes_is_refused_unless_opted_in() {
+    let store = Arc::new(CountingGets::new(false));
+    let err = CasStorage::open(store.clone(), &name("e"), BLOCK_SIZE, CasConfig::default()).unwrap_err().to_string();
+    assert!(err.contains("does not honour conditional writes") && err.contains("cas export e"), "{err}");
+    let config = CasConfig { allow_unconditional: true, ..CasConfig::default() };
+    let s = CasStorage::open(store, &name("e"), BLOCK_SIZE, config).unwrap();
+    s.write_block(BlockId(0), &block(0)).unwrap();
+    s.flush().unwrap();
 }
