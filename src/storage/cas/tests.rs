@@ -290,3 +290,44 @@ fn a_store_without_conditional_writes_is_refused_unless_opted_in() {
     s.write_block(BlockId(0), &block(0)).unwrap();
     s.flush().unwrap();
 }
+
+#[test]
+fn writers_and_flushes_running_at_once_lose_nothing() {
+    let store = Arc::new(MemoryObjects::default());
+    let config = CasConfig { cached_pages: 3, max_dirty_pages: 4, ..CasConfig::default() };
+    let s = CasStorage::open(store.clone(), &name("busy"), BLOCK_SIZE, config).unwrap();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while !done.load(Ordering::Relaxed) {
+                s.flush().unwrap();
+            }
+        });
+        let writers: Vec<_> = (0..6u64)
+            .map(|t| {
+                let s = &s;
+                scope.spawn(move || {
+                    for i in 0..150u64 {
+                        // Threads share leaves (ids interleave) and reach into a second level.
+                        let id = i * 6 + t + if i % 10 == 0 { 1 << 21 } else { 0 };
+                        s.write_block(BlockId(id), &block((id % 251) as u8)).unwrap();
+                        if i % 7 == 0 {
+                            s.delete_block(BlockId(id)).unwrap();
+                        }
+                    }
+                })
+            })
+            .collect();
+        writers.into_iter().for_each(|w| w.join().unwrap());
+        done.store(true, Ordering::Relaxed);
+    });
+    s.flush().unwrap();
+    let again = open(&store, "busy");
+    for t in 0..6u64 {
+        for i in 0..150u64 {
+            let id = i * 6 + t + if i % 10 == 0 { 1 << 21 } else { 0 };
+            let expected = (i % 7 != 0).then(|| block((id % 251) as u8));
+            assert_eq!(read(&again, id), expected, "block {id}");
+        }
+    }
+}
