@@ -356,46 +356,55 @@ impl CasStorage {
     /// Commits `root` by replacing the head it was read at; refuses and fences this store when
     /// another writer got there first.
     fn commit(&self, root: Root) -> Result<()> {
-        let committed = lock(&self.state).committed.clone();
-        if root == committed.root {
-            return Ok(());
-        }
-        let head = Head {
-            generation: committed.generation + 1,
-            writer: self.writer.clone(),
-            block_size: self.block_size,
-            root,
-        };
-        let bytes = head.encode();
-        let key = head_key(&self.export);
-        let condition = match &committed.version {
-            Some(v) => Put::IfVersion(v),
-            None => Put::IfAbsent,
-        };
-        let landed = match self.store.put(&key, &bytes, condition, None) {
-            Ok(landed) => landed,
-            // No answer: the head may or may not have been written. Reading it back tells.
-            Err(e) => match self.store.get(&key, MAX_RECORD_BYTES) {
-                Ok(Some(found)) if found.bytes == bytes => Some(found.version),
-                _ => return Err(e),
-            },
-        };
-        let mut st = lock(&self.state);
-        match landed {
-            Some(version) => {
+        loop {
+            let committed = lock(&self.state).committed.clone();
+            if root == committed.root {
+                return Ok(());
+            }
+            let head = Head {
+                generation: committed.generation + 1,
+                writer: self.writer.clone(),
+                block_size: self.block_size,
+                root,
+            };
+            let bytes = head.encode();
+            let key = head_key(&self.export);
+            let condition = match &committed.version {
+                Some(v) => Put::IfVersion(v),
+                None => Put::IfAbsent,
+            };
+            let landed = match self.store.put(&key, &bytes, condition, None) {
+                Ok(landed) => landed,
+                // No answer: the head may or may not have been written. Reading it back tells.
+                Err(e) => match self.store.get(&key, MAX_RECORD_BYTES) {
+                    Ok(Some(found)) if found.bytes == bytes => Some(found.version),
+                    _ => return Err(e),
+                },
+            };
+            if let Some(version) = landed {
+                let mut st = lock(&self.state);
                 st.committed = Committed { root, generation: head.generation, version: Some(version) };
                 st.uploaded.clear();
-                Ok(())
+                return Ok(());
             }
-            None => {
-                let why = format!(
-                    "another writer committed export {} since this one read its head at generation {} ({key} changed), so this writer stops: its writes since the last FLUSH are not in the export",
-                    self.export, committed.generation
-                );
-                log::error!("{self}: {why}");
-                st.fenced = Some(why.clone());
-                Err(Error::backend(self, why))
+            // Refused. If the head is a later commit of this very writer (one whose answer was
+            // lost and whose read-back failed too), no other writer came in between: go on from it.
+            let found = read_head(&*self.store, &self.export)?;
+            if let Some((mine, version)) =
+                found.filter(|(h, _)| h.writer == self.writer && h.generation > committed.generation)
+            {
+                let mut st = lock(&self.state);
+                st.committed = Committed { root: mine.root, generation: mine.generation, version: Some(version) };
+                st.uploaded.clear();
+                continue;
             }
+            let why = format!(
+                "another writer committed export {} since this one read its head at generation {} ({key} changed), so this writer stops: its writes since the last FLUSH are not in the export",
+                self.export, committed.generation
+            );
+            log::error!("{self}: {why}");
+            lock(&self.state).fenced = Some(why.clone());
+            return Err(Error::backend(self, why));
         }
     }
 }
