@@ -14,8 +14,9 @@
 //! | committed | the head naming the root landed with `If-Match` | every reader, after a crash |
 //!
 //! A head write refused by its condition means another writer committed since this store read
-//! the head: this store then fails every later write and flush, naming what happened, so the
-//! two writers' states never mix.
+//! the head (unless the head found is this writer's own, from a commit whose answer was lost):
+//! this store then fails every later write and flush, naming what happened, so the two writers'
+//! states never mix.
 
 use std::collections::HashSet;
 use std::fmt;
