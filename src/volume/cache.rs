@@ -10,7 +10,8 @@
 //! |------------|----------------------------------------|----------------------------------------|
 //! | `Unloaded` | placeholder, not read yet              | never                                  |
 //! | `Zero`     | only while in use, then dropped        | to be deleted from storage             |
-//! | `Data`     | same bytes as storage                  | to be written to storage               |
+//! | `Data`     | same bytes as storage; may be in the   | to be written to storage; may be in    |
+//! |            | hit table                              | the hit table                          |
 //! | `Partial`  | never                                  | some bytes written over an unread      |
 //! |            |                                        | stored block; the rest comes from a    |
 //! |            |                                        | read when the block is read or stored  |
@@ -19,6 +20,14 @@
 //! the order they became dirty (never evicted); and `allocated`, the blocks storage holds, listed
 //! once when the export opens and updated by every write-back. A block with no slot that is not
 //! `allocated` reads as zeros without a storage request, and zeroing it costs nothing.
+//!
+//! The hit table ([`hits`]) lets a read of a `Data` block skip the index: an entry holds a
+//! block's buffer, shared with its slot. A read that finds `Data` through the index publishes it
+//! there; a writer (any `with_slot` that may create) takes the block out, holding its `state`,
+//! before it changes the content; eviction takes it out with the slot. So an entry always holds
+//! the current bytes of a resident block, and no memory beyond the cache's. Hits through the
+//! table do not move the block in the LRU; one read in [`PROMOTE_EVERY`] per thread goes through
+//! the index and does, so a block read often is still kept.
 //!
 //! A write-back holds the slot's `io` mutex from the snapshot of its content until storage
 //! acknowledged it, so two write-backs of one block never land out of order; writers keep writing
@@ -30,6 +39,9 @@
 //! An evicted slot is marked `evicted`; a thread that locks a slot and finds that mark looks the
 //! block up again.
 
+mod hits;
+
+use std::cell::Cell;
 use std::collections::BTreeSet;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -40,10 +52,30 @@ use lru::LruCache;
 use crate::block_buf::BlockBuf;
 use crate::storage::{is_zero, BlockId, Storage};
 use crate::{lock, Error, Result};
+use hits::HitTable;
 
 /// Whole-block zeroes larger than this many stored blocks are deleted from storage while the
 /// request runs, in batches of this size, so a full-device trim needs no memory per block.
 const DELETE_BATCH: usize = 1000;
+
+/// One read in this many (per thread) of a block in the hit table goes through the index
+/// instead, which moves the block to the front of the LRU: a block read often is promoted long
+/// before it reaches the end, without every hit serialising on the index.
+const PROMOTE_EVERY: u32 = 32;
+
+thread_local! {
+    /// Reads this thread served from the hit table since it last went through the index.
+    static TABLE_HITS: Cell<u32> = const { Cell::new(0) };
+}
+
+/// Whether this read may use the hit table (false once every [`PROMOTE_EVERY`] reads).
+fn may_skip_index() -> bool {
+    TABLE_HITS.with(|n| {
+        let next = (n.get() + 1) % PROMOTE_EVERY;
+        n.set(next);
+        next != 0
+    })
+}
 
 /// The blocks storage holds among `blocks`, listed in slices, up to `concurrency` at a time,
 /// where the store lists faster so.
@@ -155,6 +187,8 @@ pub struct BlockCache {
     /// How many clean blocks are kept.
     capacity: usize,
     index: Mutex<Index>,
+    /// Resident blocks a read may copy without the index.
+    hits: HitTable,
     /// Memory held by dirty blocks: a whole block for `Data`, the pages written for `Partial`,
     /// nothing for `Zero`. Changed only by a thread holding the block's `state` lock.
     dirty_bytes: AtomicU64,
@@ -174,6 +208,7 @@ impl BlockCache {
             block_size: storage.block_size(),
             storage,
             capacity,
+            hits: HitTable::new(capacity),
             index: Mutex::new(Index { clean: LruCache::unbounded(), dirty: LruCache::unbounded(), allocated }),
             dirty_bytes: AtomicU64::new(0),
             stats: CacheStats::default(),
@@ -224,6 +259,10 @@ impl BlockCache {
     /// Copies `out.len()` bytes of block `id`, from `offset` in the block, into `out`.
     pub fn read(&self, id: BlockId, offset: usize, out: &mut [u8]) -> Result<()> {
         let range = self.range(id, offset, out.len())?;
+        if may_skip_index() && self.hits.copy(id, range.clone(), out) {
+            self.stats.hits.fetch_add(1, Relaxed);
+            return Ok(());
+        }
         self.with_slot(id, false, |st| {
             if let Content::Partial { data, valid } = &st.content {
                 if valid.iter().any(|v| v.start <= range.start && range.end <= v.end) {
@@ -234,7 +273,10 @@ impl BlockCache {
             }
             self.load(id, st)?;
             match &st.content {
-                Content::Data(d) => out.copy_from_slice(&d[range]),
+                Content::Data(d) => {
+                    out.copy_from_slice(&d[range]);
+                    self.hits.publish(id, d);
+                }
                 _ => out.fill(0),
             }
             Ok(())
@@ -574,6 +616,11 @@ impl BlockCache {
             if st.evicted {
                 continue;
             }
+            if create {
+                // Before the bytes change: a read must not find the old ones, and a buffer the
+                // table no longer shares is written in place rather than copied.
+                self.hits.remove(id);
+            }
             let was_dirty = st.is_dirty();
             let result = self.accounted(&mut st, f);
             if st.is_dirty() && !was_dirty {
@@ -625,6 +672,7 @@ impl BlockCache {
             let evicted = match slot.state.try_lock() {
                 Ok(mut st) if !st.is_dirty() => {
                     st.evicted = true;
+                    self.hits.remove(id);
                     true
                 }
                 _ => false,
@@ -735,4 +783,32 @@ fn parallel_while<T: Send>(
     });
     let first_error = lock(&first_error).take();
     first_error.map_or(Ok(()), Err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::MemoryStorage;
+
+    #[test]
+    fn the_hit_table_lets_go_of_evicted_blocks() {
+        let storage = Arc::new(MemoryStorage::new(4096));
+        for b in 0..8u8 {
+            storage.write_block(BlockId(b.into()), &[b + 1; 4096]).unwrap();
+        }
+        // Three clean blocks, a table of four entries: block 4 is evicted while it still has
+        // an entry of its own.
+        let cache = BlockCache::new(storage, 3, 8, 1).unwrap();
+        let mut out = [0u8; 16];
+        for b in 0..8u8 {
+            cache.read(BlockId(b.into()), 0, &mut out).unwrap();
+            assert_eq!(out, [b + 1; 16]);
+        }
+        let index = lock(&cache.index);
+        for b in 0..8 {
+            if cache.hits.copy(BlockId(b), 0..16, &mut out) {
+                assert!(index.clean.contains(&BlockId(b)), "evicted block {b} still holds memory in the table");
+            }
+        }
+    }
 }
