@@ -18,6 +18,7 @@ pub use crate::block_buf::BlockBuf;
 use crate::export::ExportName;
 use crate::Result;
 
+pub mod cas;
 pub mod fenced;
 pub mod keys;
 pub mod memory;

@@ -1,0 +1,248 @@
+//! Export-level operations of the `cas` layout on committed maps: snapshots (records naming a
+//! head's root), clones (a new head naming a snapshot's root), walks and diffs of maps.
+//!
+//! Each costs a few requests whatever the device size: a snapshot or clone copies one root hash,
+//! and a diff reads only the pages where the two maps differ, since equal hashes mean equal
+//! subtrees.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+
+use super::format::{
+    head_key, page_span, snapshot_key, snapshot_prefix, Entry, Hash, Head, Root, SnapshotRecord, FANOUT_BITS,
+    MAX_RECORD_BYTES,
+};
+use super::{fetch_page, read_head};
+use crate::storage::objects::{ObjectStore, Put};
+use crate::storage::BlockId;
+use crate::{Error, ExportName, Result};
+
+/// Reads snapshot `snap` of `export`.
+///
+/// # Errors
+/// [`Error::NotFound`] for a snapshot that does not exist; store failures; a record that fails
+/// its checks.
+pub fn read_snapshot(store: &dyn ObjectStore, export: &ExportName, snap: &ExportName) -> Result<SnapshotRecord> {
+    let key = snapshot_key(export, snap);
+    let object = store.get(&key, MAX_RECORD_BYTES)?.ok_or_else(|| Error::NotFound {
+        store: store.to_string(),
+        message: format!("export {export} has no snapshot {snap} (list them with `nbds3ctl snapshots {export}`)"),
+    })?;
+    SnapshotRecord::decode(store, &key, &object.bytes)
+}
+
+/// Records the last committed state of `export` (a `cas` export of `device_size` bytes in
+/// blocks of `block_size`) as snapshot `snap`: a GET of the head and one `If-None-Match` PUT.
+///
+/// # Errors
+/// [`Error::Config`] when the snapshot already exists or the head has another block size;
+/// store failures.
+pub fn take_snapshot(
+    store: &dyn ObjectStore,
+    export: &ExportName,
+    snap: &ExportName,
+    device_size: u64,
+    block_size: usize,
+) -> Result<SnapshotRecord> {
+    let (generation, root) = match read_head(store, export)? {
+        Some((head, _)) => (head.generation, head.root),
+        None => (0, Root::EMPTY),
+    };
+    let record = SnapshotRecord { generation, device_size, block_size, root };
+    let key = snapshot_key(export, snap);
+    match store.put(&key, &record.encode(), Put::IfAbsent, None)? {
+        Some(_) => Ok(record),
+        None => Err(Error::config("snapshot", format!("export {export} already has a snapshot {snap} ({key})"))),
+    }
+}
+
+/// The names of the snapshots of `export`, in order.
+///
+/// # Errors
+/// Store failures.
+pub fn list_snapshots(store: &dyn ObjectStore, export: &ExportName) -> Result<Vec<ExportName>> {
+    let prefix = snapshot_prefix(export);
+    let mut names = Vec::new();
+    store.list(&prefix, None, &mut |listed| {
+        // Keys under the prefix that are not valid names were not written by nbds3: skipped.
+        if let Some(name) = listed.key.strip_prefix(&prefix).and_then(|n| ExportName::new(n).ok()) {
+            names.push(name);
+        }
+        true
+    })?;
+    Ok(names)
+}
+
+/// Deletes snapshot `snap` of `export`. Its chunks and pages stay until a GC finds them
+/// unreferenced.
+///
+/// # Errors
+/// [`Error::NotFound`] for a snapshot that does not exist; store failures.
+pub fn delete_snapshot(store: &dyn ObjectStore, export: &ExportName, snap: &ExportName) -> Result<()> {
+    read_snapshot(store, export, snap)?;
+    store.delete(&[snapshot_key(export, snap)], None)
+}
+
+/// Gives the new export `clone` the map of snapshot `snap` of `export`, as its first head
+/// (written with `If-None-Match`). The caller writes the clone's export record, with the
+/// returned record's geometry, after this succeeds.
+///
+/// # Errors
+/// [`Error::NotFound`] for a missing snapshot; [`Error::Config`] when `clone` already has a head;
+/// store failures.
+pub fn clone_snapshot(
+    store: &dyn ObjectStore,
+    export: &ExportName,
+    snap: &ExportName,
+    clone: &ExportName,
+) -> Result<SnapshotRecord> {
+    let record = read_snapshot(store, export, snap)?;
+    let head = Head {
+        generation: 1,
+        writer: format!("clone of {export}@{snap}"),
+        block_size: record.block_size,
+        root: record.root,
+    };
+    match store.put(&head_key(clone), &head.encode(), Put::IfAbsent, None)? {
+        Some(_) => Ok(record),
+        None => Err(Error::config(
+            "clone",
+            format!("export {clone} already has a cas head ({}): clone onto a new name", head_key(clone)),
+        )),
+    }
+}
+
+/// The map of `export` as last committed (all holes when it has no head yet).
+///
+/// # Errors
+/// Store failures; a head that fails its checks.
+pub fn head_root(store: &dyn ObjectStore, export: &ExportName) -> Result<Root> {
+    Ok(read_head(store, export)?.map_or(Root::EMPTY, |(head, _)| head.root))
+}
+
+/// A subtree of a map: a page at a level, or nothing (all holes). A map shallower than the
+/// level asked for is its own slot 0 there, so maps of different depths compare.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Node {
+    page: Option<Hash>,
+    level: u8,
+}
+
+/// One slot of a subtree seen as a page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Slot {
+    Chunk(Hash),
+    Subtree(Node),
+}
+
+impl Node {
+    fn top(root: &Root) -> Self {
+        Node { page: root.page, level: root.depth - 1 }
+    }
+
+    /// The slots of this subtree seen as a page at `level` (at least its own).
+    fn slots_at(&self, store: &dyn ObjectStore, level: u8) -> Result<BTreeMap<u16, Slot>> {
+        let Some(hash) = self.page else { return Ok(BTreeMap::new()) };
+        if self.level < level {
+            return Ok(BTreeMap::from([(0, Slot::Subtree(*self))]));
+        }
+        let page = fetch_page(store, &hash, level)?;
+        Ok(page
+            .entries
+            .into_iter()
+            .map(|(slot, entry)| match entry {
+                Entry::Chunk(h) => (slot, Slot::Chunk(h)),
+                Entry::Page(h) => (slot, Slot::Subtree(Node { page: Some(h), level: level.saturating_sub(1) })),
+            })
+            .collect())
+    }
+}
+
+/// What a diff found for a run of blocks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// The blocks now hold data (new or changed).
+    Data,
+    /// The blocks are now holes (they read as zeros).
+    Zero,
+}
+
+/// A run of blocks that differ between two maps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChangedRange {
+    /// The first block.
+    pub first: u64,
+    /// How many blocks.
+    pub blocks: u64,
+    /// What they hold in the later map.
+    pub change: Change,
+}
+
+/// The runs of blocks whose content differs from `from` to `to`, in order, adjacent runs of one
+/// kind merged. Reads only the pages under subtrees whose hashes differ.
+///
+/// # Errors
+/// Store failures; pages that fail their checks.
+pub fn diff(store: &dyn ObjectStore, from: &Root, to: &Root) -> Result<Vec<ChangedRange>> {
+    let depth = from.depth.max(to.depth);
+    let mut runs: Vec<ChangedRange> = Vec::new();
+    diff_nodes(store, Node::top(from), Node::top(to), depth - 1, 0, &(0..u64::MAX), &mut |id, _, now| {
+        let change = if now.is_some() { Change::Data } else { Change::Zero };
+        match runs.last_mut() {
+            Some(last) if last.change == change && last.first + last.blocks == id.0 => last.blocks += 1,
+            _ => runs.push(ChangedRange { first: id.0, blocks: 1, change }),
+        }
+    })?;
+    Ok(runs)
+}
+
+/// Compares two subtrees seen at `level`, page `index`, visiting each block in `range` whose
+/// chunk differs, with its chunk in each.
+fn diff_nodes(
+    store: &dyn ObjectStore,
+    a: Node,
+    b: Node,
+    level: u8,
+    index: u64,
+    range: &Range<u64>,
+    visit: &mut dyn FnMut(BlockId, Option<Hash>, Option<Hash>),
+) -> Result<()> {
+    if a.page == b.page && (a.page.is_none() || a.level == b.level) {
+        return Ok(());
+    }
+    let (first, slot_blocks) = page_span(level, index);
+    let (sa, sb) = (a.slots_at(store, level)?, b.slots_at(store, level)?);
+    let mut slots: Vec<u16> = sa.keys().chain(sb.keys()).copied().collect();
+    slots.sort_unstable();
+    slots.dedup();
+    let empty = Node { page: None, level: level.saturating_sub(1) };
+    for slot in slots {
+        let start = first.saturating_add(u64::from(slot).saturating_mul(slot_blocks));
+        if start.saturating_add(slot_blocks) <= range.start || start >= range.end {
+            continue;
+        }
+        match (sa.get(&slot).copied(), sb.get(&slot).copied()) {
+            (ea, eb) if ea == eb => {}
+            (ea @ (None | Some(Slot::Chunk(_))), eb @ (None | Some(Slot::Chunk(_)))) => {
+                let chunk = |e: Option<Slot>| match e {
+                    Some(Slot::Chunk(h)) => Some(h),
+                    _ => None,
+                };
+                visit(BlockId(start), chunk(ea), chunk(eb));
+            }
+            (ea, eb) => {
+                let node = |e: Option<Slot>| match e {
+                    Some(Slot::Subtree(n)) => Ok(n),
+                    None => Ok(empty),
+                    Some(Slot::Chunk(_)) => {
+                        Err(Error::backend(store, format!("a map holds a chunk and a page at level {level}")))
+                    }
+                };
+                let index = (index << FANOUT_BITS) | u64::from(slot);
+                let below = level.checked_sub(1).ok_or_else(|| Error::backend(store, "a map page below level 0"))?;
+                diff_nodes(store, node(ea)?, node(eb)?, below, index, range, visit)?;
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,333 @@
+//! Tests of `CasStorage` and the `cas` operations on a [`MemoryObjects`] store.
+
+use super::format::{chunk_key, head_key};
+use super::ops::{self, Change, ChangedRange};
+use super::*;
+use crate::storage::conformance::{self, BLOCK_SIZE};
+use crate::storage::objects::MemoryObjects;
+
+fn name(s: &str) -> ExportName {
+    ExportName::new(s).unwrap()
+}
+
+fn open(store: &Arc<MemoryObjects>, export: &str) -> CasStorage {
+    CasStorage::open(store.clone(), &name(export), BLOCK_SIZE, CasConfig::default()).unwrap()
+}
+
+fn block(seed: u8) -> Vec<u8> {
+    (0..BLOCK_SIZE).map(|i| (i as u8).wrapping_mul(7).wrapping_add(seed) | 1).collect()
+}
+
+fn read(s: &dyn Storage, id: u64) -> Option<Vec<u8>> {
+    let mut buf = BlockBuf::zeroed(s.block_size());
+    s.read_block(BlockId(id), &mut buf).unwrap().then(|| buf.to_vec())
+}
+
+fn keys(store: &MemoryObjects, prefix: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    store
+        .list(prefix, None, &mut |l| {
+            found.push(l.key);
+            true
+        })
+        .unwrap();
+    found
+}
+
+#[test]
+fn conformance_with_tiny_memory_limits() {
+    let store = Arc::new(MemoryObjects::default());
+    let config = CasConfig { cached_pages: 1, max_dirty_pages: 2, ..CasConfig::default() };
+    conformance::run_all(
+        &|place| Box::new(CasStorage::open(store.clone(), &name(&format!("e{place}")), BLOCK_SIZE, config).unwrap()),
+        true,
+    );
+}
+
+#[test]
+fn writes_show_after_reopen_only_once_flushed() {
+    let store = Arc::new(MemoryObjects::default());
+    let s = open(&store, "e");
+    s.write_block(BlockId(1), &block(1)).unwrap();
+    assert_eq!(read(&open(&store, "e"), 1), None, "unflushed writes are not committed");
+    assert_eq!(s.list_blocks().unwrap(), vec![BlockId(1)], "listing sees unflushed writes");
+    assert!(keys(&store, "cas/pages/").is_empty(), "listing writes nothing");
+    s.flush().unwrap();
+    s.write_block(BlockId(2), &block(2)).unwrap();
+    let again = open(&store, "e");
+    assert_eq!((read(&again, 1), read(&again, 2)), (Some(block(1)), None));
+}
+
+#[test]
+fn identical_blocks_are_stored_once_across_exports() {
+    let store = Arc::new(MemoryObjects::default());
+    let (a, b) = (open(&store, "a"), open(&store, "b"));
+    for id in 0..10 {
+        a.write_block(BlockId(id * 5000), &block(9)).unwrap();
+        b.write_block(BlockId(id), &block(9)).unwrap();
+    }
+    a.flush().unwrap();
+    b.flush().unwrap();
+    assert_eq!(keys(&store, "cas/chunks/"), vec![chunk_key(&Hash::of(&block(9)))]);
+    assert_eq!(read(&open(&store, "a"), 45000), Some(block(9)));
+}
+
+#[test]
+fn a_flush_without_changes_writes_nothing() {
+    let store = Arc::new(MemoryObjects::default());
+    let s = open(&store, "e");
+    s.flush().unwrap();
+    assert!(keys(&store, "cas/").is_empty(), "{:?}", keys(&store, "cas/"));
+    s.write_block(BlockId(3), &block(3)).unwrap();
+    s.flush().unwrap();
+    let head = store.get(&head_key(&name("e")), 4096).unwrap().unwrap();
+    s.flush().unwrap();
+    assert_eq!(store.get(&head_key(&name("e")), 4096).unwrap().unwrap().version, head.version);
+}
+
+#[test]
+fn a_second_writer_fences_the_first() {
+    let store = Arc::new(MemoryObjects::default());
+    let first = open(&store, "e");
+    first.write_block(BlockId(0), &block(0)).unwrap();
+    first.flush().unwrap();
+    let second = open(&store, "e");
+    second.write_block(BlockId(1), &block(1)).unwrap();
+    second.flush().unwrap();
+    first.write_block(BlockId(2), &block(2)).unwrap();
+    let err = first.flush().unwrap_err().to_string();
+    assert!(err.contains("another writer committed export e") && err.contains("cas/heads/e"), "{err}");
+    assert!(first.write_block(BlockId(3), &block(3)).unwrap_err().to_string().contains("another writer"));
+    assert!(first.flush().is_err(), "a fenced store stays fenced");
+    let now = open(&store, "e");
+    assert_eq!((read(&now, 0), read(&now, 1), read(&now, 2)), (Some(block(0)), Some(block(1)), None));
+}
+
+#[test]
+fn corrupt_or_missing_objects_are_errors_naming_them() {
+    let store = Arc::new(MemoryObjects::default());
+    let s = open(&store, "e");
+    s.write_block(BlockId(4), &block(4)).unwrap();
+    s.flush().unwrap();
+    let key = chunk_key(&Hash::of(&block(4)));
+    store.put(&key, &block(5), Put::Always, None).unwrap();
+    let mut buf = BlockBuf::zeroed(BLOCK_SIZE);
+    let err = open(&store, "e").read_block(BlockId(4), &mut buf).unwrap_err().to_string();
+    assert!(err.contains(&key) && err.contains("does not hash to its name"), "{err}");
+    store.put(&key, &block(5)[..100], Put::Always, None).unwrap();
+    let err = open(&store, "e").read_block(BlockId(4), &mut buf).unwrap_err().to_string();
+    assert!(err.contains(&key) && err.contains("is 100 bytes"), "{err}");
+    let root = open(&store, "e").committed_root().page.unwrap();
+    let page = format::page_key(&root);
+    let bytes = store.get(&page, MAX_PAGE_BYTES).unwrap().unwrap().bytes;
+    store.put(&page, &bytes[..bytes.len() - 3], Put::Always, None).unwrap();
+    let err = open(&store, "e").read_block(BlockId(4), &mut buf).unwrap_err().to_string();
+    assert!(err.contains(&page), "{err}");
+    store.put(&head_key(&name("e")), b"nbds3-cas-head 9\n", Put::Always, None).unwrap();
+    let err = CasStorage::open(store.clone(), &name("e"), BLOCK_SIZE, CasConfig::default()).unwrap_err().to_string();
+    assert!(err.contains("cas/heads/e") && err.contains("format version 9"), "{err}");
+    let err = CasStorage::open(store.clone(), &name("x"), BLOCK_SIZE, CasConfig::default());
+    assert!(err.is_ok(), "an export with no head is all holes");
+}
+
+#[test]
+fn snapshots_and_clones_share_blocks_and_stay_apart() {
+    let store = Arc::new(MemoryObjects::default());
+    let (e, snap) = (name("e"), name("before"));
+    let s = open(&store, "e");
+    s.write_block(BlockId(0), &block(1)).unwrap();
+    s.write_block(BlockId(2000), &block(2)).unwrap();
+    s.flush().unwrap();
+    s.write_block(BlockId(1), &block(99)).unwrap(); // not flushed: not in the snapshot
+    ops::take_snapshot(&*store, &e, &snap, 1 << 30, BLOCK_SIZE).unwrap();
+    let again = ops::take_snapshot(&*store, &e, &snap, 1 << 30, BLOCK_SIZE).unwrap_err().to_string();
+    assert!(again.contains("already has a snapshot before"), "{again}");
+    s.write_block(BlockId(0), &block(3)).unwrap();
+    s.flush().unwrap();
+
+    let frozen = CasStorage::open_snapshot(store.clone(), &e, &snap, BLOCK_SIZE).unwrap();
+    assert_eq!((read(&frozen, 0), read(&frozen, 1), read(&frozen, 2000)), (Some(block(1)), None, Some(block(2))));
+    assert!(frozen.write_block(BlockId(0), &block(0)).unwrap_err().to_string().contains("read-only"));
+
+    let record = ops::clone_snapshot(&*store, &e, &snap, &name("c")).unwrap();
+    assert_eq!(record.device_size, 1 << 30);
+    assert!(ops::clone_snapshot(&*store, &e, &snap, &name("c"))
+        .unwrap_err()
+        .to_string()
+        .contains("already has a cas head"));
+    let c = open(&store, "c");
+    assert_eq!(read(&c, 0), Some(block(1)));
+    c.write_block(BlockId(2000), &block(7)).unwrap();
+    c.flush().unwrap();
+    assert_eq!(read(&open(&store, "e"), 2000), Some(block(2)), "a clone's writes do not show on its origin");
+    assert_eq!(read(&CasStorage::open_snapshot(store.clone(), &e, &snap, BLOCK_SIZE).unwrap(), 2000), Some(block(2)));
+
+    assert_eq!(ops::list_snapshots(&*store, &e).unwrap(), vec![snap.clone()]);
+    ops::delete_snapshot(&*store, &e, &snap).unwrap();
+    assert!(ops::list_snapshots(&*store, &e).unwrap().is_empty());
+    assert_eq!(read(&open(&store, "c"), 0), Some(block(1)), "deleting the snapshot leaves the clone whole");
+    let err = CasStorage::open_snapshot(store.clone(), &e, &snap, BLOCK_SIZE).unwrap_err().to_string();
+    assert!(err.contains("export e has no snapshot before"), "{err}");
+}
+
+/// Counts GETs, to show a diff reads only what changed.
+#[derive(Debug)]
+struct CountingGets {
+    inner: MemoryObjects,
+    gets: AtomicU64,
+    /// What it says of its conditional writes (the memory store's are real either way).
+    conditional: bool,
+}
+
+impl CountingGets {
+    fn new(conditional: bool) -> Self {
+        CountingGets { inner: MemoryObjects::default(), gets: AtomicU64::new(0), conditional }
+    }
+}
+
+impl fmt::Display for CountingGets {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("CountingGets")
+    }
+}
+
+impl ObjectStore for CountingGets {
+    fn get(&self, key: &str, max_len: usize) -> Result<Option<crate::storage::objects::Object>> {
+        self.gets.fetch_add(1, Ordering::Relaxed);
+        self.inner.get(key, max_len)
+    }
+    fn read_into(&self, key: &str, offset: Option<u64>, buf: &mut BlockBuf) -> Result<ReadInto> {
+        self.inner.read_into(key, offset, buf)
+    }
+    fn put(&self, key: &str, data: &[u8], c: Put<'_>, f: Option<crate::storage::Fence<'_>>) -> Result<Option<String>> {
+        self.inner.put(key, data, c, f)
+    }
+    fn delete(&self, keys: &[String], f: Option<crate::storage::Fence<'_>>) -> Result<()> {
+        self.inner.delete(keys, f)
+    }
+    fn list(&self, p: &str, a: Option<&str>, v: &mut dyn FnMut(crate::storage::objects::Listed) -> bool) -> Result<()> {
+        self.inner.list(p, a, v)
+    }
+    fn sync(&self) -> Result<()> {
+        Ok(())
+    }
+    fn conditional_writes(&self) -> Result<bool> {
+        Ok(self.conditional)
+    }
+}
+
+#[test]
+fn diffs_list_changed_runs_and_skip_equal_subtrees() {
+    let store = Arc::new(CountingGets::new(true));
+    let e = name("e");
+    let s = CasStorage::open(store.clone(), &e, BLOCK_SIZE, CasConfig::default()).unwrap();
+    for id in (0..20_000).step_by(7) {
+        s.write_block(BlockId(id), &block(id as u8)).unwrap();
+    }
+    s.flush().unwrap();
+    let before = s.committed_root();
+    s.write_block(BlockId(7), &block(200)).unwrap();
+    s.write_block(BlockId(8), &block(201)).unwrap();
+    s.write_block(BlockId(9), &block(202)).unwrap();
+    s.delete_block(BlockId(14)).unwrap();
+    s.write_block(BlockId(1 << 24), &block(1)).unwrap(); // grows the map a level
+    s.flush().unwrap();
+    let after = s.committed_root();
+    store.gets.store(0, Ordering::Relaxed);
+    let runs = ops::diff(&*store, &before, &after).unwrap();
+    let run = |first, blocks, change| ChangedRange { first, blocks, change };
+    assert_eq!(
+        runs,
+        vec![run(7, 3, Change::Data), run(14, 1, Change::Zero), run(1 << 24, 1, Change::Data)],
+        "{runs:?}"
+    );
+    // Both roots, the first leaf in each, and the new path to block 1<<24: not the 19 other leaves.
+    assert!(store.gets.load(Ordering::Relaxed) <= 8, "{} GETs", store.gets.load(Ordering::Relaxed));
+    let back = ops::diff(&*store, &after, &before).unwrap();
+    assert_eq!(back[1], run(8, 2, Change::Zero), "{back:?}");
+    assert_eq!(ops::diff(&*store, &after, &after).unwrap(), vec![]);
+    let all = ops::diff(&*store, &Root::EMPTY, &before).unwrap();
+    assert_eq!(all.iter().map(|r| r.blocks).sum::<u64>(), 20_000u64.div_ceil(7));
+}
+
+#[test]
+fn a_large_export_opens_with_one_get_and_keeps_its_memory_bounded() {
+    let store = Arc::new(CountingGets::new(true));
+    let e = name("big");
+    let config = CasConfig { cached_pages: 4, max_dirty_pages: 8, ..CasConfig::default() };
+    let blocks = (1u64 << 40) / BLOCK_SIZE as u64; // 1 TiB
+    let s = CasStorage::open(store.clone(), &e, BLOCK_SIZE, config).unwrap();
+    let mut written = Vec::new();
+    for i in 0..3000u64 {
+        let id = i.wrapping_mul(0x9e37_79b9_7f4a_7c15) % blocks;
+        s.write_block(BlockId(id), &block(i as u8)).unwrap();
+        written.push((id, i as u8));
+        let st = lock(&s.state);
+        assert!(st.map.dirty_pages() <= 8 + 3, "{} changed pages kept", st.map.dirty_pages());
+        assert!(
+            st.cache.len() <= 4 && st.pending.is_empty(),
+            "{} cached, {} pending",
+            st.cache.len(),
+            st.pending.len()
+        );
+    }
+    s.flush().unwrap();
+    store.gets.store(0, Ordering::Relaxed);
+    let again = CasStorage::open(store.clone(), &e, BLOCK_SIZE, config).unwrap();
+    assert_eq!(store.gets.load(Ordering::Relaxed), 1, "open reads the head and nothing else");
+    for (id, seed) in written.iter().step_by(97) {
+        assert_eq!(read(&again, *id), Some(block(*seed)), "block {id}");
+    }
+}
+
+#[test]
+fn a_store_without_conditional_writes_is_refused_unless_opted_in() {
+    let store = Arc::new(CountingGets::new(false));
+    let err = CasStorage::open(store.clone(), &name("e"), BLOCK_SIZE, CasConfig::default()).unwrap_err().to_string();
+    assert!(err.contains("does not honour conditional writes") && err.contains("cas export e"), "{err}");
+    let config = CasConfig { allow_unconditional: true, ..CasConfig::default() };
+    let s = CasStorage::open(store, &name("e"), BLOCK_SIZE, config).unwrap();
+    s.write_block(BlockId(0), &block(0)).unwrap();
+    s.flush().unwrap();
+}
+
+#[test]
+fn writers_and_flushes_running_at_once_lose_nothing() {
+    let store = Arc::new(MemoryObjects::default());
+    let config = CasConfig { cached_pages: 3, max_dirty_pages: 4, ..CasConfig::default() };
+    let s = CasStorage::open(store.clone(), &name("busy"), BLOCK_SIZE, config).unwrap();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while !done.load(Ordering::Relaxed) {
+                s.flush().unwrap();
+            }
+        });
+        let writers: Vec<_> = (0..6u64)
+            .map(|t| {
+                let s = &s;
+                scope.spawn(move || {
+                    for i in 0..150u64 {
+                        // Threads share leaves (ids interleave) and reach into a second level.
+                        let id = i * 6 + t + if i % 10 == 0 { 1 << 21 } else { 0 };
+                        s.write_block(BlockId(id), &block((id % 251) as u8)).unwrap();
+                        if i % 7 == 0 {
+                            s.delete_block(BlockId(id)).unwrap();
+                        }
+                    }
+                })
+            })
+            .collect();
+        writers.into_iter().for_each(|w| w.join().unwrap());
+        done.store(true, Ordering::Relaxed);
+    });
+    s.flush().unwrap();
+    let again = open(&store, "busy");
+    for t in 0..6u64 {
+        for i in 0..150u64 {
+            let id = i * 6 + t + if i % 10 == 0 { 1 << 21 } else { 0 };
+            let expected = (i % 7 != 0).then(|| block((id % 251) as u8));
+            assert_eq!(read(&again, id), expected, "block {id}");
+        }
+    }
+}
