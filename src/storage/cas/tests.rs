@@ -37,7 +37,7 @@ fn keys(store: &MemoryObjects, prefix: &str) -> Vec<String> {
 #[test]
 fn conformance_with_tiny_memory_limits() {
     let store = Arc::new(MemoryObjects::default());
-    let config = CasConfig { cached_pages: 1, max_dirty_pages: 2, allow_unconditional: false };
+    let config = CasConfig { cached_pages: 1, max_dirty_pages: 2, ..CasConfig::default() };
     conformance::run_all(
         &|place| Box::new(CasStorage::open(store.clone(), &name(&format!("e{place}")), BLOCK_SIZE, config).unwrap()),
         true,

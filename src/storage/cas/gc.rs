@@ -1,0 +1,370 @@
+//! The `cas` garbage collector: frees the chunks and map pages that no head and no snapshot
+//! record references any more, so deleting an export or a snapshot shrinks the bucket.
+//!
+//! Chunks and pages are shared by every export, snapshot and clone, and writers upload them
+//! before anything names them, so "unreferenced" alone would free data a running writer is about
+//! to commit. The GC follows the rules of docs/CAS-FORMAT.md ("Garbage collection"):
+//!
+//! | step | what | why |
+//! |---|---|---|
+//! | 1. list | every object under `cas/chunks/` and `cas/pages/`, with size and modified time | only what is listed can be deleted, so an object written later is never a candidate |
+//! | 2. mark | read every head and snapshot record, then walk their maps | a reference committed before this read is seen, even to an object listed in 1 |
+//! | 3. mark again | read the heads and snapshot records once more, walk what is new | a snapshot or clone that copied a root while 2 ran is seen |
+//! | 4. sweep | delete, 1000 keys a request, what is unmarked and was modified more than the grace period before 1 | a writer touches its uncommitted uploads well within the grace period ([`WRITER_REFRESH_AFTER`]) |
+//!
+//! A head, snapshot record or page that cannot be read or decoded aborts the GC before step 4,
+//! naming the object: deleting on partial knowledge could free live data.
+//!
+//! Memory: the listed candidates older than the grace period (a hash, a flag and a size: about
+//! 48 bytes each) and the set of reachable objects (a hash each, about 48 bytes with the hash
+//! set's overhead). A TiB of distinct 4 KiB blocks is 268 million chunks, about 26 GiB; at
+//! 64 KiB blocks about 1.6 GiB, at 1 MiB blocks about 100 MiB.
+
+use std::collections::HashSet;
+use std::time::{Duration, SystemTime};
+
+use super::fetch_page;
+use super::format::{chunk_key, page_key, Entry, Hash, Head, Root, SnapshotRecord, CAS_PREFIX, MAX_RECORD_BYTES};
+use crate::storage::objects::{Listed, ObjectStore, Put, ReadInto};
+use crate::storage::BlockBuf;
+use crate::{Error, Result};
+
+/// How long an unreferenced chunk or page stays before a GC may free it, unless told otherwise.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(24 * 3600);
+
+/// How old a writer lets its uncommitted uploads get before it uploads them again (see
+/// [`CasStorage`](super::CasStorage)): the GC relies on never seeing an upload a writer still
+/// needs that is older than this.
+pub const WRITER_REFRESH_AFTER: Duration = Duration::from_secs(3600);
+
+/// The shortest grace period the GC accepts without `force`: twice what writers assume, so a
+/// writer slow to refresh (it does so on its next write or FLUSH) still has an hour.
+pub const MIN_GRACE: Duration = Duration::from_secs(2 * 3600);
+
+/// Keys deleted per request (the S3 DeleteObjects limit).
+const DELETE_BATCH: usize = 1000;
+
+/// How a GC runs.
+#[derive(Clone, Copy, Debug)]
+pub struct GcOptions {
+    /// Unreferenced objects modified less than this long ago are kept.
+    pub grace: Duration,
+    /// Find what would be freed, delete nothing.
+    pub dry_run: bool,
+    /// Accept a grace period shorter than [`MIN_GRACE`] (tests; an operator who knows no writer
+    /// is running).
+    pub force: bool,
+}
+
+impl Default for GcOptions {
+    fn default() -> Self {
+        GcOptions { grace: DEFAULT_GRACE, dry_run: false, force: false }
+    }
+}
+
+/// What a GC found and did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GcReport {
+    /// Chunks and pages listed.
+    pub listed_objects: u64,
+    /// Their bytes.
+    pub listed_bytes: u64,
+    /// Unreferenced objects deleted (or, in a dry run, that would be).
+    pub freed_objects: u64,
+    /// Their bytes.
+    pub freed_bytes: u64,
+    /// Unreferenced objects kept because they are younger than the grace period.
+    pub young_objects: u64,
+    /// Their bytes.
+    pub young_bytes: u64,
+    /// Chunks some head or snapshot references.
+    pub live_chunks: u64,
+    /// Their bytes: what the bucket stores for all exports and snapshots after dedup.
+    pub live_chunk_bytes: u64,
+    /// Pages some head or snapshot references.
+    pub live_pages: u64,
+    /// Their bytes.
+    pub live_page_bytes: u64,
+}
+
+/// Where a GC is, for a progress display.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GcPhase {
+    /// Listing chunks and pages; `done` counts objects listed, `total` is not known (0).
+    Listing,
+    /// Walking maps; `done` counts pages read, `total` is not known (0).
+    Marking,
+    /// Deleting; `done` of `total` objects.
+    Deleting,
+}
+
+/// An object listed in step 1 that is old enough to be freed if nothing references it.
+struct Candidate {
+    hash: Hash,
+    page: bool,
+    size: u64,
+}
+
+/// Which of the GC's safety rules are followed: all of them, except in the tests that show each
+/// one is needed.
+#[derive(Clone, Copy, Debug)]
+struct Rules {
+    /// Keep unreferenced objects younger than the grace period.
+    grace: bool,
+    /// List the candidates before reading heads and snapshot records.
+    list_first: bool,
+}
+
+const ALL_RULES: Rules = Rules { grace: true, list_first: true };
+
+/// Frees the chunks and pages of `store` that no head and no snapshot record references and that
+/// were modified more than `options.grace` ago, calling `progress(phase, done, total)` as it goes.
+///
+/// # Errors
+/// [`Error::Config`] for a grace period shorter than [`MIN_GRACE`] without `force`; store
+/// failures; a head, snapshot record or map page that cannot be read or decoded (named), in which
+/// case nothing is deleted. A failure while deleting leaves some of the garbage in place, which a
+/// later GC frees.
+pub fn gc(
+    store: &dyn ObjectStore,
+    options: &GcOptions,
+    progress: &mut dyn FnMut(GcPhase, u64, u64),
+) -> Result<GcReport> {
+    if options.grace < MIN_GRACE && !options.force {
+        return Err(Error::config(
+            "grace",
+            format!(
+                "a grace period of {}s is shorter than the {}s the GC needs to be sure running writers' uncommitted uploads are safe; pass force if no writer is running",
+                options.grace.as_secs_f64(),
+                MIN_GRACE.as_secs()
+            ),
+        ));
+    }
+    collect(store, options, ALL_RULES, progress)
+}
+
+/// The bytes of the chunks that some head or snapshot references: what all exports and snapshots
+/// of `store` take after dedup (pages not counted). Deletes nothing.
+///
+/// # Errors
+/// As [`gc`], which this is without the sweep.
+pub fn stored_bytes(store: &dyn ObjectStore) -> Result<u64> {
+    let options = GcOptions { dry_run: true, ..GcOptions::default() };
+    Ok(collect(store, &options, ALL_RULES, &mut |_, _, _| {})?.live_chunk_bytes)
+}
+
+fn collect(
+    store: &dyn ObjectStore,
+    options: &GcOptions,
+    rules: Rules,
+    progress: &mut dyn FnMut(GcPhase, u64, u64),
+) -> Result<GcReport> {
+    let mut marked = Marked::default();
+    if !rules.list_first {
+        marked.mark_twice(store, progress)?;
+    }
+    let started = SystemTime::now();
+    let cutoff =
+        if rules.grace { started.checked_sub(options.grace).unwrap_or(SystemTime::UNIX_EPOCH) } else { started };
+    let mut report = GcReport::default();
+    let mut candidates = Vec::new();
+    let mut all_listed = Vec::new();
+    for (kind, page) in [("chunks/", false), ("pages/", true)] {
+        let prefix = format!("{CAS_PREFIX}{kind}");
+        store.list(&prefix, None, &mut |Listed { key, size, modified }| {
+            // Keys that are not `{h0h1}/{hash}` were not written by nbds3: left alone.
+            let Some(hash) = key.rsplit('/').next().and_then(Hash::parse_hex) else { return true };
+            report.listed_objects += 1;
+            report.listed_bytes += size;
+            all_listed.push((hash, page, size));
+            if modified <= cutoff {
+                candidates.push(Candidate { hash, page, size });
+            }
+            progress(GcPhase::Listing, report.listed_objects, 0);
+            true
+        })?;
+    }
+    if rules.list_first {
+        marked.mark_twice(store, progress)?;
+    }
+    for (hash, page, size) in all_listed {
+        let live = if page { marked.pages.contains(&hash) } else { marked.chunks.contains(&hash) };
+        match (live, page) {
+            (true, false) => {
+                (report.live_chunks, report.live_chunk_bytes) = (report.live_chunks + 1, report.live_chunk_bytes + size)
+            }
+            (true, true) => {
+                (report.live_pages, report.live_page_bytes) = (report.live_pages + 1, report.live_page_bytes + size)
+            }
+            (false, _) => {
+                (report.young_objects, report.young_bytes) = (report.young_objects + 1, report.young_bytes + size)
+            }
+        }
+    }
+    let garbage: Vec<Candidate> = candidates
+        .into_iter()
+        .filter(|c| if c.page { !marked.pages.contains(&c.hash) } else { !marked.chunks.contains(&c.hash) })
+        .collect();
+    report.freed_objects = garbage.len() as u64;
+    report.freed_bytes = garbage.iter().map(|c| c.size).sum();
+    report.young_objects -= report.freed_objects;
+    report.young_bytes -= report.freed_bytes;
+    if options.dry_run {
+        return Ok(report);
+    }
+    progress(GcPhase::Deleting, 0, report.freed_objects);
+    let mut done = 0;
+    for batch in garbage.chunks(DELETE_BATCH) {
+        let keys: Vec<String> =
+            batch.iter().map(|c| if c.page { page_key(&c.hash) } else { chunk_key(&c.hash) }).collect();
+        store.delete(&keys, None)?;
+        done += keys.len() as u64;
+        progress(GcPhase::Deleting, done, report.freed_objects);
+    }
+    store.sync()?;
+    log::info!("{store}: gc freed {} objects ({} bytes)", report.freed_objects, report.freed_bytes);
+    Ok(report)
+}
+
+/// What the heads and snapshot records read so far reference.
+#[derive(Default)]
+struct Marked {
+    pages: HashSet<Hash>,
+    chunks: HashSet<Hash>,
+    pages_read: u64,
+}
+
+impl Marked {
+    /// Marks what the heads and snapshot records reference, reading them twice: a snapshot
+    /// taken, or a clone made, while the first pass ran may hold a root whose old head or
+    /// snapshot the first pass read after it had moved on.
+    fn mark_twice(&mut self, store: &dyn ObjectStore, progress: &mut dyn FnMut(GcPhase, u64, u64)) -> Result<()> {
+        self.mark_records(store, progress)?;
+        self.mark_records(store, progress)
+    }
+
+    /// Reads every head and snapshot record and marks what their maps reach.
+    fn mark_records(&mut self, store: &dyn ObjectStore, progress: &mut dyn FnMut(GcPhase, u64, u64)) -> Result<()> {
+        let mut roots = Vec::new();
+        for (kind, snapshot) in [("heads/", false), ("snapshots/", true)] {
+            let mut keys = Vec::new();
+            store.list(&format!("{CAS_PREFIX}{kind}"), None, &mut |listed| {
+                keys.push(listed.key);
+                true
+            })?;
+            for key in keys {
+                // Gone since the listing: deleted, so nothing to keep for it.
+                let Some(object) = store.get(&key, MAX_RECORD_BYTES)? else { continue };
+                let why = |e: Error| Error::backend(store, format!("gc stopped, nothing deleted: {e}"));
+                roots.push(if snapshot {
+                    SnapshotRecord::decode(store, &key, &object.bytes).map_err(why)?.root
+                } else {
+                    Head::decode(store, &key, &object.bytes).map_err(why)?.root
+                });
+            }
+        }
+        for root in roots {
+            self.mark_map(store, &root, progress)?;
+        }
+        Ok(())
+    }
+
+    /// Marks every page and chunk of the map under `root`, skipping subtrees already marked.
+    fn mark_map(
+        &mut self,
+        store: &dyn ObjectStore,
+        root: &Root,
+        progress: &mut dyn FnMut(GcPhase, u64, u64),
+    ) -> Result<()> {
+        let Some(top) = root.page else { return Ok(()) };
+        let mut stack = vec![(top, root.depth - 1)];
+        while let Some((hash, level)) = stack.pop() {
+            if !self.pages.insert(hash) {
+                continue;
+            }
+            let page = fetch_page(store, &hash, level)
+                .map_err(|e| Error::backend(store, format!("gc stopped, nothing deleted: {e}")))?;
+            self.pages_read += 1;
+            progress(GcPhase::Marking, self.pages_read, 0);
+            for entry in page.entries.values() {
+                match entry {
+                    Entry::Chunk(chunk) => {
+                        self.chunks.insert(*chunk);
+                    }
+                    Entry::Page(child) => stack.push((*child, level.saturating_sub(1))),
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Uploads again every page and chunk of the map `new` that the map `old` does not have at the
+/// same place (what a writer has stored since its last commit), so that their modified times are
+/// recent: a writer calls it before its uncommitted uploads are [`WRITER_REFRESH_AFTER`] old.
+/// Reads cost one GET a changed page and chunk, plus the PUT.
+///
+/// # Errors
+/// Store failures; an object that is missing (a GC ran with a grace period shorter than the
+/// writer's rule) or fails its hash, named.
+pub(crate) fn refresh_uncommitted(store: &dyn ObjectStore, old: &Root, new: &Root, block_size: usize) -> Result<u64> {
+    let Some(top) = new.page else { return Ok(0) };
+    let old_top = old.page.map(|h| (h, old.depth - 1));
+    let mut stack = vec![(old_top, top, new.depth - 1)];
+    let mut refreshed = 0;
+    let mut buf = BlockBuf::zeroed(block_size);
+    while let Some((old_node, hash, level)) = stack.pop() {
+        if old_node == Some((hash, level)) {
+            continue;
+        }
+        let page = fetch_page(store, &hash, level)?;
+        store.put(&page_key(&hash), &page.encode(), Put::Always, None)?;
+        refreshed += 1;
+        // The old map, seen at this level: its page here, or, when it is shallower, its whole
+        // tree as slot 0.
+        let old_entries = match old_node {
+            Some((h, l)) if l == level => fetch_page(store, &h, level)?.entries,
+            Some((h, _)) => [(0, Entry::Page(h))].into(),
+            None => Default::default(),
+        };
+        for (slot, entry) in &page.entries {
+            let before = old_entries.get(slot);
+            if before == Some(entry) && level == old_node.map_or(level, |(_, l)| l) {
+                continue;
+            }
+            match entry {
+                Entry::Chunk(chunk) => {
+                    let key = chunk_key(chunk);
+                    let lost = |what: &str| {
+                        Error::backend(
+                            store,
+                            format!("uncommitted chunk {key} {what} before this writer could refresh it"),
+                        )
+                    };
+                    match store.read_into(&key, None, &mut buf)? {
+                        ReadInto::Filled if Hash::of(&buf) == *chunk => {}
+                        ReadInto::Missing => return Err(lost("was deleted (by a GC with a short grace period?)")),
+                        _ => return Err(lost("changed")),
+                    }
+                    store.put(&key, &buf, Put::Always, None)?;
+                    refreshed += 1;
+                }
+                Entry::Page(child) => {
+                    let below = match before {
+                        Some(Entry::Page(h)) => Some((*h, level - 1)),
+                        _ => None,
+                    };
+                    let below = match old_node {
+                        Some((h, l)) if l < level && *slot == 0 => Some((h, l)),
+                        _ => below,
+                    };
+                    stack.push((below, *child, level - 1));
+                }
+            }
+        }
+    }
+    Ok(refreshed)
+}
+
+#[cfg(test)]
+mod tests;
