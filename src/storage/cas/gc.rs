@@ -21,13 +21,15 @@
 //! 64 KiB blocks about 1.6 GiB, at 1 MiB blocks about 100 MiB.
 
 use std::collections::HashSet;
-use std::time::{Duration, SystemTime};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
 
 use super::fetch_page;
 use super::format::{chunk_key, page_key, Entry, Hash, Head, Root, SnapshotRecord, CAS_PREFIX, MAX_RECORD_BYTES};
 use crate::storage::objects::{Listed, ObjectStore, Put, ReadInto};
-use crate::storage::BlockBuf;
-use crate::{Error, Result};
+use crate::storage::{BlockBuf, Fence};
+use crate::{lock, Error, Result};
 
 /// How long an unreferenced chunk or page stays before a GC may free it, unless told otherwise.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(24 * 3600);
@@ -40,6 +42,30 @@ pub const WRITER_REFRESH_AFTER: Duration = Duration::from_secs(3600);
 /// The shortest grace period the GC accepts without `force`: twice what writers assume, so a
 /// writer slow to refresh (it does so on its next write or FLUSH) still has an hour.
 pub const MIN_GRACE: Duration = Duration::from_secs(2 * 3600);
+
+/// How long a writer's look at the sweep lease lets it upload: a GC waits this long after taking
+/// the lease before it looks at the objects again, so no upload allowed before is still under way.
+pub const UPLOAD_PERMIT: Duration = Duration::from_secs(10);
+
+/// [`UPLOAD_PERMIT`] in milliseconds; tests shorten it for the whole process, writers and GC alike.
+static UPLOAD_PERMIT_MS: AtomicU64 = AtomicU64::new(UPLOAD_PERMIT.as_millis() as u64);
+
+fn upload_permit() -> Duration {
+    Duration::from_millis(UPLOAD_PERMIT_MS.load(Ordering::Relaxed))
+}
+
+/// Shortens upload permits, and so the GC's wait, for tests with tiny grace periods.
+#[cfg(test)]
+fn set_upload_permit(permit: Duration) {
+    UPLOAD_PERMIT_MS.store(permit.as_millis() as u64, Ordering::Relaxed);
+}
+
+/// How long a GC's sweep lease lasts: writers that need to upload wait for its end at most this
+/// long, and the sweep stops deleting [`UPLOAD_PERMIT`] before it.
+pub const SWEEP_LEASE: Duration = Duration::from_secs(300);
+
+/// The sweep lease: present while a GC deletes; writers upload nothing while it is.
+const SWEEP_KEY: &str = "cas/gc/sweeping";
 
 /// Keys deleted per request (the S3 DeleteObjects limit).
 const DELETE_BATCH: usize = 1000;
@@ -105,6 +131,16 @@ struct Candidate {
     size: u64,
 }
 
+impl Candidate {
+    fn key(&self) -> String {
+        if self.page {
+            page_key(&self.hash)
+        } else {
+            chunk_key(&self.hash)
+        }
+    }
+}
+
 /// Which of the GC's safety rules are followed: all of them, except in the tests that show each
 /// one is needed.
 #[derive(Clone, Copy, Debug)]
@@ -113,9 +149,11 @@ struct Rules {
     grace: bool,
     /// List the candidates before reading heads and snapshot records.
     list_first: bool,
+    /// Take the sweep lease, wait out the writers' permits, and look again before deleting.
+    lease: bool,
 }
 
-const ALL_RULES: Rules = Rules { grace: true, list_first: true };
+const ALL_RULES: Rules = Rules { grace: true, list_first: true, lease: true };
 
 /// Frees the chunks and pages of `store` that no head and no snapshot record references and that
 /// were modified more than `options.grace` ago, calling `progress(phase, done, total)` as it goes.
@@ -161,13 +199,13 @@ fn collect(
 ) -> Result<GcReport> {
     let mut marked = Marked::default();
     if !rules.list_first {
-        marked.mark_twice(store, progress)?;
+        marked.mark_records(store, progress)?;
     }
     let started = SystemTime::now();
     let cutoff =
         if rules.grace { started.checked_sub(options.grace).unwrap_or(SystemTime::UNIX_EPOCH) } else { started };
     let mut report = GcReport::default();
-    let mut candidates = Vec::new();
+    let mut candidates: Vec<Candidate> = Vec::new();
     let mut all_listed = Vec::new();
     for (kind, page) in [("chunks/", false), ("pages/", true)] {
         let prefix = format!("{CAS_PREFIX}{kind}");
@@ -188,8 +226,7 @@ fn collect(
         marked.mark_twice(store, progress)?;
     }
     for (hash, page, size) in all_listed {
-        let live = if page { marked.pages.contains(&hash) } else { marked.chunks.contains(&hash) };
-        match (live, page) {
+        match (marked.has(&Candidate { hash, page, size }), page) {
             (true, false) => {
                 (report.live_chunks, report.live_chunk_bytes) = (report.live_chunks + 1, report.live_chunk_bytes + size)
             }
@@ -201,29 +238,174 @@ fn collect(
             }
         }
     }
-    let garbage: Vec<Candidate> = candidates
-        .into_iter()
-        .filter(|c| if c.page { !marked.pages.contains(&c.hash) } else { !marked.chunks.contains(&c.hash) })
-        .collect();
-    report.freed_objects = garbage.len() as u64;
-    report.freed_bytes = garbage.iter().map(|c| c.size).sum();
+    let mut garbage: Vec<Candidate> = candidates.into_iter().filter(|c| !marked.has(c)).collect();
+    let count = |garbage: &[Candidate]| (garbage.len() as u64, garbage.iter().map(|c| c.size).sum::<u64>());
+    (report.freed_objects, report.freed_bytes) = count(&garbage);
+    if !options.dry_run && !garbage.is_empty() {
+        let lease = SweepLease::take(store)?;
+        let swept = sweep(store, rules, &lease, &mut marked, &mut garbage, cutoff, progress);
+        lease.release(store);
+        swept?;
+        (report.freed_objects, report.freed_bytes) = count(&garbage);
+        log::info!("{store}: gc freed {} objects ({} bytes)", report.freed_objects, report.freed_bytes);
+    }
     report.young_objects -= report.freed_objects;
     report.young_bytes -= report.freed_bytes;
-    if options.dry_run {
-        return Ok(report);
-    }
-    progress(GcPhase::Deleting, 0, report.freed_objects);
-    let mut done = 0;
-    for batch in garbage.chunks(DELETE_BATCH) {
-        let keys: Vec<String> =
-            batch.iter().map(|c| if c.page { page_key(&c.hash) } else { chunk_key(&c.hash) }).collect();
-        store.delete(&keys, None)?;
-        done += keys.len() as u64;
-        progress(GcPhase::Deleting, done, report.freed_objects);
-    }
-    store.sync()?;
-    log::info!("{store}: gc freed {} objects ({} bytes)", report.freed_objects, report.freed_bytes);
     Ok(report)
+}
+
+/// Holding the sweep lease: waits out the upload permits writers got before it, drops from
+/// `garbage` what was written since the listing or is referenced now, and deletes the rest.
+/// Once the permits are over, nothing uploads and no snapshot or clone is made until the lease
+/// is released, so the second look is the last word.
+fn sweep(
+    store: &dyn ObjectStore,
+    rules: Rules,
+    lease: &SweepLease,
+    marked: &mut Marked,
+    garbage: &mut Vec<Candidate>,
+    cutoff: SystemTime,
+    progress: &mut dyn FnMut(GcPhase, u64, u64),
+) -> Result<()> {
+    if rules.lease {
+        std::thread::sleep(upload_permit());
+        let mut unchanged = HashSet::new();
+        for prefix in ["chunks/", "pages/"] {
+            store.list(&format!("{CAS_PREFIX}{prefix}"), None, &mut |listed| {
+                if listed.modified <= cutoff {
+                    unchanged.insert(listed.key);
+                }
+                true
+            })?;
+        }
+        garbage.retain(|c| unchanged.contains(&c.key()));
+        marked.mark_records(store, progress)?;
+        garbage.retain(|c| !marked.has(c));
+    }
+    let total = garbage.len() as u64;
+    progress(GcPhase::Deleting, 0, total);
+    let mut done = 0;
+    let deadline = || lease.deadline(store);
+    for batch in garbage.chunks(DELETE_BATCH) {
+        let keys: Vec<String> = batch.iter().map(Candidate::key).collect();
+        store.delete(&keys, Some(&deadline))?;
+        done += keys.len() as u64;
+        progress(GcPhase::Deleting, done, total);
+    }
+    store.sync()
+}
+
+/// A GC's hold on [`SWEEP_KEY`].
+struct SweepLease {
+    /// Deletes are sent only before this: an upload permit before the lease's end.
+    deletes_until: Instant,
+}
+
+impl SweepLease {
+    /// Takes the sweep lease, replacing one that has ended (a GC that died).
+    fn take(store: &dyn ObjectStore) -> Result<Self> {
+        let now_ms = crate::unix_nanos() / 1_000_000;
+        let until_ms = now_ms + SWEEP_LEASE.as_millis();
+        let text = format!("nbds3-cas-sweep 1\nuntil-ms={until_ms}\n");
+        let condition = match store.get(SWEEP_KEY, MAX_RECORD_BYTES)? {
+            None => None,
+            Some(held) => match sweep_until_ms(&held.bytes) {
+                Some(until) if until > now_ms => {
+                    return Err(Error::config(
+                        "gc",
+                        format!("another GC is deleting ({SWEEP_KEY} is held for {} s more)", (until - now_ms) / 1000),
+                    ))
+                }
+                _ => Some(held.version),
+            },
+        };
+        let put = match &condition {
+            None => Put::IfAbsent,
+            Some(version) => Put::IfVersion(version),
+        };
+        let started = Instant::now();
+        store
+            .put(SWEEP_KEY, text.as_bytes(), put, None)?
+            .ok_or_else(|| Error::config("gc", format!("another GC took {SWEEP_KEY} at the same time")))?;
+        Ok(SweepLease { deletes_until: started + SWEEP_LEASE.saturating_sub(upload_permit()) })
+    }
+
+    /// The fence of the sweep's deletes.
+    fn deadline(&self, store: &dyn ObjectStore) -> Result<Instant> {
+        if Instant::now() < self.deletes_until {
+            return Ok(self.deletes_until);
+        }
+        Err(Error::Timeout {
+            store: store.to_string(),
+            message: format!("the GC's sweep lease {SWEEP_KEY} ran out; run gc again to delete the rest"),
+        })
+    }
+
+    /// Gives the lease back, so writers wait no longer; if that fails they wait for its end.
+    fn release(self, store: &dyn ObjectStore) {
+        if let Err(e) = store.delete(&[SWEEP_KEY.to_string()], None) {
+            log::warn!("{store}: releasing {SWEEP_KEY}: {e}; writers wait until it ends");
+        }
+    }
+}
+
+/// When a sweep lease ends, in Unix milliseconds; `None` for one this binary cannot read (then it
+/// counts as ended, so a stray object cannot block writers for ever).
+fn sweep_until_ms(bytes: &[u8]) -> Option<u128> {
+    let text = std::str::from_utf8(bytes).ok()?;
+    text.lines().find_map(|l| l.strip_prefix("until-ms="))?.parse().ok()
+}
+
+/// The writers' side of the sweep lease: permits to upload, each good until a deadline, given
+/// while no GC sweeps. Every PUT of a chunk or page, and every snapshot or clone (from reading
+/// its source to writing its record), runs under one.
+#[derive(Debug, Default)]
+pub struct UploadGate {
+    /// The deadline of the last permit, reused while it has at least half its period left.
+    permit: Mutex<Option<Instant>>,
+}
+
+impl UploadGate {
+    /// A deadline before which an upload may be sent, waiting while a GC sweeps.
+    ///
+    /// # Errors
+    /// Store failures reading the lease.
+    pub fn permit(&self, store: &dyn ObjectStore) -> Result<Instant> {
+        let period = upload_permit();
+        if let Some(until) = *lock(&self.permit) {
+            if until.checked_duration_since(Instant::now()).is_some_and(|left| left > period / 2) {
+                return Ok(until);
+            }
+        }
+        loop {
+            let asked = Instant::now();
+            let held = store.get(SWEEP_KEY, MAX_RECORD_BYTES)?.and_then(|held| sweep_until_ms(&held.bytes));
+            let now_ms = crate::unix_nanos() / 1_000_000;
+            match held {
+                Some(until) if until > now_ms => {
+                    let left = Duration::from_millis(u64::try_from(until - now_ms).unwrap_or(u64::MAX));
+                    log::debug!("{store}: a GC is deleting; uploads wait for it");
+                    std::thread::sleep(left.min(period / 4).max(Duration::from_millis(1)));
+                }
+                _ => {
+                    let until = asked + period;
+                    *lock(&self.permit) = Some(until);
+                    return Ok(until);
+                }
+            }
+        }
+    }
+
+    /// A fence for one upload under `permit`: refused once it has passed.
+    pub fn check(store: &dyn ObjectStore, permit: Instant) -> Result<Instant> {
+        if Instant::now() < permit {
+            return Ok(permit);
+        }
+        Err(Error::Timeout {
+            store: store.to_string(),
+            message: "an upload's permit (see the GC's sweep lease) ran out before it could be sent; try again".into(),
+        })
+    }
 }
 
 /// What the heads and snapshot records read so far reference.
@@ -235,6 +417,14 @@ struct Marked {
 }
 
 impl Marked {
+    fn has(&self, c: &Candidate) -> bool {
+        if c.page {
+            self.pages.contains(&c.hash)
+        } else {
+            self.chunks.contains(&c.hash)
+        }
+    }
+
     /// Marks what the heads and snapshot records reference, reading them twice: a snapshot
     /// taken, or a clone made, while the first pass ran may hold a root whose old head or
     /// snapshot the first pass read after it had moved on.
@@ -307,7 +497,13 @@ impl Marked {
 /// # Errors
 /// Store failures; an object that is missing (a GC ran with a grace period shorter than the
 /// writer's rule) or fails its hash, named.
-pub(crate) fn refresh_uncommitted(store: &dyn ObjectStore, old: &Root, new: &Root, block_size: usize) -> Result<u64> {
+pub(crate) fn refresh_uncommitted(
+    store: &dyn ObjectStore,
+    old: &Root,
+    new: &Root,
+    block_size: usize,
+    fence: Fence<'_>,
+) -> Result<u64> {
     let Some(top) = new.page else { return Ok(0) };
     let old_top = old.page.map(|h| (h, old.depth - 1));
     let mut stack = vec![(old_top, top, new.depth - 1)];
@@ -318,7 +514,7 @@ pub(crate) fn refresh_uncommitted(store: &dyn ObjectStore, old: &Root, new: &Roo
             continue;
         }
         let page = fetch_page(store, &hash, level)?;
-        store.put(&page_key(&hash), &page.encode(), Put::Always, None)?;
+        store.put(&page_key(&hash), &page.encode(), Put::Always, Some(fence))?;
         refreshed += 1;
         // The old map, seen at this level: its page here, or, when it is shallower, its whole
         // tree as slot 0.
@@ -346,7 +542,7 @@ pub(crate) fn refresh_uncommitted(store: &dyn ObjectStore, old: &Root, new: &Roo
                         ReadInto::Missing => return Err(lost("was deleted (by a GC with a short grace period?)")),
                         _ => return Err(lost("changed")),
                     }
-                    store.put(&key, &buf, Put::Always, None)?;
+                    store.put(&key, &buf, Put::Always, Some(fence))?;
                     refreshed += 1;
                 }
                 Entry::Page(child) => {

@@ -116,6 +116,9 @@ pub struct CasStorage {
     state: Mutex<State>,
     /// Held by a flush or a spill of changed pages from start to end, so they never overlap.
     flushing: Mutex<()>,
+    /// Permits for uploads, which wait while a GC deletes (docs/CAS-FORMAT.md, "Garbage
+    /// collection").
+    uploads: gc::UploadGate,
 }
 
 impl fmt::Debug for CasStorage {
@@ -246,6 +249,7 @@ impl CasStorage {
             writer: writer_identity(),
             state: Mutex::new(state),
             flushing: Mutex::new(()),
+            uploads: gc::UploadGate::default(),
         }
     }
 
@@ -343,7 +347,7 @@ impl CasStorage {
     /// PUTs pages a few at a time; says which ones were stored.
     fn put_pages(&self, pages: &[(Hash, Arc<Vec<u8>>)]) -> Vec<(Hash, bool)> {
         let put = |(hash, bytes): &(Hash, Arc<Vec<u8>>)| {
-            let result = self.store.put(&page_key(hash), bytes, Put::Always, None);
+            let result = self.store.put(&page_key(hash), bytes, Put::Always, Some(&|| self.upload_permit()));
             if let Err(e) = &result {
                 log::warn!("{self}: storing map page {}: {e}", page_key(hash));
             }
@@ -376,6 +380,10 @@ impl CasStorage {
         self.refresh_locked(root)
     }
 
+    fn upload_permit(&self) -> Result<std::time::Instant> {
+        self.uploads.permit(&*self.store)
+    }
+
     fn refresh_due(&self) -> bool {
         lock(&self.state)
             .uncommitted_since
@@ -390,8 +398,9 @@ impl CasStorage {
         }
         let started = Instant::now();
         let committed = lock(&self.state).committed.root;
-        let refreshed = gc::refresh_uncommitted(&*self.store, &committed, &root, self.block_size)
-            .map_err(|e| Error::backend(self, format!("refreshing uncommitted uploads: {e}")))?;
+        let refreshed =
+            gc::refresh_uncommitted(&*self.store, &committed, &root, self.block_size, &|| self.upload_permit())
+                .map_err(|e| Error::backend(self, format!("refreshing uncommitted uploads: {e}")))?;
         log::debug!("{self}: uploaded {refreshed} uncommitted objects again so a GC keeps them");
         let mut st = lock(&self.state);
         st.uncommitted_since = Some(started);
@@ -489,7 +498,7 @@ impl Storage for CasStorage {
         self.refresh_if_due()?;
         if !lock(&self.state).uploaded.contains(&hash) {
             let uploading = Instant::now();
-            self.store.put(&chunk_key(&hash), data, Put::Always, None)?;
+            self.store.put(&chunk_key(&hash), data, Put::Always, Some(&|| self.upload_permit()))?;
             let mut st = lock(&self.state);
             st.uncommitted_since.get_or_insert(uploading);
             if st.uploaded.len() >= MAX_UPLOADED_REMEMBERED {
