@@ -129,8 +129,10 @@ grace period ago (default 86400 seconds): deleting a cas export or snapshot free
 then. Safe while nbdkit serves cas exports: writers upload again what they keep uncommitted long
 before it is that old. A grace period under 7200 seconds is refused unless --force (use it only
 when no writer is running). A head, snapshot or map page that cannot be read stops it before it
-deletes anything, naming the object. --dry-run deletes nothing and says what would be freed. On a
-terminal, shows its progress; --json prints the summary as one JSON object.",
+deletes anything, naming the object. Before deleting it takes the lease cas/gc/sweeping, waits
+10 seconds and looks again; while it deletes, writers' uploads, snapshots and clones wait (at
+most 5 minutes). --dry-run deletes nothing and says what would be freed. On a terminal, shows
+its progress; --json prints the summary as one JSON object.",
         takes_name: false,
         options: &["--grace"],
         switches: &["--dry-run", "--force", "--json"],

@@ -8,11 +8,12 @@
 //! | step | what | why |
 //! |---|---|---|
 //! | 1. list | every object under `cas/chunks/` and `cas/pages/`, with size and modified time | only what is listed can be deleted, so an object written later is never a candidate |
-//! | 2. mark | read every head and snapshot record, then walk their maps | a reference committed before this read is seen, even to an object listed in 1 |
-//! | 3. mark again | read the heads and snapshot records once more, walk what is new | a snapshot or clone that copied a root while 2 ran is seen |
-//! | 4. sweep | delete, 1000 keys a request, what is unmarked and was modified more than the grace period before 1 | a writer touches its uncommitted uploads well within the grace period ([`WRITER_REFRESH_AFTER`]) |
+//! | 2. mark | read every head and snapshot record (twice), walk their maps | what is referenced is kept |
+//! | 3. lease | take `cas/gc/sweeping`, wait one [`UPLOAD_PERMIT`] | uploads, snapshots and clones allowed before are over; new ones wait |
+//! | 4. look again | list again, drop what was written since; mark again | a writer that wrote garbage's bytes again (dedup) keeps them |
+//! | 5. sweep | delete, 1000 keys a request, what is unmarked and was modified more than the grace period before 1 | writers upload again what they keep uncommitted ([`WRITER_REFRESH_AFTER`]) |
 //!
-//! A head, snapshot record or page that cannot be read or decoded aborts the GC before step 4,
+//! A head, snapshot record or page that cannot be read or decoded aborts the GC before step 5,
 //! naming the object: deleting on partial knowledge could free live data.
 //!
 //! Memory: the listed candidates older than the grace period (a hash, a flag and a size: about
