@@ -22,6 +22,7 @@ use std::collections::HashSet;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use lru::LruCache;
 
@@ -30,6 +31,7 @@ use super::{check_len, BlockBuf, BlockId, Capabilities, Storage};
 use crate::{lock, Error, ExportName, Result};
 
 pub mod format;
+pub mod gc;
 mod map;
 pub mod ops;
 
@@ -46,11 +48,19 @@ pub struct CasConfig {
     /// Open for writing even where the store cannot make conditional writes, so that a second
     /// writer would not be fenced (the operator's opt-in).
     pub allow_unconditional: bool,
+    /// How old uncommitted uploads may get before this writer uploads them again, so that a GC
+    /// never finds one older than its grace period ([`gc::WRITER_REFRESH_AFTER`]).
+    pub refresh_uncommitted_after: Duration,
 }
 
 impl Default for CasConfig {
     fn default() -> Self {
-        CasConfig { cached_pages: 2048, max_dirty_pages: 256, allow_unconditional: false }
+        CasConfig {
+            cached_pages: 2048,
+            max_dirty_pages: 256,
+            allow_unconditional: false,
+            refresh_uncommitted_after: gc::WRITER_REFRESH_AFTER,
+        }
     }
 }
 
@@ -91,6 +101,9 @@ struct State {
     uploaded: HashSet<Hash>,
     /// Why this store may no longer write, once another writer has committed over it.
     fenced: Option<String>,
+    /// No chunk or page this store still needs uncommitted was uploaded before this instant
+    /// (see [`CasStorage::refresh_if_due`]); `None` while there is none.
+    uncommitted_since: Option<Instant>,
 }
 
 /// Whether the store serves the live export or one of its snapshots.
@@ -112,6 +125,9 @@ pub struct CasStorage {
     state: Mutex<State>,
     /// Held by a flush or a spill of changed pages from start to end, so they never overlap.
     flushing: Mutex<()>,
+    /// Permits for uploads, which wait while a GC deletes (docs/CAS-FORMAT.md, "Garbage
+    /// collection").
+    uploads: gc::UploadGate,
 }
 
 impl fmt::Debug for CasStorage {
@@ -231,6 +247,7 @@ impl CasStorage {
             committed,
             uploaded: HashSet::new(),
             fenced: None,
+            uncommitted_since: None,
         };
         CasStorage {
             store,
@@ -241,6 +258,7 @@ impl CasStorage {
             writer: writer_identity(),
             state: Mutex::new(state),
             flushing: Mutex::new(()),
+            uploads: gc::UploadGate::default(),
         }
     }
 
@@ -311,6 +329,9 @@ impl CasStorage {
             for (hash, page, bytes) in st.map.freeze() {
                 st.pending.push(PendingPage { hash, page, bytes: Arc::new(bytes) });
             }
+            if !st.pending.is_empty() {
+                st.uncommitted_since.get_or_insert_with(Instant::now);
+            }
             (st.map.base, st.pending.iter().map(|p| (p.hash, p.bytes.clone())).collect::<Vec<_>>())
         };
         let stored = self.put_pages(&pending);
@@ -330,18 +351,21 @@ impl CasStorage {
         }
     }
 
-    /// PUTs pages a few at a time; returns the ones stored. A worker thread that cannot start
-    /// (or dies) only leaves its pages unstored, for the next FLUSH to retry.
+    /// PUTs pages a few at a time, each under an upload permit (see [`gc`]); returns the ones
+    /// stored. A worker thread that cannot start (or dies) only leaves its pages unstored, for the
+    /// next FLUSH to retry.
     fn put_pages(&self, pages: &[(Hash, Arc<Vec<u8>>)]) -> Vec<Hash> {
         let put = |part: &[(Hash, Arc<Vec<u8>>)]| -> Vec<Hash> {
-            let stored =
-                part.iter().filter(|(hash, bytes)| match self.store.put(&page_key(hash), bytes, Put::Always, None) {
+            let permit = || self.upload_permit();
+            let stored = part.iter().filter(|(hash, bytes)| {
+                match self.store.put(&page_key(hash), bytes, Put::Always, Some(&permit)) {
                     Ok(_) => true,
                     Err(e) => {
                         log::warn!("{self}: storing map page {}: {e}", page_key(hash));
                         false
                     }
-                });
+                }
+            });
             stored.map(|(hash, _)| *hash).collect()
         };
         if pages.len() <= 1 {
@@ -357,6 +381,49 @@ impl CasStorage {
                 .collect();
             workers.into_iter().flat_map(|w| w.join().unwrap_or_default()).collect()
         })
+    }
+
+    /// Uploads again what this writer stored since its last commit once the oldest of it is
+    /// `refresh_uncommitted_after` old, so a GC, which frees only objects older than its grace
+    /// period, never frees an upload this writer will still commit (docs/CAS-FORMAT.md, "Garbage
+    /// collection"). Called before each chunk upload and at FLUSH; a writer that neither writes
+    /// nor flushes for a whole grace period is not protected.
+    fn refresh_if_due(&self) -> Result<()> {
+        if !self.refresh_due() {
+            return Ok(());
+        }
+        let _flushing = lock(&self.flushing);
+        let root = self.store_changed_pages()?;
+        self.refresh_locked(root)
+    }
+
+    fn upload_permit(&self) -> Result<std::time::Instant> {
+        self.uploads.permit(&*self.store)
+    }
+
+    fn refresh_due(&self) -> bool {
+        lock(&self.state)
+            .uncommitted_since
+            .is_some_and(|since| since.elapsed() >= self.config.refresh_uncommitted_after)
+    }
+
+    /// [`refresh_if_due`](Self::refresh_if_due) with `flushing` held and the changed pages frozen
+    /// into `root`.
+    fn refresh_locked(&self, root: Root) -> Result<()> {
+        if !self.refresh_due() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let committed = lock(&self.state).committed.root;
+        let refreshed =
+            gc::refresh_uncommitted(&*self.store, &committed, &root, self.block_size, &|| self.upload_permit())
+                .map_err(|e| Error::backend(self, format!("refreshing uncommitted uploads: {e}")))?;
+        log::debug!("{self}: uploaded {refreshed} uncommitted objects again so a GC keeps them");
+        let mut st = lock(&self.state);
+        st.uncommitted_since = Some(started);
+        // Its chunks may no longer be in the map, so they were not refreshed: upload them again.
+        st.uploaded.clear();
+        Ok(())
     }
 
     /// Commits `root` by replacing the head it was read at; refuses and fences this store when
@@ -451,9 +518,12 @@ impl Storage for CasStorage {
         if self.find(id)? == Some(hash) {
             return Ok(());
         }
+        self.refresh_if_due()?;
         if !lock(&self.state).uploaded.contains(&hash) {
-            self.store.put(&chunk_key(&hash), data, Put::Always, None)?;
+            let uploading = Instant::now();
+            self.store.put(&chunk_key(&hash), data, Put::Always, Some(&|| self.upload_permit()))?;
             let mut st = lock(&self.state);
+            st.uncommitted_since.get_or_insert(uploading);
             if st.uploaded.len() >= MAX_UPLOADED_REMEMBERED {
                 st.uploaded.clear();
             }
@@ -501,9 +571,15 @@ impl Storage for CasStorage {
     fn flush(&self) -> Result<()> {
         self.check_writable()?;
         let _flushing = lock(&self.flushing);
+        let frozen_at = Instant::now();
         let root = self.store_changed_pages()?;
+        self.refresh_locked(root)?;
         self.store.sync()?;
         self.commit(root)?;
+        // What was uploaded before the freeze is committed now; later uploads are not.
+        let mut st = lock(&self.state);
+        st.uncommitted_since = st.uncommitted_since.map(|since| since.max(frozen_at));
+        drop(st);
         self.store.sync()
     }
 

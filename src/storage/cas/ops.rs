@@ -12,6 +12,7 @@ use super::format::{
     head_key, page_span, snapshot_key, snapshot_prefix, Entry, Hash, Head, Root, SnapshotRecord, FANOUT_BITS,
     MAX_RECORD_BYTES,
 };
+use super::gc::UploadGate;
 use super::{fetch_page, read_head};
 use crate::storage::objects::{ObjectStore, Put};
 use crate::storage::BlockId;
@@ -44,13 +45,16 @@ pub fn take_snapshot(
     device_size: u64,
     block_size: usize,
 ) -> Result<SnapshotRecord> {
+    // Under one upload permit from reading the head to writing the record, so a GC deleting
+    // meanwhile has seen the record or waits for it (docs/CAS-FORMAT.md, "Garbage collection").
+    let permit = UploadGate::default().permit(store)?;
     let (generation, root) = match read_head(store, export)? {
         Some((head, _)) => (head.generation, head.root),
         None => (0, Root::EMPTY),
     };
     let record = SnapshotRecord { generation, device_size, block_size, root };
     let key = snapshot_key(export, snap);
-    match store.put(&key, &record.encode(), Put::IfAbsent, None)? {
+    match store.put(&key, &record.encode(), Put::IfAbsent, Some(&|| UploadGate::check(store, permit)))? {
         Some(_) => Ok(record),
         None => Err(Error::config("snapshot", format!("export {export} already has a snapshot {snap} ({key})"))),
     }
@@ -96,6 +100,8 @@ pub fn clone_snapshot(
     snap: &ExportName,
     clone: &ExportName,
 ) -> Result<SnapshotRecord> {
+    // Under one upload permit, as a snapshot.
+    let permit = UploadGate::default().permit(store)?;
     let record = read_snapshot(store, export, snap)?;
     let head = Head {
         generation: 1,
@@ -103,7 +109,7 @@ pub fn clone_snapshot(
         block_size: record.block_size,
         root: record.root,
     };
-    match store.put(&head_key(clone), &head.encode(), Put::IfAbsent, None)? {
+    match store.put(&head_key(clone), &head.encode(), Put::IfAbsent, Some(&|| UploadGate::check(store, permit)))? {
         Some(_) => Ok(record),
         None => Err(Error::config(
             "clone",
