@@ -31,6 +31,7 @@ use crate::{lock, Error, ExportName, Result};
 pub mod format;
 mod map;
 pub mod ops;
+pub mod stream;
 
 use format::{chunk_key, head_key, page_key, Hash, Head, Page, Root, MAX_PAGE_BYTES, MAX_RECORD_BYTES};
 use map::{Step, WorkingMap};

@@ -1,0 +1,228 @@
+//! Diff streams of `cas` exports, as a user of `export-diff`/`import-diff` would notice them:
+//! a stream from snapshot A to B, applied to a clone of A, makes it read as B byte for byte; a
+//! stream that is truncated, altered, of a newer version or for another base is refused and the
+//! target reads as before; and a stream costs requests in proportion to what changed.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use nbds3::storage::cas::ops;
+use nbds3::storage::cas::stream::{export_diff, import_diff, DiffEnds, StreamSummary};
+use nbds3::storage::cas::{CasConfig, CasStorage};
+use nbds3::storage::objects::{Listed, Object, Put, ReadInto};
+use nbds3::storage::{BlockBuf, BlockId, Fence, MemoryObjects, ObjectStore, Storage};
+use nbds3::{ExportName, Result};
+
+const BS: usize = 4096;
+/// Three leaf pages' worth of blocks, so diffs cross pages and the map has two levels.
+const BLOCKS: u64 = 3000;
+const DEVICE: u64 = BLOCKS * BS as u64;
+
+fn name(s: &str) -> ExportName {
+    ExportName::new(s).unwrap()
+}
+
+fn block(seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..BS)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn open(store: &Arc<dyn ObjectStore>, export: &str) -> CasStorage {
+    CasStorage::open(store.clone(), &name(export), BS, CasConfig::default()).unwrap()
+}
+
+/// Every block of `s`, zeros for holes.
+fn contents(s: &dyn Storage) -> Vec<Vec<u8>> {
+    let mut buf = BlockBuf::zeroed(BS);
+    (0..BLOCKS)
+        .map(|id| if s.read_block(BlockId(id), &mut buf).unwrap() { buf.to_vec() } else { vec![0; BS] })
+        .collect()
+}
+
+fn snapshot_contents(store: &Arc<dyn ObjectStore>, export: &str, snap: &str) -> Vec<Vec<u8>> {
+    contents(&CasStorage::open_snapshot(store.clone(), &name(export), &name(snap), BS).unwrap())
+}
+
+fn write(s: &CasStorage, ids: impl IntoIterator<Item = u64>, seed: u64) {
+    for id in ids {
+        s.write_block(BlockId(id), &block(id * 1000 + seed)).unwrap();
+    }
+    s.flush().unwrap();
+}
+
+fn export(store: &Arc<dyn ObjectStore>, from: Option<&str>, to: Option<&str>) -> Vec<u8> {
+    let mut out = Vec::new();
+    let (from, to) = (from.map(name), to.map(name));
+    let ends =
+        DiffEnds { export: &name("e"), from: from.as_ref(), to: to.as_ref(), block_size: BS, device_size: DEVICE };
+    export_diff(store.clone(), ends, &mut out, &mut |_, _| {}).unwrap();
+    out
+}
+
+fn import(store: &Arc<dyn ObjectStore>, target: &str, stream: &[u8], force: bool) -> Result<StreamSummary> {
+    import_diff(store.clone(), &name(target), BS, DEVICE, &mut &stream[..], force, &mut |_| {})
+}
+
+/// Export `e` with snapshot `a` (blocks 0..1200 written), snapshot `b` (some of those rewritten,
+/// some zeroed, new ones in another leaf page), and a live state past `b`; and `c`, a clone of `a`.
+fn lineage(store: &Arc<dyn ObjectStore>) {
+    let e = open(store, "e");
+    write(&e, 0..1200, 1);
+    ops::take_snapshot(&**store, &name("e"), &name("a"), DEVICE, BS).unwrap();
+    write(&e, (0..1200).step_by(7), 2);
+    for id in 500..700 {
+        e.delete_block(BlockId(id)).unwrap();
+    }
+    write(&e, 2048..2100, 3);
+    ops::take_snapshot(&**store, &name("e"), &name("b"), DEVICE, BS).unwrap();
+    write(&e, [5, 600, 2999], 4);
+    ops::clone_snapshot(&**store, &name("e"), &name("a"), &name("c")).unwrap();
+}
+
+#[test]
+fn a_stream_from_a_to_b_makes_a_clone_of_a_read_as_b_and_chains_on_to_the_live_export() {
+    let store: Arc<dyn ObjectStore> = Arc::new(MemoryObjects::default());
+    lineage(&store);
+    let stream = export(&store, Some("a"), Some("b"));
+    let applied = import(&store, "c", &stream, false).unwrap();
+    let changed_in_place = 1200 / 7 + 1 - (500..700).filter(|id| id % 7 == 0).count() as u64;
+    assert_eq!(
+        applied,
+        StreamSummary { data_blocks: changed_in_place + 52, zero_blocks: 200, stream_bytes: stream.len() as u64 }
+    );
+    let b = snapshot_contents(&store, "e", "b");
+    assert!(contents(&open(&store, "c")) == b, "the clone reads as snapshot b after the import");
+    assert_eq!(open(&store, "c").committed_root(), ops::read_snapshot(&*store, &name("e"), &name("b")).unwrap().root);
+
+    // The next increment applies on top: b → the live export.
+    import(&store, "c", &export(&store, Some("b"), None), false).unwrap();
+    assert!(contents(&open(&store, "c")) == contents(&open(&store, "e")), "the clone reads as the live export");
+}
+
+#[test]
+fn a_full_stream_fills_an_empty_export() {
+    let store: Arc<dyn ObjectStore> = Arc::new(MemoryObjects::default());
+    lineage(&store);
+    let full = export(&store, None, Some("b"));
+    import(&store, "fresh", &full, false).unwrap();
+    assert!(contents(&open(&store, "fresh")) == snapshot_contents(&store, "e", "b"));
+    let e = import(&store, "fresh", &full, false).unwrap_err().to_string();
+    assert!(e.contains("it already holds its result"), "{e}");
+}
+
+/// Asserts that importing `stream` into `c` (a clone of `a`) fails with a message containing
+/// `why`, and that `c` still reads as `a` afterwards, also from a new open.
+fn refused(store: &Arc<dyn ObjectStore>, stream: &[u8], why: &str) {
+    let before = open(store, "c").committed_root();
+    let e = import(store, "c", stream, false).unwrap_err().to_string();
+    assert!(e.contains(why) && e.ends_with("export c is unchanged"), "{why:?} not in {e:?}");
+    assert_eq!(open(store, "c").committed_root(), before, "{e}");
+}
+
+#[test]
+fn truncated_altered_newer_or_misplaced_streams_are_refused_and_change_nothing() {
+    let store: Arc<dyn ObjectStore> = Arc::new(MemoryObjects::default());
+    lineage(&store);
+    let a = snapshot_contents(&store, "e", "a");
+    let stream = export(&store, Some("a"), Some("b"));
+    let len = stream.len();
+    for cut in [5, 20, 100, 300, len / 2, len - 33, len - 1] {
+        refused(&store, &stream[..cut], "truncated");
+    }
+    for at in [200, 400, len / 3, len - 40, len - 10] {
+        let mut flipped = stream.clone();
+        flipped[at] ^= 0x10;
+        refused(&store, &flipped, "at byte");
+    }
+    let mut data_flipped = stream.clone();
+    data_flipped[len / 2] ^= 1;
+    refused(&store, &data_flipped, "fails its BLAKE3 checksum");
+    let mut newer = stream.clone();
+    newer[8] = 2;
+    refused(&store, &newer, "diff stream version 2, but this nbds3");
+    refused(&store, &[&stream[..], &stream[..]].concat(), "bytes follow the end record");
+    refused(&store, b"not a stream at all", "not an nbds3 diff stream");
+    let later = export(&store, Some("b"), None);
+    refused(&store, &later, "the stream applies to e@b");
+    assert!(contents(&open(&store, "c")) == a, "after every refusal the clone reads as snapshot a");
+
+    let other_size = CasStorage::open(store.clone(), &name("small"), 512, CasConfig::default()).unwrap();
+    drop(other_size);
+    let e = import_diff(store.clone(), &name("small"), 512, DEVICE, &mut &stream[..], false, &mut |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("4096-byte blocks and export small 512-byte blocks"), "{e}");
+    let e = import_diff(store.clone(), &name("c"), BS, DEVICE / 2, &mut &stream[..], false, &mut |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("grow it first"), "{e}");
+
+    // --force applies a stream to another base: only the blocks it carries change.
+    import(&store, "c", &later, true).unwrap();
+    let c = contents(&open(&store, "c"));
+    assert_eq!(c[2999], block(2999 * 1000 + 4), "a block the stream carries");
+    assert_eq!(c[1], a[1], "a block the stream does not carry");
+}
+
+/// Counts the GETs that reach a store.
+#[derive(Debug)]
+struct Counting {
+    inner: MemoryObjects,
+    reads: AtomicU64,
+}
+
+impl std::fmt::Display for Counting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Counting({})", self.inner)
+    }
+}
+
+impl ObjectStore for Counting {
+    fn get(&self, key: &str, max_len: usize) -> Result<Option<Object>> {
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        self.inner.get(key, max_len)
+    }
+    fn read_into(&self, key: &str, offset: Option<u64>, buf: &mut BlockBuf) -> Result<ReadInto> {
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        self.inner.read_into(key, offset, buf)
+    }
+    fn put(&self, key: &str, data: &[u8], condition: Put<'_>, fence: Option<Fence<'_>>) -> Result<Option<String>> {
+        self.inner.put(key, data, condition, fence)
+    }
+    fn delete(&self, keys: &[String], fence: Option<Fence<'_>>) -> Result<()> {
+        self.inner.delete(keys, fence)
+    }
+    fn list(&self, prefix: &str, start_after: Option<&str>, visit: &mut dyn FnMut(Listed) -> bool) -> Result<()> {
+        self.inner.list(prefix, start_after, visit)
+    }
+    fn sync(&self) -> Result<()> {
+        self.inner.sync()
+    }
+    fn conditional_writes(&self) -> Result<bool> {
+        self.inner.conditional_writes()
+    }
+}
+
+#[test]
+fn a_stream_costs_requests_in_proportion_to_what_changed() {
+    let counting = Arc::new(Counting { inner: MemoryObjects::default(), reads: AtomicU64::new(0) });
+    let store: Arc<dyn ObjectStore> = counting.clone();
+    let e = open(&store, "e");
+    write(&e, 0..BLOCKS, 1);
+    ops::take_snapshot(&*store, &name("e"), &name("a"), DEVICE, BS).unwrap();
+    write(&e, [2500], 2);
+    counting.reads.store(0, Ordering::Relaxed);
+    let stream = export(&store, Some("a"), None);
+    let reads = counting.reads.load(Ordering::Relaxed);
+    // A snapshot record and the head; the two tops and the changed leaf of each map (diff), the
+    // path to the block again (reader) and its chunk: nowhere near the 3000 blocks.
+    assert!(reads <= 12, "{reads} reads for a one-block change");
+    assert!(stream.len() < 2 * BS, "{} bytes for a one-block change", stream.len());
+}
