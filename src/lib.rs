@@ -54,6 +54,7 @@ pub mod lease;
 pub mod logger;
 pub mod param_docs;
 mod plugin;
+pub mod snapshots;
 pub mod stats_file;
 pub mod storage;
 pub mod volume;

@@ -82,23 +82,24 @@ fn check(store: &Arc<MemoryObjects>, export: &ExportName, outcomes: &[Outcome]) 
     }
 }
 
-/// Both writers open the same head and race to commit: the first commit wins, the other is fenced.
-#[test]
-fn racing_writers_never_mix() {
+/// Twenty races on fresh exports named `{label}{round}`.
+fn races(label: &str, late_opener: bool) {
     for round in 0..20 {
         let store = Arc::new(MemoryObjects::default());
-        let export = ExportName::new(&format!("race{round}")).unwrap();
-        check(&store, &export, &race(&store, &export, false));
+        let export = ExportName::new(&format!("{label}{round}")).unwrap();
+        check(&store, &export, &race(&store, &export, late_opener));
     }
 }
 
-/// A second writer takes over mid-stream (it opens after the first has committed): the first
-/// is fenced at its next commit, whoever wrote more.
+/// Both writers open the same head and race to commit: the first commit wins, the other is fenced.
+#[test]
+fn racing_writers_never_mix() {
+    races("race", false);
+}
+
+/// A second writer takes over mid-stream (it opens as the first commits): the first is fenced
+/// at its next commit, whoever wrote more.
 #[test]
 fn a_takeover_fences_the_old_writer() {
-    for round in 0..20 {
-        let store = Arc::new(MemoryObjects::default());
-        let export = ExportName::new(&format!("takeover{round}")).unwrap();
-        check(&store, &export, &race(&store, &export, true));
-    }
+    races("takeover", true);
 }

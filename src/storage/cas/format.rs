@@ -296,7 +296,7 @@ fn decode_checked<'a>(
 
 /// Reads the map fields shared by heads and snapshot records.
 fn decode_root(fields: &BTreeMap<&str, &str>, bad: &dyn Fn(&str) -> Error) -> Result<(usize, Root)> {
-    let block_size = fields.get("block-size").and_then(|v| v.parse().ok()).ok_or_else(|| bad("block-size"))?;
+    let block_size = field(fields, "block-size", bad)?;
     let depth = fields.get("depth").and_then(|v| v.parse::<u8>().ok()).filter(|d| (1..=MAX_DEPTH).contains(d));
     let depth = depth.ok_or_else(|| bad("depth"))?;
     let page = match fields.get("root").copied() {
@@ -313,6 +313,11 @@ fn root_fields(block_size: usize, root: &Root) -> [(&'static str, String); 3] {
         ("depth", root.depth.to_string()),
         ("root", root.page.map_or_else(|| "none".to_string(), |h| h.to_string())),
     ]
+}
+
+/// Field `name`, parsed.
+fn field<T: std::str::FromStr>(fields: &BTreeMap<&str, &str>, name: &str, bad: &dyn Fn(&str) -> Error) -> Result<T> {
+    fields.get(name).and_then(|v| v.parse().ok()).ok_or_else(|| bad(name))
 }
 
 fn missing_field(store: &dyn fmt::Display, key: &str) -> impl Fn(&str) -> Error {
@@ -335,10 +340,13 @@ impl Head {
     pub fn decode(store: &dyn fmt::Display, key: &str, bytes: &[u8]) -> Result<Self> {
         let fields = decode_checked(store, key, HEAD_MAGIC, bytes)?;
         let bad = missing_field(store, key);
-        let generation = fields.get("generation").and_then(|v| v.parse().ok()).ok_or_else(|| bad("generation"))?;
-        let writer = fields.get("writer").ok_or_else(|| bad("writer"))?.to_string();
         let (block_size, root) = decode_root(&fields, &bad)?;
-        Ok(Head { generation, writer, block_size, root })
+        Ok(Head {
+            generation: field(&fields, "generation", &bad)?,
+            writer: field(&fields, "writer", &bad)?,
+            block_size,
+            root,
+        })
     }
 }
 
@@ -358,9 +366,8 @@ impl SnapshotRecord {
     pub fn decode(store: &dyn fmt::Display, key: &str, bytes: &[u8]) -> Result<Self> {
         let fields = decode_checked(store, key, SNAPSHOT_MAGIC, bytes)?;
         let bad = missing_field(store, key);
-        let generation = fields.get("generation").and_then(|v| v.parse().ok()).ok_or_else(|| bad("generation"))?;
-        let device_size = fields.get("device-size").and_then(|v| v.parse().ok()).ok_or_else(|| bad("device-size"))?;
         let (block_size, root) = decode_root(&fields, &bad)?;
+        let (generation, device_size) = (field(&fields, "generation", &bad)?, field(&fields, "device-size", &bad)?);
         Ok(SnapshotRecord { generation, device_size, block_size, root })
     }
 }

@@ -7,7 +7,7 @@
 //! so freezing bottom-up always finds the parent to record a child's new hash in, and a lookup
 //! that meets a changed page ignores its (stale) parent entry.
 
-use std::collections::HashMap;
+use std::collections::{hash_map, HashMap};
 use std::sync::Arc;
 
 use super::format::{covers, position, Entry, Hash, Page, Root, FANOUT_BITS};
@@ -105,17 +105,16 @@ impl WorkingMap {
         let mut hash = self.clean_top();
         for level in (0..self.depth).rev() {
             let (index, slot) = position(id, level);
-            if !self.dirty.contains_key(&(level, index)) {
-                let page = match hash {
+            let page = match self.dirty.entry((level, index)) {
+                hash_map::Entry::Occupied(changed) => changed.into_mut(),
+                hash_map::Entry::Vacant(slot) => slot.insert(match hash {
                     None => Page::empty(level),
                     Some(h) => match clean(&h) {
                         Some(page) => Page::clone(&page),
                         None => return Step::Need(h, level),
                     },
-                };
-                self.dirty.insert((level, index), page);
-            }
-            let Some(page) = self.dirty.get_mut(&(level, index)) else { return Step::Done(()) };
+                }),
+            };
             if level == 0 {
                 match chunk {
                     Some(c) => page.entries.insert(slot, Entry::Chunk(c)),

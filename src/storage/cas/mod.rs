@@ -70,14 +70,22 @@ struct Committed {
     version: Option<String>,
 }
 
+/// A frozen page not yet known to be stored.
+#[derive(Debug)]
+struct PendingPage {
+    hash: Hash,
+    page: Arc<Page>,
+    bytes: Arc<Vec<u8>>,
+}
+
 /// Everything behind the store's one lock.
 #[derive(Debug)]
 struct State {
     map: WorkingMap,
     /// Clean pages by hash.
     cache: LruCache<Hash, Arc<Page>>,
-    /// Frozen pages not yet known to be stored, with their bytes; never evicted.
-    pending: Vec<(Hash, Arc<Page>, Arc<Vec<u8>>)>,
+    /// Frozen pages not yet known to be stored; never evicted.
+    pending: Vec<PendingPage>,
     committed: Committed,
     /// Chunks uploaded since the last commit (see docs/CAS-FORMAT.md, "Skipping uploads").
     uploaded: HashSet<Hash>,
@@ -301,17 +309,17 @@ impl CasStorage {
         let (root, pending) = {
             let mut st = lock(&self.state);
             for (hash, page, bytes) in st.map.freeze() {
-                st.pending.push((hash, page, Arc::new(bytes)));
+                st.pending.push(PendingPage { hash, page, bytes: Arc::new(bytes) });
             }
-            (st.map.base, st.pending.iter().map(|(h, _, b)| (*h, b.clone())).collect::<Vec<_>>())
+            (st.map.base, st.pending.iter().map(|p| (p.hash, p.bytes.clone())).collect::<Vec<_>>())
         };
         let stored = self.put_pages(&pending);
         let mut st = lock(&self.state);
         let State { pending, cache, .. } = &mut *st;
-        pending.retain(|(hash, page, _)| {
-            let done = stored.iter().any(|(h, ok)| h == hash && *ok);
+        pending.retain(|p| {
+            let done = stored.iter().any(|(h, ok)| *h == p.hash && *ok);
             if done {
-                cache.put(*hash, page.clone());
+                cache.put(p.hash, p.page.clone());
             }
             !done
         });
@@ -393,15 +401,11 @@ impl CasStorage {
     }
 }
 
-fn clean(
-    cache: &mut LruCache<Hash, Arc<Page>>,
-    pending: &[(Hash, Arc<Page>, Arc<Vec<u8>>)],
-    hash: &Hash,
-) -> Option<Arc<Page>> {
+fn clean(cache: &mut LruCache<Hash, Arc<Page>>, pending: &[PendingPage], hash: &Hash) -> Option<Arc<Page>> {
     if let Some(page) = cache.get(hash) {
         return Some(page.clone());
     }
-    pending.iter().find(|(h, _, _)| h == hash).map(|(_, page, _)| page.clone())
+    pending.iter().find(|p| p.hash == *hash).map(|p| p.page.clone())
 }
 
 impl Storage for CasStorage {

@@ -239,3 +239,33 @@ fn diffs_list_changed_runs_and_skip_equal_subtrees() {
     let all = ops::diff(&*store, &Root::EMPTY, &before).unwrap();
     assert_eq!(all.iter().map(|r| r.blocks).sum::<u64>(), 20_000u64.div_ceil(7));
 }
+
+#[test]
+fn a_large_export_opens_with_one_get_and_keeps_its_memory_bounded() {
+    let store = Arc::new(CountingGets { inner: MemoryObjects::default(), gets: AtomicU64::new(0) });
+    let e = name("big");
+    let config = CasConfig { cached_pages: 4, max_dirty_pages: 8, allow_unconditional: false };
+    let blocks = (1u64 << 40) / BLOCK_SIZE as u64; // 1 TiB
+    let s = CasStorage::open(store.clone(), &e, BLOCK_SIZE, config).unwrap();
+    let mut written = Vec::new();
+    for i in 0..3000u64 {
+        let id = i.wrapping_mul(0x9e37_79b9_7f4a_7c15) % blocks;
+        s.write_block(BlockId(id), &block(i as u8)).unwrap();
+        written.push((id, i as u8));
+        let st = lock(&s.state);
+        assert!(st.map.dirty_pages() <= 8 + 3, "{} changed pages kept", st.map.dirty_pages());
+        assert!(
+            st.cache.len() <= 4 && st.pending.is_empty(),
+            "{} cached, {} pending",
+            st.cache.len(),
+            st.pending.len()
+        );
+    }
+    s.flush().unwrap();
+    store.gets.store(0, Ordering::Relaxed);
+    let again = CasStorage::open(store.clone(), &e, BLOCK_SIZE, config).unwrap();
+    assert_eq!(store.gets.load(Ordering::Relaxed), 1, "open reads the head and nothing else");
+    for (id, seed) in written.iter().step_by(97) {
+        assert_eq!(read(&again, *id), Some(block(*seed)), "block {id}");
+    }
+}
