@@ -6,12 +6,16 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use nbds3::diff_stream::{export_diff, import_diff};
+use nbds3::export_record::{ExportRecord, Layout};
+use nbds3::lease::{Lease, LeaseConfig};
+use nbds3::snapshots::{self, Version};
 use nbds3::storage::cas::ops;
-use nbds3::storage::cas::stream::{export_diff, import_diff, DiffEnds, StreamSummary};
+use nbds3::storage::cas::stream::StreamSummary;
 use nbds3::storage::cas::{CasConfig, CasStorage};
 use nbds3::storage::objects::{Listed, Object, Put, ReadInto};
-use nbds3::storage::{BlockBuf, BlockId, Fence, MemoryObjects, ObjectStore, Storage};
-use nbds3::{ExportName, Result};
+use nbds3::storage::{Backend, BlockBuf, BlockId, Fence, MemoryBackend, MemoryObjects, ObjectStore, Storage};
+use nbds3::{ExportName, Geometry, Result};
 
 const BS: usize = 4096;
 /// Three leaf pages' worth of blocks, so diffs cross pages and the map has two levels.
@@ -33,6 +37,48 @@ fn block(seed: u64) -> Vec<u8> {
         })
         .collect()
 }
+
+/// A bucket: export records and leases in `backend`, the `cas` objects in `objects`.
+struct Bucket {
+    backend: Arc<dyn Backend>,
+    objects: Arc<dyn ObjectStore>,
+}
+
+impl Bucket {
+    fn new(objects: Arc<dyn ObjectStore>) -> Self {
+        Bucket { backend: Arc::new(MemoryBackend::default()), objects }
+    }
+
+    /// Records the `cas` export `export` of `DEVICE` bytes in `block_size` blocks.
+    fn create(&self, export: &str, block_size: usize) -> CasStorage {
+        let geometry = Geometry::new(DEVICE, block_size).unwrap();
+        ExportRecord { geometry, layout: Layout::Cas }.write(&*self.backend, &name(export)).unwrap();
+        CasStorage::open(self.objects.clone(), &name(export), block_size, CasConfig::default()).unwrap()
+    }
+
+    fn snapshot(&self, export: &str, snap: &str) {
+        snapshots::snapshot(&*self.backend, &*self.objects, &name(export), &name(snap)).unwrap();
+    }
+
+    fn export(&self, from: Option<&str>, to: &str) -> Vec<u8> {
+        let mut out = Vec::new();
+        let from = from.map(|f| Version::parse(f).unwrap());
+        let to = Version::parse(to).unwrap();
+        export_diff(&*self.backend, self.objects.clone(), from.as_ref(), &to, &mut out, &mut |_, _| {}).unwrap();
+        out
+    }
+
+    fn import(&self, target: &str, stream: &[u8], force: bool) -> Result<StreamSummary> {
+        let objects = self.objects.clone();
+        import_diff(&self.backend, objects, &name(target), &mut &stream[..], force, Some(LEASE), &mut |_| {})
+    }
+}
+
+const LEASE: LeaseConfig = LeaseConfig {
+    time: std::time::Duration::from_secs(60),
+    takeover: false,
+    request_timeout: std::time::Duration::from_secs(30),
+};
 
 fn open(store: &Arc<dyn ObjectStore>, export: &str) -> CasStorage {
     CasStorage::open(store.clone(), &name(export), BS, CasConfig::default()).unwrap()
@@ -57,118 +103,126 @@ fn write(s: &CasStorage, ids: impl IntoIterator<Item = u64>, seed: u64) {
     s.flush().unwrap();
 }
 
-fn export(store: &Arc<dyn ObjectStore>, from: Option<&str>, to: Option<&str>) -> Vec<u8> {
-    let mut out = Vec::new();
-    let (from, to) = (from.map(name), to.map(name));
-    let ends =
-        DiffEnds { export: &name("e"), from: from.as_ref(), to: to.as_ref(), block_size: BS, device_size: DEVICE };
-    export_diff(store.clone(), ends, &mut out, &mut |_, _| {}).unwrap();
-    out
-}
-
-fn import(store: &Arc<dyn ObjectStore>, target: &str, stream: &[u8], force: bool) -> Result<StreamSummary> {
-    import_diff(store.clone(), &name(target), BS, DEVICE, &mut &stream[..], force, &mut |_| {})
-}
-
 /// Export `e` with snapshot `a` (blocks 0..1200 written), snapshot `b` (some of those rewritten,
 /// some zeroed, new ones in another leaf page), and a live state past `b`; and `c`, a clone of `a`.
-fn lineage(store: &Arc<dyn ObjectStore>) {
-    let e = open(store, "e");
+fn lineage() -> Bucket {
+    let bucket = Bucket::new(Arc::new(MemoryObjects::default()));
+    let e = bucket.create("e", BS);
     write(&e, 0..1200, 1);
-    ops::take_snapshot(&**store, &name("e"), &name("a"), DEVICE, BS).unwrap();
+    bucket.snapshot("e", "a");
     write(&e, (0..1200).step_by(7), 2);
     for id in 500..700 {
         e.delete_block(BlockId(id)).unwrap();
     }
     write(&e, 2048..2100, 3);
-    ops::take_snapshot(&**store, &name("e"), &name("b"), DEVICE, BS).unwrap();
+    bucket.snapshot("e", "b");
     write(&e, [5, 600, 2999], 4);
-    ops::clone_snapshot(&**store, &name("e"), &name("a"), &name("c")).unwrap();
+    snapshots::clone(&*bucket.backend, &*bucket.objects, &name("e"), &name("a"), &name("c")).unwrap();
+    bucket
 }
 
 #[test]
 fn a_stream_from_a_to_b_makes_a_clone_of_a_read_as_b_and_chains_on_to_the_live_export() {
-    let store: Arc<dyn ObjectStore> = Arc::new(MemoryObjects::default());
-    lineage(&store);
-    let stream = export(&store, Some("a"), Some("b"));
-    let applied = import(&store, "c", &stream, false).unwrap();
+    let bucket = lineage();
+    let store = &bucket.objects;
+    let stream = bucket.export(Some("e@a"), "e@b");
+    let applied = bucket.import("c", &stream, false).unwrap();
     let changed_in_place = 1200 / 7 + 1 - (500..700).filter(|id| id % 7 == 0).count() as u64;
     assert_eq!(
         applied,
         StreamSummary { data_blocks: changed_in_place + 52, zero_blocks: 200, stream_bytes: stream.len() as u64 }
     );
-    let b = snapshot_contents(&store, "e", "b");
-    assert!(contents(&open(&store, "c")) == b, "the clone reads as snapshot b after the import");
-    assert_eq!(open(&store, "c").committed_root(), ops::read_snapshot(&*store, &name("e"), &name("b")).unwrap().root);
+    assert!(contents(&open(store, "c")) == snapshot_contents(store, "e", "b"), "the clone reads as e@b");
+    let b_root = ops::read_snapshot(&**store, &name("e"), &name("b")).unwrap().root;
+    assert_eq!(open(store, "c").committed_root(), b_root, "the same map, so the next diff is small");
 
-    // The next increment applies on top: b → the live export.
-    import(&store, "c", &export(&store, Some("b"), None), false).unwrap();
-    assert!(contents(&open(&store, "c")) == contents(&open(&store, "e")), "the clone reads as the live export");
+    // The next increment applies on top: e@b → the live export.
+    bucket.import("c", &bucket.export(Some("e@b"), "e"), false).unwrap();
+    assert!(contents(&open(store, "c")) == contents(&open(store, "e")), "the clone reads as the live export");
 }
 
 #[test]
-fn a_full_stream_fills_an_empty_export() {
-    let store: Arc<dyn ObjectStore> = Arc::new(MemoryObjects::default());
-    lineage(&store);
-    let full = export(&store, None, Some("b"));
-    import(&store, "fresh", &full, false).unwrap();
-    assert!(contents(&open(&store, "fresh")) == snapshot_contents(&store, "e", "b"));
-    let e = import(&store, "fresh", &full, false).unwrap_err().to_string();
+fn a_full_stream_fills_an_empty_export_in_another_bucket() {
+    let source = lineage();
+    let full = source.export(None, "e@b");
+    let backup = Bucket::new(Arc::new(MemoryObjects::default()));
+    backup.create("copy", BS);
+    backup.import("copy", &full, false).unwrap();
+    assert!(contents(&open(&backup.objects, "copy")) == snapshot_contents(&source.objects, "e", "b"));
+    let e = backup.import("copy", &full, false).unwrap_err().to_string();
     assert!(e.contains("it already holds its result"), "{e}");
+    let increment = source.export(Some("e@b"), "e");
+    backup.import("copy", &increment, false).unwrap();
+    assert!(contents(&open(&backup.objects, "copy")) == contents(&open(&source.objects, "e")));
 }
 
 /// Asserts that importing `stream` into `c` (a clone of `a`) fails with a message containing
-/// `why`, and that `c` still reads as `a` afterwards, also from a new open.
-fn refused(store: &Arc<dyn ObjectStore>, stream: &[u8], why: &str) {
-    let before = open(store, "c").committed_root();
-    let e = import(store, "c", stream, false).unwrap_err().to_string();
+/// `why`, and that `c` still holds its map afterwards, also from a new open.
+fn refused(bucket: &Bucket, stream: &[u8], why: &str) {
+    let before = open(&bucket.objects, "c").committed_root();
+    let e = bucket.import("c", stream, false).unwrap_err().to_string();
     assert!(e.contains(why) && e.ends_with("export c is unchanged"), "{why:?} not in {e:?}");
-    assert_eq!(open(store, "c").committed_root(), before, "{e}");
+    assert_eq!(open(&bucket.objects, "c").committed_root(), before, "{e}");
 }
 
 #[test]
 fn truncated_altered_newer_or_misplaced_streams_are_refused_and_change_nothing() {
-    let store: Arc<dyn ObjectStore> = Arc::new(MemoryObjects::default());
-    lineage(&store);
-    let a = snapshot_contents(&store, "e", "a");
-    let stream = export(&store, Some("a"), Some("b"));
+    let bucket = lineage();
+    let store = &bucket.objects;
+    let a = snapshot_contents(store, "e", "a");
+    let stream = bucket.export(Some("e@a"), "e@b");
     let len = stream.len();
     for cut in [5, 20, 100, 300, len / 2, len - 33, len - 1] {
-        refused(&store, &stream[..cut], "truncated");
+        refused(&bucket, &stream[..cut], "truncated");
     }
     for at in [200, 400, len / 3, len - 40, len - 10] {
         let mut flipped = stream.clone();
         flipped[at] ^= 0x10;
-        refused(&store, &flipped, "at byte");
+        refused(&bucket, &flipped, "at byte");
     }
     let mut data_flipped = stream.clone();
     data_flipped[len / 2] ^= 1;
-    refused(&store, &data_flipped, "fails its BLAKE3 checksum");
+    refused(&bucket, &data_flipped, "fails its BLAKE3 checksum");
     let mut newer = stream.clone();
     newer[8] = 2;
-    refused(&store, &newer, "diff stream version 2, but this nbds3");
-    refused(&store, &[&stream[..], &stream[..]].concat(), "bytes follow the end record");
-    refused(&store, b"not a stream at all", "not an nbds3 diff stream");
-    let later = export(&store, Some("b"), None);
-    refused(&store, &later, "the stream applies to e@b");
-    assert!(contents(&open(&store, "c")) == a, "after every refusal the clone reads as snapshot a");
+    refused(&bucket, &newer, "diff stream version 2, but this nbds3");
+    refused(&bucket, &[&stream[..], &stream[..]].concat(), "bytes follow the end record");
+    refused(&bucket, b"not a stream at all", "not an nbds3 diff stream");
+    let later = bucket.export(Some("e@b"), "e");
+    refused(&bucket, &later, "the stream applies to e@b");
+    assert!(contents(&open(store, "c")) == a, "after every refusal the clone reads as snapshot a");
 
-    let other_size = CasStorage::open(store.clone(), &name("small"), 512, CasConfig::default()).unwrap();
-    drop(other_size);
-    let e = import_diff(store.clone(), &name("small"), 512, DEVICE, &mut &stream[..], false, &mut |_| {})
-        .unwrap_err()
-        .to_string();
+    bucket.create("small", 512);
+    let e = bucket.import("small", &stream, false).unwrap_err().to_string();
     assert!(e.contains("4096-byte blocks and export small 512-byte blocks"), "{e}");
-    let e = import_diff(store.clone(), &name("c"), BS, DEVICE / 2, &mut &stream[..], false, &mut |_| {})
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("grow it first"), "{e}");
+    let half = ExportRecord { geometry: Geometry::new(DEVICE / 2, BS).unwrap(), layout: Layout::Cas };
+    half.write(&*bucket.backend, &name("half")).unwrap();
+    let e = bucket.import("half", &stream, false).unwrap_err().to_string();
+    assert!(e.contains("grow it first (nbds3ctl resize half --size 12288000)"), "{e}");
 
     // --force applies a stream to another base: only the blocks it carries change.
-    import(&store, "c", &later, true).unwrap();
-    let c = contents(&open(&store, "c"));
+    bucket.import("c", &later, true).unwrap();
+    let c = contents(&open(store, "c"));
     assert_eq!(c[2999], block(2999 * 1000 + 4), "a block the stream carries");
     assert_eq!(c[1], a[1], "a block the stream does not carry");
+}
+
+#[test]
+fn an_import_takes_the_exports_lease_and_needs_a_cas_export() {
+    let bucket = lineage();
+    let stream = bucket.export(Some("e@a"), "e@b");
+    let writer = Lease::new(bucket.backend.clone(), name("c"), LEASE);
+    writer.hold().unwrap();
+    let e = bucket.import("c", &stream, false).unwrap_err().to_string();
+    assert!(e.starts_with("export c: is held by another writer"), "{e}");
+    writer.release();
+    bucket.import("c", &stream, false).unwrap();
+
+    nbds3::admin::create(&*bucket.backend, &name("plain"), DEVICE, BS).unwrap();
+    let e = bucket.import("plain", &stream, false).unwrap_err().to_string();
+    assert!(e.contains("export plain has layout plain, which has no diff imports"), "{e}");
+    let e = bucket.import("missing", &stream, false).unwrap_err().to_string();
+    assert!(e.contains("export missing does not exist"), "{e}");
 }
 
 /// Counts the GETs that reach a store.
@@ -213,16 +267,17 @@ impl ObjectStore for Counting {
 #[test]
 fn a_stream_costs_requests_in_proportion_to_what_changed() {
     let counting = Arc::new(Counting { inner: MemoryObjects::default(), reads: AtomicU64::new(0) });
-    let store: Arc<dyn ObjectStore> = counting.clone();
-    let e = open(&store, "e");
+    let bucket = Bucket::new(counting.clone());
+    let e = bucket.create("e", BS);
     write(&e, 0..BLOCKS, 1);
-    ops::take_snapshot(&*store, &name("e"), &name("a"), DEVICE, BS).unwrap();
+    bucket.snapshot("e", "a");
     write(&e, [2500], 2);
     counting.reads.store(0, Ordering::Relaxed);
-    let stream = export(&store, Some("a"), None);
+    let stream = bucket.export(Some("e@a"), "e");
     let reads = counting.reads.load(Ordering::Relaxed);
-    // A snapshot record and the head; the two tops and the changed leaf of each map (diff), the
+    // The head and the snapshot record; the two tops and the changed leaf of each map (diff), the
     // path to the block again (reader) and its chunk: nowhere near the 3000 blocks.
     assert!(reads <= 12, "{reads} reads for a one-block change");
+    eprintln!("{reads} reads, {} stream bytes for a one-block change of a 3000-block export", stream.len());
     assert!(stream.len() < 2 * BS, "{} bytes for a one-block change", stream.len());
 }

@@ -340,53 +340,6 @@ pub fn apply_stream(
     Ok(summary)
 }
 
-/// Which states of one `cas` export a diff stream goes between.
-#[derive(Clone, Copy, Debug)]
-pub struct DiffEnds<'a> {
-    /// The export.
-    pub export: &'a ExportName,
-    /// The snapshot it starts from; `None` for the empty device (a full export).
-    pub from: Option<&'a ExportName>,
-    /// The snapshot it ends at; `None` for the export's last committed state.
-    pub to: Option<&'a ExportName>,
-    /// The export's block size.
-    pub block_size: usize,
-    /// The export's device size now (a snapshot records its own).
-    pub device_size: u64,
-}
-
-/// Writes the diff stream between `ends` into `out`.
-///
-/// # Errors
-/// [`Error::NotFound`] for a missing snapshot; store failures; pages or chunks that fail their
-/// checks; write errors of `out`.
-pub fn export_diff(
-    store: Arc<dyn ObjectStore>,
-    ends: DiffEnds<'_>,
-    out: &mut dyn Write,
-    progress: &mut dyn FnMut(u64, u64),
-) -> Result<StreamSummary> {
-    let DiffEnds { export, from, to, block_size, device_size: live_device_size } = ends;
-    let from = match from {
-        None => Side::empty(),
-        Some(snap) => Side { name: format!("{export}@{snap}"), root: ops::read_snapshot(&*store, export, snap)?.root },
-    };
-    let (reader, device_size, name) = match to {
-        None => {
-            // Only read: a second writer cannot be harmed, so conditional writes are not needed.
-            let config = CasConfig { allow_unconditional: true, ..CasConfig::default() };
-            (CasStorage::open(store.clone(), export, block_size, config)?, live_device_size, export.to_string())
-        }
-        Some(snap) => {
-            let record = ops::read_snapshot(&*store, export, snap)?;
-            let reader = CasStorage::open_snapshot(store.clone(), export, snap, block_size)?;
-            (reader, record.device_size, format!("{export}@{snap}"))
-        }
-    };
-    let header = StreamHeader { block_size, device_size, from, to: Side { name, root: reader.committed_root() } };
-    write_stream(&*store, &header, &reader, out, progress)
-}
-
 /// Applies the diff stream read from `input` to `cas` export `export` (of `device_size` bytes in
 /// blocks of `block_size`), committing it with one FLUSH only once the whole stream has checked
 /// out. Unless `force`, the export's committed map must be the stream's `from` map. The caller
