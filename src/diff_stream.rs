@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use crate::lease::{Lease, LeaseConfig};
 use crate::snapshots::{cas_record, version_root, Version};
-use crate::storage::cas::stream::{self, Side, StreamHeader, StreamSummary};
+use crate::storage::cas::stream::{self, Side, StreamSummary};
 use crate::storage::cas::{CasConfig, CasStorage};
 use crate::storage::objects::ObjectStore;
 use crate::storage::Backend;
@@ -61,19 +61,14 @@ pub fn export_diff(
             Side { name: version.to_string(), root }
         }
     };
-    let header = StreamHeader {
-        block_size: to_geometry.block_size(),
-        device_size: to_geometry.size(),
-        from,
-        to: Side { name: to.to_string(), root: to_reader.committed_root() },
-    };
-    stream::write_stream(&*objects, &header, &to_reader, out, progress)
+    let to_side = Side { name: to.to_string(), root: to_reader.committed_root() };
+    stream::write_stream(&*objects, from, to_side, to_geometry.size(), &to_reader, out, progress)
 }
 
 /// Applies the diff stream read from `input` to the `cas` export `export`, holding its lease
 /// (with `lease`) like a writer, and commits it with one FLUSH once the whole stream has checked
 /// out; until then the export reads as before, and any refusal leaves it so. Unless `force`, the
-/// export must hold the stream's `from` state. Calls `progress(blocks)` as it goes.
+/// export must hold the stream's `from` state. Calls `progress(done, total)` in blocks.
 ///
 /// # Errors
 /// A missing or `plain` export; [`Error::Lease`] naming the writer that holds it; a stream that is
@@ -86,7 +81,7 @@ pub fn import_diff(
     input: &mut dyn Read,
     force: bool,
     lease: Option<LeaseConfig>,
-    progress: &mut dyn FnMut(u64),
+    progress: &mut dyn FnMut(u64, u64),
 ) -> Result<StreamSummary> {
     let geometry = cas_record(&**backend, export, "diff imports")?;
     let lease = lease.map(|config| Lease::new(backend.clone(), export.clone(), config));

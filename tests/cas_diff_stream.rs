@@ -70,7 +70,7 @@ impl Bucket {
 
     fn import(&self, target: &str, stream: &[u8], force: bool) -> Result<StreamSummary> {
         let objects = self.objects.clone();
-        import_diff(&self.backend, objects, &name(target), &mut &stream[..], force, Some(LEASE), &mut |_| {})
+        import_diff(&self.backend, objects, &name(target), &mut &stream[..], force, Some(LEASE), &mut |_, _| {})
     }
 }
 

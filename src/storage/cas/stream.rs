@@ -92,6 +92,8 @@ pub struct StreamHeader {
     pub from: Side,
     /// The state it produces.
     pub to: Side,
+    /// Blocks its records carry, data and zero: for progress, and checked at the end.
+    pub blocks: u64,
 }
 
 /// What writing or applying a stream did.
@@ -110,29 +112,25 @@ fn bad(at: u64, what: impl fmt::Display) -> Error {
     Error::config("diff stream", format!("at byte {at}: {what}"))
 }
 
-/// Writes a diff stream from `header.from` to `header.to` into `out`: the runs of blocks whose
-/// content differs (read from `store`'s map pages, so the cost follows what changed), with the
-/// bytes of each changed block read from `to`, which must serve `header.to.root`. Calls
+/// Writes the diff stream from `from` to `to` into `out`: the runs of blocks whose content
+/// differs (found in `store`'s map pages, so the cost follows what changed) below `device_size`,
+/// with the bytes of each changed block read from `reader`, which must serve `to.root`. Calls
 /// `progress(done, total)` in blocks.
 ///
 /// # Errors
 /// Store failures, pages or chunks that fail their checks, and write errors of `out`.
 pub fn write_stream(
     store: &dyn ObjectStore,
-    header: &StreamHeader,
-    to: &dyn Storage,
+    from: Side,
+    to: Side,
+    device_size: u64,
+    reader: &dyn Storage,
     out: &mut dyn Write,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<StreamSummary> {
-    if to.block_size() != header.block_size {
-        return Err(Error::config(
-            "diff stream",
-            format!("{to} has {}-byte blocks, the stream {}", to.block_size(), header.block_size),
-        ));
-    }
-    let bs = header.block_size as u64;
-    let device_blocks = header.device_size / bs;
-    let runs: Vec<_> = ops::diff(store, &header.from.root, &header.to.root)?
+    let bs = reader.block_size() as u64;
+    let device_blocks = device_size / bs;
+    let runs: Vec<_> = ops::diff(store, &from.root, &to.root)?
         .into_iter()
         .filter(|r| r.first < device_blocks)
         .map(|mut r| {
@@ -141,11 +139,12 @@ pub fn write_stream(
         })
         .collect();
     let total = runs.iter().map(|r| r.blocks).sum();
+    let header = StreamHeader { block_size: reader.block_size(), device_size, from, to, blocks: total };
     let mut out = Hashing::new(out);
     let mut summary = StreamSummary::default();
     out.put(MAGIC)?;
     out.put(&STREAM_VERSION.to_le_bytes())?;
-    let text = header_text(header);
+    let text = header_text(&header);
     out.put(&(text.len() as u32).to_le_bytes())?;
     out.put(text.as_bytes())?;
     progress(0, total);
@@ -157,7 +156,7 @@ pub fn write_stream(
         out.put(&(run.blocks * bs).to_le_bytes())?;
         if run.change == Change::Data {
             for id in run.first..run.first + run.blocks {
-                if !to.read_block(BlockId(id), &mut buf)? {
+                if !reader.read_block(BlockId(id), &mut buf)? {
                     buf.fill(0);
                 }
                 out.put(&buf)?;
@@ -181,9 +180,10 @@ pub fn write_stream(
 fn header_text(header: &StreamHeader) -> String {
     let root = |r: &Root| r.page.map_or_else(|| "none".to_string(), |h| h.to_string());
     format!(
-        "block-size={}\ndevice-size={}\nfrom={}\nfrom-root={}\nfrom-depth={}\nto={}\nto-root={}\nto-depth={}\n",
+        "block-size={}\ndevice-size={}\nblocks={}\nfrom={}\nfrom-root={}\nfrom-depth={}\nto={}\nto-root={}\nto-depth={}\n",
         header.block_size,
         header.device_size,
+        header.blocks,
         header.from.name,
         root(&header.from.root),
         header.from.root.depth,
@@ -220,7 +220,7 @@ fn parse_header(text: &str, at: u64) -> Result<StreamHeader> {
     if device_size % block_size as u64 != 0 {
         return Err(bad(at, "the header's device-size= is not a multiple of its block size"));
     }
-    Ok(StreamHeader { block_size, device_size, from: side("from")?, to: side("to")? })
+    Ok(StreamHeader { block_size, device_size, from: side("from")?, to: side("to")?, blocks: number("blocks")? })
 }
 
 /// Reads a diff stream's header from `input` (which [`apply_stream`] then continues from).
@@ -268,7 +268,7 @@ pub fn apply_stream(
     input: &mut StreamReader<'_>,
     header: &StreamHeader,
     target: &dyn Storage,
-    progress: &mut dyn FnMut(u64),
+    progress: &mut dyn FnMut(u64, u64),
 ) -> Result<StreamSummary> {
     if target.block_size() != header.block_size {
         return Err(bad(
@@ -292,6 +292,16 @@ pub fn apply_stream(
             let stated: [u8; 32] = input.array("the end record")?;
             if stated != *check.as_bytes() {
                 return Err(bad(at, "the stream fails its BLAKE3 checksum (corrupt or altered in transit)"));
+            }
+            if summary.data_blocks + summary.zero_blocks != header.blocks {
+                return Err(bad(
+                    at,
+                    format!(
+                        "the records carry {} blocks, the header says {}",
+                        summary.data_blocks + summary.zero_blocks,
+                        header.blocks
+                    ),
+                ));
             }
             let mut extra = [0; 1];
             if input.inner.read(&mut extra).map_err(|e| Error::io("diff stream", "reading", &e))? != 0 {
@@ -322,7 +332,7 @@ pub fn apply_stream(
                 input.take(&mut buf, "a data record")?;
                 target.write_block(BlockId(id), &buf)?;
                 summary.data_blocks += 1;
-                progress(summary.data_blocks + summary.zero_blocks);
+                progress(summary.data_blocks + summary.zero_blocks, header.blocks);
             }
         } else {
             let mut first = blocks.start;
@@ -330,7 +340,7 @@ pub fn apply_stream(
                 let last = blocks.end.min(first + ZERO_BATCH);
                 target.delete_blocks(&(first..last).map(BlockId).collect::<Vec<_>>())?;
                 summary.zero_blocks += last - first;
-                progress(summary.data_blocks + summary.zero_blocks);
+                progress(summary.data_blocks + summary.zero_blocks, header.blocks);
                 first = last;
             }
         }
@@ -343,7 +353,7 @@ pub fn apply_stream(
 /// Applies the diff stream read from `input` to `cas` export `export` (of `device_size` bytes in
 /// blocks of `block_size`), committing it with one FLUSH only once the whole stream has checked
 /// out. Unless `force`, the export's committed map must be the stream's `from` map. The caller
-/// holds the export's lease. Calls `progress(blocks)` as it goes.
+/// holds the export's lease. Calls `progress(done, total)` in blocks.
 ///
 /// # Errors
 /// [`Error::Config`] for a stream that is not one, of a newer version, truncated or altered, of
@@ -356,7 +366,7 @@ pub fn import_diff(
     device_size: u64,
     input: &mut dyn Read,
     force: bool,
-    progress: &mut dyn FnMut(u64),
+    progress: &mut dyn FnMut(u64, u64),
 ) -> Result<StreamSummary> {
     let target = CasStorage::open(store, export, block_size, CasConfig::default())?;
     let unchanged = |e| match e {
