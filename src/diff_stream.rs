@@ -4,7 +4,7 @@
 //!
 //! Here live the checks a user's input needs (versions named `EXPORT@SNAP`, the layout, the
 //! lease of the export written to); the stream format and its atomic apply are in
-//! `storage::cas::stream` (docs/CAS-FORMAT.md, "Diff streams").
+//! `storage::cas::stream` (docs/DIFF-STREAM.md).
 
 use std::io::{Read, Write};
 use std::sync::Arc;

@@ -1,4 +1,4 @@
-//! Diff streams, version 1 (docs/CAS-FORMAT.md, "Diff streams"): the blocks that changed
+//! Diff streams, version 1 (docs/DIFF-STREAM.md): the blocks that changed
 //! between two maps of the `cas` layout, with their bytes, as one byte stream that another export
 //! (in this bucket or another) applies atomically.
 //!
