@@ -4,9 +4,9 @@
 //!
 //! Why one stream: an incremental backup is then `export-diff … | import-diff - …`, through a
 //! pipe, a file or ssh, with nothing to stage. Why a checksum at the end and not per record: the
-//! importer writes as it reads (its memory stays one block whatever the stream's size) and commits
-//! only after the end record's BLAKE3 of every byte before it matches, so a stream cut short or
-//! altered anywhere changes nothing the target's readers see. That needs a target that commits at
+//! importer writes as it reads (its memory stays one batch of blocks whatever the stream's
+//! size) and commits only after the end record's BLAKE3 of every byte before it matches, so a
+//! stream cut short or altered anywhere changes nothing the target's readers see. That needs a target that commits at
 //! FLUSH: a `cas` export, whose head moves only then.
 //!
 //! | importer state | on the next input | what the target's readers see |
@@ -30,6 +30,7 @@ use super::ops::{self, Change};
 use super::{CasConfig, CasStorage};
 use crate::storage::objects::ObjectStore;
 use crate::storage::{BlockBuf, BlockId, Storage};
+use crate::volume::cache::parallel;
 use crate::{Error, ExportName, Result};
 
 /// The diff stream version this binary writes and reads.
@@ -48,6 +49,18 @@ const RECORD_END: u8 = b'E';
 
 /// Blocks deleted per call while applying a zero record (one S3 DeleteObjects on plain stores).
 const ZERO_BATCH: u64 = 1000;
+
+/// Blocks read or written at once: one request each, whose time is mostly latency on S3.
+const PARALLEL_BLOCKS: usize = 16;
+
+/// The most bytes of blocks held at once (by a batch of [`PARALLEL_BLOCKS`]), so memory stays
+/// bounded at 4 MiB blocks too.
+const BATCH_BYTES: usize = 16 << 20;
+
+/// Blocks per batch at `block_size`.
+fn batch_blocks(block_size: usize) -> usize {
+    (BATCH_BYTES / block_size).clamp(1, PARALLEL_BLOCKS * 4)
+}
 
 /// One end of a diff: what the user called it, and the map it names.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -148,19 +161,29 @@ pub fn write_stream(
     out.put(&(text.len() as u32).to_le_bytes())?;
     out.put(text.as_bytes())?;
     progress(0, total);
-    let mut buf = BlockBuf::zeroed(header.block_size);
+    let mut bufs: Vec<BlockBuf> =
+        (0..batch_blocks(header.block_size)).map(|_| BlockBuf::zeroed(header.block_size)).collect();
     for run in runs {
         let kind = if run.change == Change::Data { RECORD_DATA } else { RECORD_ZERO };
         out.put(&[kind])?;
         out.put(&(run.first * bs).to_le_bytes())?;
         out.put(&(run.blocks * bs).to_le_bytes())?;
         if run.change == Change::Data {
-            for id in run.first..run.first + run.blocks {
-                if !reader.read_block(BlockId(id), &mut buf)? {
-                    buf.fill(0);
+            let end = run.first + run.blocks;
+            let per_batch = bufs.len();
+            for first in (run.first..end).step_by(per_batch) {
+                let batch = &mut bufs[..(end - first).min(per_batch as u64) as usize];
+                let reads = batch.iter_mut().zip(first..).collect();
+                parallel(reads, PARALLEL_BLOCKS, |(buf, id)| {
+                    if !reader.read_block(BlockId(id), buf)? {
+                        buf.fill(0);
+                    }
+                    Ok(())
+                })?;
+                for buf in batch.iter() {
+                    out.put(buf)?;
                 }
-                out.put(&buf)?;
-                summary.data_blocks += 1;
+                summary.data_blocks += batch.len() as u64;
                 progress(summary.data_blocks + summary.zero_blocks, total);
             }
         } else {
@@ -255,7 +278,7 @@ pub fn read_header(input: &mut StreamReader<'_>) -> Result<StreamHeader> {
 }
 
 /// Applies the records following `header` in `input` to `target`, then, once the end record's
-/// checksum matches and nothing follows it, FLUSHes `target` once. Memory: one block. The caller
+/// checksum matches and nothing follows it, FLUSHes `target` once. Memory: one batch of blocks. The caller
 /// checks the base (`header.from` against the target) between [`read_header`] and this.
 ///
 /// Atomic only on a target that commits at FLUSH (a `cas` export): there, an error returned
@@ -283,7 +306,7 @@ pub fn apply_stream(
     let bs = header.block_size as u64;
     let mut summary = StreamSummary::default();
     let mut next_free = 0; // records are in increasing order and never overlap
-    let mut buf = vec![0; header.block_size];
+    let mut bufs = vec![vec![0; header.block_size]; batch_blocks(header.block_size)];
     loop {
         let at = input.bytes;
         let [kind] = input.array("a record")?;
@@ -328,10 +351,15 @@ pub fn apply_stream(
         next_free = end;
         let blocks = offset / bs..end / bs;
         if kind == RECORD_DATA {
-            for id in blocks {
-                input.take(&mut buf, "a data record")?;
-                target.write_block(BlockId(id), &buf)?;
-                summary.data_blocks += 1;
+            let per_batch = bufs.len();
+            for first in blocks.clone().step_by(per_batch) {
+                let batch = &mut bufs[..(blocks.end - first).min(per_batch as u64) as usize];
+                for buf in batch.iter_mut() {
+                    input.take(buf, "a data record")?;
+                }
+                let writes = batch.iter().zip(first..).collect();
+                parallel(writes, PARALLEL_BLOCKS, |(buf, id)| target.write_block(BlockId(id), buf))?;
+                summary.data_blocks += batch.len() as u64;
                 progress(summary.data_blocks + summary.zero_blocks, header.blocks);
             }
         } else {
