@@ -136,9 +136,13 @@ fn a_stream_from_a_to_b_makes_a_clone_of_a_read_as_b_and_chains_on_to_the_live_e
     let b_root = ops::read_snapshot(&**store, &name("e"), &name("b")).unwrap().root;
     assert_eq!(open(store, "c").committed_root(), b_root, "the same map, so the next diff is small");
 
-    // The next increment applies on top: e@b → the live export.
+    // The next increment applies on top: e@b → the live export as of its last FLUSH.
+    let writer = open(store, "e");
+    writer.write_block(BlockId(7), &block(77)).unwrap();
     bucket.import("c", &bucket.export(Some("e@b"), "e"), false).unwrap();
-    assert!(contents(&open(store, "c")) == contents(&open(store, "e")), "the clone reads as the live export");
+    let c = contents(&open(store, "c"));
+    assert!(c == contents(&open(store, "e")), "the clone reads as the live export's last FLUSH");
+    assert_ne!(c[7], block(77), "a write not yet flushed is not in the stream");
 }
 
 #[test]
@@ -225,11 +229,12 @@ fn an_import_takes_the_exports_lease_and_needs_a_cas_export() {
     assert!(e.contains("export missing does not exist"), "{e}");
 }
 
-/// Counts the GETs that reach a store.
-#[derive(Debug)]
+/// Counts the reads and writes that reach a store.
+#[derive(Debug, Default)]
 struct Counting {
     inner: MemoryObjects,
     reads: AtomicU64,
+    writes: AtomicU64,
 }
 
 impl std::fmt::Display for Counting {
@@ -248,9 +253,11 @@ impl ObjectStore for Counting {
         self.inner.read_into(key, offset, buf)
     }
     fn put(&self, key: &str, data: &[u8], condition: Put<'_>, fence: Option<Fence<'_>>) -> Result<Option<String>> {
+        self.writes.fetch_add(1, Ordering::Relaxed);
         self.inner.put(key, data, condition, fence)
     }
     fn delete(&self, keys: &[String], fence: Option<Fence<'_>>) -> Result<()> {
+        self.writes.fetch_add(1, Ordering::Relaxed);
         self.inner.delete(keys, fence)
     }
     fn list(&self, prefix: &str, start_after: Option<&str>, visit: &mut dyn FnMut(Listed) -> bool) -> Result<()> {
@@ -265,14 +272,15 @@ impl ObjectStore for Counting {
 }
 
 #[test]
-fn a_stream_costs_requests_in_proportion_to_what_changed() {
-    let counting = Arc::new(Counting { inner: MemoryObjects::default(), reads: AtomicU64::new(0) });
+fn a_stream_costs_reads_in_proportion_to_what_changed_and_no_writes() {
+    let counting = Arc::new(Counting::default());
     let bucket = Bucket::new(counting.clone());
     let e = bucket.create("e", BS);
     write(&e, 0..BLOCKS, 1);
     bucket.snapshot("e", "a");
     write(&e, [2500], 2);
     counting.reads.store(0, Ordering::Relaxed);
+    counting.writes.store(0, Ordering::Relaxed);
     let stream = bucket.export(Some("e@a"), "e");
     let reads = counting.reads.load(Ordering::Relaxed);
     // The head and the snapshot record; the two tops and the changed leaf of each map (diff), the
@@ -280,4 +288,5 @@ fn a_stream_costs_requests_in_proportion_to_what_changed() {
     assert!(reads <= 12, "{reads} reads for a one-block change");
     eprintln!("{reads} reads, {} stream bytes for a one-block change of a 3000-block export", stream.len());
     assert!(stream.len() < 2 * BS, "{} bytes for a one-block change", stream.len());
+    assert_eq!(counting.writes.load(Ordering::Relaxed), 0, "exporting changes nothing in the bucket");
 }
