@@ -1,29 +1,37 @@
-//! What one block GET and one block PUT cost in CPU: nbds3's S3 path against aws-sdk-s3 and a
-//! bare HTTP/1.1 client.
+//! What one block GET and one block PUT cost in CPU: nbds3's S3 path against aws-sdk-s3,
+//! hyper and a bare HTTP/1.1 client.
 //!
 //! On a machine where the S3 server shares the cores (SeaweedFS or Garage on loopback, 2 cores
 //! here), a cold sequential read is CPU-bound, so every CPU-second our client spends per GiB is
 //! one the server does not get. `scripts/bench` measures the whole path through nbdkit; this
 //! isolates the S3 client. It stores `S3_BENCH_OBJECTS` blocks of `S3_BENCH_SIZE` bytes through
-//! `S3Storage`, then reads `S3_BENCH_COUNT` of them back, `S3_BENCH_CONCURRENCY` at a time, four
+//! `S3Storage`, then reads `S3_BENCH_COUNT` of them back, `S3_BENCH_CONCURRENCY` at a time, these
 //! ways:
 //!
 //! - `S3Storage::read_block`: what the plugin does (on an http:// endpoint, its own
-//!   [`DirectClient`](nbds3::storage::direct::DirectClient) path, with the CRC32 check);
+//!   [`DirectClient`] path, with the CRC32 check);
 //! - the same through aws-sdk-s3, the path https:// endpoints take;
 //! - that without the SDK's response checksum validation, to show what the CRC32 costs there;
-//! - a bare client: one keep-alive TCP connection per thread, a SigV4-signed GET written by
-//!   hand, the body read straight into the block, nothing checked (http:// endpoints only). It
-//!   is the floor any HTTP client has to pay: the kernel's copy and the signature.
+//! - and, on http:// endpoints only, the transports on their own: [`DirectClient::get`] (the
+//!   hand-written HTTP/1.1 parser), the same request through hyper in two ways (see
+//!   [`hyper_clients`]), and a bare client: one keep-alive TCP connection per thread, a
+//!   SigV4-signed GET written by hand, the body read straight into the block, nothing checked.
+//!   It is the floor any HTTP client has to pay: the kernel's copy and the signature.
 //!
-//! then writes `S3_BENCH_COUNT` blocks back, two ways: `S3Storage::write_block` (nbds3's own PUT
-//! path on an http:// endpoint: the block from the caller's buffer, its CRC32 in a header) and
-//! the same through aws-sdk-s3 (a copy of the block as the SDK's body, the CRC32 in an
-//! aws-chunked trailer). It prints MiB/s, CPU microseconds per request and CPU-seconds per GiB of
-//! this process, and of the S3 server if `S3_BENCH_SERVER_PID` names its process
-//! (`$(cat /tmp/nbds3-seaweedfs/weed.pid)`, or `/tmp/nbds3-garage/garage.pid`); the PUTs
-//! rewrite blocks with the bytes they hold, so the server's figure for them is not what new data
-//! would cost it.
+//! then writes `S3_BENCH_COUNT` blocks back: `S3Storage::write_block` (nbds3's own PUT path on
+//! an http:// endpoint: the block from the caller's buffer, its CRC32 in a header), the same
+//! through aws-sdk-s3 (a copy of the block as the SDK's body, the CRC32 in an aws-chunked
+//! trailer), and on http:// endpoints [`DirectClient::put`] and hyper's two ways.
+//!
+//! Every way runs `S3_BENCH_ROUNDS` times, the ways taking turns, so that a slow spell of the
+//! shared machine falls on all of them. Each run prints MiB/s, CPU microseconds per request and
+//! CPU-seconds per GiB of this process (user and system, all threads), the median and 99th
+//! percentile latency of one request, and the S3 server's CPU-seconds per GiB if
+//! `S3_BENCH_SERVER_PID` names its process (`$(cat /tmp/nbds3-seaweedfs/weed.pid)`, or
+//! `/tmp/nbds3-garage/garage.pid`); the PUTs rewrite blocks with the bytes they hold, so the
+//! server's figure for them is not what new data would cost it. A summary then gives each way's
+//! median CPU per request and latency over the rounds, as ratios to `DirectClient`'s in the same
+//! round, with the lowest and highest ratio.
 //!
 //! ```text
 //! eval "$(scripts/seaweedfs start)"     # or scripts/garage start
@@ -33,25 +41,45 @@
 //! Environment: what `scripts/seaweedfs env` (or `scripts/garage env`) prints
 //! (`NBDS3_S3_ENDPOINT`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`), and
 //! optionally `S3_BENCH_BUCKET` (nbds3-bench-get), `S3_BENCH_SIZE` (1048576), `S3_BENCH_OBJECTS`
-//! (64), `S3_BENCH_COUNT` (1024), `S3_BENCH_CONCURRENCY` (8).
+//! (64), `S3_BENCH_COUNT` (1024), `S3_BENCH_CONCURRENCY` (8), `S3_BENCH_ROUNDS` (3).
 
 use std::env::var;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
-use aws_sdk_s3::config::{Credentials, ResponseChecksumValidation};
+use aws_sdk_s3::config::{Credentials, ResponseChecksumValidation, SharedCredentialsProvider};
 use aws_sigv4::http_request::{sign, PayloadChecksumKind, SignableBody, SignableRequest, SigningSettings};
 use aws_sigv4::sign::v4;
 use aws_smithy_runtime_api::client::identity::Identity;
 use nbds3::block_buf::BlockBuf;
+use nbds3::storage::direct::DirectClient;
 use nbds3::storage::s3::{client, runtime, S3Storage};
 use nbds3::storage::{S3Config, Secret};
 use nbds3::{BlockId, ExportName, Storage};
 
+use hyper_clients::{PerThread, Pooled, Target};
+
+#[path = "s3_requests/hyper_clients.rs"]
+mod hyper_clients;
+
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+/// SHA-256 of the empty body, which SigV4 signs for a GET.
+const EMPTY_SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+/// The way the others are compared with.
+const DIRECT: &str = "DirectClient (hand-written HTTP/1.1)";
+const PER_THREAD: &str = "hyper conn::http1, a runtime per thread";
+const POOLED: &str = "hyper-util Client, pooled, nbds3's runtime";
+
+/// A way of making requests: its label, and how each thread gets its [`RequestFn`].
+type Contender<'a> = (&'static str, Box<dyn Fn() -> Result<RequestFn> + 'a>);
+
+/// Makes the `n`th request: reads its object into a buffer of its own, or writes it.
+type RequestFn = Box<dyn FnMut(usize) -> Result<()> + Send>;
 
 fn main() -> Result<()> {
     let setting = |name: &str, default: usize| -> Result<usize> {
@@ -61,6 +89,7 @@ fn main() -> Result<()> {
     let objects = setting("S3_BENCH_OBJECTS", 64)?.max(1);
     let count = setting("S3_BENCH_COUNT", 1024)?.max(1);
     let concurrency = setting("S3_BENCH_CONCURRENCY", 8)?.max(1);
+    let rounds = setting("S3_BENCH_ROUNDS", 3)?.max(1);
     let endpoint =
         var("NBDS3_S3_ENDPOINT").map_err(|_| "NBDS3_S3_ENDPOINT is not set: eval \"$(scripts/seaweedfs start)\"")?;
     let config = S3Config {
@@ -95,60 +124,66 @@ fn main() -> Result<()> {
     for (&id, block) in ids.iter().zip(&blocks) {
         store.write_block(id, block)?;
     }
-    println!("{count} GETs of {size}-byte objects, {concurrency} at a time, from {endpoint}");
-    println!("{:<40} {:>8} {:>12} {:>10} {:>17}", "client", "MiB/s", "CPU us/req", "CPU s/GiB", "server CPU s/GiB");
-    let plugin =
-        measure("S3Storage::read_block (nbds3)", size, count, concurrency, || block_reader(Arc::clone(&store), &ids))?;
+    let blocks = Arc::new(blocks);
     let through_sdk = Arc::new(S3Storage::new(sdk.sdk.clone().into(), &config, &export, size));
-    let sdk_path = measure("  through aws-sdk-s3 (https endpoints)", size, count, concurrency, || {
-        block_reader(Arc::clone(&through_sdk), &ids)
-    })?;
     let unchecked = aws_sdk_s3::Client::from_conf(
         sdk.sdk.config().to_builder().response_checksum_validation(ResponseChecksumValidation::WhenRequired).build(),
     );
     let unchecked = Arc::new(S3Storage::new(unchecked.into(), &config, &export, size));
-    measure("  the same without the SDK's CRC32 check", size, count, concurrency, || {
-        block_reader(Arc::clone(&unchecked), &ids)
-    })?;
-    let bare = match endpoint.strip_prefix("http://") {
-        Some(host) => {
-            let host = host.trim_end_matches('/').to_string();
-            let keys: Vec<String> =
-                ids.iter().map(|&id| format!("/{}/{}", config.bucket, export.block_key(id, size))).collect();
-            let identity: Identity =
-                Credentials::new(var("AWS_ACCESS_KEY_ID")?, var("AWS_SECRET_ACCESS_KEY")?, None, None, "env").into();
-            let region = config.region.clone();
-            Some(measure("bare HTTP/1.1 client (the floor)", size, count, concurrency, || {
-                bare_reader(&host, &region, &identity, &keys, size)
-            })?)
+    let keys: Arc<[String]> = ids.iter().map(|&id| export.block_key(id, size)).collect();
+    let paths: Vec<String> = keys.iter().map(|key| format!("/{}/{key}", config.bucket)).collect();
+    let credentials = Credentials::new(var("AWS_ACCESS_KEY_ID")?, var("AWS_SECRET_ACCESS_KEY")?, None, None, "env");
+    let direct = runtime()?.block_on(DirectClient::new(&config, &SharedCredentialsProvider::new(credentials.clone())));
+    // DirectClient, hyper and the bare client speak http:// only.
+    let http = match (direct, endpoint.strip_prefix("http://")) {
+        (Some(direct), Some(host)) => {
+            let signer = Signer {
+                host: host.trim_end_matches('/').into(),
+                region: config.region.clone(),
+                identity: credentials.into(),
+            };
+            let target = Arc::new(Target { signer, prefix: format!("/{}/", config.bucket) });
+            Some((Arc::new(direct), Pooled::new(runtime()?, Arc::clone(&target)), target))
         }
-        None => {
-            println!("bare HTTP/1.1 client: skipped, it speaks http:// only");
-            None
-        }
+        _ => None,
     };
-    if let Some(bare) = bare {
-        println!(
-            "per GET, nbds3 spends {:.2}x the CPU of the bare client; through aws-sdk-s3 it would spend {:.2}x",
-            plugin / bare,
-            sdk_path / bare
-        );
+
+    let mut gets = vec![
+        contender("S3Storage::read_block (nbds3)", || block_reader(Arc::clone(&store), &ids)),
+        contender("  through aws-sdk-s3 (https endpoints)", || block_reader(Arc::clone(&through_sdk), &ids)),
+        contender("  the same without the SDK's CRC32 check", || block_reader(Arc::clone(&unchecked), &ids)),
+    ];
+    let mut puts = vec![
+        contender("S3Storage::write_block (nbds3)", || block_writer(Arc::clone(&store), &ids, &blocks)),
+        contender("  through aws-sdk-s3 (https endpoints)", || block_writer(Arc::clone(&through_sdk), &ids, &blocks)),
+    ];
+    match &http {
+        Some((direct, pooled, target)) => {
+            gets.extend([
+                contender(DIRECT, || Ok(reader(Direct(Arc::clone(direct)), &keys, size))),
+                contender(PER_THREAD, || Ok(reader(PerThread::connect(Arc::clone(target))?, &keys, size))),
+                contender(POOLED, || Ok(reader(pooled.clone(), &keys, size))),
+                contender("bare HTTP/1.1 client (the floor)", || bare_reader(&target.signer, &paths, size)),
+            ]);
+            puts.extend([
+                contender(DIRECT, || Ok(writer(Direct(Arc::clone(direct)), &keys, &blocks))),
+                contender(PER_THREAD, || Ok(writer(PerThread::connect(Arc::clone(target))?, &keys, &blocks))),
+                contender(POOLED, || Ok(writer(pooled.clone(), &keys, &blocks))),
+            ]);
+        }
+        None => println!("DirectClient, hyper and the bare client: skipped, they speak http:// only"),
     }
+    println!("{count} GETs of {size}-byte objects, {concurrency} at a time, from {endpoint}");
+    compare(&gets, rounds, size, count, concurrency)?;
     println!("{count} PUTs of {size}-byte objects, {concurrency} at a time");
-    let blocks = Arc::new(blocks);
-    let direct_put = measure("S3Storage::write_block (nbds3)", size, count, concurrency, || {
-        block_writer(Arc::clone(&store), &ids, &blocks)
-    })?;
-    let sdk_put = measure("  through aws-sdk-s3 (https endpoints)", size, count, concurrency, || {
-        block_writer(Arc::clone(&through_sdk), &ids, &blocks)
-    })?;
-    println!("per PUT, nbds3 spends {:.2}x the CPU it would spend through aws-sdk-s3", direct_put / sdk_put);
+    compare(&puts, rounds, size, count, concurrency)?;
     store.delete_blocks(&ids)?;
     Ok(())
 }
 
-/// Makes the `n`th request: reads its object into a buffer of its own, or writes it.
-type RequestFn = Box<dyn FnMut(usize) -> Result<()> + Send>;
+fn contender<'a>(label: &'static str, make: impl Fn() -> Result<RequestFn> + 'a) -> Contender<'a> {
+    (label, Box::new(make))
+}
 
 fn block_reader(store: Arc<S3Storage>, ids: &[BlockId]) -> Result<RequestFn> {
     let ids = ids.to_vec();
@@ -167,31 +202,88 @@ fn block_writer(store: Arc<S3Storage>, ids: &[BlockId], blocks: &Arc<Vec<Vec<u8>
     Ok(Box::new(move |n| Ok(store.write_block(ids[n % ids.len()], &blocks[n % blocks.len()])?)))
 }
 
-fn bare_reader(host: &str, region: &str, identity: &Identity, keys: &[String], size: usize) -> Result<RequestFn> {
-    let stream = TcpStream::connect(host)?;
-    stream.set_nodelay(true)?;
-    let mut response = BufReader::new(stream.try_clone()?);
-    let mut stream = stream;
-    let (host, region, identity, keys) = (host.to_string(), region.to_string(), identity.clone(), keys.to_vec());
-    let mut buf = vec![0; size];
-    Ok(Box::new(move |n| {
-        let path = &keys[n % keys.len()];
+/// A block transport on its own: a GET into the caller's buffer, a PUT from it.
+trait Transport: Send + 'static {
+    fn get(&mut self, key: &str, buf: &mut [u8]) -> Result<()>;
+    fn put(&mut self, key: &str, data: &[u8]) -> Result<()>;
+}
+
+/// Reads the `n`th key into a buffer of this thread's own.
+fn reader(mut transport: impl Transport, keys: &Arc<[String]>, size: usize) -> RequestFn {
+    let (keys, mut buf) = (Arc::clone(keys), BlockBuf::recycled(size));
+    Box::new(move |n| transport.get(&keys[n % keys.len()], &mut buf))
+}
+
+/// Writes the `n`th key with the bytes it holds.
+fn writer(mut transport: impl Transport, keys: &Arc<[String]>, blocks: &Arc<Vec<Vec<u8>>>) -> RequestFn {
+    let (keys, blocks) = (Arc::clone(keys), Arc::clone(blocks));
+    Box::new(move |n| transport.put(&keys[n % keys.len()], &blocks[n % blocks.len()]))
+}
+
+/// The shared [`DirectClient`], as the plugin's threads share it.
+struct Direct(Arc<DirectClient>);
+
+impl Transport for Direct {
+    fn get(&mut self, key: &str, buf: &mut [u8]) -> Result<()> {
+        match self.0.get("bench", key, BlockId(0), buf)? {
+            true => Ok(()),
+            false => Err(format!("{key} is missing").into()),
+        }
+    }
+
+    fn put(&mut self, key: &str, data: &[u8]) -> Result<()> {
+        Ok(self.0.put("bench", key, BlockId(0), data, Instant::now() + Duration::from_secs(30))?)
+    }
+}
+
+/// Signs requests to one endpoint with SigV4, as `DirectClient` does.
+#[derive(Clone)]
+struct Signer {
+    /// `host:port`, to connect to and in the `Host` header.
+    host: String,
+    region: String,
+    identity: Identity,
+}
+
+impl Signer {
+    /// The headers that sign `method path` with these `headers` and this payload hash.
+    fn sign(&self, method: &str, path: &str, headers: &[(&str, &str)], payload: &str) -> Result<Vec<(String, String)>> {
         let mut settings = SigningSettings::default();
         settings.payload_checksum_kind = PayloadChecksumKind::XAmzSha256;
         let params = v4::SigningParams::builder()
-            .identity(&identity)
-            .region(&region)
+            .identity(&self.identity)
+            .region(&self.region)
             .name("s3")
             .time(SystemTime::now())
             .settings(settings)
             .build()?
             .into();
-        let url = format!("http://{host}{path}");
+        let url = format!("http://{}{path}", self.host);
         let request =
-            SignableRequest::new("GET", &url, [("host", host.as_str())].into_iter(), SignableBody::UnsignedPayload)?;
-        let (signed, _) = sign(request, &params)?.into_parts();
+            SignableRequest::new(method, &url, headers.iter().copied(), SignableBody::Precomputed(payload.into()))?;
+        let (signature, _) = sign(request, &params)?.into_parts();
+        Ok(signature.headers().map(|(name, value)| (name.to_string(), value.to_string())).collect())
+    }
+}
+
+/// A CRC32 as S3 writes it: the four big-endian bytes in base64.
+fn crc32_in_s3_form(data: &[u8]) -> String {
+    aws_smithy_types::base64::encode(crc32fast::hash(data).to_be_bytes())
+}
+
+fn bare_reader(signer: &Signer, paths: &[String], size: usize) -> Result<RequestFn> {
+    let stream = TcpStream::connect(&signer.host)?;
+    stream.set_nodelay(true)?;
+    let mut response = BufReader::new(stream.try_clone()?);
+    let mut stream = stream;
+    let (signer, paths) = (signer.clone(), paths.to_vec());
+    let mut buf = vec![0; size];
+    Ok(Box::new(move |n| {
+        let path = &paths[n % paths.len()];
+        let host = signer.host.as_str();
+        let signature = signer.sign("GET", path, &[("host", host)], "UNSIGNED-PAYLOAD")?;
         let mut head = format!("GET {path} HTTP/1.1\r\nhost: {host}\r\n");
-        for (name, value) in signed.headers() {
+        for (name, value) in signature {
             head.push_str(&format!("{name}: {value}\r\n"));
         }
         head.push_str("\r\n");
@@ -222,37 +314,92 @@ fn bare_reader(host: &str, region: &str, identity: &Identity, keys: &[String], s
     }))
 }
 
-/// Runs `count` requests on `concurrency` threads, each with a `RequestFn` from `make`;
-/// prints and returns the CPU microseconds per request.
+/// What one run of `count` requests came to.
+struct Figures {
+    cpu_per_request_us: f64,
+    median_latency_us: f64,
+}
+
+/// Measures each contender `rounds` times, taking turns (each round begins with the next one),
+/// then prints each one's median CPU per request and median latency over the rounds as ratios
+/// to [`DIRECT`]'s in the same round (to the first contender's where that is not measured).
+fn compare(contenders: &[Contender<'_>], rounds: usize, size: usize, count: usize, concurrency: usize) -> Result<()> {
+    println!(
+        "{:<44} {:>8} {:>12} {:>10} {:>9} {:>9} {:>17}",
+        "client", "MiB/s", "CPU us/req", "CPU s/GiB", "p50 us", "p99 us", "server CPU s/GiB"
+    );
+    let mut runs: Vec<Vec<Figures>> = contenders.iter().map(|_| Vec::new()).collect();
+    for round in 0..rounds {
+        for i in (0..contenders.len()).map(|i| (i + round) % contenders.len()) {
+            let (label, make) = &contenders[i];
+            runs[i].push(measure(label, size, count, concurrency, make)?);
+        }
+    }
+    let reference = contenders.iter().position(|(label, _)| *label == DIRECT).unwrap_or(0);
+    println!("medians of {rounds} rounds; ratios to {} in the same round, [lowest, highest]", contenders[reference].0);
+    println!("{:<44} {:>12} {:>20} {:>9} {:>20}", "client", "CPU us/req", "CPU ratio", "p50 us", "p50 ratio");
+    for ((label, _), figures) in contenders.iter().zip(&runs) {
+        let spread = |figure: fn(&Figures) -> f64| {
+            let ratios: Vec<f64> = figures.iter().zip(&runs[reference]).map(|(f, r)| figure(f) / figure(r)).collect();
+            let (lowest, highest) = ratios.iter().fold((f64::MAX, 0f64), |(l, h), &r| (l.min(r), h.max(r)));
+            format!("{:.2} [{lowest:.2}, {highest:.2}]", median(ratios.clone()))
+        };
+        println!(
+            "{label:<44} {:>12.0} {:>20} {:>9.0} {:>20}",
+            median(figures.iter().map(|f| f.cpu_per_request_us).collect()),
+            spread(|f| f.cpu_per_request_us),
+            median(figures.iter().map(|f| f.median_latency_us).collect()),
+            spread(|f| f.median_latency_us),
+        );
+    }
+    Ok(())
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
+/// Runs `count` requests on `concurrency` threads, each with a `RequestFn` from `make`; prints
+/// and returns what they cost.
 fn measure(
     label: &str,
     size: usize,
     count: usize,
     concurrency: usize,
-    make: impl Fn() -> Result<RequestFn>,
-) -> Result<f64> {
-    let readers = (0..concurrency).map(|_| make()).collect::<Result<Vec<_>>>()?;
+    make: &dyn Fn() -> Result<RequestFn>,
+) -> Result<Figures> {
+    let requesters = (0..concurrency).map(|_| make()).collect::<Result<Vec<_>>>()?;
     let next = AtomicUsize::new(0);
+    let latencies = Mutex::new(Vec::with_capacity(count));
     let cpu = process_cpu_seconds();
     let server = server_cpu_seconds();
     let started = Instant::now();
     std::thread::scope(|scope| {
-        let workers: Vec<_> = readers
+        let workers: Vec<_> = requesters
             .into_iter()
-            .map(|mut read| {
-                let next = &next;
+            .map(|mut request| {
+                let (next, latencies) = (&next, &latencies);
                 scope.spawn(move || -> Result<()> {
+                    let mut took = Vec::with_capacity(count / concurrency + 1);
                     loop {
                         let n = next.fetch_add(1, Ordering::Relaxed);
                         if n >= count {
+                            latencies.lock().map_err(|_| "a requester panicked")?.extend(took);
                             return Ok(());
                         }
-                        read(n)?;
+                        let begun = Instant::now();
+                        request(n)?;
+                        took.push(begun.elapsed().as_secs_f64() * 1e6);
                     }
                 })
             })
             .collect();
-        workers.into_iter().try_for_each(|w| w.join().map_err(|_| "a reader panicked")?)
+        workers.into_iter().try_for_each(|w| w.join().map_err(|_| "a requester panicked")?)
     })?;
     let seconds = started.elapsed().as_secs_f64();
     let cpu = process_cpu_seconds() - cpu;
@@ -261,9 +408,18 @@ fn measure(
         (Some(before), Some(after)) => format!("{:.2}", (after - before) / gib),
         _ => "-".into(),
     };
-    let per_request = cpu / count as f64 * 1e6;
-    println!("{label:<40} {:>8.0} {per_request:>12.0} {:>10.2} {server:>17}", gib * 1024.0 / seconds, cpu / gib);
-    Ok(per_request)
+    let mut latencies = latencies.into_inner().map_err(|_| "a requester panicked")?;
+    latencies.sort_by(f64::total_cmp);
+    let p99 = latencies[(latencies.len() * 99 / 100).min(latencies.len() - 1)];
+    let figures = Figures { cpu_per_request_us: cpu / count as f64 * 1e6, median_latency_us: median(latencies) };
+    println!(
+        "{label:<44} {:>8.0} {:>12.0} {:>10.2} {:>9.0} {p99:>9.0} {server:>17}",
+        gib * 1024.0 / seconds,
+        figures.cpu_per_request_us,
+        cpu / gib,
+        figures.median_latency_us,
+    );
+    Ok(figures)
 }
 
 /// User and system CPU time so far of the process `S3_BENCH_SERVER_PID`, if set and readable.

@@ -20,8 +20,9 @@ const BS: usize = 512;
 
 /// An object store that stops answering after `budget` requests, like a process killed there.
 /// With `lose_last_answer`, the last request reaches the store but its caller sees an error.
-/// Before that, one request in `flaky_one_in` (if not 0) fails without reaching the store, as a
-/// refused connection does, and the writer goes on.
+/// Before that, one request in `flaky_one_in` (if not 0) fails, as a refused connection does
+/// (or, for one in three of those, after reaching the store, as a lost answer), and the writer
+/// goes on.
 #[derive(Debug)]
 struct Dying {
     inner: Arc<MemoryObjects>,
@@ -50,10 +51,16 @@ impl Dying {
     fn run<T>(&self, op: impl FnOnce() -> Result<T>) -> Result<T> {
         let dead = || Err(Error::backend(self, "killed"));
         let n = self.attempts.fetch_add(1, Ordering::SeqCst);
-        if self.flaky_one_in != 0 && (n.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40) % self.flaky_one_in == 0 {
+        let draw = n.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40;
+        let flaky = self.flaky_one_in != 0 && draw % self.flaky_one_in == 0;
+        if flaky && draw % 3 != 0 {
             return Err(Error::backend(self, "connection refused"));
         }
         match self.request() {
+            (true, true) if flaky => {
+                let _ = op();
+                Err(Error::backend(self, "answer lost"))
+            }
             (false, _) => dead(),
             (true, answered) => {
                 let result = op();
@@ -148,8 +155,15 @@ fn run_until_killed(
                         *acked = state.clone();
                         attempted.clear();
                     }
-                    // A failed FLUSH may be retried; the writer goes on, as a client would.
-                    Err(_) => continue,
+                    // A failed FLUSH may be retried; the writer goes on, as a client would. Being
+                    // the only writer, it must never think another one took over.
+                    Err(e) => {
+                        assert!(
+                            !e.to_string().contains("another writer"),
+                            "seed {seed}: fenced with no other writer: {e}"
+                        );
+                        continue;
+                    }
                 }
                 Ok(())
             }
@@ -165,7 +179,7 @@ fn run_until_killed(
 /// acknowledged state or a later attempted one, and the next life goes on from there.
 #[test]
 fn a_crash_at_any_request_leaves_some_flushed_state() {
-    let seeds: u64 = std::env::var("CAS_CRASH_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(300);
+    let seeds: u64 = std::env::var("CAS_CRASH_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(600);
     // Blocks in three leaves and beyond the first level, so the map grows and pages split.
     let blocks: Vec<u64> = (0..12).chain(1020..1030).chain([5000, 1 << 20, (1 << 20) + 1]).collect();
     let export = ExportName::new("crash").unwrap();

@@ -1,6 +1,9 @@
 //! `DirectClient`: block GETs, PUTs and DELETEs over plain HTTP/1.1 on the caller's thread,
 //! straight between the block and the socket.
 //!
+//! Kept over hyper, which spent 1.20x this client's CPU per 4K GET, 1.35x per 4K PUT and 1.44-1.47x
+//! at 1M (docs/PERFORMANCE.md, "Transport: hand-written HTTP/1.1 vs hyper").
+//!
 //! Why: with the S3 server on the same machine (MinIO or Garage on loopback, the usual way to run
 //! nbds3 outside AWS), cold sequential reads and bulk writes are CPU-bound, and every CPU-second
 //! the client spends is one the server does not get. Per 1 MiB GET, aws-sdk-s3 cost this process

@@ -10,8 +10,9 @@
 use std::collections::{hash_map, HashMap};
 use std::sync::Arc;
 
-use super::format::{covers, position, Entry, Hash, Page, Root, FANOUT_BITS};
+use super::format::{covers, page_span, position, Entry, Hash, Page, Root, FANOUT, FANOUT_BITS};
 use crate::storage::BlockId;
+use crate::Result;
 
 /// What a lookup or an update found.
 #[derive(Debug, PartialEq, Eq)]
@@ -23,7 +24,7 @@ pub(crate) enum Step<T> {
 }
 
 /// The frozen base tree and the changes on top of it.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct WorkingMap {
     /// The last frozen tree; its pages are stored, or pending in the store's own list.
     pub(crate) base: Root,
@@ -128,6 +129,55 @@ impl WorkingMap {
             };
         }
         Step::Done(())
+    }
+
+    /// Calls `visit` with every mapped block in `range`, in order; `load` reads clean pages.
+    pub(crate) fn walk(
+        &self,
+        range: &std::ops::Range<u64>,
+        load: &mut dyn FnMut(&Hash, u8) -> Result<Arc<Page>>,
+        visit: &mut dyn FnMut(BlockId),
+    ) -> Result<()> {
+        self.walk_page(self.depth - 1, 0, self.clean_top(), range, load, visit)
+    }
+
+    fn walk_page(
+        &self,
+        level: u8,
+        index: u64,
+        hash: Option<Hash>,
+        range: &std::ops::Range<u64>,
+        load: &mut dyn FnMut(&Hash, u8) -> Result<Arc<Page>>,
+        visit: &mut dyn FnMut(BlockId),
+    ) -> Result<()> {
+        let page = match (self.dirty.get(&(level, index)), hash) {
+            (Some(page), _) => Arc::new(page.clone()),
+            (None, Some(h)) => load(&h, level)?,
+            (None, None) => return Ok(()),
+        };
+        let (first, slot_blocks) = page_span(level, index);
+        let overlaps = |slot: u16| {
+            let start = first.saturating_add(u64::from(slot).saturating_mul(slot_blocks));
+            start < range.end && start.saturating_add(slot_blocks) > range.start
+        };
+        if level == 0 {
+            for (&slot, _) in page.entries.iter().filter(|(&slot, _)| overlaps(slot)) {
+                visit(BlockId(first + u64::from(slot)));
+            }
+            return Ok(());
+        }
+        // A changed child may have no entry in its (changed) parent yet: look at every slot.
+        for slot in (0..FANOUT as u16).filter(|&slot| overlaps(slot)) {
+            let child = (index << FANOUT_BITS) | u64::from(slot);
+            let hash = match page.entries.get(&slot) {
+                Some(Entry::Page(h)) => Some(*h),
+                _ => None,
+            };
+            if hash.is_some() || self.dirty.contains_key(&(level - 1, child)) {
+                self.walk_page(level - 1, child, hash, range, load, visit)?;
+            }
+        }
+        Ok(())
     }
 
     /// Encodes every changed page bottom-up into new immutable pages, makes the result the new

@@ -14,8 +14,9 @@
 //! | committed | the head naming the root landed with `If-Match` | every reader, after a crash |
 //!
 //! A head write refused by its condition means another writer committed since this store read
-//! the head: this store then fails every later write and flush, naming what happened, so the
-//! two writers' states never mix.
+//! the head (unless the head found is this writer's own, from a commit whose answer was lost):
+//! this store then fails every later write and flush, naming what happened, so the two writers'
+//! states never mix.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -25,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use lru::LruCache;
 
 use super::objects::{ObjectStore, Put, ReadInto};
-use super::{check_len, BlockBuf, BlockId, Storage};
+use super::{check_len, BlockBuf, BlockId, Capabilities, Storage};
 use crate::{lock, Error, ExportName, Result};
 
 pub mod format;
@@ -170,7 +171,7 @@ impl CasStorage {
             return Err(Error::config(
                 "layout",
                 format!(
-                    "{store} does not honour conditional writes, so a second writer of cas export {export} could not be fenced and FLUSH would not be atomic; serve it from a server that does, or opt in with allow-unconditional-cas"
+                    "{store} does not honour conditional writes, so a second writer of cas export {export} could not be fenced and FLUSH would not be atomic; serve it from a server that honours If-Match and If-None-Match"
                 ),
             ));
         }
@@ -357,46 +358,55 @@ impl CasStorage {
     /// Commits `root` by replacing the head it was read at; refuses and fences this store when
     /// another writer got there first.
     fn commit(&self, root: Root) -> Result<()> {
-        let committed = lock(&self.state).committed.clone();
-        if root == committed.root {
-            return Ok(());
-        }
-        let head = Head {
-            generation: committed.generation + 1,
-            writer: self.writer.clone(),
-            block_size: self.block_size,
-            root,
-        };
-        let bytes = head.encode();
-        let key = head_key(&self.export);
-        let condition = match &committed.version {
-            Some(v) => Put::IfVersion(v),
-            None => Put::IfAbsent,
-        };
-        let landed = match self.store.put(&key, &bytes, condition, None) {
-            Ok(landed) => landed,
-            // No answer: the head may or may not have been written. Reading it back tells.
-            Err(e) => match self.store.get(&key, MAX_RECORD_BYTES) {
-                Ok(Some(found)) if found.bytes == bytes => Some(found.version),
-                _ => return Err(e),
-            },
-        };
-        let mut st = lock(&self.state);
-        match landed {
-            Some(version) => {
+        loop {
+            let committed = lock(&self.state).committed.clone();
+            if root == committed.root {
+                return Ok(());
+            }
+            let head = Head {
+                generation: committed.generation + 1,
+                writer: self.writer.clone(),
+                block_size: self.block_size,
+                root,
+            };
+            let bytes = head.encode();
+            let key = head_key(&self.export);
+            let condition = match &committed.version {
+                Some(v) => Put::IfVersion(v),
+                None => Put::IfAbsent,
+            };
+            let landed = match self.store.put(&key, &bytes, condition, None) {
+                Ok(landed) => landed,
+                // No answer: the head may or may not have been written. Reading it back tells.
+                Err(e) => match self.store.get(&key, MAX_RECORD_BYTES) {
+                    Ok(Some(found)) if found.bytes == bytes => Some(found.version),
+                    _ => return Err(e),
+                },
+            };
+            if let Some(version) = landed {
+                let mut st = lock(&self.state);
                 st.committed = Committed { root, generation: head.generation, version: Some(version) };
                 st.uploaded.clear();
-                Ok(())
+                return Ok(());
             }
-            None => {
-                let why = format!(
-                    "another writer committed export {} since this one read its head at generation {} ({key} changed), so this writer stops: its writes since the last FLUSH are not in the export",
-                    self.export, committed.generation
-                );
-                log::error!("{self}: {why}");
-                st.fenced = Some(why.clone());
-                Err(Error::backend(self, why))
+            // Refused. If the head is a later commit of this very writer (one whose answer was
+            // lost and whose read-back failed too), no other writer came in between: go on from it.
+            let found = read_head(&*self.store, &self.export)?;
+            if let Some((mine, version)) =
+                found.filter(|(h, _)| h.writer == self.writer && h.generation > committed.generation)
+            {
+                let mut st = lock(&self.state);
+                st.committed = Committed { root: mine.root, generation: mine.generation, version: Some(version) };
+                st.uploaded.clear();
+                continue;
             }
+            let why = format!(
+                "another writer committed export {} since this one read its head at generation {} ({key} changed), so this writer stops: its writes since the last FLUSH are not in the export",
+                self.export, committed.generation
+            );
+            log::error!("{self}: {why}");
+            lock(&self.state).fenced = Some(why.clone());
+            return Err(Error::backend(self, why));
         }
     }
 }
@@ -460,17 +470,26 @@ impl Storage for CasStorage {
     }
 
     fn list_blocks_in(&self, range: std::ops::Range<u64>) -> Result<Vec<BlockId>> {
-        // Listing walks the committed-or-frozen tree, so it first freezes what changed.
-        let root = {
-            let _flushing = lock(&self.flushing);
-            if self.source == Source::Head {
-                self.store_changed_pages()?
-            } else {
-                lock(&self.state).committed.root
+        // A copy of the working map (its changed pages are bounded), so no lock is held while
+        // pages are read.
+        let map = lock(&self.state).map.clone();
+        let mut found = Vec::new();
+        let mut load = |hash: &Hash, level: u8| {
+            let cached = {
+                let mut st = lock(&self.state);
+                let State { cache, pending, .. } = &mut *st;
+                clean(cache, pending, hash)
+            };
+            match cached {
+                Some(page) => Ok(page),
+                None => {
+                    let page = Arc::new(fetch_page(&*self.store, hash, level)?);
+                    lock(&self.state).cache.put(*hash, page.clone());
+                    Ok(page)
+                }
             }
         };
-        let mut found = Vec::new();
-        ops::walk(&*self.store, &root, range, &mut |id, _| found.push(id))?;
+        map.walk(&range, &mut load, &mut |id| found.push(id))?;
         Ok(found)
     }
 
@@ -485,6 +504,11 @@ impl Storage for CasStorage {
 
     fn retries(&self) -> u64 {
         self.store.retries()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        // Requests go to a remote store; the map is listed in one walk, not in key-range slices.
+        Capabilities { slow_requests: true, sliced_listing: false }
     }
 }
 

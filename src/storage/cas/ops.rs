@@ -158,23 +158,6 @@ impl Node {
     }
 }
 
-/// Calls `visit` with every mapped block of `root` in `range`, with its chunk, in order.
-///
-/// # Errors
-/// Store failures; pages that fail their checks.
-pub fn walk(
-    store: &dyn ObjectStore,
-    root: &Root,
-    range: Range<u64>,
-    visit: &mut dyn FnMut(BlockId, Hash),
-) -> Result<()> {
-    diff_nodes(store, Node::top(&Root::EMPTY), Node::top(root), root.depth - 1, 0, &range, &mut |id, _, now| {
-        if let Some(chunk) = now {
-            visit(id, chunk);
-        }
-    })
-}
-
 /// What a diff found for a run of blocks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Change {

@@ -37,7 +37,7 @@ fn keys(store: &MemoryObjects, prefix: &str) -> Vec<String> {
 #[test]
 fn conformance_with_tiny_memory_limits() {
     let store = Arc::new(MemoryObjects::default());
-    let config = CasConfig { cached_pages: 1, max_dirty_pages: 2, allow_unconditional: false };
+    let config = CasConfig { cached_pages: 1, max_dirty_pages: 2, ..CasConfig::default() };
     conformance::run_all(
         &|place| Box::new(CasStorage::open(store.clone(), &name(&format!("e{place}")), BLOCK_SIZE, config).unwrap()),
         true,
@@ -50,6 +50,8 @@ fn writes_show_after_reopen_only_once_flushed() {
     let s = open(&store, "e");
     s.write_block(BlockId(1), &block(1)).unwrap();
     assert_eq!(read(&open(&store, "e"), 1), None, "unflushed writes are not committed");
+    assert_eq!(s.list_blocks().unwrap(), vec![BlockId(1)], "listing sees unflushed writes");
+    assert!(keys(&store, "cas/pages/").is_empty(), "listing writes nothing");
     s.flush().unwrap();
     s.write_block(BlockId(2), &block(2)).unwrap();
     let again = open(&store, "e");
@@ -173,6 +175,14 @@ fn snapshots_and_clones_share_blocks_and_stay_apart() {
 struct CountingGets {
     inner: MemoryObjects,
     gets: AtomicU64,
+    /// What it says of its conditional writes (the memory store's are real either way).
+    conditional: bool,
+}
+
+impl CountingGets {
+    fn new(conditional: bool) -> Self {
+        CountingGets { inner: MemoryObjects::default(), gets: AtomicU64::new(0), conditional }
+    }
 }
 
 impl fmt::Display for CountingGets {
@@ -202,13 +212,13 @@ impl ObjectStore for CountingGets {
         Ok(())
     }
     fn conditional_writes(&self) -> Result<bool> {
-        Ok(true)
+        Ok(self.conditional)
     }
 }
 
 #[test]
 fn diffs_list_changed_runs_and_skip_equal_subtrees() {
-    let store = Arc::new(CountingGets { inner: MemoryObjects::default(), gets: AtomicU64::new(0) });
+    let store = Arc::new(CountingGets::new(true));
     let e = name("e");
     let s = CasStorage::open(store.clone(), &e, BLOCK_SIZE, CasConfig::default()).unwrap();
     for id in (0..20_000).step_by(7) {
@@ -242,9 +252,9 @@ fn diffs_list_changed_runs_and_skip_equal_subtrees() {
 
 #[test]
 fn a_large_export_opens_with_one_get_and_keeps_its_memory_bounded() {
-    let store = Arc::new(CountingGets { inner: MemoryObjects::default(), gets: AtomicU64::new(0) });
+    let store = Arc::new(CountingGets::new(true));
     let e = name("big");
-    let config = CasConfig { cached_pages: 4, max_dirty_pages: 8, allow_unconditional: false };
+    let config = CasConfig { cached_pages: 4, max_dirty_pages: 8, ..CasConfig::default() };
     let blocks = (1u64 << 40) / BLOCK_SIZE as u64; // 1 TiB
     let s = CasStorage::open(store.clone(), &e, BLOCK_SIZE, config).unwrap();
     let mut written = Vec::new();
@@ -267,5 +277,57 @@ fn a_large_export_opens_with_one_get_and_keeps_its_memory_bounded() {
     assert_eq!(store.gets.load(Ordering::Relaxed), 1, "open reads the head and nothing else");
     for (id, seed) in written.iter().step_by(97) {
         assert_eq!(read(&again, *id), Some(block(*seed)), "block {id}");
+    }
+}
+
+#[test]
+fn a_store_without_conditional_writes_is_refused_unless_opted_in() {
+    let store = Arc::new(CountingGets::new(false));
+    let err = CasStorage::open(store.clone(), &name("e"), BLOCK_SIZE, CasConfig::default()).unwrap_err().to_string();
+    assert!(err.contains("does not honour conditional writes") && err.contains("cas export e"), "{err}");
+    let config = CasConfig { allow_unconditional: true, ..CasConfig::default() };
+    let s = CasStorage::open(store, &name("e"), BLOCK_SIZE, config).unwrap();
+    s.write_block(BlockId(0), &block(0)).unwrap();
+    s.flush().unwrap();
+}
+
+#[test]
+fn writers_and_flushes_running_at_once_lose_nothing() {
+    let store = Arc::new(MemoryObjects::default());
+    let config = CasConfig { cached_pages: 3, max_dirty_pages: 4, ..CasConfig::default() };
+    let s = CasStorage::open(store.clone(), &name("busy"), BLOCK_SIZE, config).unwrap();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while !done.load(Ordering::Relaxed) {
+                s.flush().unwrap();
+            }
+        });
+        let writers: Vec<_> = (0..6u64)
+            .map(|t| {
+                let s = &s;
+                scope.spawn(move || {
+                    for i in 0..150u64 {
+                        // Threads share leaves (ids interleave) and reach into a second level.
+                        let id = i * 6 + t + if i % 10 == 0 { 1 << 21 } else { 0 };
+                        s.write_block(BlockId(id), &block((id % 251) as u8)).unwrap();
+                        if i % 7 == 0 {
+                            s.delete_block(BlockId(id)).unwrap();
+                        }
+                    }
+                })
+            })
+            .collect();
+        writers.into_iter().for_each(|w| w.join().unwrap());
+        done.store(true, Ordering::Relaxed);
+    });
+    s.flush().unwrap();
+    let again = open(&store, "busy");
+    for t in 0..6u64 {
+        for i in 0..150u64 {
+            let id = i * 6 + t + if i % 10 == 0 { 1 << 21 } else { 0 };
+            let expected = (i % 7 != 0).then(|| block((id % 251) as u8));
+            assert_eq!(read(&again, id), expected, "block {id}");
+        }
     }
 }
