@@ -26,16 +26,11 @@ fn name(s: &str) -> ExportName {
     ExportName::new(s).unwrap()
 }
 
+/// A block of bytes no other seed gives.
 fn block(seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..BS)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    let mut bytes = vec![0; BS];
+    blake3::Hasher::new().update(&seed.to_le_bytes()).finalize_xof().fill(&mut bytes);
+    bytes
 }
 
 /// A bucket: export records and leases in `backend`, the `cas` objects in `objects`.
