@@ -88,7 +88,8 @@ pub fn import_diff(
     if let Some(lease) = &lease {
         lease.hold()?;
     }
-    let applied = stream::import_diff(objects, export, geometry.block_size(), geometry.size(), input, force, progress);
+    let applied =
+        stream::apply_to_export(objects, export, geometry.block_size(), geometry.size(), input, force, progress);
     if let Some(lease) = lease {
         lease.release();
     }

@@ -278,8 +278,9 @@ pub fn read_header(input: &mut StreamReader<'_>) -> Result<StreamHeader> {
 }
 
 /// Applies the records following `header` in `input` to `target`, then, once the end record's
-/// checksum matches and nothing follows it, FLUSHes `target` once. Memory: one batch of blocks. The caller
-/// checks the base (`header.from` against the target) between [`read_header`] and this.
+/// checksum matches and nothing follows it, FLUSHes `target` once. Memory: one batch of blocks.
+/// The caller checks the base (`header.from` against the target) between [`read_header`] and
+/// this.
 ///
 /// Atomic only on a target that commits at FLUSH (a `cas` export): there, an error returned
 /// here leaves what its readers see unchanged; the caller drops `target` without flushing it.
@@ -387,7 +388,7 @@ pub fn apply_stream(
 /// [`Error::Config`] for a stream that is not one, of a newer version, truncated or altered, of
 /// another block size, larger than the export, or made from another base; store failures, and a
 /// second writer that commits meanwhile (the export then stays as that writer left it).
-pub fn import_diff(
+pub fn apply_to_export(
     store: Arc<dyn ObjectStore>,
     export: &ExportName,
     block_size: usize,
@@ -401,6 +402,9 @@ pub fn import_diff(
         Error::Config { key, message } => {
             Error::Config { key, message: format!("{message}; export {export} is unchanged") }
         }
+        Error::Backend { store, message } => {
+            Error::Backend { store, message: format!("{message}; export {export} is unchanged") }
+        }
         other => other,
     };
     let mut input = StreamReader::new(input);
@@ -409,7 +413,7 @@ pub fn import_diff(
     apply_stream(&mut input, &header, &target, progress).map_err(unchanged)
 }
 
-/// Refuses a stream that does not fit `target` (see [`import_diff`]).
+/// Refuses a stream that does not fit `target` (see [`apply_to_export`]).
 fn check_base(
     header: &StreamHeader,
     export: &ExportName,
