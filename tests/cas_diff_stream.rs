@@ -224,12 +224,26 @@ fn an_import_takes_the_exports_lease_and_needs_a_cas_export() {
     assert!(e.contains("export missing does not exist"), "{e}");
 }
 
-/// Counts the reads and writes that reach a store.
-#[derive(Debug, Default)]
+/// Counts the reads and writes that reach a store, and fails writes once `failing_from` have
+/// been made.
+#[derive(Debug)]
 struct Counting {
     inner: MemoryObjects,
     reads: AtomicU64,
     writes: AtomicU64,
+    failing_from: AtomicU64,
+}
+
+impl Default for Counting {
+    fn default() -> Self {
+        let zero = || AtomicU64::new(0);
+        Counting {
+            inner: MemoryObjects::default(),
+            reads: zero(),
+            writes: zero(),
+            failing_from: AtomicU64::new(u64::MAX),
+        }
+    }
 }
 
 impl std::fmt::Display for Counting {
@@ -248,7 +262,9 @@ impl ObjectStore for Counting {
         self.inner.read_into(key, offset, buf)
     }
     fn put(&self, key: &str, data: &[u8], condition: Put<'_>, fence: Option<Fence<'_>>) -> Result<Option<String>> {
-        self.writes.fetch_add(1, Ordering::Relaxed);
+        if self.writes.fetch_add(1, Ordering::Relaxed) >= self.failing_from.load(Ordering::Relaxed) {
+            return Err(nbds3::Error::backend(self, format!("{key}: connection reset (injected)")));
+        }
         self.inner.put(key, data, condition, fence)
     }
     fn delete(&self, keys: &[String], fence: Option<Fence<'_>>) -> Result<()> {
@@ -284,4 +300,27 @@ fn a_stream_costs_reads_in_proportion_to_what_changed_and_no_writes() {
     eprintln!("{reads} reads, {} stream bytes for a one-block change of a 3000-block export", stream.len());
     assert!(stream.len() < 2 * BS, "{} bytes for a one-block change", stream.len());
     assert_eq!(counting.writes.load(Ordering::Relaxed), 0, "exporting changes nothing in the bucket");
+}
+
+#[test]
+fn a_store_failure_during_an_import_leaves_the_export_unchanged_and_a_retry_applies_it() {
+    let counting = Arc::new(Counting::default());
+    let bucket = Bucket::new(counting.clone());
+    let e = bucket.create("e", BS);
+    write(&e, 0..100, 1);
+    bucket.snapshot("e", "a");
+    write(&e, 50..300, 2);
+    bucket.snapshot("e", "b");
+    snapshots::clone(&*bucket.backend, &*bucket.objects, &name("e"), &name("a"), &name("c")).unwrap();
+    let stream = bucket.export(Some("e@a"), "e@b");
+    let before = contents(&open(&bucket.objects, "c"));
+
+    counting.failing_from.store(counting.writes.load(Ordering::Relaxed) + 120, Ordering::Relaxed);
+    let e = bucket.import("c", &stream, false).unwrap_err().to_string();
+    assert!(e.contains("connection reset (injected); export c is unchanged"), "{e}");
+    counting.failing_from.store(u64::MAX, Ordering::Relaxed);
+    assert!(contents(&open(&bucket.objects, "c")) == before, "the failed import left no trace a reader sees");
+
+    bucket.import("c", &stream, false).unwrap();
+    assert!(contents(&open(&bucket.objects, "c")) == snapshot_contents(&bucket.objects, "e", "b"));
 }
