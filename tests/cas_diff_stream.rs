@@ -324,3 +324,45 @@ fn a_store_failure_during_an_import_leaves_the_export_unchanged_and_a_retry_appl
     bucket.import("c", &stream, false).unwrap();
     assert!(contents(&open(&bucket.objects, "c")) == snapshot_contents(&bucket.objects, "e", "b"));
 }
+
+/// A sealed stream: `header` text, then `records`, then the end record and its checksum.
+fn sealed(header: &str, records: &[u8]) -> Vec<u8> {
+    let mut bytes = b"NBDS3DIF".to_vec();
+    bytes.extend_from_slice(&1u32.to_le_bytes());
+    bytes.extend_from_slice(&(header.len() as u32).to_le_bytes());
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend_from_slice(records);
+    bytes.push(b'E');
+    let check = *blake3::hash(&bytes).as_bytes();
+    bytes.extend_from_slice(&check);
+    bytes
+}
+
+fn zero_record(offset: u64, length: u64) -> Vec<u8> {
+    [&[b'Z'][..], &offset.to_le_bytes(), &length.to_le_bytes()].concat()
+}
+
+#[test]
+fn well_sealed_streams_are_still_checked_record_by_record_and_unknown_header_keys_are_ignored() {
+    let bucket = lineage();
+    let stream = bucket.export(Some("e@a"), "e@b");
+    let len = u32::from_le_bytes(stream[12..16].try_into().unwrap()) as usize;
+    let header = std::str::from_utf8(&stream[16..16 + len]).unwrap();
+    let records = &stream[16 + len..stream.len() - 33];
+    let two = header.lines().map(|l| if l.starts_with("blocks=") { "blocks=2" } else { l }).collect::<Vec<_>>();
+    let two = two.join("\n") + "\n";
+    let bs = BS as u64;
+
+    let backwards = [zero_record(2 * bs, bs), zero_record(0, bs)].concat();
+    refused(&bucket, &sealed(&two, &backwards), "out of order");
+    let overlapping = [zero_record(0, 2 * bs), zero_record(bs, bs)].concat();
+    refused(&bucket, &sealed(&two, &overlapping), "out of order");
+    refused(&bucket, &sealed(&two, &[zero_record(DEVICE - bs, 2 * bs)].concat()), "past the");
+    refused(&bucket, &sealed(&two, &[zero_record(1, bs), zero_record(2 * bs, bs)].concat()), "misaligned");
+    refused(&bucket, &sealed(&two, &zero_record(0, bs)), "the records carry 1 blocks, the header says 2");
+    refused(&bucket, &sealed(&header.replace("block-size=", "colour=blue\nblok-size="), records), "no block-size=");
+
+    let with_a_note = format!("note=written by a later nbds3\n{header}");
+    bucket.import("c", &sealed(&with_a_note, records), false).unwrap();
+    assert!(contents(&open(&bucket.objects, "c")) == snapshot_contents(&bucket.objects, "e", "b"));
+}
