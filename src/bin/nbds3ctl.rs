@@ -349,8 +349,13 @@ fn export_diff(backend: &dyn Backend, args: &Args<'_>) -> Result<(), Failure> {
             1 << 20,
             created.map_err(|e| Failure(1, format!("cannot create {file}: {e}")))?,
         );
-        let written = diff_stream::export_diff(backend, objects, from.as_ref(), &to, &mut out, &mut progress)
-            .and_then(|s| out.into_inner().map_err(|e| Error::io(file, "writing", e.error())).map(|_| s));
+        let written =
+            diff_stream::export_diff(backend, objects, from.as_ref(), &to, &mut out, &mut progress).and_then(|s| {
+                // Durable before it is reported written: a backup that a crash could lose is none.
+                let file_done = out.into_inner().map_err(|e| Error::io(file, "writing", e.error()))?;
+                file_done.sync_all().map_err(|e| Error::io(file, "syncing", &e))?;
+                Ok(s)
+            });
         if written.is_err() {
             // A partial stream would only be refused later: leave none behind.
             let _ = std::fs::remove_file(file);
