@@ -318,38 +318,43 @@ impl CasStorage {
         let mut st = lock(&self.state);
         let State { pending, cache, .. } = &mut *st;
         pending.retain(|p| {
-            let done = stored.iter().any(|(h, ok)| *h == p.hash && *ok);
+            let done = stored.contains(&p.hash);
             if done {
                 cache.put(p.hash, p.page.clone());
             }
             !done
         });
-        match stored.into_iter().find(|(_, ok)| !ok) {
-            Some(_) => Err(Error::backend(
-                self,
-                format!("{} map pages could not be stored; FLUSH again to retry", pending.len()),
-            )),
-            None => Ok(root),
+        if pending.is_empty() {
+            Ok(root)
+        } else {
+            Err(Error::backend(self, format!("{} map pages could not be stored; FLUSH again to retry", pending.len())))
         }
     }
 
-    /// PUTs pages a few at a time; says which ones were stored.
-    fn put_pages(&self, pages: &[(Hash, Arc<Vec<u8>>)]) -> Vec<(Hash, bool)> {
-        let put = |(hash, bytes): &(Hash, Arc<Vec<u8>>)| {
-            let result = self.store.put(&page_key(hash), bytes, Put::Always, None);
-            if let Err(e) = &result {
-                log::warn!("{self}: storing map page {}: {e}", page_key(hash));
-            }
-            (*hash, result.is_ok())
+    /// PUTs pages a few at a time; returns the ones stored. A worker thread that cannot start
+    /// (or dies) only leaves its pages unstored, for the next FLUSH to retry.
+    fn put_pages(&self, pages: &[(Hash, Arc<Vec<u8>>)]) -> Vec<Hash> {
+        let put = |part: &[(Hash, Arc<Vec<u8>>)]| -> Vec<Hash> {
+            let stored =
+                part.iter().filter(|(hash, bytes)| match self.store.put(&page_key(hash), bytes, Put::Always, None) {
+                    Ok(_) => true,
+                    Err(e) => {
+                        log::warn!("{self}: storing map page {}: {e}", page_key(hash));
+                        false
+                    }
+                });
+            stored.map(|(hash, _)| *hash).collect()
         };
         if pages.len() <= 1 {
-            return pages.iter().map(put).collect();
+            return put(pages);
         }
         let per_thread = pages.len().div_ceil(PARALLEL_PAGE_PUTS);
         std::thread::scope(|s| {
             let workers: Vec<_> = pages
                 .chunks(per_thread)
-                .map(|part| s.spawn(move || part.iter().map(put).collect::<Vec<_>>()))
+                .filter_map(|part| {
+                    std::thread::Builder::new().name("nbds3-cas-pages".into()).spawn_scoped(s, move || put(part)).ok()
+                })
                 .collect();
             workers.into_iter().flat_map(|w| w.join().unwrap_or_default()).collect()
         })
