@@ -382,6 +382,9 @@ fn import_diff(backend: &Arc<dyn Backend>, args: &Args<'_>, lease: Option<LeaseC
         return Err(usage("import-diff needs FILE EXPORT (- for standard input)"));
     };
     let export = ExportName::new(export)?;
+    if file == "-" && std::io::stdin().is_terminal() {
+        return Err(usage("- reads the stream from standard input, which is a terminal: pipe it in, or give a FILE"));
+    }
     let objects = cas_objects(&**backend)?;
     let mut progress = progress("importing");
     let force = args.switch("--force");
