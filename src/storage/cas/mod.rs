@@ -435,7 +435,8 @@ impl Storage for CasStorage {
             return Ok(false);
         };
         let key = chunk_key(&hash);
-        let corrupt = |message: String| Error::CorruptBlock { store: self.to_string(), block: id.0, message };
+        // Error::backend rather than CorruptBlock, whose fields are changing on another branch.
+        let corrupt = |what: String| Error::backend(self, format!("block {id} is corrupt: {what}"));
         match self.store.read_into(&key, None, buf)? {
             ReadInto::Filled if Hash::of(buf) == hash => Ok(true),
             ReadInto::Filled => Err(corrupt(format!("chunk {key} does not hash to its name"))),
