@@ -47,6 +47,7 @@ pub mod admin;
 mod background;
 pub mod block_buf;
 pub mod config;
+pub mod diff_stream;
 pub mod error;
 pub mod export;
 pub mod export_record;

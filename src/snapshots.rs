@@ -50,7 +50,7 @@ impl fmt::Display for Version {
 }
 
 /// The record of `export`, which must exist and have the `cas` layout.
-fn cas_record(backend: &dyn Backend, export: &ExportName, what: &str) -> Result<Geometry> {
+pub(crate) fn cas_record(backend: &dyn Backend, export: &ExportName, what: &str) -> Result<Geometry> {
     let record = ExportRecord::read(backend, export)?.ok_or_else(|| Error::ExportNotFound {
         store: backend.to_string(),
         export: export.to_string(),
@@ -133,7 +133,11 @@ pub struct ChangedBytes {
 }
 
 /// The map and geometry of an export or snapshot.
-fn version_root(backend: &dyn Backend, objects: &dyn ObjectStore, version: &Version) -> Result<(Root, Geometry)> {
+pub(crate) fn version_root(
+    backend: &dyn Backend,
+    objects: &dyn ObjectStore,
+    version: &Version,
+) -> Result<(Root, Geometry)> {
     match &version.snapshot {
         None => {
             let geometry = cas_record(backend, &version.export, "diffs")?;

@@ -9,10 +9,12 @@ use std::time::Duration;
 
 use nbds3::config::{parse_size, Config, ConfigKey, StorageKind};
 use nbds3::exports::open_backend;
-use nbds3::lease::LeaseHolder;
+use nbds3::lease::{LeaseConfig, LeaseHolder};
+use nbds3::snapshots::Version;
 use nbds3::storage::cas::gc::{self, GcOptions, GcPhase, GcReport};
-use nbds3::storage::{Backend, ObjectStore};
-use nbds3::{admin, Error, ExportName};
+use nbds3::storage::cas::stream::StreamSummary;
+use nbds3::storage::Backend;
+use nbds3::{admin, diff_stream, Error, ExportName};
 
 const USAGE: &str = "\
 Usage: nbds3ctl [KEY=VALUE ...] COMMAND [ARGS]
@@ -51,7 +53,7 @@ struct Command {
     switches: &'static [&'static str],
 }
 
-const COMMANDS: [Command; 6] = [
+const COMMANDS: [Command; 8] = [
     Command {
         name: "list",
         args: "[--json]",
@@ -136,6 +138,35 @@ its progress; --json prints the summary as one JSON object.",
         takes_name: false,
         options: &["--grace"],
         switches: &["--dry-run", "--force", "--json"],
+    },
+    Command {
+        name: "export-diff",
+        args: "[FROM] TO FILE|- [--json]",
+        summary: "the blocks changed from FROM to TO with their data, as one stream",
+        details: "\
+FROM and TO are cas exports (EXPORT: its last completed FLUSH) or their snapshots (EXPORT@SNAP),
+of one block size; without FROM the stream carries every block of TO (a full backup). FILE is
+created (an existing one is refused); - writes to standard output. The stream's format is in
+docs/DIFF-STREAM.md. Reads cost requests in proportion to what changed. With --json, prints what
+was written as one JSON object (not with -). On a terminal, shows its progress.",
+        takes_name: true,
+        options: &[],
+        switches: &["--json"],
+    },
+    Command {
+        name: "import-diff",
+        args: "FILE|- EXPORT [--force] [--json]",
+        summary: "apply a stream from export-diff to a cas export, atomically",
+        details: "\
+EXPORT must hold the stream's FROM state (a clone of that snapshot, or an export an earlier import
+brought there) unless --force. The stream is applied under the export's lease, like a writer, and
+committed with one FLUSH only once all of it has arrived and its checksum matches: a stream cut
+short, altered, of a newer version or another block size is refused and the export stays as it
+was. - reads from standard input. With --json, prints what was applied as one JSON object. On a
+terminal, shows its progress.",
+        takes_name: true,
+        options: &[],
+        switches: &["--force", "--json"],
     },
 ];
 
@@ -316,7 +347,7 @@ fn run(args: &[String]) -> Result<(), Failure> {
                     .ok_or_else(|| usage(format!("--grace takes seconds, not {v:?}")))?,
             };
             let options = GcOptions { grace, dry_run: args.switch("--dry-run"), force: args.switch("--force") };
-            let objects = object_store(&*backend)?;
+            let objects = &*backend.objects();
             let mut bar = progress("deleting");
             let show = std::io::stderr().is_terminal();
             let report = gc::gc(&*objects, &options, &mut |phase, done, total| match phase {
@@ -347,9 +378,104 @@ fn run(args: &[String]) -> Result<(), Failure> {
                 grace.as_secs_f64()
             );
         }
+        "export-diff" => export_diff(&*backend, &args)?,
+        "import-diff" => import_diff(&backend, &args, config.lease_config())?,
         other => unreachable!("command {other} is in COMMANDS but not run"),
     }
     Ok(())
+}
+
+/// `export-diff [FROM] TO FILE|-`.
+fn export_diff(backend: &dyn Backend, args: &Args<'_>) -> Result<(), Failure> {
+    let words: Vec<&str> = args.name.iter().copied().chain(args.more.iter().copied()).collect();
+    let (from, to, file) = match words[..] {
+        [from, to, file] => (Some(Version::parse(from)?), Version::parse(to)?, file),
+        [to, file] => (None, Version::parse(to)?, file),
+        _ => return Err(usage("export-diff needs [FROM] TO FILE (- for standard output)")),
+    };
+    let json = args.switch("--json");
+    if file == "-" && json {
+        return Err(usage("--json prints to standard output, where - writes the stream: give a FILE"));
+    }
+    if file == "-" && std::io::stdout().is_terminal() {
+        return Err(usage("refusing to write a binary stream to a terminal: redirect it, or give a FILE"));
+    }
+    let objects = backend.objects();
+    let mut progress = progress("exporting");
+    let summary = if file == "-" {
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, std::io::stdout().lock());
+        diff_stream::export_diff(backend, objects, from.as_ref(), &to, &mut out, &mut progress)?
+    } else {
+        let created = std::fs::OpenOptions::new().write(true).create_new(true).open(file);
+        let mut out = std::io::BufWriter::with_capacity(
+            1 << 20,
+            created.map_err(|e| Failure(1, format!("cannot create {file}: {e}")))?,
+        );
+        let written =
+            diff_stream::export_diff(backend, objects, from.as_ref(), &to, &mut out, &mut progress).and_then(|s| {
+                // Durable before it is reported written: a backup that a crash could lose is none.
+                let file_done = out.into_inner().map_err(|e| Error::io(file, "writing", e.error()))?;
+                file_done.sync_all().map_err(|e| Error::io(file, "syncing", &e))?;
+                Ok(s)
+            });
+        if written.is_err() {
+            // A partial stream would only be refused later: leave none behind.
+            let _ = std::fs::remove_file(file);
+        }
+        written?
+    };
+    let from = from.map_or_else(|| "nothing".to_string(), |f| f.to_string());
+    if json {
+        print_json(&serde_json::json!({
+            "from": from, "to": to.to_string(), "file": file,
+            "data_blocks": summary.data_blocks, "zero_blocks": summary.zero_blocks, "stream_bytes": summary.stream_bytes,
+        }));
+    } else if file != "-" {
+        println!("{}", stream_summary(&format!("wrote the changes from {from} to {to} into {file}"), &summary));
+    } else if std::io::stderr().is_terminal() {
+        eprintln!("{}", stream_summary(&format!("wrote the changes from {from} to {to}"), &summary));
+    }
+    Ok(())
+}
+
+/// `import-diff FILE|- EXPORT`.
+fn import_diff(backend: &Arc<dyn Backend>, args: &Args<'_>, lease: Option<LeaseConfig>) -> Result<(), Failure> {
+    let (Some(file), [export]) = (args.name, &args.more[..]) else {
+        return Err(usage("import-diff needs FILE EXPORT (- for standard input)"));
+    };
+    let export = ExportName::new(export)?;
+    if file == "-" && std::io::stdin().is_terminal() {
+        return Err(usage("- reads the stream from standard input, which is a terminal: pipe it in, or give a FILE"));
+    }
+    let objects = backend.objects();
+    let mut progress = progress("importing");
+    let force = args.switch("--force");
+    let summary = if file == "-" {
+        let mut input = std::io::BufReader::with_capacity(1 << 20, std::io::stdin().lock());
+        diff_stream::import_diff(backend, objects, &export, &mut input, force, lease, &mut progress)?
+    } else {
+        let opened = std::fs::File::open(file).map_err(|e| Failure(1, format!("cannot open {file}: {e}")))?;
+        let mut input = std::io::BufReader::with_capacity(1 << 20, opened);
+        diff_stream::import_diff(backend, objects, &export, &mut input, force, lease, &mut progress)?
+    };
+    if args.switch("--json") {
+        print_json(&serde_json::json!({
+            "export": export.as_str(), "file": file,
+            "data_blocks": summary.data_blocks, "zero_blocks": summary.zero_blocks, "stream_bytes": summary.stream_bytes,
+        }));
+    } else {
+        println!("{}", stream_summary(&format!("applied {file} to export {export}"), &summary));
+    }
+    Ok(())
+}
+
+fn stream_summary(done: &str, s: &StreamSummary) -> String {
+    format!(
+        "{done}: {} blocks of data, {} blocks zeroed ({} stream)",
+        s.data_blocks,
+        s.zero_blocks,
+        human(s.stream_bytes)
+    )
 }
 
 /// Who holds the export's lease, and until when.
@@ -393,24 +519,38 @@ fn general_help() -> String {
     help + FOOTER
 }
 
+/// How many words a command takes after its NAME: few take any.
+fn more_words(command: &str) -> usize {
+    match command {
+        "export-diff" => 2,
+        "import-diff" => 1,
+        _ => 0,
+    }
+}
+
 /// A command's arguments, checked against what it takes.
 struct Args<'a> {
     name: Option<&'a str>,
+    /// Words after NAME, for the commands that take them ([`more_words`]).
+    more: Vec<&'a str>,
     options: Vec<(&'a str, &'a str)>,
     switches: Vec<&'a str>,
 }
 
 impl<'a> Args<'a> {
     fn parse(command: &Command, words: &[&'a str]) -> Result<Self, Failure> {
-        let mut args = Args { name: None, options: Vec::new(), switches: Vec::new() };
+        let mut args = Args { name: None, more: Vec::new(), options: Vec::new(), switches: Vec::new() };
         let mut words = words.iter().copied();
         while let Some(word) = words.next() {
             let word = if word == "-y" { "--yes" } else { word };
-            if !word.starts_with('-') {
-                if !command.takes_name || args.name.is_some() {
+            if word == "-" || !word.starts_with('-') {
+                if command.takes_name && args.name.is_none() {
+                    args.name = Some(word);
+                } else if args.name.is_some() && args.more.len() < more_words(command.name) {
+                    args.more.push(word);
+                } else {
                     return Err(usage(format!("unexpected argument {word:?}")));
                 }
-                args.name = Some(word);
                 continue;
             }
             let (flag, inline) = word.split_once('=').map_or((word, None), |(f, v)| (f, Some(v)));
@@ -481,13 +621,6 @@ fn gc_json(r: &GcReport, dry_run: bool) -> serde_json::Value {
         "live_pages": r.live_pages,
         "live_page_bytes": r.live_page_bytes,
     })
-}
-
-/// The object store beneath `backend`, where `cas` exports keep their chunks, pages and heads.
-/// Backends hand it out with the object layer (`Backend::objects`), which this build lacks:
-/// until it is merged, the `cas` commands say so.
-fn object_store(backend: &dyn Backend) -> Result<Arc<dyn ObjectStore>, Failure> {
-    Err(Failure(1, format!("{backend} has no object layer in this build, so it holds no cas exports to collect")))
 }
 
 fn print_json(value: &serde_json::Value) {

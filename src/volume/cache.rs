@@ -739,7 +739,11 @@ fn add_range(valid: &mut Vec<Range<usize>>, r: Range<usize>) {
 }
 
 /// Runs `work` on every item, `concurrency` at a time, returning the first error.
-fn parallel<T: Send>(items: Vec<T>, concurrency: usize, work: impl Fn(T) -> Result<()> + Sync) -> Result<()> {
+pub(crate) fn parallel<T: Send>(
+    items: Vec<T>,
+    concurrency: usize,
+    work: impl Fn(T) -> Result<()> + Sync,
+) -> Result<()> {
     parallel_while(items, concurrency, &|| true, work)
 }
 

@@ -34,6 +34,7 @@ pub mod format;
 pub mod gc;
 mod map;
 pub mod ops;
+pub mod stream;
 
 use format::{chunk_key, head_key, page_key, Hash, Head, Page, Root, MAX_PAGE_BYTES, MAX_RECORD_BYTES};
 use map::{Step, WorkingMap};
