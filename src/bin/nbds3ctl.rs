@@ -347,7 +347,7 @@ fn run(args: &[String]) -> Result<(), Failure> {
                     .ok_or_else(|| usage(format!("--grace takes seconds, not {v:?}")))?,
             };
             let options = GcOptions { grace, dry_run: args.switch("--dry-run"), force: args.switch("--force") };
-            let objects = &*backend.objects();
+            let objects = backend.objects();
             let mut bar = progress("deleting");
             let show = std::io::stderr().is_terminal();
             let report = gc::gc(&*objects, &options, &mut |phase, done, total| match phase {
