@@ -56,6 +56,7 @@ pub mod exports;
 mod fuzz;
 pub mod lease;
 pub mod logger;
+mod parallel;
 pub mod param_docs;
 mod plugin;
 pub mod snapshots;

@@ -28,9 +28,9 @@ use std::sync::Arc;
 use super::format::{Hash, Root, MAX_DEPTH};
 use super::ops::{self, Change};
 use super::{CasConfig, CasStorage};
+use crate::parallel::parallel;
 use crate::storage::objects::ObjectStore;
 use crate::storage::{BlockBuf, BlockId, Storage};
-use crate::volume::cache::parallel;
 use crate::{Error, ExportName, Result};
 
 /// The diff stream version this binary writes and reads.
