@@ -15,7 +15,7 @@ use crate::storage::Backend;
 use crate::{Error, ExportName, Geometry, Result};
 
 /// An export, or one of its snapshots: `EXPORT` or `EXPORT@SNAP`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Version {
     /// The export.
     pub export: ExportName,
