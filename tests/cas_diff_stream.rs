@@ -217,7 +217,7 @@ fn an_import_takes_the_exports_lease_and_needs_a_cas_export() {
     writer.release();
     bucket.import("c", &stream, false).unwrap();
 
-    nbds3::admin::create(&*bucket.backend, &name("plain"), DEVICE, BS).unwrap();
+    nbds3::admin::create(&*bucket.backend, &name("plain"), DEVICE, BS, nbds3::export_record::Layout::Plain).unwrap();
     let e = bucket.import("plain", &stream, false).unwrap_err().to_string();
     assert!(e.contains("export plain has layout plain, which has no diff imports"), "{e}");
     let e = bucket.import("missing", &stream, false).unwrap_err().to_string();
