@@ -491,8 +491,10 @@ fn run(args: &[String]) -> Result<(), Failure> {
                     Change::Data => "data",
                     Change::Zero => "zero",
                 };
-                let line = serde_json::json!({ "offset": changed.offset, "length": changed.length, "kind": kind });
-                writeln!(out, "{line}").map_err(|e| Failure(1, format!("writing to standard output: {e}")))?;
+                // In the order --help documents, which a JSON map would sort.
+                let (offset, length) = (changed.offset, changed.length);
+                writeln!(out, "{{\"offset\":{offset},\"length\":{length},\"kind\":\"{kind}\"}}")
+                    .map_err(|e| Failure(1, format!("writing to standard output: {e}")))?;
             }
         }
         "export-diff" => export_diff(&*backend, &args)?,
