@@ -8,13 +8,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nbds3::config::{parse_size, Config, ConfigKey, StorageKind};
+use nbds3::diff_stream::ImportOptions;
 use nbds3::export_record::Layout;
 use nbds3::exports::open_backend;
-use nbds3::lease::{LeaseConfig, LeaseHolder};
+use nbds3::lease::LeaseHolder;
 use nbds3::snapshots::{self, Version};
 use nbds3::storage::cas::gc::{self, GcOptions, GcPhase, GcReport};
 use nbds3::storage::cas::ops::Change;
 use nbds3::storage::cas::stream::StreamSummary;
+use nbds3::storage::cas::CasConfig;
 use nbds3::storage::Backend;
 use nbds3::{admin, diff_stream, Error, ExportName};
 
@@ -226,7 +228,8 @@ brought there) unless --force. The stream is applied under the export's lease, l
 committed with one FLUSH only once all of it has arrived and its checksum matches: a stream cut
 short, altered, of a newer version or another block size is refused and the export stays as it
 was. - reads from standard input. With --json, prints what was applied as one JSON object. On a
-terminal, shows its progress.",
+terminal, shows its progress. On a server that ignores conditional writes (Garage) it is refused
+unless cas-unconditional=true is given, as for nbdkit.",
         takes_name: true,
         options: &[],
         switches: &["--force", "--json"],
@@ -498,7 +501,11 @@ fn run(args: &[String]) -> Result<(), Failure> {
             }
         }
         "export-diff" => export_diff(&*backend, &args)?,
-        "import-diff" => import_diff(&backend, &args, config.lease_config())?,
+        "import-diff" => {
+            let cas = CasConfig { allow_unconditional: config.cas_unconditional, ..CasConfig::default() };
+            let options = ImportOptions { force: args.switch("--force"), lease: config.lease_config(), cas };
+            import_diff(&backend, &args, options)?
+        }
         other => unreachable!("command {other} is in COMMANDS but not run"),
     }
     Ok(())
@@ -558,7 +565,7 @@ fn export_diff(backend: &dyn Backend, args: &Args<'_>) -> Result<(), Failure> {
 }
 
 /// `import-diff FILE|- EXPORT`.
-fn import_diff(backend: &Arc<dyn Backend>, args: &Args<'_>, lease: Option<LeaseConfig>) -> Result<(), Failure> {
+fn import_diff(backend: &Arc<dyn Backend>, args: &Args<'_>, options: ImportOptions) -> Result<(), Failure> {
     let (Some(file), [export]) = (args.name, &args.more[..]) else {
         return Err(usage("import-diff needs FILE EXPORT (- for standard input)"));
     };
@@ -568,14 +575,13 @@ fn import_diff(backend: &Arc<dyn Backend>, args: &Args<'_>, lease: Option<LeaseC
     }
     let objects = backend.objects();
     let mut progress = progress("importing");
-    let force = args.switch("--force");
     let summary = if file == "-" {
         let mut input = std::io::BufReader::with_capacity(1 << 20, std::io::stdin().lock());
-        diff_stream::import_diff(backend, objects, &export, &mut input, force, lease, &mut progress)?
+        diff_stream::import_diff(backend, objects, &export, &mut input, options, &mut progress)?
     } else {
         let opened = std::fs::File::open(file).map_err(|e| Failure(1, format!("cannot open {file}: {e}")))?;
         let mut input = std::io::BufReader::with_capacity(1 << 20, opened);
-        diff_stream::import_diff(backend, objects, &export, &mut input, force, lease, &mut progress)?
+        diff_stream::import_diff(backend, objects, &export, &mut input, options, &mut progress)?
     };
     if args.switch("--json") {
         print_json(&serde_json::json!({

@@ -31,7 +31,7 @@ use super::{CasConfig, CasStorage};
 use crate::storage::objects::ObjectStore;
 use crate::storage::{BlockBuf, BlockId, Storage};
 use crate::volume::cache::parallel;
-use crate::{Error, ExportName, Result};
+use crate::{Error, ExportName, Geometry, Result};
 
 /// The diff stream version this binary writes and reads.
 pub const STREAM_VERSION: u32 = 1;
@@ -391,13 +391,14 @@ pub fn apply_stream(
 pub fn apply_to_export(
     store: Arc<dyn ObjectStore>,
     export: &ExportName,
-    block_size: usize,
-    device_size: u64,
+    geometry: Geometry,
+    config: CasConfig,
     input: &mut dyn Read,
     force: bool,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<StreamSummary> {
-    let target = CasStorage::open(store, export, block_size, CasConfig::default())?;
+    let (block_size, device_size) = (geometry.block_size(), geometry.size());
+    let target = CasStorage::open(store, export, block_size, config)?;
     let unchanged = |e| match e {
         Error::Config { key, message } => {
             Error::Config { key, message: format!("{message}; export {export} is unchanged") }
