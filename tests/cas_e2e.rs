@@ -7,6 +7,7 @@ mod common;
 use std::path::Path;
 use std::process::{Command, Output};
 
+use common::block_device::{checksums, Device};
 use common::{Nbdkit, S3Env};
 
 const BLOCK: usize = 4096;
@@ -212,4 +213,81 @@ fn a_cas_export_is_refused_where_the_server_ignores_conditional_writes() {
     params.push("cas-unconditional=true".into());
     let opted_in = Nbdkit::start(&params);
     assert_eq!(common::nbdsh(&uri(&opted_in, &dev), script).trim(), "bytearray(b'kept')");
+}
+
+/// Writes `count` files of a few KiB under `root/dir`, different for each `seed`.
+fn write_files(root: &Path, dir: &str, count: usize, seed: u64) {
+    std::fs::create_dir_all(root.join(dir)).unwrap();
+    for i in 0..count {
+        let data = common::random_bytes(1000 + 997 * i, seed * 1000 + i as u64);
+        std::fs::write(root.join(dir).join(format!("f{i}")), data).unwrap();
+    }
+}
+
+/// The files under `root`, with checksums, of each of `dirs` (one string, `sha256sum`'s lines).
+fn sums_of(root: &Path, dirs: &[&str]) -> String {
+    checksums(root)
+        .lines()
+        .filter(|l| dirs.iter().any(|d| l.contains(&format!(" ./{d}/"))))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The done-when: ext4 on a cas export; snapshot; more files; clone the snapshot. The
+/// snapshot reads as the clone did when made (qemu-img compare through nbdkit); the clone mounts
+/// with the snapshot's files only, and its own writes do not reach the export; the export mounts
+/// with every file it was given.
+#[test]
+fn ext4_on_a_cas_export_snapshotted_and_cloned() {
+    if !common::block_device::ready() || !common::have("qemu-img") {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    std::fs::create_dir(work.path().join("store")).unwrap();
+    let store = vec!["storage=file".to_string(), format!("dir={}", work.path().join("store").display())];
+    let serve = |export: &str| {
+        let mut p = store.clone();
+        p.extend([format!("export={export}"), "create=none".into(), "cache-size=32M".into()]);
+        Nbdkit::start(&p)
+    };
+    ctl_ok(&store, &["create", "dev", "--size", "256M", "--layout", "cas"]);
+    let nbdkit = serve("dev");
+    let mut device = Device::attach(&nbdkit, &work.path().join("dev"));
+    common::run_ok(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(device.dev()));
+    let mnt = device.mount();
+    write_files(&mnt, "before", 40, 1);
+    let before = sums_of(&mnt, &["before"]);
+    device.umount();
+    // Unmounted, the filesystem is clean on the export; the FLUSH that unmounting ends with made
+    // it the export's committed state, which the snapshot records.
+    ctl_ok(&store, &["snapshot", "dev", "s1"]);
+    let mnt = device.mount();
+    write_files(&mnt, "after", 40, 2);
+    let after = sums_of(&mnt, &["after"]);
+    device.umount();
+    device.detach();
+
+    ctl_ok(&store, &["clone", "dev@s1", "c1"]);
+    let (snap, clone) = (uri(&nbdkit, "dev@s1"), uri(&nbdkit, "c1"));
+    common::run_ok(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw", &snap, &clone]));
+    nbdkit.stop();
+
+    let clone_nbdkit = serve("c1");
+    let mut device = Device::attach(&clone_nbdkit, &work.path().join("c1"));
+    let mnt = device.mount();
+    assert_eq!(sums_of(&mnt, &["before"]), before, "the clone has the snapshot's files");
+    assert!(!mnt.join("after").exists(), "the clone predates the later files");
+    write_files(&mnt, "clone-only", 5, 3);
+    device.umount();
+    device.detach();
+    clone_nbdkit.stop();
+
+    let nbdkit = serve("dev");
+    let mut device = Device::attach(&nbdkit, &work.path().join("dev-again"));
+    let mnt = device.mount();
+    assert_eq!(sums_of(&mnt, &["before"]), before);
+    assert_eq!(sums_of(&mnt, &["after"]), after);
+    assert!(!mnt.join("clone-only").exists(), "the clone's writes are its own");
+    device.umount();
+    device.detach();
 }
