@@ -479,6 +479,8 @@ mod tests {
         assert_eq!(&buf, b"first");
         dev.volume.read(&mut buf, 0).unwrap();
         assert_eq!(&buf, b"later");
+        let plain = config(&[("layout", "plain")]);
+        assert_eq!(open_record(&*backend, &name, &plain).unwrap().layout, Layout::Cas, "the record's layout wins");
         let e = exports.open("dev@nope", true).unwrap_err();
         assert!(matches!(e, Error::ExportNotFound { .. }), "{e:?}");
         assert!(e.to_string().contains("export dev@nope does not exist; export dev has no snapshot nope"), "{e}");

@@ -156,6 +156,22 @@ fn snapshots_clones_and_diffs_in_a_directory() {
     snapshots_clones_and_diffs(store, || count_files(&dir.path().join("cas")));
 }
 
+/// A plain export has no snapshots: the refusal says how to copy it into a cas export.
+#[test]
+fn a_plain_export_refuses_snapshots_and_says_how_to_copy_it_into_a_cas_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = vec!["storage=file".to_string(), format!("dir={}", dir.path().display())];
+    ctl_ok(&store, &["create", "old", "--size", "1M"]);
+    let out = ctl(&store, &["snapshot", "old", "s1"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("export old has layout plain, which has no snapshots; copy it into a cas export first: `nbds3ctl create NEW --size 1048576 --block-size 4096 --layout cas`, then `nbdcopy` from old to NEW"),
+        "{err}"
+    );
+    assert_eq!(count_files(&dir.path().join("cas")), 0, "nothing written");
+}
+
 /// A bucket of this test's own, removed when dropped: gc with no grace period would free the
 /// uncommitted uploads of other tests' writers in a shared one.
 struct OwnBucket {
