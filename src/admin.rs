@@ -54,16 +54,22 @@ pub fn info(backend: &dyn Backend, name: &ExportName) -> Result<ExportInfo> {
     Ok(ExportInfo { name: name.clone(), geometry, layout, stored_blocks, lease })
 }
 
-/// Creates an export of `size` bytes in `block_size`-byte blocks.
+/// Creates an export of `size` bytes in `block_size`-byte blocks, in `layout`.
 ///
 /// # Errors
 /// [`Error::Config`] if it already exists or the geometry is not allowed; backend failures.
-pub fn create(backend: &dyn Backend, name: &ExportName, size: u64, block_size: usize) -> Result<Geometry> {
+pub fn create(
+    backend: &dyn Backend,
+    name: &ExportName,
+    size: u64,
+    block_size: usize,
+    layout: Layout,
+) -> Result<Geometry> {
     if backend.read_record(name)?.is_some() {
         return Err(Error::config("export", format!("export {name} already exists")));
     }
     let geometry = Geometry::new(size, block_size)?;
-    ExportRecord::plain(geometry).write(backend, name)?;
+    ExportRecord { geometry, layout }.write(backend, name)?;
     Ok(geometry)
 }
 
@@ -212,9 +218,12 @@ mod tests {
         let backend = &backend;
         let a = ExportName::new("a").unwrap();
         let b = ExportName::new("b").unwrap();
-        create(&**backend, &a, 1 << 20, 4096).unwrap();
-        create(&**backend, &b, 2 << 20, 512).unwrap();
-        assert!(create(&**backend, &a, 1 << 20, 4096).unwrap_err().to_string().contains("already exists"));
+        create(&**backend, &a, 1 << 20, 4096, Layout::Plain).unwrap();
+        create(&**backend, &b, 2 << 20, 512, Layout::Plain).unwrap();
+        assert!(create(&**backend, &a, 1 << 20, 4096, Layout::Plain)
+            .unwrap_err()
+            .to_string()
+            .contains("already exists"));
         let storage = backend.open(&a, 4096).unwrap();
         for i in 0..2500 {
             storage.write_block(BlockId(i), &[1; 4096]).unwrap();
@@ -240,7 +249,7 @@ mod tests {
     fn resize_grows_the_record_only_and_shrinks_only_when_asked() {
         let backend: Arc<dyn Backend> = Arc::new(MemoryBackend::default());
         let a = ExportName::new("a").unwrap();
-        create(&*backend, &a, 1 << 20, 4096).unwrap();
+        create(&*backend, &a, 1 << 20, 4096, Layout::Plain).unwrap();
         let storage = backend.open(&a, 4096).unwrap();
         for i in [0, 100, 255] {
             storage.write_block(BlockId(i), &[1; 4096]).unwrap();

@@ -9,6 +9,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use crate::export::ExportName;
+use crate::export_record::Layout;
 use crate::lease::LeaseConfig;
 use crate::stats_file::StatsFormat;
 use crate::storage::{S3Config, Secret};
@@ -35,6 +36,8 @@ pub enum ConfigKey {
     Size,
     BlockSize,
     Create,
+    Layout,
+    CasUnconditional,
     CacheSize,
     MaxDirty,
     Dir,
@@ -57,12 +60,14 @@ pub enum ConfigKey {
 
 impl ConfigKey {
     /// Every key, in the order `--help` lists them.
-    pub const ALL: [ConfigKey; 23] = [
+    pub const ALL: [ConfigKey; 25] = [
         ConfigKey::Storage,
         ConfigKey::Export,
         ConfigKey::Size,
         ConfigKey::BlockSize,
         ConfigKey::Create,
+        ConfigKey::Layout,
+        ConfigKey::CasUnconditional,
         ConfigKey::CacheSize,
         ConfigKey::MaxDirty,
         ConfigKey::Dir,
@@ -113,6 +118,16 @@ impl ConfigKey {
                 "create",
                 "default|any|none",
                 "Which exports a client's first open may create (given size=): default, only the one export= names; any; none, only nbds3ctl create makes exports.",
+            ),
+            ConfigKey::Layout => (
+                "layout",
+                "plain|cas",
+                "Layout of new exports: plain, one object per block; cas, content-addressed with snapshots and clones (see nbds3ctl snapshot). Existing exports keep their recorded layout.",
+            ),
+            ConfigKey::CasUnconditional => (
+                "cas-unconditional",
+                "BOOL",
+                "Write cas exports even on a server that ignores conditional writes (Garage): a second writer is then not fenced and can silently undo the other's commits (default false).",
             ),
             ConfigKey::CacheSize => ("cache-size", "SIZE", "Memory for clean cached blocks per export (default 256M)."),
             ConfigKey::MaxDirty => (
@@ -208,6 +223,10 @@ pub struct Config {
     pub block_size: Option<usize>,
     /// Which exports an open may create.
     pub create: CreatePolicy,
+    /// The layout of new exports; `None` (not given) means plain.
+    pub layout: Option<Layout>,
+    /// Write `cas` exports on a store without conditional writes.
+    pub cas_unconditional: bool,
     /// Bytes of clean cache per export.
     pub cache_size: u64,
     /// Bytes of dirty data per export before early write-back.
@@ -240,6 +259,8 @@ impl Default for Config {
             size: None,
             block_size: None,
             create: CreatePolicy::DefaultExport,
+            layout: None,
+            cas_unconditional: false,
             cache_size: 256 << 20,
             max_dirty: 64 << 20,
             dir: None,
@@ -292,6 +313,8 @@ impl Config {
                     }
                 }
             }
+            ConfigKey::Layout => self.layout = Some(Layout::parse(value)?),
+            ConfigKey::CasUnconditional => self.cas_unconditional = parse_bool(name, value)?,
             ConfigKey::CacheSize => self.cache_size = parse_size(name, value)?,
             ConfigKey::MaxDirty => self.max_dirty = parse_size(name, value)?,
             ConfigKey::Dir => self.dir = Some(non_empty(name, value)?.into()),

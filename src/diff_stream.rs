@@ -65,10 +65,22 @@ pub fn export_diff(
     stream::write_stream(&*objects, from, to_side, to_geometry.size(), &to_reader, out, progress)
 }
 
+/// How [`import_diff`] writes.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ImportOptions {
+    /// Apply the stream whatever state the export holds.
+    pub force: bool,
+    /// Hold the export's lease like a writer; `None` with leases off.
+    pub lease: Option<LeaseConfig>,
+    /// How the export is opened (`allow_unconditional` for a store without conditional writes).
+    pub cas: CasConfig,
+}
+
 /// Applies the diff stream read from `input` to the `cas` export `export`, holding its lease
-/// (with `lease`) like a writer, and commits it with one FLUSH once the whole stream has checked
-/// out; until then the export reads as before, and any refusal leaves it so. Unless `force`, the
-/// export must hold the stream's `from` state. Calls `progress(done, total)` in blocks.
+/// (with `options.lease`) like a writer, and commits it with one FLUSH once the whole stream has
+/// checked out; until then the export reads as before, and any refusal leaves it so. Unless
+/// `options.force`, the export must hold the stream's `from` state. Calls `progress(done, total)`
+/// in blocks.
 ///
 /// # Errors
 /// A missing or `plain` export; [`Error::Lease`] naming the writer that holds it; a stream that is
@@ -79,17 +91,23 @@ pub fn import_diff(
     objects: Arc<dyn ObjectStore>,
     export: &ExportName,
     input: &mut dyn Read,
-    force: bool,
-    lease: Option<LeaseConfig>,
+    options: ImportOptions,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<StreamSummary> {
     let geometry = cas_record(&**backend, export, "diff imports")?;
-    let lease = lease.map(|config| Lease::new(backend.clone(), export.clone(), config));
+    let lease = options.lease.map(|config| Lease::new(backend.clone(), export.clone(), config));
     if let Some(lease) = &lease {
         lease.hold()?;
     }
-    let applied =
-        stream::apply_to_export(objects, export, geometry.block_size(), geometry.size(), input, force, progress);
+    let applied = stream::apply_to_export(
+        objects,
+        export,
+        (geometry.size(), geometry.block_size()),
+        options.cas,
+        input,
+        options.force,
+        progress,
+    );
     if let Some(lease) = lease {
         lease.release();
     }

@@ -13,8 +13,10 @@ use crate::config::{Config, CreatePolicy, StorageKind};
 use crate::export::ExportName;
 use crate::export_record::{ExportRecord, Layout};
 use crate::lease::Lease;
+use crate::snapshots::{self, Version};
 use crate::stats_file::{self, StatsFormat};
-use crate::storage::{s3, Backend, DirObjects, FencedStorage, MemoryBackend, ObjectBackend};
+use crate::storage::cas::{CasConfig, CasStorage};
+use crate::storage::{s3, Backend, DirObjects, FencedStorage, MemoryBackend, ObjectBackend, Storage};
 use crate::volume::{Geometry, Volume, DEFAULT_BLOCK_SIZE};
 use crate::{background, lock, Error, Result};
 
@@ -34,21 +36,17 @@ pub fn open_backend(config: &Config) -> Result<Arc<dyn Backend>> {
     })
 }
 
-/// The geometry `export` opens with: its record if it has one (whose block size `block-size=`,
-/// when given, must match; `size=` only sizes new exports), otherwise a new record of `size=`
-/// and `block-size=`, written now if `config`'s create policy lets this open create it.
+/// The record `export` opens with: its own if it has one (whose block size `block-size=`,
+/// when given, must match; `size=` and `layout=` only shape new exports), otherwise a new record
+/// of `size=`, `block-size=` and `layout=`, written now if `config`'s create policy lets this
+/// open create it.
 ///
 /// # Errors
 /// [`Error::Config`] naming `block-size` when it contradicts the record, and
 /// [`Error::ExportNotFound`] for a new export this open may not create or has no `size=` for.
-pub fn open_geometry(backend: &dyn Backend, export: &ExportName, config: &Config) -> Result<Geometry> {
-    if let Some(ExportRecord { geometry: recorded, layout }) = ExportRecord::read(backend, export)? {
-        if layout != Layout::Plain {
-            return Err(Error::config(
-                "export",
-                format!("export {export} has layout {layout}, which nbdkit cannot serve yet"),
-            ));
-        }
+pub fn open_record(backend: &dyn Backend, export: &ExportName, config: &Config) -> Result<ExportRecord> {
+    if let Some(record) = ExportRecord::read(backend, export)? {
+        let recorded = record.geometry;
         if let Some(bs) = config.block_size.filter(|&bs| bs != recorded.block_size()) {
             return Err(Error::config(
                 "block-size",
@@ -62,7 +60,10 @@ pub fn open_geometry(backend: &dyn Backend, export: &ExportName, config: &Config
         if let Some(size) = config.size.filter(|&s| s != recorded.size()) {
             log::warn!("export {export} is {} bytes; size={size} only sizes new exports", recorded.size());
         }
-        return Ok(recorded);
+        if let Some(layout) = config.layout.filter(|&l| l != record.layout) {
+            log::warn!("export {export} has layout {}; layout={layout} only lays out new exports", record.layout);
+        }
+        return Ok(record);
     }
     let create_hint = format!("create it with `nbds3ctl create {export} --size SIZE`");
     let may_create = match config.create {
@@ -78,9 +79,62 @@ pub fn open_geometry(backend: &dyn Backend, export: &ExportName, config: &Config
     let size =
         size.map_err(|hint| Error::ExportNotFound { store: backend.to_string(), export: export.to_string(), hint })?;
     let geometry = Geometry::new(size, config.block_size.unwrap_or(DEFAULT_BLOCK_SIZE))?;
-    ExportRecord::plain(geometry).write(backend, export)?;
-    log::info!("export {export}: created, {size} bytes in {}-byte blocks", geometry.block_size());
-    Ok(geometry)
+    let record = ExportRecord { geometry, layout: config.layout.unwrap_or_default() };
+    record.write(backend, export)?;
+    log::info!(
+        "export {export}: created, {size} bytes in {}-byte blocks, layout {}",
+        geometry.block_size(),
+        record.layout
+    );
+    Ok(record)
+}
+
+/// The bottom of export `name`'s storage stack: the one place its record's layout matters, so
+/// everything above (fencing, metering, the cache) serves both layouts alike.
+///
+/// # Errors
+/// The backend's errors opening it; for `cas`, a store without conditional writes unless
+/// `cas-unconditional=true`.
+fn open_storage(
+    backend: &dyn Backend,
+    name: &ExportName,
+    record: &ExportRecord,
+    config: &Config,
+) -> Result<Arc<dyn Storage>> {
+    let block_size = record.geometry.block_size();
+    match record.layout {
+        Layout::Plain => backend.open(name, block_size),
+        Layout::Cas => {
+            let cas = CasConfig { allow_unconditional: config.cas_unconditional, ..CasConfig::default() };
+            Ok(Arc::new(CasStorage::open(backend.objects(), name, block_size, cas)?))
+        }
+    }
+}
+
+/// Snapshot `snap` of `export`, for read-only connections: no lease (nothing is written), no
+/// write-back.
+///
+/// # Errors
+/// [`Error::ExportNotFound`] naming `EXPORT@SNAP` when the snapshot (or its export) is missing;
+/// store failures.
+fn open_snapshot(backend: &dyn Backend, export: &ExportName, snap: &ExportName, config: &Config) -> Result<OpenExport> {
+    let version = Version { export: export.clone(), snapshot: Some(snap.clone()) };
+    let objects = backend.objects();
+    let missing = |e: Error| match e {
+        Error::NotFound { message, .. } => {
+            Error::ExportNotFound { store: backend.to_string(), export: version.to_string(), hint: message }
+        }
+        e => e,
+    };
+    let (_, geometry) = snapshots::version_root(backend, &*objects, &version).map_err(missing)?;
+    let storage = CasStorage::open_snapshot(objects, export, snap, geometry.block_size()).map_err(missing)?;
+    log::info!(
+        "snapshot {version}: {} bytes in {}-byte blocks on {storage}, read-only",
+        geometry.size(),
+        geometry.block_size()
+    );
+    let volume = Arc::new(Volume::new(Arc::new(storage), geometry, config.volume_config())?);
+    Ok(OpenExport { volume, lease: None, read_only: true })
 }
 
 /// Brings the volume of open export `name` up to its record, read again (one GET) for every new
@@ -130,8 +184,10 @@ fn follow_record(backend: &dyn Backend, name: &ExportName, volume: &Volume) -> R
 pub struct OpenExport {
     /// The export's blocks, cached, shared by its connections.
     pub volume: Arc<Volume>,
-    /// The export's lease; `None` when leases are off (RAM, `lease-time=0`).
+    /// The export's lease; `None` when leases are off (RAM, `lease-time=0`) or for a snapshot.
     pub lease: Option<Arc<Lease>>,
+    /// A snapshot, which no connection may write.
+    pub read_only: bool,
 }
 
 impl OpenExport {
@@ -145,7 +201,7 @@ impl OpenExport {
 }
 
 /// Open exports by name, each behind the lock it is opened under.
-type Slots = Mutex<HashMap<ExportName, Arc<Mutex<Option<OpenExport>>>>>;
+type Slots = Mutex<HashMap<Version, Arc<Mutex<Option<OpenExport>>>>>;
 
 /// The volumes of this process, opened on first use.
 #[derive(Debug)]
@@ -172,8 +228,8 @@ impl Exports {
         }
     }
 
-    /// The export a client asked for (`""` means the configured default), with its lease held
-    /// unless the client is `readonly`. An export already open is brought up to its record
+    /// The export a client asked for (`""` means the configured default; `EXPORT@SNAP` a
+    /// snapshot, read-only), with its lease held unless the client is `readonly`. An export already open is brought up to its record
     /// first (its record read again and a grown size followed), so a connection opened after `nbds3ctl resize` sees the
     /// new size.
     ///
@@ -182,18 +238,22 @@ impl Exports {
     /// [`Error::ExportNotFound`] for an export this open may not create, [`Error::Lease`] when
     /// another writer holds the export, and any error opening its storage.
     pub fn open(&self, requested: &str, readonly: bool) -> Result<OpenExport> {
-        let name = if requested.is_empty() { self.config.export.clone() } else { ExportName::new(requested)? };
-        let export = self.open_export(name)?;
+        let version = if requested.is_empty() {
+            Version { export: self.config.export.clone(), snapshot: None }
+        } else {
+            Version::parse(requested)?
+        };
+        let export = self.open_export(version)?;
         if let Some(lease) = export.lease.as_ref().filter(|_| !readonly) {
             lease.hold()?;
         }
         Ok(export)
     }
 
-    fn open_export(&self, name: ExportName) -> Result<OpenExport> {
+    fn open_export(&self, version: Version) -> Result<OpenExport> {
         // The map is locked only to find the export's slot: opening one export (which lists its
         // blocks in S3) must not hold up connections to the others.
-        let slot = lock(&self.volumes).entry(name.clone()).or_default().clone();
+        let slot = lock(&self.volumes).entry(version.clone()).or_default().clone();
         let mut slot = lock(&slot);
         let backend = match self.backend.get() {
             Some(b) => b.clone(),
@@ -202,12 +262,26 @@ impl Exports {
                 self.backend.get_or_init(|| b).clone()
             }
         };
+        let name = &version.export;
         if let Some(open) = &*slot {
-            follow_record(&*backend, &name, &open.volume)?;
+            if version.snapshot.is_none() {
+                follow_record(&*backend, name, &open.volume)?;
+            }
             return Ok(open.clone());
         }
-        let geometry = open_geometry(&*backend, &name, &self.config)?;
-        let mut storage = backend.open(&name, geometry.block_size())?;
+        let open = match &version.snapshot {
+            Some(snap) => open_snapshot(&*backend, name, snap, &self.config)?,
+            None => self.open_live(&backend, name)?,
+        };
+        self.stats_writer.get_or_init(|| self.start_stats_writer());
+        *slot = Some(open.clone());
+        Ok(open)
+    }
+
+    fn open_live(&self, backend: &Arc<dyn Backend>, name: &ExportName) -> Result<OpenExport> {
+        let record = open_record(&**backend, name, &self.config)?;
+        let geometry = record.geometry;
+        let mut storage = open_storage(&**backend, name, &record, &self.config)?;
         log::info!("export {name}: {} bytes in {}-byte blocks on {storage}", geometry.size(), geometry.block_size());
         let lease = self.config.lease_config().map(|c| Lease::new(backend.clone(), name.clone(), c));
         if let Some(lease) = &lease {
@@ -215,10 +289,7 @@ impl Exports {
         }
         let volume = Arc::new(Volume::new(storage, geometry, self.config.volume_config())?);
         volume.start_background_writer();
-        self.stats_writer.get_or_init(|| self.start_stats_writer());
-        let open = OpenExport { volume, lease };
-        *slot = Some(open.clone());
-        Ok(open)
+        Ok(OpenExport { volume, lease, read_only: false })
     }
 
     /// The stats file: every open export's counters, in `format`.
@@ -234,7 +305,7 @@ impl Exports {
         write_stats_every(path, interval, move || stats(&volumes, format));
     }
 
-    fn snapshot(&self) -> Vec<(ExportName, OpenExport)> {
+    fn snapshot(&self) -> Vec<(Version, OpenExport)> {
         snapshot(&self.volumes)
     }
 
@@ -242,6 +313,9 @@ impl Exports {
     /// unload).
     pub fn flush_all(&self) {
         for (name, open) in self.snapshot() {
+            if open.read_only {
+                continue;
+            }
             // A process without the lease (never taken, lost, or not renewed in time) may not
             // write; with nothing dirty it has nothing to say either.
             if open.volume.cache().dirty_blocks() > 0 || open.check_writable().is_ok() {
@@ -281,8 +355,8 @@ fn write_stats_every(path: PathBuf, interval: Duration, render: impl Fn() -> Str
     }
 }
 
-/// The exports open in `volumes`.
-fn snapshot(volumes: &Slots) -> Vec<(ExportName, OpenExport)> {
+/// The exports and snapshots open in `volumes`.
+fn snapshot(volumes: &Slots) -> Vec<(Version, OpenExport)> {
     let slots: Vec<_> = lock(volumes).iter().map(|(n, slot)| (n.clone(), slot.clone())).collect();
     // An export still opening has nothing to count or write back yet: skip it, don't wait.
     slots.into_iter().filter_map(|(name, slot)| slot.try_lock().ok()?.clone().map(|open| (name, open))).collect()
@@ -290,8 +364,12 @@ fn snapshot(volumes: &Slots) -> Vec<(ExportName, OpenExport)> {
 
 /// The stats file of the exports open in `volumes`, in `format`.
 fn stats(volumes: &Slots, format: StatsFormat) -> String {
-    let mut counters: Vec<_> =
-        snapshot(volumes).into_iter().map(|(name, open)| (name, open.volume.counters())).collect();
+    // Snapshots are left out: they only read, and the stats file names exports.
+    let mut counters: Vec<_> = snapshot(volumes)
+        .into_iter()
+        .filter(|(version, _)| version.snapshot.is_none())
+        .map(|(version, open)| (version.export, open.volume.counters()))
+        .collect();
     stats_file::render(format, &mut counters)
 }
 
@@ -345,13 +423,19 @@ mod tests {
         let dev = ExportName::new("dev").unwrap();
         let mut no_size = config(&[]);
         no_size.size = None;
-        let e = open_geometry(&backend, &dev, &no_size).unwrap_err();
+        let e = open_record(&backend, &dev, &no_size).unwrap_err();
         assert!(e.to_string().contains("export dev does not exist; give size= to create it, or create it with `nbds3ctl create dev --size SIZE`"), "{e}");
-        let g = open_geometry(&backend, &dev, &config(&[("block-size", "512")])).unwrap();
+        let g = open_record(&backend, &dev, &config(&[("block-size", "512")])).unwrap();
+        assert_eq!(g.layout, Layout::Plain);
+        let g = g.geometry;
         assert_eq!((g.size(), g.block_size()), (1 << 20, 512));
-        assert_eq!(open_geometry(&backend, &dev, &no_size).unwrap(), g);
-        assert_eq!(open_geometry(&backend, &dev, &config(&[("size", "2M")])).unwrap(), g, "size= is for new exports");
-        let e = open_geometry(&backend, &dev, &config(&[("block-size", "4096")])).unwrap_err().to_string();
+        assert_eq!(open_record(&backend, &dev, &no_size).unwrap().geometry, g);
+        assert_eq!(
+            open_record(&backend, &dev, &config(&[("size", "2M")])).unwrap().geometry,
+            g,
+            "size= is for new exports"
+        );
+        let e = open_record(&backend, &dev, &config(&[("block-size", "4096")])).unwrap_err().to_string();
         assert!(e.starts_with("block-size: export dev was created with block-size=512"), "{e}");
         assert_eq!(backend.list_exports().unwrap(), vec![dev]);
     }
@@ -360,17 +444,46 @@ mod tests {
     fn only_the_create_policy_s_exports_are_created_on_first_open() {
         let backend = MemoryBackend::default();
         let typo = ExportName::new("vm1-typo").unwrap();
-        let e = open_geometry(&backend, &typo, &config(&[("export", "vm1")])).unwrap_err();
+        let e = open_record(&backend, &typo, &config(&[("export", "vm1")])).unwrap_err();
         assert!(matches!(e, Error::ExportNotFound { .. }), "{e:?}");
         assert!(e.to_string().ends_with("export vm1-typo does not exist; only export=vm1 is created on first open; create it with `nbds3ctl create vm1-typo --size SIZE`, or start nbdkit with create=any"), "{e}");
         let vm1 = ExportName::new("vm1").unwrap();
-        let e = open_geometry(&backend, &vm1, &config(&[("export", "vm1"), ("create", "none")])).unwrap_err();
+        let e = open_record(&backend, &vm1, &config(&[("export", "vm1"), ("create", "none")])).unwrap_err();
         assert!(e.to_string().ends_with("export vm1 does not exist; nbdkit runs with create=none; create it with `nbds3ctl create vm1 --size SIZE`"), "{e}");
         assert_eq!(backend.list_exports().unwrap(), vec![], "nothing created");
-        open_geometry(&backend, &vm1, &config(&[("export", "vm1")])).unwrap();
-        open_geometry(&backend, &typo, &config(&[("export", "vm1"), ("create", "any")])).unwrap();
+        open_record(&backend, &vm1, &config(&[("export", "vm1")])).unwrap();
+        open_record(&backend, &typo, &config(&[("export", "vm1"), ("create", "any")])).unwrap();
         assert_eq!(backend.list_exports().unwrap(), vec![vm1.clone(), typo]);
-        assert!(open_geometry(&backend, &vm1, &config(&[("create", "none")])).is_ok(), "existing exports open");
+        assert!(open_record(&backend, &vm1, &config(&[("create", "none")])).is_ok(), "existing exports open");
+    }
+
+    /// `layout=cas` creates a cas export, served through the same volume; `EXPORT@SNAP` serves
+    /// its snapshot read-only and without a lease; a missing snapshot is a missing export.
+    #[test]
+    fn a_cas_export_is_served_and_its_snapshots_read_only() {
+        let exports = Exports::new(config(&[("layout", "cas")]));
+        let dev = exports.open("", false).unwrap();
+        dev.volume.write(b"first", 0, false).unwrap();
+        dev.volume.flush().unwrap();
+        let backend = exports.backend.get().unwrap().clone();
+        let name = ExportName::new("dev").unwrap();
+        assert_eq!(ExportRecord::read(&*backend, &name).unwrap().unwrap().layout, Layout::Cas);
+        let s1 = ExportName::new("s1").unwrap();
+        snapshots::snapshot(&*backend, &*backend.objects(), &name, &s1).unwrap();
+        dev.volume.write(b"later", 0, false).unwrap();
+        dev.volume.flush().unwrap();
+        let snap = exports.open("dev@s1", false).unwrap();
+        assert!(snap.read_only && snap.lease.is_none());
+        let mut buf = [0u8; 5];
+        snap.volume.read(&mut buf, 0).unwrap();
+        assert_eq!(&buf, b"first");
+        dev.volume.read(&mut buf, 0).unwrap();
+        assert_eq!(&buf, b"later");
+        let plain = config(&[("layout", "plain")]);
+        assert_eq!(open_record(&*backend, &name, &plain).unwrap().layout, Layout::Cas, "the record's layout wins");
+        let e = exports.open("dev@nope", true).unwrap_err();
+        assert!(matches!(e, Error::ExportNotFound { .. }), "{e:?}");
+        assert!(e.to_string().contains("export dev@nope does not exist; export dev has no snapshot nope"), "{e}");
     }
 
     #[test]

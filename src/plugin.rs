@@ -170,6 +170,8 @@ impl Server for Connection {
         guard("open", || {
             let requested = requested_export()?;
             let export = configured()?.open(&requested, readonly)?;
+            // A snapshot is read-only: can_write false makes nbdkit refuse writes (EPERM/EROFS).
+            let readonly = readonly || export.read_only;
             Ok(Box::new(Connection { export, readonly }) as Box<dyn Server>)
         })
     }

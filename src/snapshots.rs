@@ -15,7 +15,7 @@ use crate::storage::Backend;
 use crate::{Error, ExportName, Geometry, Result};
 
 /// An export, or one of its snapshots: `EXPORT` or `EXPORT@SNAP`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Version {
     /// The export.
     pub export: ExportName,
@@ -221,7 +221,7 @@ mod tests {
         let (backend, objects) = (MemoryBackend::default(), MemoryObjects::default());
         let err = snapshot(&backend, &objects, &name("nope"), &name("s")).unwrap_err().to_string();
         assert!(err.contains("export nope does not exist"), "{err}");
-        crate::admin::create(&backend, &name("p"), 1 << 20, 4096).unwrap();
+        crate::admin::create(&backend, &name("p"), 1 << 20, 4096, Layout::Plain).unwrap();
         let err = snapshot(&backend, &objects, &name("p"), &name("s")).unwrap_err().to_string();
         assert!(err.contains("layout plain, which has no snapshots") && err.contains("--layout cas"), "{err}");
         cas_export(&backend, "c", 1 << 20);

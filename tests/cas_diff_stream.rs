@@ -6,7 +6,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use nbds3::diff_stream::{export_diff, import_diff};
+use nbds3::diff_stream::{export_diff, import_diff, ImportOptions};
 use nbds3::export_record::{ExportRecord, Layout};
 use nbds3::lease::{Lease, LeaseConfig};
 use nbds3::snapshots::{self, Version};
@@ -65,7 +65,8 @@ impl Bucket {
 
     fn import(&self, target: &str, stream: &[u8], force: bool) -> Result<StreamSummary> {
         let objects = self.objects.clone();
-        import_diff(&self.backend, objects, &name(target), &mut &stream[..], force, Some(LEASE), &mut |_, _| {})
+        let options = ImportOptions { force, lease: Some(LEASE), ..ImportOptions::default() };
+        import_diff(&self.backend, objects, &name(target), &mut &stream[..], options, &mut |_, _| {})
     }
 }
 
@@ -217,7 +218,7 @@ fn an_import_takes_the_exports_lease_and_needs_a_cas_export() {
     writer.release();
     bucket.import("c", &stream, false).unwrap();
 
-    nbds3::admin::create(&*bucket.backend, &name("plain"), DEVICE, BS).unwrap();
+    nbds3::admin::create(&*bucket.backend, &name("plain"), DEVICE, BS, nbds3::export_record::Layout::Plain).unwrap();
     let e = bucket.import("plain", &stream, false).unwrap_err().to_string();
     assert!(e.contains("export plain has layout plain, which has no diff imports"), "{e}");
     let e = bucket.import("missing", &stream, false).unwrap_err().to_string();

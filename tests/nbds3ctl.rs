@@ -26,7 +26,7 @@ fn lifecycle(params: Vec<String>, objects: impl Fn(&str) -> usize) {
     let export = common::unique("ctl");
     let out = ctl(&params, &["create", &export, "--size", "64M", "--block-size", "64K"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(stdout(&out).trim(), format!("created export {export}: 64M in 65536-byte blocks"));
+    assert_eq!(stdout(&out).trim(), format!("created export {export}: 64M in 65536-byte blocks, layout plain"));
     let again = ctl(&params, &["create", &export, "--size", "64M"]);
     assert_eq!(again.status.code(), Some(1), "{}", stderr(&again));
     assert!(stderr(&again).contains("already exists"));

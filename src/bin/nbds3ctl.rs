@@ -1,5 +1,5 @@
 //! `nbds3ctl`: list, inspect, create, resize and delete the exports of an nbds3 bucket or
-//! directory, and collect the garbage of its `cas` exports, for people at a terminal and for scripts (`--json`, exit statuses, no prompts or
+//! directory; snapshot, clone and diff its `cas` exports and collect their garbage, for people at a terminal and for scripts (`--json`, exit statuses, no prompts or
 //! progress unless on a terminal).
 
 use std::io::{IsTerminal, Write};
@@ -8,11 +8,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nbds3::config::{parse_size, Config, ConfigKey, StorageKind};
+use nbds3::diff_stream::ImportOptions;
+use nbds3::export_record::Layout;
 use nbds3::exports::open_backend;
-use nbds3::lease::{LeaseConfig, LeaseHolder};
-use nbds3::snapshots::Version;
+use nbds3::lease::LeaseHolder;
+use nbds3::snapshots::{self, Version};
 use nbds3::storage::cas::gc::{self, GcOptions, GcPhase, GcReport};
+use nbds3::storage::cas::ops::Change;
 use nbds3::storage::cas::stream::StreamSummary;
+use nbds3::storage::cas::CasConfig;
 use nbds3::storage::Backend;
 use nbds3::{admin, diff_stream, Error, ExportName};
 
@@ -53,7 +57,7 @@ struct Command {
     switches: &'static [&'static str],
 }
 
-const COMMANDS: [Command; 8] = [
+const COMMANDS: [Command; 13] = [
     Command {
         name: "list",
         args: "[--json]",
@@ -71,21 +75,24 @@ lease, else its holder's host and pid and when it expires, in Unix seconds, 0 on
         args: "NAME [--json]",
         summary: "one export",
         details: "\
-With --json, one JSON object, as one element of `list --json`. Exits 3 if there is no such export.",
+With --json, one JSON object, as one element of `list --json`, plus, for a cas export, snapshots
+(how many it has). Exits 3 if there is no such export.",
         takes_name: true,
         options: &[],
         switches: &["--json"],
     },
     Command {
         name: "create",
-        args: "NAME --size SIZE [--block-size SIZE]",
+        args: "NAME --size SIZE [--block-size SIZE] [--layout plain|cas]",
         summary: "record a new export (sizes take K/M/G/T suffixes)",
         details: "\
 SIZE is a multiple of the block size (a power of two from 512 to 4M, default 4K). nbdkit creates
 only the export named by its export= parameter on a client's first open (see its create=
-parameter); every other export is created here first.",
+parameter); every other export is created here first. --layout cas makes a content-addressed
+export, which has snapshots and clones (see snapshot); the default, plain, stores one object per
+block. A cas export needs a server that honours conditional writes (not Garage) to be written.",
         takes_name: true,
-        options: &["--size", "--block-size"],
+        options: &["--size", "--block-size", "--layout"],
         switches: &[],
     },
     Command {
@@ -119,6 +126,64 @@ lease-takeover=), naming that writer. On a terminal, shows its progress.",
         takes_name: true,
         options: &[],
         switches: &["--yes"],
+    },
+    Command {
+        name: "snapshot",
+        args: "EXPORT SNAP",
+        summary: "record a cas export's state as of its last completed FLUSH as snapshot SNAP",
+        details: "\
+Costs two requests whatever the export's size, and works while nbdkit serves the export: the
+snapshot holds what the last FLUSH (or FUA write) committed, never a half-written state. nbdkit
+serves it read-only as export EXPORT@SNAP. A plain export has no snapshots: create a cas one and
+copy it with nbdcopy first (the error says how).",
+        takes_name: true,
+        options: &[],
+        switches: &[],
+    },
+    Command {
+        name: "snapshots",
+        args: "EXPORT [--json]",
+        summary: "the snapshots of a cas export",
+        details: "\
+One name a line, in order; with --json, a JSON array of names.",
+        takes_name: true,
+        options: &[],
+        switches: &["--json"],
+    },
+    Command {
+        name: "delete-snapshot",
+        args: "EXPORT SNAP",
+        summary: "delete a snapshot; gc frees the blocks nothing else references",
+        details: "\
+Clones of the snapshot keep every block they share with it. Its data is freed by the next gc
+once no export or snapshot references it.",
+        takes_name: true,
+        options: &[],
+        switches: &[],
+    },
+    Command {
+        name: "clone",
+        args: "EXPORT@SNAP NEW",
+        summary: "create the writable cas export NEW from a snapshot, sharing its blocks",
+        details: "\
+Costs a few requests whatever the size: NEW starts as the snapshot's map. Writes to NEW and to
+EXPORT do not affect each other. NEW must not exist yet.",
+        takes_name: true,
+        options: &[],
+        switches: &[],
+    },
+    Command {
+        name: "diff",
+        args: "FROM TO",
+        summary: "the byte ranges that differ between two versions of cas exports, as JSON lines",
+        details: "\
+FROM and TO are EXPORT@SNAP or EXPORT (its last completed FLUSH), of one block size. Prints one
+JSON object a line: {\"offset\":BYTES,\"length\":BYTES,\"kind\":\"data\"|\"zero\"} (zero: the range
+reads as zeros in TO), in order, at block granularity. Reads cost requests in proportion to what
+changed.",
+        takes_name: true,
+        options: &[],
+        switches: &[],
     },
     Command {
         name: "gc",
@@ -163,7 +228,8 @@ brought there) unless --force. The stream is applied under the export's lease, l
 committed with one FLUSH only once all of it has arrived and its checksum matches: a stream cut
 short, altered, of a newer version or another block size is refused and the export stays as it
 was. - reads from standard input. With --json, prints what was applied as one JSON object. On a
-terminal, shows its progress.",
+terminal, shows its progress. On a server that ignores conditional writes (Garage) it is refused
+unless cas-unconditional=true is given, as for nbdkit.",
         takes_name: true,
         options: &[],
         switches: &["--force", "--json"],
@@ -260,8 +326,16 @@ fn run(args: &[String]) -> Result<(), Failure> {
         }
         "info" => {
             let e = admin::info(&*backend, &args.name()?)?;
+            let snapshot_count = match e.layout {
+                Layout::Cas => Some(snapshots::snapshots(&*backend, &*backend.objects(), &e.name)?.len()),
+                Layout::Plain => None,
+            };
             if args.switch("--json") {
-                print_json(&export_json(&e));
+                let mut json = export_json(&e);
+                if let Some(count) = snapshot_count {
+                    json["snapshots"] = serde_json::json!(count);
+                }
+                print_json(&json);
                 return Ok(());
             }
             println!("export:      {}", e.name);
@@ -270,6 +344,9 @@ fn run(args: &[String]) -> Result<(), Failure> {
             println!("block size:  {} ({} bytes)", human(e.geometry.block_size() as u64), e.geometry.block_size());
             println!("blocks:      {}", e.geometry.blocks());
             println!("layout:      {}", e.layout);
+            if let Some(count) = snapshot_count {
+                println!("snapshots:   {count}");
+            }
             println!(
                 "stored:      {} in {} objects ({:.2} % of the device)",
                 human(e.stored_bytes()),
@@ -283,12 +360,13 @@ fn run(args: &[String]) -> Result<(), Failure> {
             let size = args.size("--size")?.ok_or_else(|| usage("create needs --size SIZE"))?;
             let block_size = args.size("--block-size")?.unwrap_or(4096);
             let block_size = usize::try_from(block_size).map_err(|_| usage("--block-size is too large"))?;
+            let layout = args.value("--layout").map(Layout::parse).transpose()?.unwrap_or_default();
             if config.storage_kind() == StorageKind::S3 {
                 // Like the plugin: create the bucket if it is missing and the credentials allow.
                 nbds3::storage::s3::check_bucket(&config.s3)?;
             }
-            let g = admin::create(&*backend, &name, size, block_size)?;
-            println!("created export {name}: {} in {}-byte blocks", human(g.size()), g.block_size());
+            let g = admin::create(&*backend, &name, size, block_size, layout)?;
+            println!("created export {name}: {} in {}-byte blocks, layout {layout}", human(g.size()), g.block_size());
         }
         "resize" => {
             let name = args.name()?;
@@ -378,8 +456,56 @@ fn run(args: &[String]) -> Result<(), Failure> {
                 grace.as_secs_f64()
             );
         }
+        "snapshot" => {
+            let (export, snap) = (args.name()?, args.second_name("SNAP")?);
+            snapshots::snapshot(&*backend, &*backend.objects(), &export, &snap)?;
+            println!("took snapshot {export}@{snap}");
+        }
+        "snapshots" => {
+            let names = snapshots::snapshots(&*backend, &*backend.objects(), &args.name()?)?;
+            if args.switch("--json") {
+                print_json(&names.iter().map(ExportName::as_str).collect());
+                return Ok(());
+            }
+            for name in names {
+                println!("{name}");
+            }
+        }
+        "delete-snapshot" => {
+            let (export, snap) = (args.name()?, args.second_name("SNAP")?);
+            snapshots::delete_snapshot(&*backend.objects(), &export, &snap)?;
+            println!("deleted snapshot {export}@{snap}; `nbds3ctl gc` frees the blocks nothing else references");
+        }
+        "clone" => {
+            let from = args.version()?;
+            let Some(snap) = &from.snapshot else {
+                return Err(usage(format!("clone needs EXPORT@SNAP, not {from}: take a snapshot first")));
+            };
+            let new = args.second_name("NEW")?;
+            let record = snapshots::clone(&*backend, &*backend.objects(), &from.export, snap, &new)?;
+            println!("created export {new} from {from}: {}, layout {}", human(record.geometry.size()), record.layout);
+        }
+        "diff" => {
+            let from = args.version()?;
+            let to = Version::parse(args.more.first().ok_or_else(|| usage("diff needs FROM TO"))?)?;
+            let mut out = std::io::stdout().lock();
+            for changed in snapshots::diff(&*backend, &*backend.objects(), &from, &to)? {
+                let kind = match changed.change {
+                    Change::Data => "data",
+                    Change::Zero => "zero",
+                };
+                // In the order --help documents, which a JSON map would sort.
+                let (offset, length) = (changed.offset, changed.length);
+                writeln!(out, "{{\"offset\":{offset},\"length\":{length},\"kind\":\"{kind}\"}}")
+                    .map_err(|e| Failure(1, format!("writing to standard output: {e}")))?;
+            }
+        }
         "export-diff" => export_diff(&*backend, &args)?,
-        "import-diff" => import_diff(&backend, &args, config.lease_config())?,
+        "import-diff" => {
+            let cas = CasConfig { allow_unconditional: config.cas_unconditional, ..CasConfig::default() };
+            let options = ImportOptions { force: args.switch("--force"), lease: config.lease_config(), cas };
+            import_diff(&backend, &args, options)?
+        }
         other => unreachable!("command {other} is in COMMANDS but not run"),
     }
     Ok(())
@@ -439,7 +565,7 @@ fn export_diff(backend: &dyn Backend, args: &Args<'_>) -> Result<(), Failure> {
 }
 
 /// `import-diff FILE|- EXPORT`.
-fn import_diff(backend: &Arc<dyn Backend>, args: &Args<'_>, lease: Option<LeaseConfig>) -> Result<(), Failure> {
+fn import_diff(backend: &Arc<dyn Backend>, args: &Args<'_>, options: ImportOptions) -> Result<(), Failure> {
     let (Some(file), [export]) = (args.name, &args.more[..]) else {
         return Err(usage("import-diff needs FILE EXPORT (- for standard input)"));
     };
@@ -449,14 +575,13 @@ fn import_diff(backend: &Arc<dyn Backend>, args: &Args<'_>, lease: Option<LeaseC
     }
     let objects = backend.objects();
     let mut progress = progress("importing");
-    let force = args.switch("--force");
     let summary = if file == "-" {
         let mut input = std::io::BufReader::with_capacity(1 << 20, std::io::stdin().lock());
-        diff_stream::import_diff(backend, objects, &export, &mut input, force, lease, &mut progress)?
+        diff_stream::import_diff(backend, objects, &export, &mut input, options, &mut progress)?
     } else {
         let opened = std::fs::File::open(file).map_err(|e| Failure(1, format!("cannot open {file}: {e}")))?;
         let mut input = std::io::BufReader::with_capacity(1 << 20, opened);
-        diff_stream::import_diff(backend, objects, &export, &mut input, force, lease, &mut progress)?
+        diff_stream::import_diff(backend, objects, &export, &mut input, options, &mut progress)?
     };
     if args.switch("--json") {
         print_json(&serde_json::json!({
@@ -523,7 +648,7 @@ fn general_help() -> String {
 fn more_words(command: &str) -> usize {
     match command {
         "export-diff" => 2,
-        "import-diff" => 1,
+        "import-diff" | "snapshot" | "delete-snapshot" | "clone" | "diff" => 1,
         _ => 0,
     }
 }
@@ -571,6 +696,16 @@ impl<'a> Args<'a> {
 
     fn name(&self) -> Result<ExportName, Failure> {
         Ok(ExportName::new(self.name.ok_or_else(|| usage("which export? give its NAME"))?)?)
+    }
+
+    /// The name after the first, which `--help` calls `what` (`SNAP`, `NEW`).
+    fn second_name(&self, what: &str) -> Result<ExportName, Failure> {
+        Ok(ExportName::new(self.more.first().ok_or_else(|| usage(format!("give {what} after the export")))?)?)
+    }
+
+    /// The first argument as `EXPORT` or `EXPORT@SNAP`.
+    fn version(&self) -> Result<Version, Failure> {
+        Ok(Version::parse(self.name.ok_or_else(|| usage("which export? give EXPORT or EXPORT@SNAP"))?)?)
     }
 
     fn switch(&self, flag: &str) -> bool {

@@ -2,6 +2,7 @@
 //! real S3 server, and per-test sockets, directories and export names so tests run in parallel.
 #![allow(dead_code)]
 
+pub mod block_device;
 pub mod proxy;
 
 use std::path::{Path, PathBuf};

@@ -187,7 +187,7 @@ impl CasStorage {
             return Err(Error::config(
                 "layout",
                 format!(
-                    "{store} does not honour conditional writes, so a second writer of cas export {export} could not be fenced and FLUSH would not be atomic; serve it from a server that honours If-Match and If-None-Match"
+                    "{store} does not honour conditional writes, so a second writer of cas export {export} could not be fenced and FLUSH would not be atomic; serve it from a server that honours If-Match and If-None-Match, or accept that risk with nbdkit's cas-unconditional=true"
                 ),
             ));
         }

@@ -391,13 +391,13 @@ pub fn apply_stream(
 pub fn apply_to_export(
     store: Arc<dyn ObjectStore>,
     export: &ExportName,
-    block_size: usize,
-    device_size: u64,
+    (device_size, block_size): (u64, usize),
+    config: CasConfig,
     input: &mut dyn Read,
     force: bool,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<StreamSummary> {
-    let target = CasStorage::open(store, export, block_size, CasConfig::default())?;
+    let target = CasStorage::open(store, export, block_size, config)?;
     let unchanged = |e| match e {
         Error::Config { key, message } => {
             Error::Config { key, message: format!("{message}; export {export} is unchanged") }
