@@ -5,6 +5,8 @@ use std::sync::Arc;
 
 use crate::export_record::{ExportRecord, Layout};
 use crate::lease::{Lease, LeaseConfig, LeaseHolder};
+use crate::storage::cas::format::{head_key, snapshot_key};
+use crate::storage::cas::ops;
 use crate::storage::{Backend, BlockId, Storage};
 use crate::{Error, ExportName, Geometry, Result};
 
@@ -49,7 +51,8 @@ pub fn info(backend: &dyn Backend, name: &ExportName) -> Result<ExportInfo> {
         hint: "`nbds3ctl list` shows the exports there are".into(),
     })?;
     let ExportRecord { geometry, layout } = record;
-    let stored_blocks = backend.open(name, geometry.block_size())?.list_blocks()?.len() as u64;
+    // Listing only reads, so a cas export is listed even on a server without conditional writes.
+    let stored_blocks = record.open_storage(backend, name, true)?.list_blocks()?.len() as u64;
     let lease = LeaseHolder::read(backend, name)?;
     Ok(ExportInfo { name: name.clone(), geometry, layout, stored_blocks, lease })
 }
@@ -128,7 +131,7 @@ pub fn resize(
                 ),
             ));
         }
-        resized.deleted_blocks = under_lease(backend, name, lease, |storage| {
+        resized.deleted_blocks = under_lease(backend, name, lease, |storage, _| {
             let past_end = storage.list_blocks_in(to.blocks()..u64::MAX)?;
             let deleted = delete_in_batches(storage, &past_end, progress)?;
             record(to)?;
@@ -153,8 +156,18 @@ pub fn delete(
     lease: Option<LeaseConfig>,
     progress: impl FnMut(u64, u64),
 ) -> Result<u64> {
-    let deleted =
-        under_lease(backend, name, lease, |storage| delete_in_batches(storage, &storage.list_blocks()?, progress))?;
+    let deleted = under_lease(backend, name, lease, |storage, layout| {
+        let deleted = delete_in_batches(storage, &storage.list_blocks()?, progress)?;
+        if layout == Layout::Cas {
+            // Its chunks and pages stay until `nbds3ctl gc`: clones may share them.
+            let objects = backend.objects();
+            let snapshots = ops::list_snapshots(&*objects, name)?;
+            let mut keys: Vec<String> = snapshots.iter().map(|snap| snapshot_key(name, snap)).collect();
+            keys.push(head_key(name));
+            objects.delete(&keys, None)?;
+        }
+        Ok(deleted)
+    })?;
     backend.delete_record(name)?;
     Ok(deleted)
 }
@@ -165,15 +178,15 @@ fn under_lease(
     backend: &Arc<dyn Backend>,
     name: &ExportName,
     lease: Option<LeaseConfig>,
-    work: impl FnOnce(&dyn Storage) -> Result<u64>,
+    work: impl FnOnce(&dyn Storage, Layout) -> Result<u64>,
 ) -> Result<u64> {
-    let export = info(&**backend, name)?;
-    let storage = backend.open(name, export.geometry.block_size())?;
+    let ExportInfo { geometry, layout, .. } = info(&**backend, name)?;
+    let storage = ExportRecord { geometry, layout }.open_storage(&**backend, name, false)?;
     let lease = lease.map(|config| Lease::new(backend.clone(), name.clone(), config));
     if let Some(lease) = &lease {
         lease.hold()?;
     }
-    let deleted = work(&*storage);
+    let deleted = work(&*storage, layout);
     if let Some(lease) = lease {
         lease.release();
     }
@@ -210,6 +223,46 @@ mod tests {
         let writer = Lease::new(backend.clone(), name.clone(), config);
         writer.hold().unwrap();
         (config, writer)
+    }
+
+    #[test]
+    fn a_cas_export_is_counted_from_its_map_and_deleted_with_its_snapshots() {
+        let backend: Arc<dyn Backend> = Arc::new(MemoryBackend::default());
+        let (dev, snap) = (ExportName::new("dev").unwrap(), ExportName::new("s1").unwrap());
+        let read = |name: &ExportName| {
+            let record = ExportRecord::read(&*backend, name).unwrap().unwrap();
+            let storage = record.open_storage(&*backend, name, false).unwrap();
+            let mut buf = crate::storage::BlockBuf::zeroed(4096);
+            storage.read_block(BlockId(3), &mut buf).unwrap();
+            buf[0]
+        };
+        create(&*backend, &dev, 1 << 20, 4096, Layout::Cas).unwrap();
+        let record = ExportRecord::read(&*backend, &dev).unwrap().unwrap();
+        let storage = record.open_storage(&*backend, &dev, false).unwrap();
+        for i in 0..5 {
+            storage.write_block(BlockId(i), &[7; 4096]).unwrap();
+        }
+        storage.flush().unwrap();
+        drop(storage);
+        crate::snapshots::snapshot(&*backend, &*backend.objects(), &dev, &snap).unwrap();
+        assert_eq!(info(&*backend, &dev).unwrap().stored_blocks, 5, "blocks in the map, not under blocks/");
+        assert_eq!(read(&dev), 7);
+
+        delete(&backend, &dev, None, |_, _| {}).unwrap();
+        let left = |prefix: &str| {
+            let mut keys = Vec::new();
+            backend
+                .objects()
+                .list(prefix, None, &mut |l| {
+                    keys.push(l.key);
+                    true
+                })
+                .unwrap();
+            keys
+        };
+        assert_eq!((left("cas/heads/"), left("cas/snapshots/")), (vec![], vec![]), "head and snapshots deleted");
+        create(&*backend, &dev, 1 << 20, 4096, Layout::Cas).unwrap();
+        assert_eq!(read(&dev), 0, "a new export of the same name starts empty");
     }
 
     #[test]

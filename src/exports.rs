@@ -11,12 +11,12 @@ use std::time::Duration;
 
 use crate::config::{Config, CreatePolicy, StorageKind};
 use crate::export::ExportName;
-use crate::export_record::{ExportRecord, Layout};
+use crate::export_record::ExportRecord;
 use crate::lease::Lease;
 use crate::snapshots::{self, Version};
 use crate::stats_file::{self, StatsFormat};
-use crate::storage::cas::{CasConfig, CasStorage};
-use crate::storage::{s3, Backend, DirObjects, FencedStorage, MemoryBackend, ObjectBackend, Storage};
+use crate::storage::cas::CasStorage;
+use crate::storage::{s3, Backend, DirObjects, FencedStorage, MemoryBackend, ObjectBackend};
 use crate::volume::{Geometry, Volume, DEFAULT_BLOCK_SIZE};
 use crate::{background, lock, Error, Result};
 
@@ -87,28 +87,6 @@ pub fn open_record(backend: &dyn Backend, export: &ExportName, config: &Config) 
         record.layout
     );
     Ok(record)
-}
-
-/// The bottom of export `name`'s storage stack: the one place its record's layout matters, so
-/// everything above (fencing, metering, the cache) serves both layouts alike.
-///
-/// # Errors
-/// The backend's errors opening it; for `cas`, a store without conditional writes unless
-/// `cas-unconditional=true`.
-fn open_storage(
-    backend: &dyn Backend,
-    name: &ExportName,
-    record: &ExportRecord,
-    config: &Config,
-) -> Result<Arc<dyn Storage>> {
-    let block_size = record.geometry.block_size();
-    match record.layout {
-        Layout::Plain => backend.open(name, block_size),
-        Layout::Cas => {
-            let cas = CasConfig { allow_unconditional: config.cas_unconditional, ..CasConfig::default() };
-            Ok(Arc::new(CasStorage::open(backend.objects(), name, block_size, cas)?))
-        }
-    }
 }
 
 /// Snapshot `snap` of `export`, for read-only connections: no lease (nothing is written), no
@@ -281,7 +259,7 @@ impl Exports {
     fn open_live(&self, backend: &Arc<dyn Backend>, name: &ExportName) -> Result<OpenExport> {
         let record = open_record(&**backend, name, &self.config)?;
         let geometry = record.geometry;
-        let mut storage = open_storage(&**backend, name, &record, &self.config)?;
+        let mut storage = record.open_storage(&**backend, name, self.config.cas_unconditional)?;
         log::info!("export {name}: {} bytes in {}-byte blocks on {storage}", geometry.size(), geometry.block_size());
         let lease = self.config.lease_config().map(|c| Lease::new(backend.clone(), name.clone(), c));
         if let Some(lease) = &lease {
@@ -376,6 +354,7 @@ fn stats(volumes: &Slots, format: StatsFormat) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::export_record::Layout;
     use crate::storage::BlockId;
 
     fn config(pairs: &[(&str, &str)]) -> Config {

@@ -122,7 +122,9 @@ restarted.",
         details: "\
 Asks for the export's name first unless --yes (and refuses without --yes when standard input is
 not a terminal). Refused while a writer holds the export's lease (see nbdkit's lease-time= and
-lease-takeover=), naming that writer. On a terminal, shows its progress.",
+lease-takeover=), naming that writer. A cas export's snapshots go with it; clones of them stay,
+and the chunks no export or snapshot uses any more are freed by `gc`. On a terminal, shows its
+progress.",
         takes_name: true,
         options: &[],
         switches: &["--yes"],
