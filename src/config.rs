@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use crate::export::ExportName;
+use crate::export_name::ExportName;
 use crate::export_record::Layout;
 use crate::lease::LeaseConfig;
 use crate::stats_file::StatsFormat;

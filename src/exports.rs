@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use crate::config::{Config, CreatePolicy, StorageKind};
-use crate::export::ExportName;
+use crate::export_name::ExportName;
 use crate::export_record::ExportRecord;
 use crate::lease::Lease;
 use crate::snapshots::{self, Version};

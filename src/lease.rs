@@ -43,7 +43,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
-use crate::export::ExportName;
+use crate::export_name::ExportName;
 use crate::storage::{Backend, Expect, WriteWindow};
 use crate::{background, lock, unix_nanos, Error, Result};
 

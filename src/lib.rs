@@ -49,7 +49,7 @@ pub mod block_buf;
 pub mod config;
 pub mod diff_stream;
 pub mod error;
-pub mod export;
+pub mod export_name;
 pub mod export_record;
 pub mod exports;
 #[cfg(test)]
@@ -66,7 +66,7 @@ pub mod volume;
 
 pub use config::Config;
 pub use error::{Error, Result};
-pub use export::ExportName;
+pub use export_name::ExportName;
 pub use storage::{BlockId, Storage};
 pub use volume::{Geometry, Volume, VolumeConfig};
 

@@ -5,7 +5,7 @@
 //! Both are rendered from the counters each [`Volume`](crate::Volume) reports by name, so the
 //! formats cannot disagree; `METRICS` gives each counter its Prometheus name, type and help.
 
-use crate::export::ExportName;
+use crate::export_name::ExportName;
 
 /// How `stats-file` is written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -3,7 +3,7 @@
 //! format described in docs/ (`blocks/{export}/{offset}`, `exports/{export}`, `leases/{export}`).
 
 use super::BlockId;
-use crate::export::ExportName;
+use crate::export_name::ExportName;
 
 /// The prefix of every export's geometry record, beside `blocks/`.
 pub const RECORD_PREFIX: &str = "exports/";

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 pub use crate::block_buf::BlockBuf;
-use crate::export::ExportName;
+use crate::export_name::ExportName;
 use crate::Result;
 
 pub mod cas;

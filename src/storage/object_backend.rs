@@ -13,7 +13,7 @@ use std::sync::Arc;
 use super::keys::RECORD_PREFIX;
 use super::objects::{Listed, ObjectStore, Put};
 use super::{Backend, Expect, PlainStorage, Storage, VersionedText};
-use crate::export::ExportName;
+use crate::export_name::ExportName;
 use crate::{Error, Result};
 
 /// The most bytes of a record or lease read: both are a few short lines.

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use super::keys::parse_block_leaf;
 use super::objects::{Listed, ObjectStore, Put, ReadInto};
 use super::{check_len, BlockBuf, BlockId, Capabilities, Fence, Storage};
-use crate::export::ExportName;
+use crate::export_name::ExportName;
 use crate::{Error, Result};
 
 /// The blocks of one export, one object each.
