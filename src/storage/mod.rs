@@ -22,6 +22,8 @@ pub mod cas;
 pub mod fenced;
 pub mod keys;
 pub mod memory;
+#[cfg(any(test, feature = "testing"))]
+pub mod memory_storage;
 pub mod metered;
 pub mod object_backend;
 pub mod objects;
@@ -34,7 +36,9 @@ pub mod conformance;
 pub mod faulty;
 
 pub use fenced::{FencedStorage, WriteWindow};
-pub use memory::{MemoryBackend, MemoryStorage};
+pub use memory::MemoryBackend;
+#[cfg(any(test, feature = "testing"))]
+pub use memory_storage::MemoryStorage;
 pub use metered::{MeteredStorage, StorageStats};
 pub use object_backend::ObjectBackend;
 pub use objects::{DirObjects, MemoryObjects, ObjectStore};
