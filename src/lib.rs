@@ -14,7 +14,9 @@
 //!   BlockCache     per-block locks, LRU of clean blocks, bounded set of dirty blocks
 //!        │  whole blocks only
 //!   MeteredStorage counts requests; FencedStorage lets writes through only under the lease
-//!   Storage        PlainStorage: one object per block, at the keys keys.rs lays out;
+//!   Storage        the export record's layout chooses (export_record.rs): PlainStorage, one
+//!        │         object per block at the keys keys.rs lays out; or CasStorage (storage/cas/),
+//!        │         content-addressed chunks under a block map committed at each FLUSH.
 //!        │         ObjectBackend keeps each export's record and lease beside them
 //!   ObjectStore    S3Objects (storage/s3/: one transport seam, SDK │ direct HTTP/1.1; one retry
 //!                  policy; one error fold) │ DirObjects │ MemoryObjects
