@@ -5,10 +5,10 @@
 //! here), a cold sequential read is CPU-bound, so every CPU-second our client spends per GiB is
 //! one the server does not get. `scripts/bench` measures the whole path through nbdkit; this
 //! isolates the S3 client. It stores `S3_BENCH_OBJECTS` blocks of `S3_BENCH_SIZE` bytes through
-//! `S3Storage`, then reads `S3_BENCH_COUNT` of them back, `S3_BENCH_CONCURRENCY` at a time, these
+//! `PlainStorage`, then reads `S3_BENCH_COUNT` of them back, `S3_BENCH_CONCURRENCY` at a time, these
 //! ways:
 //!
-//! - `S3Storage::read_block`: what the plugin does (on an http:// endpoint, its own
+//! - `PlainStorage::read_block`: what the plugin does (on an http:// endpoint, its own
 //!   [`DirectClient`] path, with the CRC32 check);
 //! - the same through aws-sdk-s3, the path https:// endpoints take;
 //! - that without the SDK's response checksum validation, to show what the CRC32 costs there;
@@ -18,7 +18,7 @@
 //!   SigV4-signed GET written by hand, the body read straight into the block, nothing checked.
 //!   It is the floor any HTTP client has to pay: the kernel's copy and the signature.
 //!
-//! then writes `S3_BENCH_COUNT` blocks back: `S3Storage::write_block` (nbds3's own PUT path on
+//! then writes `S3_BENCH_COUNT` blocks back: `PlainStorage::write_block` (nbds3's own PUT path on
 //! an http:// endpoint: the block from the caller's buffer, its CRC32 in a header), the same
 //! through aws-sdk-s3 (a copy of the block as the SDK's body, the CRC32 in an aws-chunked
 //! trailer), and on http:// endpoints [`DirectClient::put`] and hyper's two ways.
@@ -152,12 +152,12 @@ fn main() -> Result<()> {
     };
 
     let mut gets = vec![
-        contender("S3Storage::read_block (nbds3)", || block_reader(Arc::clone(&store), &ids)),
+        contender("PlainStorage::read_block (nbds3)", || block_reader(Arc::clone(&store), &ids)),
         contender("  through aws-sdk-s3 (https endpoints)", || block_reader(Arc::clone(&through_sdk), &ids)),
         contender("  the same without the SDK's CRC32 check", || block_reader(Arc::clone(&unchecked), &ids)),
     ];
     let mut puts = vec![
-        contender("S3Storage::write_block (nbds3)", || block_writer(Arc::clone(&store), &ids, &blocks)),
+        contender("PlainStorage::write_block (nbds3)", || block_writer(Arc::clone(&store), &ids, &blocks)),
         contender("  through aws-sdk-s3 (https endpoints)", || block_writer(Arc::clone(&through_sdk), &ids, &blocks)),
     ];
     match &http {

@@ -1,6 +1,6 @@
-//! Rewrites the generated parts of README.md and the man page source (the parameter tables and
-//! versions, see `nbds3::param_docs`) from the code: run `cargo run --example generate_docs`
-//! after adding or changing a parameter.
+//! Rewrites the generated parts of README.md, docs/PARAMETERS.md and the man page source (the
+//! parameter tables and versions, see `nbds3::param_docs`) from the code: run
+//! `cargo run --example generate_docs` after adding or changing a parameter.
 
 use std::path::Path;
 use std::process::ExitCode;

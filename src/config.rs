@@ -1,6 +1,6 @@
 //! The plugin's parameters: their names, help text, parsing and validation, with no nbdkit in sight.
 //!
-//! Every parameter is one [`ConfigKey`]; `--help`, the README's table and the man page's
+//! Every parameter is one [`ConfigKey`]; `--help`, docs/PARAMETERS.md's table and the man page's
 //! PARAMETERS ([`param_docs`](crate::param_docs)) are generated from [`ConfigKey::ALL`], so the
 //! documentation cannot drift from what is parsed.
 

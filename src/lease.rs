@@ -74,7 +74,7 @@ pub fn warn_without_conditional_writes(store: &str) {
         log::warn!(
             "{store}: the S3 server ignores conditional writes (If-None-Match, If-Match), so the export lease \
              cannot stop two writers that start at the same moment; it still refuses a writer that starts \
-             while another holds the export. See \"One writer per export\" in the README."
+             while another holds the export. See \"One writer per export\" in docs/DURABILITY.md."
         );
     }
 }

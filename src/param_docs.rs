@@ -1,5 +1,6 @@
-//! The parts of the README and the man page that are generated from [`ConfigKey`], the stats
-//! file's counters and the crate's version, each kept between two marker lines of its file.
+//! The parts of the docs (README, docs/PARAMETERS.md, the man page) that are generated from
+//! [`ConfigKey`], the stats file's counters and the crate's version, each kept between two
+//! marker lines of its file.
 //!
 //! Generated rather than written, so that a parameter added to the code is a parameter in the
 //! docs: `tests/generated_docs.rs` fails when a file differs from what [`GeneratedSection::splice`]
@@ -19,11 +20,11 @@ pub struct GeneratedSection {
     generate: fn() -> String,
 }
 
-/// The README's parameter table and versions, and the man page's PARAMETERS, STATS FILE and
-/// VERSION.
+/// The parameter table of docs/PARAMETERS.md, the README's versions, and the man page's
+/// PARAMETERS, STATS FILE and VERSION.
 pub const SECTIONS: [GeneratedSection; 5] = [
     GeneratedSection {
-        path: "README.md",
+        path: "docs/PARAMETERS.md",
         begin: "<!-- parameters: generated from ConfigKey (src/config.rs) by `cargo run --example generate_docs` -->\n",
         end: "<!-- end of parameters -->\n",
         generate: markdown_table,
@@ -74,7 +75,7 @@ impl GeneratedSection {
     }
 }
 
-/// The README's parameter table, in Markdown.
+/// The parameter table of docs/PARAMETERS.md, in Markdown.
 fn markdown_table() -> String {
     let mut table = String::from("| parameter | meaning |\n|---|---|\n");
     for k in ConfigKey::ALL {
@@ -140,13 +141,13 @@ mod tests {
 
     #[test]
     fn splice_replaces_only_what_lies_between_the_markers() {
-        let readme = &SECTIONS[0];
-        let text = format!("intro\n{}stale table\n{}outro\n", readme.begin, readme.end);
-        let spliced = readme.splice(&text).unwrap();
-        assert_eq!(spliced, format!("intro\n{}{}{}outro\n", readme.begin, markdown_table(), readme.end));
-        assert_eq!(readme.splice(&spliced).unwrap(), spliced);
-        let e = readme.splice("no markers\n").unwrap_err();
-        assert!(e.starts_with("README.md has no line \"<!-- parameters: generated"), "{e}");
+        let table = &SECTIONS[0];
+        let text = format!("intro\n{}stale table\n{}outro\n", table.begin, table.end);
+        let spliced = table.splice(&text).unwrap();
+        assert_eq!(spliced, format!("intro\n{}{}{}outro\n", table.begin, markdown_table(), table.end));
+        assert_eq!(table.splice(&spliced).unwrap(), spliced);
+        let e = table.splice("no markers\n").unwrap_err();
+        assert!(e.starts_with("docs/PARAMETERS.md has no line \"<!-- parameters: generated"), "{e}");
     }
 
     #[test]

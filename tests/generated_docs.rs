@@ -1,5 +1,6 @@
-//! The README's parameter table and the man page say what the code does: each generated part of
-//! them is exactly what `nbds3::param_docs` generates now, and the man page builds and renders.
+//! The parameter table (docs/PARAMETERS.md), the README's versions and the man page say what the
+//! code does: each generated part of them is exactly what `nbds3::param_docs` generates now, and
+//! the man page builds and renders.
 
 mod common;
 

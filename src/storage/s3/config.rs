@@ -42,9 +42,10 @@ impl Default for S3Config {
 }
 
 impl S3Config {
-    /// `S3Storage(endpoint/bucket)`, how messages name this store.
+    /// `s3://bucket (endpoint)`, how messages name this store: the bucket as users write it,
+    /// and which server holds it.
     pub fn describe(&self) -> String {
-        format!("S3Storage({}/{})", self.endpoint.as_deref().unwrap_or("aws"), self.bucket)
+        format!("s3://{} ({})", self.bucket, self.endpoint.as_deref().unwrap_or("AWS"))
     }
 }
 

@@ -49,7 +49,7 @@ pub fn runtime() -> Result<&'static tokio::runtime::Runtime> {
                 .map_err(|e| e.to_string())
         })
         .as_ref()
-        .map_err(|e| Error::backend("S3Storage", format!("cannot start the tokio runtime: {e}")))
+        .map_err(|e| Error::backend("S3", format!("cannot start the tokio runtime: {e}")))
 }
 
 /// The exports of `config.bucket`: records at `exports/{export}`, leases at `leases/{export}`,

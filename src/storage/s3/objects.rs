@@ -29,7 +29,7 @@ const MAX_DELETE_BATCH: usize = 1000;
 pub struct S3Objects {
     transport: Transport,
     bucket: String,
-    /// `S3Storage(endpoint/bucket)`, for messages.
+    /// `s3://bucket (endpoint)`, for messages.
     name: String,
     /// `s3-timeout`: the deadline of a write or delete no fence gave one.
     timeout: Duration,
