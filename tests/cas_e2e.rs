@@ -156,6 +156,104 @@ fn snapshots_clones_and_diffs_in_a_directory() {
     snapshots_clones_and_diffs(store, || count_files(&dir.path().join("cas")));
 }
 
+/// `info` accounts for a cas export's space exactly (`store`: parameters of an empty store of
+/// the test's own, since the bucket's figures count everything in it). Export a has eight
+/// distinct blocks and four duplicates; its snapshot s1; then one block of a is rewritten and one
+/// zeroed; b shares four blocks with a; c, a clone of a@s1, writes one block of its own.
+fn info_accounts_for_holes_and_dedup(store: Vec<String>) {
+    const MB: u64 = 1 << 20;
+    let bs = BLOCK as u64;
+    let block = |seed: u64| common::random_bytes(BLOCK, 100 + seed);
+    let blocks = |seeds: &[u64]| seeds.iter().flat_map(|&s| block(s)).collect::<Vec<u8>>();
+    for export in ["a", "b"] {
+        ctl_ok(&store, &["create", export, "--size", "4M", "--layout", "cas"]);
+    }
+    let mut params = store.clone();
+    params.push("export=a".into());
+    let nbdkit = Nbdkit::start(&params);
+    write(&nbdkit, "a", 0, &blocks(&[0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3]));
+    ctl_ok(&store, &["snapshot", "a", "s1"]);
+    write(&nbdkit, "a", 5 * BLOCK, &block(8));
+    common::nbdsh(&uri(&nbdkit, "a"), &format!("h.zero({BLOCK}, {}); h.flush()", 11 * BLOCK));
+    write(&nbdkit, "b", 0, &blocks(&[0, 1, 2, 3]));
+    write(&nbdkit, "b", 10 * BLOCK, &block(9));
+    ctl_ok(&store, &["clone", "a@s1", "c"]);
+    write(&nbdkit, "c", 30 * BLOCK, &block(10));
+    nbdkit.stop();
+
+    let info = |export: &str| {
+        let out = ctl_ok(&store, &["info", export, "--json"]);
+        let mut json: serde_json::Value = serde_json::from_str(&out).expect("info --json is JSON");
+        json.as_object_mut().unwrap().remove("lease");
+        json
+    };
+    // A page is 8 bytes and 35 a block it maps. The bucket holds the pages of a as first
+    // written (12 blocks, s1's), after the rewrite (12) and the zeroing (11), b's after each of
+    // its writes (4, then 5), c's (13);
+    // and chunks 0 to 7, 8 (a's rewrite), 9 (b's own) and 10 (c's own).
+    let page = |mapped: u64| 8 + 35 * mapped;
+    let pages = page(12) + page(12) + page(11) + page(4) + page(5) + page(13);
+    let bucket = serde_json::json!({
+        "chunk_objects": 11, "chunk_bytes": 11 * bs,
+        "page_objects": 6, "page_bytes": pages,
+        "stored_bytes": 11 * bs + pages,
+    });
+    let expected = |name: &str, mapped: u64, distinct: u64, snapshots: u64, with: (u64, u64, u64)| {
+        serde_json::json!({
+            "name": name, "size": 4 * MB, "block_size": BLOCK, "blocks": 1024, "layout": "cas",
+            "stored_blocks": mapped, "stored_bytes": mapped * bs,
+            "mapped_blocks": mapped, "mapped_bytes": mapped * bs, "holes_saved_bytes": 4 * MB - mapped * bs,
+            "snapshots": snapshots,
+            "distinct_chunks": distinct, "distinct_chunk_bytes": distinct * bs,
+            "dedup_saved_bytes": (mapped - distinct) * bs,
+            "map_pages": 1, "map_page_bytes": page(mapped),
+            "with_snapshots": {
+                "distinct_chunks": with.0, "distinct_chunk_bytes": with.0 * bs,
+                "map_pages": with.1, "map_page_bytes": with.2,
+            },
+            "bucket": bucket,
+        })
+    };
+    // a: blocks 0-4, 6-10 (8 replaced 5, 11 zeroed); chunks 0-4, 6, 7, 8; with s1 also 5.
+    assert_eq!(info("a"), expected("a", 11, 8, 1, (9, 2, page(11) + page(12))));
+    assert_eq!(info("b"), expected("b", 5, 5, 0, (5, 1, page(5))));
+    assert_eq!(info("c"), expected("c", 13, 9, 0, (9, 1, page(13))));
+
+    let text = ctl_ok(&store, &["info", "a"]);
+    for line in [
+        "snapshots:   1\n",
+        "the export as of its last flush, snapshots not included:\n",
+        "  logical size           4M  4194304 bytes\n",
+        "  mapped                44K  45056 bytes in 11 blocks that hold data\n",
+        "  holes saved          4.0M  4149248 bytes: blocks never written, zeroed or trimmed\n",
+        "  distinct chunks       32K  32768 bytes in 8 chunks\n",
+        "  dedup saved           12K  12288 bytes: identical blocks in the export stored once\n",
+        "with its 1 snapshot:\n  distinct chunks       36K  36864 bytes in 9 chunks\n",
+        "  chunk objects         44K  45056 bytes in 11 objects\n",
+    ] {
+        assert!(text.contains(line), "{line:?} in:\n{text}");
+    }
+}
+
+#[test]
+fn info_accounts_for_holes_and_dedup_in_a_directory() {
+    require!("nbdkit", "/usr/bin/python3");
+    let dir = tempfile::tempdir().unwrap();
+    info_accounts_for_holes_and_dedup(vec!["storage=file".to_string(), format!("dir={}", dir.path().display())]);
+}
+
+#[test]
+fn info_accounts_for_holes_and_dedup_in_s3() {
+    require!("nbdkit", "/usr/bin/python3");
+    let Some(env) = common::s3() else { return };
+    let bucket = OwnBucket { env: env.clone(), name: common::unique("cas-info").to_lowercase() };
+    let mut store = env.params(&bucket.name);
+    if !env.conditional_writes() {
+        store.push("cas-unconditional=true".into());
+    }
+    info_accounts_for_holes_and_dedup(store);
+}
+
 /// A plain export has no snapshots: the refusal says how to copy it into a cas export.
 #[test]
 fn a_plain_export_refuses_snapshots_and_says_how_to_copy_it_into_a_cas_one() {
