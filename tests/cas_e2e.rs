@@ -246,12 +246,8 @@ fn info_accounts_for_holes_and_dedup_in_a_directory() {
 fn info_accounts_for_holes_and_dedup_in_s3() {
     require!("nbdkit", "/usr/bin/python3");
     let Some(env) = common::s3() else { return };
-    let bucket = OwnBucket { env: env.clone(), name: common::unique("cas-info").to_lowercase() };
-    let mut store = env.params(&bucket.name);
-    if !env.conditional_writes() {
-        store.push("cas-unconditional=true".into());
-    }
-    info_accounts_for_holes_and_dedup(store);
+    let bucket = OwnBucket::new(&env, "cas-info");
+    info_accounts_for_holes_and_dedup(cas_params(&env, &bucket.name));
 }
 
 /// A plain export has no snapshots: the refusal says how to copy it into a cas export.
@@ -277,6 +273,22 @@ struct OwnBucket {
     name: String,
 }
 
+impl OwnBucket {
+    fn new(env: &S3Env, what: &str) -> Self {
+        OwnBucket { env: env.clone(), name: common::unique(what).to_lowercase() }
+    }
+}
+
+/// The parameters of `bucket` on `env` for tests with one writer per export: on a server that
+/// ignores conditional writes they opt in to the risk that fencing would cover.
+fn cas_params(env: &S3Env, bucket: &str) -> Vec<String> {
+    let mut params = env.params(bucket);
+    if !env.conditional_writes() {
+        params.push("cas-unconditional=true".into());
+    }
+    params
+}
+
 impl Drop for OwnBucket {
     fn drop(&mut self) {
         self.env.remove_bucket(&self.name);
@@ -287,14 +299,9 @@ impl Drop for OwnBucket {
 fn snapshots_clones_and_diffs_in_s3() {
     require!("nbdkit", "qemu-img");
     let Some(env) = common::s3() else { return };
-    let bucket = OwnBucket { env: env.clone(), name: common::unique("cas-e2e").to_lowercase() };
-    let mut store = env.params(&bucket.name);
-    if !env.conditional_writes() {
-        // One writer at a time here: nbdkit and import-diff may take the risk they opt in to.
-        store.push("cas-unconditional=true".into());
-    }
+    let bucket = OwnBucket::new(&env, "cas-e2e");
     common::note(&format!("on {}", env.name()));
-    snapshots_clones_and_diffs(store, || env.list(&bucket.name, "cas/").len());
+    snapshots_clones_and_diffs(cas_params(&env, &bucket.name), || env.list(&bucket.name, "cas/").len());
 }
 
 /// A cas export is written only where the server can fence a second writer, unless the operator
@@ -391,7 +398,8 @@ fn ext4_snapshot_and_clone_mount(store: Vec<String>, work: &Path) {
         device.umount();
         device.detach();
     }
-    let refused = "import nbd\ntry:\n    h.pwrite(b'x', 0)\n    print('written')\nexcept nbd.Error:\n    print('refused')";
+    let refused =
+        "import nbd\ntry:\n    h.pwrite(b'x', 0)\n    print('written')\nexcept nbd.Error:\n    print('refused')";
     assert_eq!(common::nbdsh(&snap_uri, refused).trim(), "refused", "the snapshot stays read-only");
     nbdkit.stop();
 
@@ -428,12 +436,7 @@ fn ext4_on_a_cas_export_snapshot_and_clone_mount_in_s3() {
         return;
     }
     let Some(env) = common::s3() else { return };
-    let mut store = env.params(common::TEST_BUCKET);
-    if !env.conditional_writes() {
-        // One writer per export here.
-        store.push("cas-unconditional=true".into());
-    }
     common::note(&format!("on {}", env.name()));
     let work = tempfile::tempdir().unwrap();
-    ext4_snapshot_and_clone_mount(store, work.path());
+    ext4_snapshot_and_clone_mount(cas_params(&env, common::TEST_BUCKET), work.path());
 }

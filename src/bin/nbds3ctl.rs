@@ -75,7 +75,7 @@ lease, else its holder's host and pid and when it expires, in Unix seconds, 0 on
         args: "NAME [--json]",
         summary: "one export: sizes, and what holes and dedup saved",
         details: "\
-Sizes, and where a cas export's space goes. Exits 3 if there is no such export.
+Exits 3 if there is no such export.
 
 A cas export's figures are of the export as of its last FLUSH (what a snapshot would hold),
 without its snapshots: mapped, the blocks that hold data; holes saved, the size less that (blocks
@@ -806,7 +806,8 @@ fn info_json(e: &admin::ExportInfo, cas: Option<&admin::CasSpace>) -> serde_json
 fn cas_space_text(e: &admin::ExportInfo, cas: &admin::CasSpace) -> String {
     let bs = e.geometry.block_size() as u64;
     let (size, mapped, distinct) = (e.geometry.size(), e.stored_bytes(), cas.distinct_chunks * bs);
-    let row = |label: &str, bytes: u64, what: String| format!("  {label:<17}{:>8}  {bytes} bytes{what}\n", human(bytes));
+    let row =
+        |label: &str, bytes: u64, what: String| format!("  {label:<17}{:>8}  {bytes} bytes{what}\n", human(bytes));
     let mut text = String::from("\nthe export as of its last flush, snapshots not included:\n");
     text += &row("logical size", size, String::new());
     text += &row("mapped", mapped, format!(" in {} blocks that hold data", e.stored_blocks));

@@ -115,7 +115,13 @@ impl Device {
                 cmd.arg("-readonly");
             }
             run_ok(&mut cmd);
-            return Device { transport: Transport::Kernel, dev: Some(dev), mounted: None, frozen: false, dir: dir.into() };
+            return Device {
+                transport: Transport::Kernel,
+                dev: Some(dev),
+                mounted: None,
+                frozen: false,
+                dir: dir.into(),
+            };
         }
         let file = dir.join("disk");
         std::fs::File::create(&file).unwrap();

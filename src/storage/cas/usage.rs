@@ -159,7 +159,11 @@ mod tests {
         let root = storage.committed_root();
         let mut walk = MapWalk::with_chunks();
         assert_eq!(walk.add(&*store, &root).unwrap(), 2049);
-        assert_eq!((walk.distinct_chunks(), walk.pages()), (4, 3), "chunks 1, 2, 3, 9; the top, the shared leaf, one more");
+        assert_eq!(
+            (walk.distinct_chunks(), walk.pages()),
+            (4, 3),
+            "chunks 1, 2, 3, 9; the top, the shared leaf, one more"
+        );
         assert_eq!(walk.add(&*store, &root).unwrap(), 2049, "again, from what it remembers");
         let mut blocks_only = MapWalk::blocks_only();
         assert_eq!((blocks_only.add(&*store, &root).unwrap(), blocks_only.distinct_chunks()), (2049, 0));
