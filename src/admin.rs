@@ -31,6 +31,11 @@ impl ExportInfo {
     pub fn stored_bytes(&self) -> u64 {
         self.stored_blocks * self.geometry.block_size() as u64
     }
+
+    /// What holes save: the size less the bytes stored (for a cas export, mapped).
+    pub fn holes_saved_bytes(&self) -> u64 {
+        self.geometry.size().saturating_sub(self.stored_bytes())
+    }
 }
 
 /// Every export of `backend`, with its geometry and what it stores.
@@ -76,6 +81,10 @@ fn describe(backend: &dyn Backend, name: &ExportName, walk: &mut MapWalk) -> Res
 pub struct CasSpace {
     /// Distinct chunks the export's map references (an identical block anywhere in it is one).
     pub distinct_chunks: u64,
+    /// Their bytes.
+    pub distinct_chunk_bytes: u64,
+    /// What dedup saves within the export: its mapped bytes less its distinct chunks' bytes.
+    pub dedup_saved_bytes: u64,
     /// Map pages of the export.
     pub pages: u64,
     /// Their bytes.
@@ -84,6 +93,8 @@ pub struct CasSpace {
     pub snapshots: u64,
     /// Distinct chunks of the export and its snapshots together.
     pub with_snapshots_chunks: u64,
+    /// Their bytes.
+    pub with_snapshots_chunk_bytes: u64,
     /// Distinct map pages of the export and its snapshots together.
     pub with_snapshots_pages: u64,
     /// Their bytes.
@@ -118,12 +129,16 @@ pub fn space(backend: &dyn Backend, name: &ExportName) -> Result<(ExportInfo, Op
         };
         snapshots += 1;
     }
+    let bs = export.geometry.block_size() as u64;
     let space = CasSpace {
         distinct_chunks,
+        distinct_chunk_bytes: distinct_chunks * bs,
+        dedup_saved_bytes: export.stored_bytes().saturating_sub(distinct_chunks * bs),
         pages,
         page_bytes,
         snapshots,
         with_snapshots_chunks: walk.distinct_chunks(),
+        with_snapshots_chunk_bytes: walk.distinct_chunks() * bs,
         with_snapshots_pages: walk.pages(),
         with_snapshots_page_bytes: walk.page_bytes(),
         bucket: StoredObjects::list(&*objects)?,

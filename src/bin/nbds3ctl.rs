@@ -768,21 +768,20 @@ fn export_json(e: &admin::ExportInfo) -> serde_json::Value {
 /// where its space goes (the keys `info --help` lists).
 fn info_json(e: &admin::ExportInfo, cas: Option<&admin::CasSpace>) -> serde_json::Value {
     let mut json = export_json(e);
-    let bs = e.geometry.block_size() as u64;
     json["mapped_blocks"] = e.stored_blocks.into();
     json["mapped_bytes"] = e.stored_bytes().into();
-    json["holes_saved_bytes"] = (e.geometry.size() - e.stored_bytes()).into();
+    json["holes_saved_bytes"] = e.holes_saved_bytes().into();
     if let Some(cas) = cas {
         let extra = serde_json::json!({
             "snapshots": cas.snapshots,
             "distinct_chunks": cas.distinct_chunks,
-            "distinct_chunk_bytes": cas.distinct_chunks * bs,
-            "dedup_saved_bytes": e.stored_bytes() - cas.distinct_chunks * bs,
+            "distinct_chunk_bytes": cas.distinct_chunk_bytes,
+            "dedup_saved_bytes": cas.dedup_saved_bytes,
             "map_pages": cas.pages,
             "map_page_bytes": cas.page_bytes,
             "with_snapshots": {
                 "distinct_chunks": cas.with_snapshots_chunks,
-                "distinct_chunk_bytes": cas.with_snapshots_chunks * bs,
+                "distinct_chunk_bytes": cas.with_snapshots_chunk_bytes,
                 "map_pages": cas.with_snapshots_pages,
                 "map_page_bytes": cas.with_snapshots_page_bytes,
             },
@@ -804,21 +803,20 @@ fn info_json(e: &admin::ExportInfo, cas: Option<&admin::CasSpace>) -> serde_json
 /// `info`'s account of a cas export's space, like `zfs list -o space`: the export, then with its
 /// snapshots, then the whole bucket.
 fn cas_space_text(e: &admin::ExportInfo, cas: &admin::CasSpace) -> String {
-    let bs = e.geometry.block_size() as u64;
-    let (size, mapped, distinct) = (e.geometry.size(), e.stored_bytes(), cas.distinct_chunks * bs);
+    let (size, mapped, distinct) = (e.geometry.size(), e.stored_bytes(), cas.distinct_chunk_bytes);
     let row =
         |label: &str, bytes: u64, what: String| format!("  {label:<17}{:>8}  {bytes} bytes{what}\n", human(bytes));
     let mut text = String::from("\nthe export as of its last flush, snapshots not included:\n");
     text += &row("logical size", size, String::new());
     text += &row("mapped", mapped, format!(" in {} blocks that hold data", e.stored_blocks));
-    text += &row("holes saved", size - mapped, ": blocks never written, zeroed or trimmed".into());
+    text += &row("holes saved", e.holes_saved_bytes(), ": blocks never written, zeroed or trimmed".into());
     text += &row("distinct chunks", distinct, format!(" in {} chunks", cas.distinct_chunks));
-    text += &row("dedup saved", mapped - distinct, ": identical blocks in the export stored once".into());
+    text += &row("dedup saved", cas.dedup_saved_bytes, ": identical blocks in the export stored once".into());
     text += &row("map pages", cas.page_bytes, format!(" in {} pages", cas.pages));
     let snapshots = if cas.snapshots == 1 { "snapshot".to_string() } else { "snapshots".to_string() };
     text += &format!("with its {} {snapshots}:\n", cas.snapshots);
     let chunks = cas.with_snapshots_chunks;
-    text += &row("distinct chunks", chunks * bs, format!(" in {chunks} chunks"));
+    text += &row("distinct chunks", cas.with_snapshots_chunk_bytes, format!(" in {chunks} chunks"));
     text += &row("map pages", cas.with_snapshots_page_bytes, format!(" in {} pages", cas.with_snapshots_pages));
     text += "the bucket (every cas export, snapshot and clone, shared objects once, and garbage gc has not freed):\n";
     let b = &cas.bucket;
