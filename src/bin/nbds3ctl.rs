@@ -88,7 +88,8 @@ Cost, for a cas export: a GET of its head and of each snapshot record, one GET p
 page of their maps (a page maps 1024 blocks: a fully written 1 TiB export of 4K blocks has about
 262 000 pages), and a LIST of cas/chunks/ and cas/pages/ (one request per 1000 objects in the
 bucket). Memory: a set of the distinct chunks, 20 to 40 bytes each (a TiB of distinct 4K blocks
-needs 5 to 10 GiB; of 64K blocks, 0.3 to 0.6 GiB). For a plain export: a LIST of its blocks.
+needs 5 to 10 GiB; of 64K blocks, 0.3 to 0.6 GiB), and 50 to 100 bytes per distinct map page.
+For a plain export: a LIST of its blocks.
 
 With --json, one JSON object: the keys of one element of `list --json` (for a cas export,
 stored_blocks and stored_bytes count mapped blocks: its chunks are shared), then, sizes in bytes:

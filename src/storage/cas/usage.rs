@@ -7,7 +7,8 @@
 //! blocks under it remembered, so a page seen again costs no request and still counts.
 //!
 //! Costs: one GET per distinct page of the maps walked; memory, per distinct page its hash and
-//! block count (a page maps up to 1024 blocks, so this is small), and, when distinct chunks are
+//! block count, 50 to 100 bytes (a page maps up to 1024 blocks, so a densely written map pays
+//! little; one whose blocks lie one to a leaf pays it per block), and, when distinct chunks are
 //! counted, the first 128 bits of each distinct chunk's hash in a hash set: about 20 to 40 bytes
 //! a distinct chunk (a TiB of distinct 4 KiB blocks, 268 million chunks, about 5 to 10 GiB; at
 //! 64 KiB blocks 0.3 to 0.6 GiB). 128 bits of a cryptographic hash make a false match between two
