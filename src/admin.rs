@@ -7,6 +7,7 @@ use crate::export_record::{ExportRecord, Layout};
 use crate::lease::{Lease, LeaseConfig, LeaseHolder};
 use crate::storage::cas::format::{head_key, snapshot_key};
 use crate::storage::cas::ops;
+use crate::storage::cas::usage::{MapWalk, StoredObjects};
 use crate::storage::{Backend, BlockId, Storage};
 use crate::{Error, ExportName, Geometry, Result};
 
@@ -30,6 +31,11 @@ impl ExportInfo {
     pub fn stored_bytes(&self) -> u64 {
         self.stored_blocks * self.geometry.block_size() as u64
     }
+
+    /// What holes save: the size less the bytes stored (for a cas export, mapped).
+    pub fn holes_saved_bytes(&self) -> u64 {
+        self.geometry.size().saturating_sub(self.stored_bytes())
+    }
 }
 
 /// Every export of `backend`, with its geometry and what it stores.
@@ -40,21 +46,104 @@ pub fn list(backend: &dyn Backend) -> Result<Vec<ExportInfo>> {
     backend.list_exports()?.into_iter().map(|name| info(backend, &name)).collect()
 }
 
-/// One export.
+/// One export. For a `cas` export this reads every page of its map once (no per-block memory).
 ///
 /// # Errors
 /// [`Error::ExportNotFound`] if it has no record; backend failures.
 pub fn info(backend: &dyn Backend, name: &ExportName) -> Result<ExportInfo> {
+    describe(backend, name, &mut MapWalk::blocks_only())
+}
+
+/// One export, walking a `cas` export's map with `walk`.
+fn describe(backend: &dyn Backend, name: &ExportName, walk: &mut MapWalk) -> Result<ExportInfo> {
     let record = ExportRecord::read(backend, name)?.ok_or_else(|| Error::ExportNotFound {
         store: backend.to_string(),
         export: name.to_string(),
         hint: "`nbds3ctl list` shows the exports there are".into(),
     })?;
     let ExportRecord { geometry, layout } = record;
-    // Listing only reads, so a cas export is listed even on a server without conditional writes.
-    let stored_blocks = record.open_storage(backend, name, true)?.list_blocks()?.len() as u64;
+    let stored_blocks = match layout {
+        // The committed map, read without opening a writer, so even on a server without
+        // conditional writes.
+        Layout::Cas => {
+            let objects = backend.objects();
+            walk.add(&*objects, &ops::head_root(&*objects, name)?)?
+        }
+        Layout::Plain => record.open_storage(backend, name, true)?.list_blocks()?.len() as u64,
+    };
     let lease = LeaseHolder::read(backend, name)?;
     Ok(ExportInfo { name: name.clone(), geometry, layout, stored_blocks, lease })
+}
+
+/// Where a `cas` export's space goes, as `nbds3ctl info` shows it. "The export" is its live
+/// state, as of its last FLUSH, without its snapshots; chunks are exactly one block long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CasSpace {
+    /// Distinct chunks the export's map references (an identical block anywhere in it is one).
+    pub distinct_chunks: u64,
+    /// Their bytes.
+    pub distinct_chunk_bytes: u64,
+    /// What dedup saves within the export: its mapped bytes less its distinct chunks' bytes.
+    pub dedup_saved_bytes: u64,
+    /// Map pages of the export.
+    pub pages: u64,
+    /// Their bytes.
+    pub page_bytes: u64,
+    /// How many snapshots the export has.
+    pub snapshots: u64,
+    /// Distinct chunks of the export and its snapshots together.
+    pub with_snapshots_chunks: u64,
+    /// Their bytes.
+    pub with_snapshots_chunk_bytes: u64,
+    /// Distinct map pages of the export and its snapshots together.
+    pub with_snapshots_pages: u64,
+    /// Their bytes.
+    pub with_snapshots_page_bytes: u64,
+    /// Every chunk and page object in the bucket: all cas exports, snapshots and clones share
+    /// these, and garbage stays in them until `nbds3ctl gc`.
+    pub bucket: StoredObjects,
+}
+
+/// One export, and for a `cas` export where its space goes. Costs, for a `cas` export: a GET of
+/// its head and of each snapshot record, one GET per distinct page of their maps, a LIST of
+/// `cas/chunks/` and `cas/pages/` (a request per 1000 objects in the bucket), and memory for a
+/// set of the distinct chunks (see [`MapWalk::with_chunks`]).
+///
+/// # Errors
+/// As [`info`]; pages or records that fail their checks, named.
+pub fn space(backend: &dyn Backend, name: &ExportName) -> Result<(ExportInfo, Option<CasSpace>)> {
+    let mut walk = MapWalk::with_chunks();
+    let export = describe(backend, name, &mut walk)?;
+    if export.layout != Layout::Cas {
+        return Ok((export, None));
+    }
+    let (distinct_chunks, pages, page_bytes) = (walk.distinct_chunks(), walk.pages(), walk.page_bytes());
+    let objects = backend.objects();
+    let mut snapshots = 0;
+    for snap in ops::list_snapshots(&*objects, name)? {
+        match ops::read_snapshot(&*objects, name, &snap) {
+            Ok(record) => walk.add(&*objects, &record.root)?,
+            // Deleted since the listing: no longer the export's.
+            Err(Error::NotFound { .. }) => continue,
+            Err(e) => return Err(e),
+        };
+        snapshots += 1;
+    }
+    let bs = export.geometry.block_size() as u64;
+    let space = CasSpace {
+        distinct_chunks,
+        distinct_chunk_bytes: distinct_chunks * bs,
+        dedup_saved_bytes: export.stored_bytes().saturating_sub(distinct_chunks * bs),
+        pages,
+        page_bytes,
+        snapshots,
+        with_snapshots_chunks: walk.distinct_chunks(),
+        with_snapshots_chunk_bytes: walk.distinct_chunks() * bs,
+        with_snapshots_pages: walk.pages(),
+        with_snapshots_page_bytes: walk.page_bytes(),
+        bucket: StoredObjects::list(&*objects)?,
+    };
+    Ok((export, Some(space)))
 }
 
 /// Creates an export of `size` bytes in `block_size`-byte blocks, in `layout`.

@@ -7,7 +7,7 @@ mod common;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use common::block_device::{checksums, Device};
+use common::block_device::{checksums, Access, Device};
 use common::{Nbdkit, S3Env};
 
 const BLOCK: usize = 4096;
@@ -156,6 +156,100 @@ fn snapshots_clones_and_diffs_in_a_directory() {
     snapshots_clones_and_diffs(store, || count_files(&dir.path().join("cas")));
 }
 
+/// `info` accounts for a cas export's space exactly (`store`: parameters of an empty store of
+/// the test's own, since the bucket's figures count everything in it). Export a has eight
+/// distinct blocks and four duplicates; its snapshot s1; then one block of a is rewritten and one
+/// zeroed; b shares four blocks with a; c, a clone of a@s1, writes one block of its own.
+fn info_accounts_for_holes_and_dedup(store: Vec<String>) {
+    const MB: u64 = 1 << 20;
+    let bs = BLOCK as u64;
+    let block = |seed: u64| common::random_bytes(BLOCK, 100 + seed);
+    let blocks = |seeds: &[u64]| seeds.iter().flat_map(|&s| block(s)).collect::<Vec<u8>>();
+    for export in ["a", "b"] {
+        ctl_ok(&store, &["create", export, "--size", "4M", "--layout", "cas"]);
+    }
+    let mut params = store.clone();
+    params.push("export=a".into());
+    let nbdkit = Nbdkit::start(&params);
+    write(&nbdkit, "a", 0, &blocks(&[0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3]));
+    ctl_ok(&store, &["snapshot", "a", "s1"]);
+    write(&nbdkit, "a", 5 * BLOCK, &block(8));
+    common::nbdsh(&uri(&nbdkit, "a"), &format!("h.zero({BLOCK}, {}); h.flush()", 11 * BLOCK));
+    write(&nbdkit, "b", 0, &blocks(&[0, 1, 2, 3]));
+    write(&nbdkit, "b", 10 * BLOCK, &block(9));
+    ctl_ok(&store, &["clone", "a@s1", "c"]);
+    write(&nbdkit, "c", 30 * BLOCK, &block(10));
+    nbdkit.stop();
+
+    let info = |export: &str| {
+        let out = ctl_ok(&store, &["info", export, "--json"]);
+        let mut json: serde_json::Value = serde_json::from_str(&out).expect("info --json is JSON");
+        json.as_object_mut().unwrap().remove("lease");
+        json
+    };
+    // A page is 8 bytes and 35 a block it maps. The bucket holds the pages of a as first
+    // written (12 blocks, s1's), after the rewrite (12) and the zeroing (11), b's after each of
+    // its writes (4, then 5), c's (13);
+    // and chunks 0 to 7, 8 (a's rewrite), 9 (b's own) and 10 (c's own).
+    let page = |mapped: u64| 8 + 35 * mapped;
+    let pages = page(12) + page(12) + page(11) + page(4) + page(5) + page(13);
+    let bucket = serde_json::json!({
+        "chunk_objects": 11, "chunk_bytes": 11 * bs,
+        "page_objects": 6, "page_bytes": pages,
+        "stored_bytes": 11 * bs + pages,
+    });
+    let expected = |name: &str, mapped: u64, distinct: u64, snapshots: u64, with: (u64, u64, u64)| {
+        serde_json::json!({
+            "name": name, "size": 4 * MB, "block_size": BLOCK, "blocks": 1024, "layout": "cas",
+            "stored_blocks": mapped, "stored_bytes": mapped * bs,
+            "mapped_blocks": mapped, "mapped_bytes": mapped * bs, "holes_saved_bytes": 4 * MB - mapped * bs,
+            "snapshots": snapshots,
+            "distinct_chunks": distinct, "distinct_chunk_bytes": distinct * bs,
+            "dedup_saved_bytes": (mapped - distinct) * bs,
+            "map_pages": 1, "map_page_bytes": page(mapped),
+            "with_snapshots": {
+                "distinct_chunks": with.0, "distinct_chunk_bytes": with.0 * bs,
+                "map_pages": with.1, "map_page_bytes": with.2,
+            },
+            "bucket": bucket,
+        })
+    };
+    // a: blocks 0-4, 6-10 (8 replaced 5, 11 zeroed); chunks 0-4, 6, 7, 8; with s1 also 5.
+    assert_eq!(info("a"), expected("a", 11, 8, 1, (9, 2, page(11) + page(12))));
+    assert_eq!(info("b"), expected("b", 5, 5, 0, (5, 1, page(5))));
+    assert_eq!(info("c"), expected("c", 13, 9, 0, (9, 1, page(13))));
+
+    let text = ctl_ok(&store, &["info", "a"]);
+    for line in [
+        "snapshots:   1\n",
+        "the export as of its last flush, snapshots not included:\n",
+        "  logical size           4M  4194304 bytes\n",
+        "  mapped                44K  45056 bytes in 11 blocks that hold data\n",
+        "  holes saved          4.0M  4149248 bytes: blocks never written, zeroed or trimmed\n",
+        "  distinct chunks       32K  32768 bytes in 8 chunks\n",
+        "  dedup saved           12K  12288 bytes: identical blocks in the export stored once\n",
+        "with its 1 snapshot:\n  distinct chunks       36K  36864 bytes in 9 chunks\n",
+        "  chunk objects         44K  45056 bytes in 11 objects\n",
+    ] {
+        assert!(text.contains(line), "{line:?} in:\n{text}");
+    }
+}
+
+#[test]
+fn info_accounts_for_holes_and_dedup_in_a_directory() {
+    require!("nbdkit", "/usr/bin/python3");
+    let dir = tempfile::tempdir().unwrap();
+    info_accounts_for_holes_and_dedup(vec!["storage=file".to_string(), format!("dir={}", dir.path().display())]);
+}
+
+#[test]
+fn info_accounts_for_holes_and_dedup_in_s3() {
+    require!("nbdkit", "/usr/bin/python3");
+    let Some(env) = common::s3() else { return };
+    let bucket = OwnBucket::new(&env, "cas-info");
+    info_accounts_for_holes_and_dedup(cas_params(&env, &bucket.name));
+}
+
 /// A plain export has no snapshots: the refusal says how to copy it into a cas export.
 #[test]
 fn a_plain_export_refuses_snapshots_and_says_how_to_copy_it_into_a_cas_one() {
@@ -179,6 +273,22 @@ struct OwnBucket {
     name: String,
 }
 
+impl OwnBucket {
+    fn new(env: &S3Env, what: &str) -> Self {
+        OwnBucket { env: env.clone(), name: common::unique(what).to_lowercase() }
+    }
+}
+
+/// The parameters of `bucket` on `env` for tests with one writer per export: on a server that
+/// ignores conditional writes they opt in to the risk that fencing would cover.
+fn cas_params(env: &S3Env, bucket: &str) -> Vec<String> {
+    let mut params = env.params(bucket);
+    if !env.conditional_writes() {
+        params.push("cas-unconditional=true".into());
+    }
+    params
+}
+
 impl Drop for OwnBucket {
     fn drop(&mut self) {
         self.env.remove_bucket(&self.name);
@@ -189,14 +299,9 @@ impl Drop for OwnBucket {
 fn snapshots_clones_and_diffs_in_s3() {
     require!("nbdkit", "qemu-img");
     let Some(env) = common::s3() else { return };
-    let bucket = OwnBucket { env: env.clone(), name: common::unique("cas-e2e").to_lowercase() };
-    let mut store = env.params(&bucket.name);
-    if !env.conditional_writes() {
-        // One writer at a time here: nbdkit and import-diff may take the risk they opt in to.
-        store.push("cas-unconditional=true".into());
-    }
+    let bucket = OwnBucket::new(&env, "cas-e2e");
     common::note(&format!("on {}", env.name()));
-    snapshots_clones_and_diffs(store, || env.list(&bucket.name, "cas/").len());
+    snapshots_clones_and_diffs(cas_params(&env, &bucket.name), || env.list(&bucket.name, "cas/").len());
 }
 
 /// A cas export is written only where the server can fence a second writer, unless the operator
@@ -240,70 +345,98 @@ fn write_files(root: &Path, dir: &str, count: usize, seed: u64) {
     }
 }
 
-/// The files under `root`, with checksums, of each of `dirs` (one string, `sha256sum`'s lines).
-fn sums_of(root: &Path, dirs: &[&str]) -> String {
-    checksums(root)
-        .lines()
-        .filter(|l| dirs.iter().any(|d| l.contains(&format!(" ./{d}/"))))
-        .collect::<Vec<_>>()
-        .join("\n")
+/// The done-when, on `store` (the plugin's and nbds3ctl's parameters): ext4 on a cas
+/// export served by nbdkit; files; the filesystem frozen (so a FLUSH covers them, journal
+/// included) and snapshot s1 taken while it stays mounted and nbdkit serves it; more files;
+/// clone c1 of s1. Then, all three attached at once from one nbdkit: the snapshot itself mounts
+/// read-only with exactly the files it was taken with, the clone with the same and then its own,
+/// the export with every file it was given and none of the clone's.
+fn ext4_snapshot_and_clone_mount(store: Vec<String>, work: &Path) {
+    let dev = common::unique("ext4");
+    let (snap, clone) = (format!("{dev}@s1"), format!("{dev}-c1"));
+    let mut params = store.clone();
+    params.extend([format!("export={dev}"), "create=none".into(), "cache-size=32M".into()]);
+    ctl_ok(&store, &["create", &dev, "--size", "256M", "--layout", "cas"]);
+    let nbdkit = Nbdkit::start(&params);
+    let mut device = Device::attach(&nbdkit, &work.join("dev"));
+    common::run_ok(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(device.dev()));
+    let mnt = device.mount();
+    write_files(&mnt, "before", 40, 1);
+    let at_snapshot = checksums(&mnt);
+    device.freeze();
+    let taken = ctl_ok(&store, &["snapshot", &dev, "s1"]);
+    device.thaw();
+    assert_eq!(taken.trim(), format!("took snapshot {snap}"));
+    write_files(&mnt, "after", 40, 2);
+    let later = checksums(&mnt);
+    assert_ne!(later, at_snapshot);
+    device.umount();
+    device.detach();
+
+    ctl_ok(&store, &["clone", &snap, &clone]);
+    let (snap_uri, clone_uri) = (uri(&nbdkit, &snap), uri(&nbdkit, &clone));
+    common::run_ok(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw", &snap_uri, &clone_uri]));
+
+    // The journal of a snapshot taken while mounted may want replaying, which a read-only device
+    // cannot have: noload mounts it as it is (frozen, it is consistent without).
+    let mut snapshot = Device::attach_export(&nbdkit, &snap, Access::ReadOnly, &work.join("snap"));
+    let snap_mnt = snapshot.mount_with("ro,noload");
+    assert_eq!(checksums(&snap_mnt), at_snapshot, "the snapshot holds exactly the files it was taken with");
+    let mut cloned = Device::attach_export(&nbdkit, &clone, Access::ReadWrite, &work.join("clone"));
+    let clone_mnt = cloned.mount();
+    assert_eq!(checksums(&clone_mnt), at_snapshot, "the clone starts as the snapshot");
+    write_files(&clone_mnt, "clone-only", 5, 3);
+    let clone_files = checksums(&clone_mnt);
+    let mut origin = Device::attach_export(&nbdkit, &dev, Access::ReadWrite, &work.join("dev-again"));
+    let origin_mnt = origin.mount();
+    assert_eq!(checksums(&origin_mnt), later, "the export has every file it was given, none of the clone's");
+    assert_eq!(checksums(&snap_mnt), at_snapshot, "the clone's writes do not reach the snapshot");
+    for (mut device, mounted, expected) in
+        [(origin, origin_mnt, &later), (cloned, clone_mnt, &clone_files), (snapshot, snap_mnt, &at_snapshot)]
+    {
+        assert_eq!(&checksums(&mounted), expected);
+        device.umount();
+        device.detach();
+    }
+    let refused =
+        "import nbd\ntry:\n    h.pwrite(b'x', 0)\n    print('written')\nexcept nbd.Error:\n    print('refused')";
+    assert_eq!(common::nbdsh(&snap_uri, refused).trim(), "refused", "the snapshot stays read-only");
+    nbdkit.stop();
+
+    // Each once more from a fresh nbdkit, as committed: what a restart or another host sees.
+    let nbdkit = Nbdkit::start(&params);
+    for (export, access, options, expected) in [
+        (&snap, Access::ReadOnly, "ro,noload", &at_snapshot),
+        (&clone, Access::ReadWrite, "defaults", &clone_files),
+        (&dev, Access::ReadWrite, "defaults", &later),
+    ] {
+        let mut device = Device::attach_export(&nbdkit, export, access, &work.join(format!("again-{export}")));
+        let mnt = device.mount_with(options);
+        assert_eq!(&checksums(&mnt), expected, "{export} after a restart");
+        device.umount();
+        device.detach();
+    }
+    nbdkit.stop();
 }
 
-/// The done-when: ext4 on a cas export; snapshot; more files; clone the snapshot. The
-/// snapshot reads as the clone did when made (qemu-img compare through nbdkit); the clone mounts
-/// with the snapshot's files only, and its own writes do not reach the export; the export mounts
-/// with every file it was given.
 #[test]
-fn ext4_on_a_cas_export_snapshotted_and_cloned() {
+fn ext4_on_a_cas_export_snapshot_and_clone_mount_in_a_directory() {
     if !common::block_device::ready() || !common::have("qemu-img") {
         return;
     }
     let work = tempfile::tempdir().unwrap();
     std::fs::create_dir(work.path().join("store")).unwrap();
     let store = vec!["storage=file".to_string(), format!("dir={}", work.path().join("store").display())];
-    let serve = |export: &str| {
-        let mut p = store.clone();
-        p.extend([format!("export={export}"), "create=none".into(), "cache-size=32M".into()]);
-        Nbdkit::start(&p)
-    };
-    ctl_ok(&store, &["create", "dev", "--size", "256M", "--layout", "cas"]);
-    let nbdkit = serve("dev");
-    let mut device = Device::attach(&nbdkit, &work.path().join("dev"));
-    common::run_ok(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(device.dev()));
-    let mnt = device.mount();
-    write_files(&mnt, "before", 40, 1);
-    let before = sums_of(&mnt, &["before"]);
-    device.umount();
-    // Unmounted, the filesystem is clean on the export; the FLUSH that unmounting ends with made
-    // it the export's committed state, which the snapshot records.
-    ctl_ok(&store, &["snapshot", "dev", "s1"]);
-    let mnt = device.mount();
-    write_files(&mnt, "after", 40, 2);
-    let after = sums_of(&mnt, &["after"]);
-    device.umount();
-    device.detach();
+    ext4_snapshot_and_clone_mount(store, work.path());
+}
 
-    ctl_ok(&store, &["clone", "dev@s1", "c1"]);
-    let (snap, clone) = (uri(&nbdkit, "dev@s1"), uri(&nbdkit, "c1"));
-    common::run_ok(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw", &snap, &clone]));
-    nbdkit.stop();
-
-    let clone_nbdkit = serve("c1");
-    let mut device = Device::attach(&clone_nbdkit, &work.path().join("c1"));
-    let mnt = device.mount();
-    assert_eq!(sums_of(&mnt, &["before"]), before, "the clone has the snapshot's files");
-    assert!(!mnt.join("after").exists(), "the clone predates the later files");
-    write_files(&mnt, "clone-only", 5, 3);
-    device.umount();
-    device.detach();
-    clone_nbdkit.stop();
-
-    let nbdkit = serve("dev");
-    let mut device = Device::attach(&nbdkit, &work.path().join("dev-again"));
-    let mnt = device.mount();
-    assert_eq!(sums_of(&mnt, &["before"]), before);
-    assert_eq!(sums_of(&mnt, &["after"]), after);
-    assert!(!mnt.join("clone-only").exists(), "the clone's writes are its own");
-    device.umount();
-    device.detach();
+#[test]
+fn ext4_on_a_cas_export_snapshot_and_clone_mount_in_s3() {
+    if !common::block_device::ready() || !common::have("qemu-img") {
+        return;
+    }
+    let Some(env) = common::s3() else { return };
+    common::note(&format!("on {}", env.name()));
+    let work = tempfile::tempdir().unwrap();
+    ext4_snapshot_and_clone_mount(cas_params(&env, common::TEST_BUCKET), work.path());
 }

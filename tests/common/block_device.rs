@@ -23,6 +23,7 @@ pub fn ready() -> bool {
         "umount",
         "blockdev",
         "fstrim",
+        "fsfreeze",
         "sha256sum",
         "e2fsck",
         "resize2fs",
@@ -68,6 +69,14 @@ enum Transport {
     },
 }
 
+/// Whether a device may be written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    ReadWrite,
+    /// Read-only at every layer (NBD connection, FUSE file, loop device), as a snapshot must be.
+    ReadOnly,
+}
+
 /// The NBD export as a kernel block device, optionally mounted. Dropping it (even while a failed
 /// assertion unwinds) unmounts, detaches the device and stops qemu-storage-daemon, so no mount,
 /// loop device or daemon outlives the test.
@@ -77,18 +86,42 @@ pub struct Device {
     dev: Option<String>,
     /// Where the filesystem is mounted, while it is.
     mounted: Option<PathBuf>,
+    /// Whether the mounted filesystem is frozen (`fsfreeze`): it must be thawed to unmount.
+    frozen: bool,
     /// Holds the FUSE file, the daemon's log and the mountpoint.
     dir: PathBuf,
 }
 
 impl Device {
-    /// Attaches the default export of `nbdkit` as a block device, using files under `dir`.
+    /// Attaches the default export of `nbdkit` as a writable block device, using files under
+    /// `dir`.
     pub fn attach(nbdkit: &Nbdkit, dir: &Path) -> Device {
+        Self::attach_export(nbdkit, "", Access::ReadWrite, dir)
+    }
+
+    /// Attaches export `export` of `nbdkit` (`""`: the default one) as a block device, using
+    /// files under `dir`.
+    pub fn attach_export(nbdkit: &Nbdkit, export: &str, access: Access, dir: &Path) -> Device {
         std::fs::create_dir_all(dir).unwrap();
+        let read_only = access == Access::ReadOnly;
         if nbd_device_available() {
             let dev = free_nbd_device();
-            run_ok(Command::new("nbd-client").arg("-u").arg(&nbdkit.socket).arg(&dev).args(["-b", "4096", "-t", "60"]));
-            return Device { transport: Transport::Kernel, dev: Some(dev), mounted: None, dir: dir.into() };
+            let mut cmd = Command::new("nbd-client");
+            cmd.arg("-u").arg(&nbdkit.socket).arg(&dev).args(["-b", "4096", "-t", "60"]);
+            if !export.is_empty() {
+                cmd.args(["-N", export]);
+            }
+            if read_only {
+                cmd.arg("-readonly");
+            }
+            run_ok(&mut cmd);
+            return Device {
+                transport: Transport::Kernel,
+                dev: Some(dev),
+                mounted: None,
+                frozen: false,
+                dir: dir.into(),
+            };
         }
         let file = dir.join("disk");
         std::fs::File::create(&file).unwrap();
@@ -96,9 +129,17 @@ impl Device {
         let log_file = std::fs::File::create(&log).unwrap();
         let mut cmd = Command::new("qemu-storage-daemon");
         cmd.arg("--blockdev")
-            .arg(format!("driver=nbd,node-name=nbd0,server.type=unix,server.path={}", nbdkit.socket.display()))
+            .arg(format!(
+                "driver=nbd,node-name=nbd0,server.type=unix,server.path={},export={export},read-only={}",
+                nbdkit.socket.display(),
+                if read_only { "on" } else { "off" }
+            ))
             .arg("--export")
-            .arg(format!("type=fuse,id=exp0,node-name=nbd0,mountpoint={},writable=on", file.display()))
+            .arg(format!(
+                "type=fuse,id=exp0,node-name=nbd0,mountpoint={},writable={}",
+                file.display(),
+                if read_only { "off" } else { "on" }
+            ))
             .stdin(Stdio::null())
             .stdout(log_file.try_clone().unwrap())
             .stderr(log_file);
@@ -132,11 +173,17 @@ impl Device {
             transport: Transport::Fuse { daemon, file: file.clone(), watchdog: Some(watchdog) },
             dev: None,
             mounted: None,
+            frozen: false,
             dir: dir.into(),
         };
         // Buffered, not --direct-io=on: through qemu-storage-daemon 10.0's FUSE export, a direct-I/O
         // loop device corrupts a fresh mkfs.ext4 even on nbdkit's own memory plugin.
-        let out = run_ok(Command::new("losetup").args(["--find", "--show", "--direct-io=off"]).arg(&file));
+        let mut losetup = Command::new("losetup");
+        losetup.args(["--find", "--show", "--direct-io=off"]);
+        if read_only {
+            losetup.arg("--read-only");
+        }
+        let out = run_ok(losetup.arg(&file));
         device.dev = Some(String::from_utf8_lossy(&out.stdout).trim().to_string());
         device
     }
@@ -153,11 +200,29 @@ impl Device {
 
     /// Mounts the filesystem on `{dir}/mnt` and returns that path.
     pub fn mount(&mut self) -> PathBuf {
+        self.mount_with("defaults")
+    }
+
+    /// Mounts the filesystem on `{dir}/mnt` with mount `options` (`-o`) and returns that path.
+    pub fn mount_with(&mut self, options: &str) -> PathBuf {
         let mnt = self.dir.join("mnt");
         std::fs::create_dir_all(&mnt).unwrap();
-        run_ok(Command::new("mount").args(["-t", "ext4"]).arg(self.dev()).arg(&mnt));
+        run_ok(Command::new("mount").args(["-t", "ext4", "-o", options]).arg(self.dev()).arg(&mnt));
         self.mounted = Some(mnt.clone());
         mnt
+    }
+
+    /// Freezes the mounted filesystem (`fsfreeze -f`): its writes are on the device, flushed,
+    /// and it is consistent there, journal included, until [`thaw`](Self::thaw).
+    pub fn freeze(&mut self) {
+        run_ok(Command::new("fsfreeze").arg("-f").arg(self.mounted.as_ref().expect("mounted")));
+        self.frozen = true;
+    }
+
+    /// Lets the frozen filesystem be written again.
+    pub fn thaw(&mut self) {
+        run_ok(Command::new("fsfreeze").arg("-u").arg(self.mounted.as_ref().expect("mounted")));
+        self.frozen = false;
     }
 
     /// Unmounts the filesystem (which flushes it to the device, and the device to nbdkit).
@@ -209,6 +274,11 @@ impl Device {
     /// stops qemu-storage-daemon, as far as each is still to be done; never panics, every wait
     /// bounded.
     fn release(&mut self, lazy: bool) {
+        if std::mem::take(&mut self.frozen) {
+            if let Some(mnt) = &self.mounted {
+                let _ = run(Command::new("fsfreeze").arg("-u").arg(mnt));
+            }
+        }
         if let Some(mnt) = self.mounted.take() {
             if lazy || !run(Command::new("umount").arg(&mnt)).status.success() {
                 let _ = run(Command::new("umount").arg("-l").arg(&mnt));

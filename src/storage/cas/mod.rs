@@ -35,6 +35,7 @@ pub mod gc;
 mod map;
 pub mod ops;
 pub mod stream;
+pub mod usage;
 
 use format::{chunk_key, head_key, page_key, Hash, Head, Page, Root, MAX_PAGE_BYTES, MAX_RECORD_BYTES};
 use map::{Step, WorkingMap};
