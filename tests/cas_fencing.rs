@@ -34,6 +34,10 @@ fn write_round(s: &CasStorage, writer: u8, round: u8) -> nbds3::Result<()> {
 /// A new client of the store the race runs on: each writer and the final reader get their own.
 type Connect<'a> = &'a (dyn Fn() -> Arc<dyn ObjectStore> + Sync);
 
+/// Two writers race `rounds` rounds on `export`. Without `late_opener` both open the same head
+/// and race from round 1; with it the first commits round 1 alone and the second opens only
+/// then, at the head that commit wrote, so the first's next commit and the second's first both
+/// expect that head.
 fn race(connect: Connect<'_>, export: &ExportName, rounds: u8, late_opener: bool) -> Vec<Outcome> {
     let barrier = Barrier::new(2);
     std::thread::scope(|scope| {
@@ -42,15 +46,20 @@ fn race(connect: Connect<'_>, export: &ExportName, rounds: u8, late_opener: bool
             .map(|writer| {
                 let barrier = &barrier;
                 scope.spawn(move || {
-                    if late_opener && writer == 2 {
+                    let second = late_opener && writer == 2;
+                    if second {
                         barrier.wait();
                     }
                     let s = CasStorage::open(connect(), export, BS, CasConfig::default()).expect("open");
-                    if !(late_opener && writer == 2) {
+                    let mut outcome = Outcome { writer, last_flushed_round: None, fenced: false };
+                    if late_opener && writer == 1 {
+                        write_round(&s, writer, 1).expect("the first writer's first round, alone");
+                        outcome.last_flushed_round = Some(1);
+                    }
+                    if !second {
                         barrier.wait();
                     }
-                    let mut outcome = Outcome { writer, last_flushed_round: None, fenced: false };
-                    for round in 1..=rounds {
+                    for round in outcome.last_flushed_round.map_or(1, |r| r + 1)..=rounds {
                         match write_round(&s, writer, round) {
                             Ok(()) => outcome.last_flushed_round = Some(round),
                             Err(e) => {
@@ -90,11 +99,17 @@ fn check(connect: Connect<'_>, export: &ExportName, rounds: u8, outcomes: &[Outc
 }
 
 /// `count` races of `rounds` rounds on fresh exports named `{label}{round}`, each on a store
-/// `new_store` makes.
+/// `new_store` makes. Every other export has a head before the race (a writer committed to it
+/// and went away), so both kinds of commit race: the creation of the head (`If-None-Match`) and
+/// its replacement (`If-Match`).
 fn races<'a>(label: &str, late_opener: bool, count: u32, rounds: u8, new_store: &dyn Fn() -> Clients<'a>) {
     for round in 0..count {
         let connect = new_store();
         let export = ExportName::new(&format!("{label}{round}")).unwrap();
+        if round % 2 == 1 {
+            let earlier = CasStorage::open(connect(), &export, BS, CasConfig::default()).expect("open");
+            write_round(&earlier, 0, 1).expect("an earlier writer's round");
+        }
         check(&*connect, &export, rounds, &race(&*connect, &export, rounds, late_opener));
     }
 }
@@ -114,8 +129,8 @@ fn racing_writers_never_mix() {
     races("race", false, 20, 20, &memory);
 }
 
-/// A second writer takes over mid-stream (it opens as the first commits): the first is fenced
-/// at its next commit, whoever wrote more.
+/// A second writer takes over mid-stream (it opens once the first has committed): one of them
+/// is fenced at its next commit, whoever wrote more.
 #[test]
 fn a_takeover_fences_the_old_writer() {
     races("takeover", true, 20, 20, &memory);
