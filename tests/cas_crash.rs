@@ -104,15 +104,15 @@ impl ObjectStore for Dying {
 
 type Model = BTreeMap<u64, Vec<u8>>;
 
-fn read_all(s: &dyn Storage, blocks: &[u64]) -> Model {
+fn read_all(s: &dyn Storage, blocks: &[u64]) -> Result<Model> {
     let mut found = Model::new();
     for &id in blocks {
         let mut buf = BlockBuf::zeroed(BS);
-        if s.read_block(BlockId(id), &mut buf).expect("read after reopen") {
+        if s.read_block(BlockId(id), &mut buf)? {
             found.insert(id, buf.to_vec());
         }
     }
-    found
+    Ok(found)
 }
 
 /// One life of a writer until its store dies; returns the states it may have committed.
@@ -193,7 +193,8 @@ fn lives(connect: &dyn Fn() -> Arc<dyn ObjectStore>, export: &ExportName, first_
     for seed in first_seed..first_seed + lives {
         let attempted = run_until_killed(seed, connect(), export, &mut acked, &blocks);
         let reopened = CasStorage::open(connect(), export, BS, CasConfig::default()).expect("reopen");
-        let found = read_all(&reopened, &blocks);
+        let found = read_all(&reopened, &blocks)
+            .unwrap_or_else(|e| panic!("{export}, seed {seed}: reading after the crash: {e}"));
         if found == acked {
             continue;
         }
@@ -224,16 +225,16 @@ fn a_crash_at_any_request_leaves_some_flushed_state() {
 }
 
 /// The same on the S3 server, through `S3Objects` (a new client for each life and each reopen,
-/// as a restarted process has): a few dozen lives (`CAS_CRASH_S3_SEEDS`, default 36), in runs
-/// of 6 on an export of their own, three runs at a time, in a bucket of the test's own.
+/// as a restarted process has): a few dozen lives (`CAS_CRASH_S3_SEEDS`, default 60), in runs
+/// of 6 on an export of their own, four runs at a time, in a bucket of the test's own.
 #[test]
 fn a_crash_at_any_request_on_s3_leaves_some_flushed_state() {
     let Some(env) = common::s3_with_conditional_writes() else { return };
     let bucket = env.own_bucket("cas-crash");
-    let runs = seeds("CAS_CRASH_S3_SEEDS", 36).div_ceil(6);
+    let runs = seeds("CAS_CRASH_S3_SEEDS", 60).div_ceil(6);
     let next = AtomicU64::new(0);
     std::thread::scope(|scope| {
-        for _ in 0..3 {
+        for _ in 0..4 {
             scope.spawn(|| loop {
                 let run = next.fetch_add(1, Ordering::Relaxed);
                 if run >= runs {
