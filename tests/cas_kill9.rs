@@ -1,7 +1,8 @@
-//! `kill -9` of a real nbdkit serving a `cas` export on S3, while a client writes and FLUSHes:
-//! after a restart the export reads exactly as after the last FLUSH the client saw acknowledged,
-//! or as after the FLUSH that was under way: never a mix (the crash model of `cas_crash`, with
-//! the whole process: the cache's write-back, its threads, the plugin).
+//! `kill -9` of a real nbdkit serving a `cas` export on S3, while a client writes (some writes
+//! with FUA) and FLUSHes: after a restart the export reads exactly as after the last FLUSH or
+//! FUA write the client saw acknowledged, or as after the one under way: never a mix (the crash
+//! model of `cas_crash`, with the whole process: the cache's write-back, its threads, the
+//! plugin).
 
 mod common;
 
@@ -16,9 +17,11 @@ use rand::{Rng, SeedableRng};
 const BLOCK: usize = 4096;
 const DEVICE: usize = 1 << 20;
 
-/// The client: reads the device as its model, then writes random unaligned ranges and FLUSHes
-/// forever, saving the model as `{k}.img` before FLUSH `k` and logging `flushing k` before it
-/// is sent and `flushed k` once it is acknowledged. It ends when nbdkit is killed under it.
+/// The client: reads the device as its model, then writes random unaligned ranges forever, one
+/// in eight with FUA, and FLUSHes after every few dozen. A FLUSH, or a FUA write (which on a cas
+/// export commits as a FLUSH does), is durable point `k`: the model as it will be once that is
+/// acknowledged is saved as `{k}.img`, and `flushing k` logged, before it is sent, `flushed k`
+/// once it is acknowledged. It ends when nbdkit is killed under it.
 const CLIENT: &str = r#"
 import nbd, random, sys
 uri, states, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -29,19 +32,25 @@ model = bytearray(h.pread(size, 0))
 rng = random.Random(seed)
 log = open(states + "/log", "a", buffering=1)
 k = 0
+def durably(send):
+    global k
+    k += 1
+    with open("%s/%d.img" % (states, k), "wb") as f:
+        f.write(model)
+    log.write("flushing %d\n" % k)
+    send()
+    log.write("flushed %d\n" % k)
 while True:
     for _ in range(rng.randrange(1, 40)):
         n = rng.randrange(1, 3 * 4096)
         off = rng.randrange(0, size - n)
         data = rng.randbytes(n)
-        h.pwrite(data, off)
         model[off:off + n] = data
-    k += 1
-    with open("%s/%d.img" % (states, k), "wb") as f:
-        f.write(model)
-    log.write("flushing %d\n" % k)
-    h.flush()
-    log.write("flushed %d\n" % k)
+        if rng.randrange(8) == 0:
+            durably(lambda: h.pwrite(data, off, nbd.CMD_FLAG_FUA))
+        else:
+            h.pwrite(data, off)
+    durably(h.flush)
 "#;
 
 /// When a life's nbdkit is killed.
