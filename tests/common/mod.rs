@@ -187,8 +187,10 @@ impl S3Env {
     /// SeaweedFS volumes of its own, so a test that makes one must not leave it behind.
     pub fn remove_bucket(&self, bucket: &str) {
         use nbds3::storage::objects::ObjectStore;
-        // Batched (1000 keys a request): a crash or GC test leaves thousands of objects.
-        self.objects(bucket).delete(&self.list(bucket, ""), None).expect("delete objects");
+        // Batched (1000 keys a request): a crash or GC test leaves thousands of objects. One such
+        // DeleteObjects took over the default 30 s on a SeaweedFS busy with benchmarks.
+        let config = nbds3::storage::S3Config { timeout: Duration::from_secs(180), ..self.config(bucket) };
+        self.objects_of(&config).delete(&self.list(bucket, ""), None).expect("delete objects");
         self.with_client(async |client| {
             client.delete_bucket().bucket(bucket).send().await.expect("delete bucket");
         })
@@ -197,10 +199,13 @@ impl S3Env {
     /// A new client of `bucket` (connections of its own, as another host would have), as the
     /// object layer every stored format is written through.
     pub fn objects(&self, bucket: &str) -> Arc<nbds3::storage::s3::S3Objects> {
-        let config = self.config(bucket);
+        self.objects_of(&self.config(bucket))
+    }
+
+    fn objects_of(&self, config: &nbds3::storage::S3Config) -> Arc<nbds3::storage::s3::S3Objects> {
         let transport =
-            nbds3::storage::s3::runtime().expect("runtime").block_on(nbds3::storage::s3::Transport::new(&config));
-        Arc::new(nbds3::storage::s3::S3Objects::new(transport, &config))
+            nbds3::storage::s3::runtime().expect("runtime").block_on(nbds3::storage::s3::Transport::new(config));
+        Arc::new(nbds3::storage::s3::S3Objects::new(transport, config))
     }
 
     /// A bucket of the calling test's own, created now and removed with everything in it when

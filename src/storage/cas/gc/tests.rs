@@ -60,7 +60,6 @@ static PERMITS: RwLock<()> = RwLock::new(());
 
 /// Upload permits, and so the GC's wait before it deletes, as short as these tests' grace
 /// periods need, until the guard is dropped.
-#[must_use]
 fn short_permits() -> RwLockReadGuard<'static, ()> {
     let shared = PERMITS.read().unwrap_or_else(PoisonError::into_inner);
     set_upload_permit(Duration::from_millis(30));
@@ -68,7 +67,6 @@ fn short_permits() -> RwLockReadGuard<'static, ()> {
 }
 
 /// Upload permits of `period` for this test alone, until the guard is dropped.
-#[must_use]
 fn permits_alone(period: Duration) -> RwLockWriteGuard<'static, ()> {
     let alone = PERMITS.write().unwrap_or_else(PoisonError::into_inner);
     set_upload_permit(period);
@@ -542,20 +540,25 @@ struct OwnBucket {
 }
 
 impl OwnBucket {
+    /// A new transport to the bucket's server, with connections of its own.
+    fn transport(&self) -> crate::storage::s3::Transport {
+        crate::storage::s3::runtime().unwrap().block_on(crate::storage::s3::Transport::new(&self.config))
+    }
+
     /// A new client of the bucket, with connections of its own.
     fn connect(&self) -> Arc<dyn ObjectStore> {
-        let transport =
-            crate::storage::s3::runtime().unwrap().block_on(crate::storage::s3::Transport::new(&self.config));
-        Arc::new(crate::storage::s3::S3Objects::new(transport, &self.config))
+        Arc::new(crate::storage::s3::S3Objects::new(self.transport(), &self.config))
     }
 }
 
 impl Drop for OwnBucket {
     fn drop(&mut self) {
         if std::thread::panicking() {
+            note(&format!("left bucket {} as the test failed", self.config.bucket));
             return;
         }
-        let store = self.connect();
+        let transport = self.transport();
+        let store = crate::storage::s3::S3Objects::new(transport.clone(), &self.config);
         let mut keys = Vec::new();
         store
             .list("", None, &mut |l| {
@@ -564,12 +567,8 @@ impl Drop for OwnBucket {
             })
             .unwrap();
         store.delete(&keys, None).unwrap();
-        let transport =
-            crate::storage::s3::runtime().unwrap().block_on(crate::storage::s3::Transport::new(&self.config));
-        crate::storage::s3::runtime()
-            .unwrap()
-            .block_on(transport.sdk.delete_bucket().bucket(&self.config.bucket).send())
-            .unwrap();
+        let deleted = transport.sdk.delete_bucket().bucket(&self.config.bucket).send();
+        crate::storage::s3::runtime().unwrap().block_on(deleted).unwrap();
     }
 }
 
