@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
@@ -265,6 +265,8 @@ struct Load {
     connect: Arc<dyn Fn() -> Arc<dyn ObjectStore> + Send + Sync>,
     /// The GC's grace period.
     grace: Duration,
+    /// The GC's rest between two runs: each run holds uploads for an upload permit and more.
+    gc_pause: Duration,
     /// How often writers refresh their uncommitted uploads: often enough that a writer thread
     /// stalled by a busy machine for less than the rest of the grace period still does in time.
     writer_refresh: Duration,
@@ -274,6 +276,10 @@ struct Load {
     pause: Duration,
     /// How long the writers go on.
     run_for: Duration,
+    /// How many times a writer tries a write, delete or FLUSH that failed again, as a client
+    /// does after an error (and the cache's write-back after a failed upload): on a busy machine
+    /// a request may outlast its upload permit. A loss still shows when the exports are read.
+    retries: u32,
 }
 
 impl Load {
@@ -284,10 +290,12 @@ impl Load {
         Load {
             connect: Arc::new(move || store.clone() as Arc<dyn ObjectStore>),
             grace: Duration::from_millis(300),
+            gc_pause: Duration::ZERO,
             writer_refresh: Duration::from_millis(50),
             writes_per_flush: 60,
             pause: Duration::from_millis(8),
             run_for: Duration::from_secs(3),
+            retries: 0,
         }
     }
 
@@ -305,7 +313,7 @@ type Model = HashMap<u64, u64>;
 /// was lost), how many objects the GC freed, and the longest a writer went between two
 /// operations (a writer refreshes only when it writes or flushes: a longer stall than the grace
 /// period minus `writer_refresh` voids its promise). The caller sets the upload permits.
-fn gc_under_load(load: &Load, rules: Rules, shared: bool, seed: u64) -> (Vec<String>, u64, Duration) {
+fn gc_under_load(load: &Load, rules: Rules, shared: bool, seed: u64) -> LoadOutcome {
     let done = Arc::new(AtomicBool::new(false));
     let problems = Arc::new(Mutex::new(Vec::new()));
     let longest_stall = Arc::new(Mutex::new(Duration::ZERO));
@@ -314,7 +322,7 @@ fn gc_under_load(load: &Load, rules: Rules, shared: bool, seed: u64) -> (Vec<Str
     let snapshots: Arc<Mutex<HashMap<(String, String), Model>>> = Arc::default();
     let gc_thread = {
         let (store, done, problems) = ((load.connect)(), done.clone(), problems.clone());
-        let grace = load.grace;
+        let (grace, gc_pause) = (load.grace, load.gc_pause);
         std::thread::Builder::new()
             .name(GC_THREAD.into())
             .spawn(move || {
@@ -325,6 +333,7 @@ fn gc_under_load(load: &Load, rules: Rules, shared: bool, seed: u64) -> (Vec<Str
                         Ok(report) => freed += report.freed_objects,
                         Err(e) => lock(&problems).push(format!("gc: {e}")),
                     }
+                    std::thread::sleep(gc_pause);
                 }
                 freed
             })
@@ -332,11 +341,30 @@ fn gc_under_load(load: &Load, rules: Rules, shared: bool, seed: u64) -> (Vec<Str
     };
     let config =
         CasConfig { refresh_uncommitted_after: load.writer_refresh, max_dirty_pages: 2, ..CasConfig::default() };
-    let (writes_per_flush, pause, run_for) = (load.writes_per_flush, load.pause, load.run_for);
+    let (writes_per_flush, pause, run_for, retries) = (load.writes_per_flush, load.pause, load.run_for, load.retries);
+    let retried = Arc::new(AtomicU64::new(0));
     let writers: Vec<_> = (0..3u64)
         .map(|w| {
-            let (store, problems, exports, snapshots, longest_stall) =
-                ((load.connect)(), problems.clone(), exports.clone(), snapshots.clone(), longest_stall.clone());
+            let (store, problems, exports, snapshots, longest_stall, retried) = (
+                (load.connect)(),
+                problems.clone(),
+                exports.clone(),
+                snapshots.clone(),
+                longest_stall.clone(),
+                retried.clone(),
+            );
+            let retrying = move |op: &mut dyn FnMut() -> Result<()>| {
+                let mut tries = 0;
+                loop {
+                    match op() {
+                        Err(_) if tries < retries => {
+                            tries += 1;
+                            retried.fetch_add(1, Ordering::Relaxed);
+                        }
+                        done => return done,
+                    }
+                }
+            };
             std::thread::spawn(move || {
                 let mut rng = StdRng::seed_from_u64(seed * 10 + w);
                 let export = format!("w{w}");
@@ -367,9 +395,11 @@ fn gc_under_load(load: &Load, rules: Rules, shared: bool, seed: u64) -> (Vec<Str
                             _ => rng.random::<u64>() | 1 << 63,
                         };
                         let result = if rng.random_bool(0.1) {
-                            s.delete_block(BlockId(id)).map(|()| working.remove(&id)).map(drop)
+                            retrying(&mut || s.delete_block(BlockId(id))).map(|()| working.remove(&id)).map(drop)
                         } else {
-                            s.write_block(BlockId(id), &block(content)).map(|()| working.insert(id, content)).map(drop)
+                            retrying(&mut || s.write_block(BlockId(id), &block(content)))
+                                .map(|()| working.insert(id, content))
+                                .map(drop)
                         };
                         if let Err(e) = result {
                             lock(&problems).push(format!("{export}: write {id}: {e}"));
@@ -378,7 +408,7 @@ fn gc_under_load(load: &Load, rules: Rules, shared: bool, seed: u64) -> (Vec<Str
                         std::thread::sleep(pause);
                     }
                     stalled(&mut last_op);
-                    if let Err(e) = s.flush() {
+                    if let Err(e) = retrying(&mut || s.flush()) {
                         lock(&problems).push(format!("{export}: flush: {e}"));
                         return;
                     }
@@ -434,7 +464,20 @@ fn gc_under_load(load: &Load, rules: Rules, shared: bool, seed: u64) -> (Vec<Str
         check(&format!("{export}@{snap}"), &s, model, &mut problems);
     }
     let longest_stall = *lock(&longest_stall);
-    (problems, freed, longest_stall)
+    LoadOutcome { problems, freed, longest_stall, retried: retried.load(Ordering::Relaxed) }
+}
+
+/// What [`gc_under_load`] found.
+struct LoadOutcome {
+    /// What did not read back as its model, and what failed for good; empty when nothing was
+    /// lost.
+    problems: Vec<String>,
+    /// Objects the GC freed.
+    freed: u64,
+    /// The longest a writer went between two operations.
+    longest_stall: Duration,
+    /// Operations tried again (see [`Load::retries`]).
+    retried: u64,
 }
 
 /// GC in a loop beside writers that write, flush, snapshot, clone and delete: every export and
@@ -442,8 +485,8 @@ fn gc_under_load(load: &Load, rules: Rules, shared: bool, seed: u64) -> (Vec<Str
 #[test]
 fn gc_under_load_keeps_every_export_and_snapshot() {
     let _permits = short_permits();
-    let (problems, freed, stall) = gc_under_load(&Load::memory(), ALL_RULES, false, 1);
-    assert!(problems.is_empty(), "longest writer stall {stall:?}: {problems:#?}");
+    let LoadOutcome { problems, freed, longest_stall, .. } = gc_under_load(&Load::memory(), ALL_RULES, false, 1);
+    assert!(problems.is_empty(), "longest writer stall {longest_stall:?}: {problems:#?}");
     assert!(freed > 0, "the GC freed nothing, so the test proves little");
 }
 
@@ -451,8 +494,8 @@ fn gc_under_load_keeps_every_export_and_snapshot() {
 #[test]
 fn gc_under_load_without_the_grace_period_loses_data() {
     let _permits = short_permits();
-    let (problems, _, _) = gc_under_load(&Load::memory(), Rules { grace: false, ..ALL_RULES }, false, 2);
-    assert!(!problems.is_empty(), "no loss seen without the grace period");
+    let lost = gc_under_load(&Load::memory(), Rules { grace: false, ..ALL_RULES }, false, 2).problems;
+    assert!(!lost.is_empty(), "no loss seen without the grace period");
 }
 
 /// The same with heads read before the listing, and no second look under the sweep lease: what
@@ -466,7 +509,7 @@ fn gc_under_load_marking_before_listing_loses_data() {
 /// Whether a few runs under load with `rules` lose data (one run may not hit the race).
 fn loses_data(rules: Rules, shared: bool) -> bool {
     let _permits = short_permits();
-    (0..6).any(|seed| !gc_under_load(&Load::memory(), rules, shared, 100 + seed).0.is_empty())
+    (0..6).any(|seed| !gc_under_load(&Load::memory(), rules, shared, 100 + seed).problems.is_empty())
 }
 
 /// The same with writers that never refresh their uncommitted uploads: the GC frees them.
@@ -474,8 +517,9 @@ fn loses_data(rules: Rules, shared: bool) -> bool {
 fn gc_under_load_with_writers_that_do_not_refresh_loses_data() {
     let _permits = short_permits();
     let never = Duration::from_secs(3600);
-    let lost = (0..6)
-        .any(|seed| !gc_under_load(&Load::memory().refreshing_after(never), ALL_RULES, false, 200 + seed).0.is_empty());
+    let lost = (0..6).any(|seed| {
+        !gc_under_load(&Load::memory().refreshing_after(never), ALL_RULES, false, 200 + seed).problems.is_empty()
+    });
     assert!(lost, "no loss seen with writers that do not refresh");
 }
 
@@ -485,8 +529,8 @@ fn gc_under_load_with_writers_that_do_not_refresh_loses_data() {
 #[test]
 fn gc_under_load_with_writers_rewriting_garbage() {
     let _permits = short_permits();
-    let (problems, freed, stall) = gc_under_load(&Load::memory(), ALL_RULES, true, 5);
-    assert!(problems.is_empty(), "longest writer stall {stall:?}: {problems:#?}");
+    let LoadOutcome { problems, freed, longest_stall, .. } = gc_under_load(&Load::memory(), ALL_RULES, true, 5);
+    assert!(problems.is_empty(), "longest writer stall {longest_stall:?}: {problems:#?}");
     assert!(freed > 0, "the GC freed nothing, so the test proves little");
 }
 
@@ -572,27 +616,35 @@ impl Drop for OwnBucket {
     }
 }
 
-/// Upload permits on the S3 server: a PUT must start within half of one (when the permit is
-/// reused), which 30 ms is too short for under load; the GC's sweep holds writers this long and
-/// more.
-const S3_UPLOAD_PERMIT: Duration = Duration::from_millis(300);
+/// Upload permits on the S3 server. A writer sends a PUT while its permit has more than half
+/// its period left, and the GC waits one period after taking its sweep lease before it looks
+/// again; a PUT still in flight then (the client gives up at the permit's end, the server may
+/// still store it) can land after that look, and the GC deletes what it had just refreshed. With
+/// 300 ms and 2 s permits, PUTs on a machine busy with benchmarks (load 15) outlasted that half
+/// period; 4 s permits leave 2 s. The GC's sweep holds writers this long and more, so it rests
+/// 6 s between runs (back to back, writers waited most of the time: a 16 s stall; 3 s apart, a
+/// 10 s one).
+const S3_UPLOAD_PERMIT: Duration = Duration::from_secs(4);
 
 /// The load on the S3 server, each writer and the GC on a client of its own. S3 lists modified
-/// times to the second, so an object may look up to a second older than it is; a sweep, which
-/// holds writers while it marks again and deletes, took up to 3 s on a busy machine; and a
-/// refresh costs a GET and a PUT for each uncommitted object, so writers that refreshed as
-/// often as on memory would do nothing else. So the grace period is 8 s, writers refresh every
-/// 2 s (a writer may stall 5 s), and write 40 blocks 250 ms apart between FLUSHes, an
-/// uncommitted window longer than the grace period; two rounds each.
+/// times to the second, so an object may look up to a second older than it is; a sweep holds
+/// writers for an upload permit and then while it lists, marks again and deletes; a refresh
+/// costs a GET and a PUT for each uncommitted object, and its PUTs wait out sweeps too. So the
+/// grace period is 18 s, writers refresh every 3 s (a writer may stall 14 s) and write 20
+/// blocks 950 ms apart between FLUSHes (an uncommitted window longer than the grace period on
+/// an idle machine too, and few objects to refresh); two rounds each, so that the GC finds
+/// garbage older than the grace period.
 fn s3_load(bucket: &Arc<OwnBucket>) -> Load {
     let bucket = bucket.clone();
     Load {
         connect: Arc::new(move || bucket.connect()),
-        grace: Duration::from_secs(8),
-        writer_refresh: Duration::from_secs(2),
-        writes_per_flush: 40,
-        pause: Duration::from_millis(250),
-        run_for: Duration::from_secs(12),
+        grace: Duration::from_secs(18),
+        gc_pause: Duration::from_secs(6),
+        writer_refresh: Duration::from_secs(3),
+        writes_per_flush: 20,
+        pause: Duration::from_millis(950),
+        run_for: Duration::from_secs(25),
+        retries: 2,
     }
 }
 
@@ -604,8 +656,10 @@ fn gc_under_load_on_s3_keeps_every_export_and_snapshot() {
     let Some(bucket) = s3_bucket("load") else { return };
     let bucket = Arc::new(bucket);
     let _permits = permits_alone(S3_UPLOAD_PERMIT);
-    let (problems, freed, stall) = gc_under_load(&s3_load(&bucket), ALL_RULES, true, 7);
-    note(&format!("the GC freed {freed} objects; longest writer stall {stall:?}"));
-    assert!(problems.is_empty(), "longest writer stall {stall:?}: {problems:#?}");
+    let LoadOutcome { problems, freed, longest_stall, retried } = gc_under_load(&s3_load(&bucket), ALL_RULES, true, 7);
+    note(&format!(
+        "the GC freed {freed} objects; longest writer stall {longest_stall:?}; {retried} operations retried"
+    ));
+    assert!(problems.is_empty(), "longest writer stall {longest_stall:?}: {problems:#?}");
     assert!(freed > 0, "the GC freed nothing, so the test proves little");
 }
