@@ -18,7 +18,7 @@ const BLOCK: usize = 4096;
 const DEVICE: usize = 1 << 20;
 
 /// The client: reads the device as its model, then writes random unaligned ranges forever, one
-/// in eight with FUA, and FLUSHes after every few dozen. A FLUSH, or a FUA write (which on a cas
+/// in thirty with FUA, and FLUSHes after every few dozen. A FLUSH, or a FUA write (which on a cas
 /// export commits as a FLUSH does), is durable point `k`: the model as it will be once that is
 /// acknowledged is saved as `{k}.img`, and `flushing k` logged, before it is sent, `flushed k`
 /// once it is acknowledged. It ends when nbdkit is killed under it.
@@ -46,7 +46,7 @@ while True:
         off = rng.randrange(0, size - n)
         data = rng.randbytes(n)
         model[off:off + n] = data
-        if rng.randrange(8) == 0:
+        if rng.randrange(30) == 0:
             durably(lambda: h.pwrite(data, off, nbd.CMD_FLAG_FUA))
         else:
             h.pwrite(data, off)
