@@ -2,7 +2,10 @@
 //! `CasStorage` over an object store that dies after a random number of requests (kill -9
 //! between any two requests; the last request may land without its answer). A new store opened
 //! on what was left must read exactly as the last acknowledged FLUSH, or as a later FLUSH whose
-//! commit landed: never a mix.
+//! commit landed: never a mix. On `MemoryObjects`, whose conditional writes are exact, and on
+//! the S3 server under test through `S3Objects`, where the head's `If-Match` is a real request.
+
+mod common;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -25,7 +28,7 @@ const BS: usize = 512;
 /// goes on.
 #[derive(Debug)]
 struct Dying {
-    inner: Arc<MemoryObjects>,
+    inner: Arc<dyn ObjectStore>,
     left: AtomicU64,
     lose_last_answer: bool,
     flaky_one_in: u64,
@@ -94,34 +97,35 @@ impl ObjectStore for Dying {
         self.run(|| self.inner.sync())
     }
     fn conditional_writes(&self) -> Result<bool> {
-        Ok(true)
+        // Not a request the budget counts: S3Objects answers from its start-up probe.
+        self.inner.conditional_writes()
     }
 }
 
 type Model = BTreeMap<u64, Vec<u8>>;
 
-fn read_all(s: &dyn Storage, blocks: &[u64]) -> Model {
+fn read_all(s: &dyn Storage, blocks: &[u64]) -> Result<Model> {
     let mut found = Model::new();
     for &id in blocks {
         let mut buf = BlockBuf::zeroed(BS);
-        if s.read_block(BlockId(id), &mut buf).expect("read after reopen") {
+        if s.read_block(BlockId(id), &mut buf)? {
             found.insert(id, buf.to_vec());
         }
     }
-    found
+    Ok(found)
 }
 
 /// One life of a writer until its store dies; returns the states it may have committed.
 fn run_until_killed(
     seed: u64,
-    inner: &Arc<MemoryObjects>,
+    inner: Arc<dyn ObjectStore>,
     export: &ExportName,
     acked: &mut Model,
     blocks: &[u64],
 ) -> Vec<Model> {
     let mut rng = StdRng::seed_from_u64(seed);
     let dying = Arc::new(Dying {
-        inner: inner.clone(),
+        inner,
         left: AtomicU64::new(rng.random_range(1..300)),
         lose_last_answer: rng.random_bool(0.5),
         flaky_one_in: if rng.random_bool(0.5) { rng.random_range(3..20) } else { 0 },
@@ -175,33 +179,70 @@ fn run_until_killed(
     attempted
 }
 
-/// Hundreds of lives, each killed at a random request; after each, a fresh open must find an
-/// acknowledged state or a later attempted one, and the next life goes on from there.
-#[test]
-fn a_crash_at_any_request_leaves_some_flushed_state() {
-    let seeds: u64 = std::env::var("CAS_CRASH_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(600);
-    // Blocks in three leaves and beyond the first level, so the map grows and pages split.
-    let blocks: Vec<u64> = (0..12).chain(1020..1030).chain([5000, 1 << 20, (1 << 20) + 1]).collect();
-    let export = ExportName::new("crash").unwrap();
-    for run in 0..seeds.div_ceil(30) {
-        let inner = Arc::new(MemoryObjects::default());
-        let mut acked = Model::new();
-        for life in 0..30 {
-            let seed = run * 1000 + life;
-            let attempted = run_until_killed(seed, &inner, &export, &mut acked, &blocks);
-            let reopened = CasStorage::open(inner.clone(), &export, BS, CasConfig::default()).expect("reopen");
-            let found = read_all(&reopened, &blocks);
-            if found == acked {
-                continue;
-            }
-            match attempted.iter().find(|m| **m == found) {
-                Some(later) => acked = later.clone(),
-                None => panic!(
-                    "seed {seed}: after the crash the export holds {:?}, which is neither the last acknowledged FLUSH {:?} nor a later attempt",
-                    found.iter().map(|(k, v)| (*k, v[0])).collect::<Vec<_>>(),
-                    acked.iter().map(|(k, v)| (*k, v[0])).collect::<Vec<_>>()
-                ),
-            }
+/// Blocks in three leaves and beyond the first level, so the map grows and pages split.
+fn blocks() -> Vec<u64> {
+    (0..12).chain(1020..1030).chain([5000, 1 << 20, (1 << 20) + 1]).collect()
+}
+
+/// `lives` lives of one writer after another on `export`, the first seeded `first_seed`, each
+/// on a store `connect` makes (a restarted process's own client): after each, a fresh open must
+/// find an acknowledged state or a later attempted one, and the next life goes on from there.
+fn lives(connect: &dyn Fn() -> Arc<dyn ObjectStore>, export: &ExportName, first_seed: u64, lives: u64) {
+    let blocks = blocks();
+    let mut acked = Model::new();
+    for seed in first_seed..first_seed + lives {
+        let attempted = run_until_killed(seed, connect(), export, &mut acked, &blocks);
+        let reopened = CasStorage::open(connect(), export, BS, CasConfig::default()).expect("reopen");
+        let found = read_all(&reopened, &blocks)
+            .unwrap_or_else(|e| panic!("{export}, seed {seed}: reading after the crash: {e}"));
+        if found == acked {
+            continue;
+        }
+        match attempted.iter().find(|m| **m == found) {
+            Some(later) => acked = later.clone(),
+            None => panic!(
+                "{export}, seed {seed}: after the crash the export holds {:?}, which is neither the last acknowledged FLUSH {:?} nor a later attempt",
+                found.iter().map(|(k, v)| (*k, v[0])).collect::<Vec<_>>(),
+                acked.iter().map(|(k, v)| (*k, v[0])).collect::<Vec<_>>()
+            ),
         }
     }
+}
+
+/// The number in environment variable `var`, or `default`.
+fn seeds(var: &str, default: u64) -> u64 {
+    std::env::var(var).ok().and_then(|s| s.parse().ok()).unwrap_or(default)
+}
+
+/// Hundreds of lives on `MemoryObjects`, in runs of 30 on a fresh store each.
+#[test]
+fn a_crash_at_any_request_leaves_some_flushed_state() {
+    let export = ExportName::new("crash").unwrap();
+    for run in 0..seeds("CAS_CRASH_SEEDS", 600).div_ceil(30) {
+        let store: Arc<dyn ObjectStore> = Arc::new(MemoryObjects::default());
+        lives(&|| store.clone(), &export, run * 1000, 30);
+    }
+}
+
+/// The same on the S3 server, through `S3Objects` (a new client for each life and each reopen,
+/// as a restarted process has): a few dozen lives (`CAS_CRASH_S3_SEEDS`, default 60), in runs
+/// of 6 on an export of their own, four runs at a time, in a bucket of the test's own.
+#[test]
+fn a_crash_at_any_request_on_s3_leaves_some_flushed_state() {
+    let Some(env) = common::s3_with_conditional_writes() else { return };
+    let bucket = env.own_bucket("cas-crash");
+    let runs = seeds("CAS_CRASH_S3_SEEDS", 60).div_ceil(6);
+    let next = AtomicU64::new(0);
+    std::thread::scope(|scope| {
+        for _ in 0..4 {
+            scope.spawn(|| loop {
+                let run = next.fetch_add(1, Ordering::Relaxed);
+                if run >= runs {
+                    return;
+                }
+                let export = ExportName::new(&format!("crash{run}")).unwrap();
+                lives(&|| bucket.env.objects(&bucket.name) as Arc<dyn ObjectStore>, &export, run * 1000, 6);
+            });
+        }
+    });
 }

@@ -1,11 +1,15 @@
 //! Fencing race of the `cas` layout: two writers on one export, each writing its own pattern
 //! and flushing. Exactly one wins each race: the loser's FLUSH is refused, it then fails every
-//! write and FLUSH, and the export ends as exactly the winner's last flushed state.
+//! write and FLUSH, and the export ends as exactly the winner's last flushed state. On
+//! `MemoryObjects`, and on the S3 server under test with each writer on a client of its own (two
+//! hosts), racing through real `If-Match` PUTs of the head.
+
+mod common;
 
 use std::sync::{Arc, Barrier};
 
 use nbds3::storage::cas::{CasConfig, CasStorage};
-use nbds3::storage::objects::MemoryObjects;
+use nbds3::storage::objects::{MemoryObjects, ObjectStore};
 use nbds3::storage::{BlockBuf, BlockId, Storage};
 use nbds3::ExportName;
 
@@ -27,7 +31,14 @@ fn write_round(s: &CasStorage, writer: u8, round: u8) -> nbds3::Result<()> {
     s.flush()
 }
 
-fn race(store: &Arc<MemoryObjects>, export: &ExportName, late_opener: bool) -> Vec<Outcome> {
+/// A new client of the store the race runs on: each writer and the final reader get their own.
+type Connect<'a> = &'a (dyn Fn() -> Arc<dyn ObjectStore> + Sync);
+
+/// Two writers race `rounds` rounds on `export`. Without `late_opener` both open the same head
+/// and race from round 1; with it the first commits round 1 alone and the second opens only
+/// then, at the head that commit wrote, so the first's next commit and the second's first both
+/// expect that head.
+fn race(connect: Connect<'_>, export: &ExportName, rounds: u8, late_opener: bool) -> Vec<Outcome> {
     let barrier = Barrier::new(2);
     std::thread::scope(|scope| {
         let racers: Vec<_> = [1u8, 2]
@@ -35,15 +46,20 @@ fn race(store: &Arc<MemoryObjects>, export: &ExportName, late_opener: bool) -> V
             .map(|writer| {
                 let barrier = &barrier;
                 scope.spawn(move || {
-                    if late_opener && writer == 2 {
+                    let second = late_opener && writer == 2;
+                    if second {
                         barrier.wait();
                     }
-                    let s = CasStorage::open(store.clone(), export, BS, CasConfig::default()).expect("open");
-                    if !(late_opener && writer == 2) {
-                        barrier.wait();
-                    }
+                    let s = CasStorage::open(connect(), export, BS, CasConfig::default()).expect("open");
                     let mut outcome = Outcome { writer, last_flushed_round: None, fenced: false };
-                    for round in 1..=20 {
+                    if late_opener && writer == 1 {
+                        write_round(&s, writer, 1).expect("the first writer's first round, alone");
+                        outcome.last_flushed_round = Some(1);
+                    }
+                    if !second {
+                        barrier.wait();
+                    }
+                    for round in outcome.last_flushed_round.map_or(1, |r| r + 1)..=rounds {
                         match write_round(&s, writer, round) {
                             Ok(()) => outcome.last_flushed_round = Some(round),
                             Err(e) => {
@@ -63,13 +79,13 @@ fn race(store: &Arc<MemoryObjects>, export: &ExportName, late_opener: bool) -> V
     })
 }
 
-fn check(store: &Arc<MemoryObjects>, export: &ExportName, outcomes: &[Outcome]) {
+fn check(connect: Connect<'_>, export: &ExportName, rounds: u8, outcomes: &[Outcome]) {
     let fenced = outcomes.iter().filter(|o| o.fenced).count();
     assert_eq!(fenced, 1, "exactly one writer loses each race: {outcomes:?}");
     let winner = outcomes.iter().find(|o| !o.fenced).expect("a winner");
-    assert_eq!(winner.last_flushed_round, Some(20), "{outcomes:?}");
-    let s = CasStorage::open(store.clone(), export, BS, CasConfig::default()).expect("open");
-    let expected = winner.writer * 100 + 20;
+    assert_eq!(winner.last_flushed_round, Some(rounds), "{outcomes:?}");
+    let s = CasStorage::open(connect(), export, BS, CasConfig::default()).expect("open");
+    let expected = winner.writer * 100 + rounds;
     for id in 0..BLOCKS {
         let mut buf = BlockBuf::zeroed(BS);
         assert!(s.read_block(BlockId(id * 997), &mut buf).expect("read"), "block {id}");
@@ -82,24 +98,54 @@ fn check(store: &Arc<MemoryObjects>, export: &ExportName, outcomes: &[Outcome]) 
     }
 }
 
-/// Twenty races on fresh exports named `{label}{round}`.
-fn races(label: &str, late_opener: bool) {
-    for round in 0..20 {
-        let store = Arc::new(MemoryObjects::default());
+/// `count` races of `rounds` rounds on fresh exports named `{label}{round}`, each on a store
+/// `new_store` makes. Every other export has a head before the race (a writer committed to it
+/// and went away), so both kinds of commit race: the creation of the head (`If-None-Match`) and
+/// its replacement (`If-Match`).
+fn races<'a>(label: &str, late_opener: bool, count: u32, rounds: u8, new_store: &dyn Fn() -> Clients<'a>) {
+    for round in 0..count {
+        let connect = new_store();
         let export = ExportName::new(&format!("{label}{round}")).unwrap();
-        check(&store, &export, &race(&store, &export, late_opener));
+        if round % 2 == 1 {
+            let earlier = CasStorage::open(connect(), &export, BS, CasConfig::default()).expect("open");
+            write_round(&earlier, 0, 1).expect("an earlier writer's round");
+        }
+        check(&*connect, &export, rounds, &race(&*connect, &export, rounds, late_opener));
     }
+}
+
+/// What makes the clients of one race's store.
+type Clients<'a> = Box<dyn Fn() -> Arc<dyn ObjectStore> + Sync + 'a>;
+
+/// A fresh `MemoryObjects` that both writers share.
+fn memory() -> Clients<'static> {
+    let store: Arc<dyn ObjectStore> = Arc::new(MemoryObjects::default());
+    Box::new(move || store.clone())
 }
 
 /// Both writers open the same head and race to commit: the first commit wins, the other is fenced.
 #[test]
 fn racing_writers_never_mix() {
-    races("race", false);
+    races("race", false, 20, 20, &memory);
 }
 
-/// A second writer takes over mid-stream (it opens as the first commits): the first is fenced
-/// at its next commit, whoever wrote more.
+/// A second writer takes over mid-stream (it opens once the first has committed): one of them
+/// is fenced at its next commit, whoever wrote more.
 #[test]
 fn a_takeover_fences_the_old_writer() {
-    races("takeover", true);
+    races("takeover", true, 20, 20, &memory);
+}
+
+/// Both races on the S3 server, ten of each with five rounds a writer, in a bucket of the test's
+/// own, the two kinds side by side: each writer and the final reader on an `S3Objects` of its own
+/// (its own connections, as separate hosts).
+#[test]
+fn writers_on_separate_s3_clients_never_mix() {
+    let Some(env) = common::s3_with_conditional_writes() else { return };
+    let bucket = env.own_bucket("cas-fencing");
+    let clients = || -> Clients<'_> { Box::new(|| bucket.env.objects(&bucket.name)) };
+    std::thread::scope(|scope| {
+        scope.spawn(|| races("race", false, 10, 5, &clients));
+        scope.spawn(|| races("takeover", true, 10, 5, &clients));
+    });
 }

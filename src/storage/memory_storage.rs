@@ -69,7 +69,7 @@ impl Storage for MemoryStorage {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities { slow_requests: false, sliced_listing: false }
+        Capabilities { slow_requests: false, sliced_listing: false, atomic_flush: false }
     }
 }
 

@@ -188,11 +188,15 @@ pub struct Capabilities {
     /// Listing a key range costs one request per page of keys, so a large export is listed
     /// sooner in slices listed at once (S3 `start-after`); a local store lists in one call.
     pub sliced_listing: bool,
+    /// A flush commits everything the store was given as one state (the `cas` layout's head), so
+    /// the layers above must give it every acknowledged write before any flush, a FUA write's
+    /// included: committing only some would leave, after a crash, a state no FLUSH returned.
+    pub atomic_flush: bool,
 }
 
 impl Capabilities {
     /// A remote object store: requests take a round trip, listings a page at a time.
-    pub const REMOTE: Capabilities = Capabilities { slow_requests: true, sliced_listing: true };
+    pub const REMOTE: Capabilities = Capabilities { slow_requests: true, sliced_listing: true, atomic_flush: false };
 }
 
 /// Says, right before a block write or delete goes out, until when it may be sent (an export

@@ -352,14 +352,18 @@ impl Volume {
         self.storage.flush()
     }
 
-    /// With `fua`, makes the blocks of `len` bytes at `offset` durable.
+    /// With `fua`, makes the blocks of `len` bytes at `offset` durable: all dirty blocks where a
+    /// flush commits all the storage holds (see [`Capabilities::atomic_flush`]).
     fn finish(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
-        if fua {
-            let bs = self.geometry().block_size() as u64;
-            self.cache.write_back_range(offset / bs..(offset + len).div_ceil(bs), self.config.concurrency)?;
-            self.storage.flush()?;
+        if !fua {
+            return Ok(());
         }
-        Ok(())
+        if self.capabilities.atomic_flush {
+            return self.flush();
+        }
+        let bs = self.geometry().block_size() as u64;
+        self.cache.write_back_range(offset / bs..(offset + len).div_ceil(bs), self.config.concurrency)?;
+        self.storage.flush()
     }
 
     /// Past `max-dirty`, wakes the background writer and writes back the oldest blocks until

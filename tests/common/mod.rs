@@ -8,6 +8,7 @@ pub mod proxy;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The plugin under test: `target/{profile}/libnbds3.so`, beside the test binary's `deps/`.
@@ -185,13 +186,69 @@ impl S3Env {
     /// Deletes every object of `bucket` and the bucket itself: a bucket costs a server like
     /// SeaweedFS volumes of its own, so a test that makes one must not leave it behind.
     pub fn remove_bucket(&self, bucket: &str) {
-        let keys = self.list(bucket, "");
+        use nbds3::storage::objects::ObjectStore;
+        // Batched (1000 keys a request): a crash or GC test leaves thousands of objects. One such
+        // DeleteObjects took over the default 30 s on a SeaweedFS busy with benchmarks.
+        let config = nbds3::storage::S3Config { timeout: Duration::from_secs(180), ..self.config(bucket) };
+        self.objects_of(&config).delete(&self.list(bucket, ""), None).expect("delete objects");
         self.with_client(async |client| {
-            for key in keys {
-                client.delete_object().bucket(bucket).key(key).send().await.expect("delete object");
-            }
             client.delete_bucket().bucket(bucket).send().await.expect("delete bucket");
         })
+    }
+
+    /// A new client of `bucket` (connections of its own, as another host would have), as the
+    /// object layer every stored format is written through.
+    pub fn objects(&self, bucket: &str) -> Arc<nbds3::storage::s3::S3Objects> {
+        self.objects_of(&self.config(bucket))
+    }
+
+    fn objects_of(&self, config: &nbds3::storage::S3Config) -> Arc<nbds3::storage::s3::S3Objects> {
+        let transport =
+            nbds3::storage::s3::runtime().expect("runtime").block_on(nbds3::storage::s3::Transport::new(config));
+        Arc::new(nbds3::storage::s3::S3Objects::new(transport, config))
+    }
+
+    /// A bucket of the calling test's own, created now and removed with everything in it when
+    /// dropped: for a test whose GC would free other tests' uncommitted uploads in a shared
+    /// bucket, or whose crashes leave objects that no one else should find.
+    pub fn own_bucket(&self, what: &str) -> OwnBucket {
+        let name = unique(what).to_lowercase();
+        nbds3::storage::s3::check_bucket(&self.config(&name)).expect("create the test's own bucket");
+        OwnBucket { env: self.clone(), name }
+    }
+}
+
+/// A bucket made by [`S3Env::own_bucket`], removed with its objects on drop.
+#[derive(Debug)]
+pub struct OwnBucket {
+    /// The server it is on.
+    pub env: S3Env,
+    /// Its name.
+    pub name: String,
+}
+
+impl Drop for OwnBucket {
+    fn drop(&mut self) {
+        // A failed test's bucket is left for a look at what it holds.
+        if std::thread::panicking() {
+            note(&format!("left bucket {} on {} as the test failed", self.name, self.env.name()));
+        } else {
+            self.env.remove_bucket(&self.name);
+        }
+    }
+}
+
+/// The S3 server to test against if it honours conditional writes; otherwise `None`, after
+/// saying why (outside CI, also when there is no server). For the `cas` invariants, which only
+/// such a server can keep (a server without them is refused in `cas_e2e`).
+pub fn s3_with_conditional_writes() -> Option<S3Env> {
+    let env = s3()?;
+    if env.conditional_writes() {
+        note(&format!("ran on {}, which honours conditional writes", env.name()));
+        Some(env)
+    } else {
+        note(&format!("not run on {}, which ignores conditional writes", env.name()));
+        None
     }
 }
 

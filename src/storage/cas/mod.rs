@@ -590,8 +590,9 @@ impl Storage for CasStorage {
     }
 
     fn capabilities(&self) -> Capabilities {
-        // Requests go to a remote store; the map is listed in one walk, not in key-range slices.
-        Capabilities { slow_requests: true, sliced_listing: false }
+        // Requests go to a remote store; the map is listed in one walk, not in key-range slices;
+        // a flush commits the whole map.
+        Capabilities { slow_requests: true, sliced_listing: false, atomic_flush: true }
     }
 }
 

@@ -286,7 +286,7 @@ impl ObjectStore for DirObjects {
     /// A read may wait on a disk and every write waits on an fsync: worth overlapping. A
     /// directory is walked in one call.
     fn capabilities(&self) -> Capabilities {
-        Capabilities { slow_requests: true, sliced_listing: false }
+        Capabilities { slow_requests: true, sliced_listing: false, atomic_flush: false }
     }
 }
 

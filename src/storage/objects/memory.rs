@@ -136,7 +136,7 @@ impl ObjectStore for MemoryObjects {
 
     /// RAM: overlapping requests with the client's only costs copies and threads.
     fn capabilities(&self) -> Capabilities {
-        Capabilities { slow_requests: false, sliced_listing: false }
+        Capabilities { slow_requests: false, sliced_listing: false, atomic_flush: false }
     }
 }
 
