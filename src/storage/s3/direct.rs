@@ -40,7 +40,7 @@ use aws_smithy_runtime_api::client::identity::Identity;
 
 use http::{printable, read_text, xml_field, Head, MAX_HEAD};
 
-use super::errors::{classify, transient};
+use super::errors::{classify, transient, DEADLINES};
 use super::retry::RetryPolicy;
 use super::S3Config;
 use crate::storage::objects::ReadInto;
@@ -433,7 +433,8 @@ impl<'a> Request<'a> {
 
     /// The deadline passed before this attempt could begin.
     fn too_late(&self) -> Error {
-        let message = format!("{} {}: not sent, its s3-timeout ran out before it could start", self.method, self.key);
+        let message =
+            format!("{} {}: not sent, its deadline passed before it could start ({DEADLINES})", self.method, self.key);
         Error::Timeout { store: self.store.to_string(), message }
     }
 

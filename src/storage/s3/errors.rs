@@ -11,6 +11,11 @@ use aws_smithy_types::error::display::DisplayErrorContext;
 
 use crate::Error;
 
+/// What sets a request's deadline, for messages about one that passed: a request runs until
+/// `s3-timeout`, or less when its caller's fence ends sooner.
+pub(super) const DEADLINES: &str =
+    "s3-timeout, or the end of the writer's lease or of its upload permit during a cas GC";
+
 /// The error category of an S3 error answer, from its code: `detail` is ": message" or "".
 pub(super) fn classify(store: &str, what: &str, code: &str, detail: &str) -> Error {
     let store = store.to_string();
@@ -73,7 +78,7 @@ where
 {
     let answered = matches!(err, SdkError::ServiceError(_) | SdkError::ResponseError(_));
     if !answered && Instant::now() >= deadline {
-        let message = format!("{what}: no answer in time, or not sent once its s3-timeout ran out");
+        let message = format!("{what}: no answer before its deadline, or not sent once it had passed ({DEADLINES})");
         return Error::Timeout { store: store.to_string(), message };
     }
     fold(store, what, err)

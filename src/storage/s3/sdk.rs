@@ -19,7 +19,7 @@ use aws_sdk_s3::Client;
 use aws_smithy_runtime_api::box_error::BoxError;
 use aws_smithy_runtime_api::client::retries::RequestAttempts;
 
-use super::errors::{fold, fold_by, status_is};
+use super::errors::{fold, fold_by, status_is, DEADLINES};
 use super::retry::RetryPolicy;
 use super::S3Config;
 use crate::storage::objects::{Listed, Object, Put};
@@ -96,7 +96,7 @@ impl Intercept for NotSentAfter {
         _: &mut ConfigBag,
     ) -> std::result::Result<(), BoxError> {
         if Instant::now() >= self.0 {
-            return Err("not sent: its s3-timeout ran out before it could go out".into());
+            return Err(format!("not sent: its deadline passed before it could go out ({DEADLINES})").into());
         }
         Ok(())
     }
