@@ -205,11 +205,12 @@ impl BlockCache {
     /// The storage's error if the blocks cannot be listed.
     pub fn new(storage: Arc<dyn Storage>, capacity: usize, blocks: u64, concurrency: usize) -> Result<Self> {
         let allocated = list_stored(&*storage, 0..blocks, concurrency)?;
+        let block_size = storage.block_size();
         Ok(BlockCache {
-            block_size: storage.block_size(),
+            block_size,
             storage,
             capacity,
-            hits: HitTable::new(capacity),
+            hits: HitTable::new(capacity, block_size),
             index: Mutex::new(Index { clean: LruCache::unbounded(), dirty: LruCache::unbounded(), allocated }),
             dirty_bytes: AtomicU64::new(0),
             stats: CacheStats::default(),
