@@ -38,13 +38,14 @@ const MAX_ENTRIES: usize = 1 << 22;
 #[derive(Debug)]
 struct Held {
     id: BlockId,
-    /// Where `data`'s bytes are: the buffer is shared and never changed while the table holds
-    /// it (a writer takes it out first), so the address stays good as long as `data` is here.
+    /// Where `_owner`'s bytes are: the buffer is shared and never changed while the table holds
+    /// it (a writer takes it out first), so the address stays good as long as `_owner` is here.
     bytes: NonNull<u8>,
-    data: Arc<BlockBuf>,
+    /// Held, never read: it keeps `bytes` alive.
+    _owner: Arc<BlockBuf>,
 }
 
-// SAFETY: `bytes` points into `data`, which is `Send`; it is only read, under the entry's mutex.
+// SAFETY: `bytes` points into `_owner`, which is `Send`; it is only read, under the entry's mutex.
 unsafe impl Send for Held {}
 
 /// One entry; two share a cache line, and none straddles two.
@@ -83,7 +84,7 @@ impl HitTable {
     pub(super) fn copy(&self, id: BlockId, range: Range<usize>, out: &mut [u8]) -> bool {
         match &*lock(self.entry(id)) {
             Some(held) if held.id == id => {
-                // SAFETY: `bytes` is the address of `held.data`'s `block_size` bytes (checked at
+                // SAFETY: `bytes` is the address of `held._owner`'s `block_size` bytes (checked at
                 // `publish`), which stay put and unchanged while the entry, locked here, holds it.
                 let bytes = unsafe { std::slice::from_raw_parts(held.bytes.as_ptr(), self.block_size) };
                 out.copy_from_slice(&bytes[range]);
@@ -99,7 +100,7 @@ impl HitTable {
             return;
         }
         let bytes = NonNull::from(&data[..]).cast::<u8>();
-        let previous = lock(self.entry(id)).replace(Held { id, bytes, data: data.clone() });
+        let previous = lock(self.entry(id)).replace(Held { id, bytes, _owner: data.clone() });
         // Dropped after the entry's lock: the last reference may return a buffer to the pool.
         drop(previous);
     }
