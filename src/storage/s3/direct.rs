@@ -323,7 +323,8 @@ impl DirectClient {
         while filled < expected {
             match c.read(&mut buf[filled..]) {
                 Ok(0) => {
-                    let e = io::Error::new(io::ErrorKind::UnexpectedEof, format!("the body ended after {filled} bytes"));
+                    let e =
+                        io::Error::new(io::ErrorKind::UnexpectedEof, format!("the body ended after {filled} bytes"));
                     return Ok(Outcome::Retry { error: request.io_error(&e), stale: false });
                 }
                 Ok(n) => {

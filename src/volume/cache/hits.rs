@@ -68,11 +68,7 @@ impl HitTable {
     /// two, at most [`MAX_ENTRIES`]) of `block_size` bytes.
     pub(super) fn new(blocks: usize, block_size: usize) -> Self {
         let len = blocks.clamp(1, MAX_ENTRIES).next_power_of_two();
-        HitTable {
-            entries: (0..len).map(|_| Entry(Mutex::new(None))).collect(),
-            mask: len as u64 - 1,
-            block_size,
-        }
+        HitTable { entries: (0..len).map(|_| Entry(Mutex::new(None))).collect(), mask: len as u64 - 1, block_size }
     }
 
     fn entry(&self, id: BlockId) -> &Mutex<Option<Held>> {
