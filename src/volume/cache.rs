@@ -22,7 +22,8 @@
 //! `allocated` reads as zeros without a storage request, and zeroing it costs nothing.
 //!
 //! The hit table ([`hits`]) lets a read of a `Data` block skip the index: an entry holds a
-//! block's buffer, shared with its slot. A read that finds `Data` through the index publishes it
+//! block's buffer, shared with its slot, and the address of its bytes (so a hit reads no
+//! buffer header). A read that finds `Data` through the index publishes it
 //! there; a writer (any `with_slot` that may create) takes the block out, holding its `state`,
 //! before it changes the content; eviction takes it out with the slot. So an entry always holds
 //! the current bytes of a resident block, and no memory beyond the cache's. Hits through the
