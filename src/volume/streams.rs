@@ -16,6 +16,9 @@
 //! gap that waiting for a whole batch leaves at its tail. A read elsewhere (a seek) drops the
 //! queued loads: those blocks are no longer wanted.
 //!
+//! Every read passes here, cached ones too, so a read never waits: one that finds the read
+//! detector busy goes unseen, and a seek takes the queue's lock only when loads were queued.
+//!
 //! Concurrent requests of one stream (a client with several in flight) reach us out of order, so
 //! a request counts as sequential when it starts within a few requests of where the stream is.
 //! Writes are written behind only once the stream has moved on by twice that much without
