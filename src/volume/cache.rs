@@ -22,7 +22,8 @@
 //! `allocated` reads as zeros without a storage request, and zeroing it costs nothing.
 //!
 //! The hit table ([`hits`]) lets a read of a `Data` block skip the index: an entry holds a
-//! block's buffer, shared with its slot. A read that finds `Data` through the index publishes it
+//! block's buffer, shared with its slot, and the address of its bytes (so a hit reads no
+//! buffer header). A read that finds `Data` through the index publishes it
 //! there; a writer (any `with_slot` that may create) takes the block out, holding its `state`,
 //! before it changes the content; eviction takes it out with the slot. So an entry always holds
 //! the current bytes of a resident block, and no memory beyond the cache's. Hits through the
@@ -205,11 +206,12 @@ impl BlockCache {
     /// The storage's error if the blocks cannot be listed.
     pub fn new(storage: Arc<dyn Storage>, capacity: usize, blocks: u64, concurrency: usize) -> Result<Self> {
         let allocated = list_stored(&*storage, 0..blocks, concurrency)?;
+        let block_size = storage.block_size();
         Ok(BlockCache {
-            block_size: storage.block_size(),
+            block_size,
             storage,
             capacity,
-            hits: HitTable::new(capacity),
+            hits: HitTable::new(capacity, block_size),
             index: Mutex::new(Index { clean: LruCache::unbounded(), dirty: LruCache::unbounded(), allocated }),
             dirty_bytes: AtomicU64::new(0),
             stats: CacheStats::default(),

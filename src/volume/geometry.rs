@@ -1,5 +1,7 @@
 //! The pure block math: a device's size and block size, and how a byte range splits into blocks.
 
+use std::sync::atomic::{AtomicU64, Ordering::Acquire, Ordering::Release};
+
 use crate::storage::BlockId;
 use crate::{Error, Result};
 
@@ -113,6 +115,33 @@ impl Geometry {
             }
             _ => Err(Error::OutOfRange { offset, len, size: self.size }),
         }
+    }
+}
+
+/// A device's geometry whose size grows (never shrinks) while requests use it. Every request
+/// reads it, on every connection: a lock here, even a read lock, had every request of every core
+/// write to one cache line, twice.
+#[derive(Debug)]
+pub(crate) struct GrowingGeometry {
+    size: AtomicU64,
+    block_size: usize,
+}
+
+impl GrowingGeometry {
+    pub(crate) fn new(geometry: Geometry) -> Self {
+        GrowingGeometry { size: AtomicU64::new(geometry.size), block_size: geometry.block_size }
+    }
+
+    /// The geometry of the moment.
+    pub(crate) fn get(&self) -> Geometry {
+        // Acquire: a request that sees the new size sees what was done before it was set (the
+        // new range's stored blocks listed).
+        Geometry { size: self.size.load(Acquire), block_size: self.block_size }
+    }
+
+    /// Grows to `grown`'s size, a geometry of the same block size ([`Geometry::with_size`]).
+    pub(crate) fn grow(&self, grown: Geometry) {
+        self.size.fetch_max(grown.size, Release);
     }
 }
 

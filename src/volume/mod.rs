@@ -18,7 +18,7 @@ pub mod cache;
 pub mod geometry;
 mod streams;
 
-use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError, RwLock, Weak};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 pub use cache::{BlockCache, CacheStats};
@@ -26,6 +26,7 @@ pub use geometry::{Geometry, Piece, DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE, MIN_BLOC
 
 use crate::storage::{Capabilities, MeteredStorage, Storage};
 use crate::{background, lock, Error, Result};
+use geometry::GrowingGeometry;
 use streams::Streams;
 
 /// How a `Volume` caches and writes back.
@@ -48,7 +49,7 @@ pub struct Volume {
     /// Grows (never shrinks) while connections use it, when `nbds3ctl resize` grew the export:
     /// every request checks its range against the size of the moment, and a connection never
     /// asks past the size it was given when it opened.
-    geometry: RwLock<Geometry>,
+    geometry: GrowingGeometry,
     /// Held while the device grows, so that two growths never list the same new blocks.
     growing: Mutex<()>,
     config: VolumeConfig,
@@ -82,7 +83,7 @@ impl Volume {
         let blocks = |bytes: u64| usize::try_from(bytes / block_size as u64).unwrap_or(usize::MAX);
         let storage = Arc::new(MeteredStorage::new(storage));
         Ok(Volume {
-            geometry: RwLock::new(geometry),
+            geometry: GrowingGeometry::new(geometry),
             growing: Mutex::new(()),
             config,
             cache: BlockCache::new(storage.clone(), blocks(config.cache_bytes), geometry.blocks(), config.concurrency)?,
@@ -193,7 +194,7 @@ impl Volume {
 
     /// The device's geometry.
     pub fn geometry(&self) -> Geometry {
-        *self.geometry.read().unwrap_or_else(PoisonError::into_inner)
+        self.geometry.get()
     }
 
     /// Grows the device to `size` bytes, after `nbds3ctl resize` grew its record. The blocks
@@ -216,7 +217,7 @@ impl Volume {
         }
         let new = old.with_size(size)?;
         self.cache.add_stored(old.blocks()..new.blocks(), self.config.concurrency)?;
-        *self.geometry.write().unwrap_or_else(PoisonError::into_inner) = new;
+        self.geometry.grow(new);
         Ok(())
     }
 

@@ -16,6 +16,9 @@
 //! gap that waiting for a whole batch leaves at its tail. A read elsewhere (a seek) drops the
 //! queued loads: those blocks are no longer wanted.
 //!
+//! Every read passes here, cached ones too, so a read never waits: one that finds the read
+//! detector busy goes unseen, and a seek takes the queue's lock only when loads were queued.
+//!
 //! Concurrent requests of one stream (a client with several in flight) reach us out of order, so
 //! a request counts as sequential when it starts within a few requests of where the stream is.
 //! Writes are written behind only once the stream has moved on by twice that much without
@@ -23,7 +26,8 @@
 //! taken for a stream.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, TryLockError, Weak};
 use std::time::Duration;
 
 use super::Volume;
@@ -42,6 +46,9 @@ pub(crate) struct Streams {
     writes: Mutex<Detector>,
     /// Work for the workers, in the order it was queued.
     queue: Mutex<VecDeque<Job>>,
+    /// Whether loads may have been queued since a seek last dropped them: random reads, each a
+    /// seek, need not take the queue's lock to drop nothing.
+    loads_queued: AtomicBool,
     /// Signalled when work is queued.
     queued: Condvar,
     /// The workers start with the first stream, which is after nbdkit forks.
@@ -100,9 +107,18 @@ impl Streams {
         let Some(bs) = Self::block_size_if_useful(volume) else { return };
         let max = (volume.cache.capacity() as u64 * bs / 4).min(64 << 20);
         let (from, to) = {
-            let mut d = lock(&self.reads);
+            // A reader that finds the detector busy leaves it be: one read fewer seen costs a
+            // stream nothing (the next one still lands within the slack), while waiting would
+            // put every read of every connection in one queue.
+            let mut d = match self.reads.try_lock() {
+                Ok(d) => d,
+                Err(TryLockError::Poisoned(d)) => d.into_inner(),
+                Err(TryLockError::WouldBlock) => return,
+            };
             if !d.continues(offset, len, REORDER * len) {
-                lock(&self.queue).retain(|job| matches!(job, Job::WriteBack(_)));
+                if self.loads_queued.swap(false, Relaxed) {
+                    lock(&self.queue).retain(|job| matches!(job, Job::WriteBack(_)));
+                }
                 return;
             }
             // Never `clamp`: a read longer than half the bound would make it panic.
@@ -116,6 +132,8 @@ impl Streams {
             (from / bs, to.div_ceil(bs))
         };
         self.push(volume, (from..to).map(|b| Job::Load(BlockId(b))));
+        // After the push: a seek that comes between leaves these loads for the next seek to drop.
+        self.loads_queued.store(true, Relaxed);
     }
 
     /// After a write of `len` bytes at `offset` of `volume`: if writes are sequential, queues the
