@@ -105,7 +105,7 @@ pub fn clone_snapshot(
     let record = read_snapshot(store, export, snap)?;
     let head = Head {
         generation: 1,
-        writer: format!("clone of {export}@{snap}"),
+        writer: clone_writer(export, snap),
         block_size: record.block_size,
         root: record.root,
     };
@@ -116,6 +116,11 @@ pub fn clone_snapshot(
             format!("export {clone} already has a cas head ({}): clone onto a new name", head_key(clone)),
         )),
     }
+}
+
+/// The `writer` of the first head of a clone of snapshot `snap` of `export`.
+pub fn clone_writer(export: &ExportName, snap: &ExportName) -> String {
+    format!("clone of {export}@{snap}")
 }
 
 /// The map of `export` as last committed (all holes when it has no head yet).
