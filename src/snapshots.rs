@@ -9,8 +9,8 @@ use std::fmt;
 
 use crate::export_record::{ExportRecord, Layout};
 use crate::storage::cas::format::{head_key, snapshot_key, Root, SnapshotRecord};
-use crate::storage::cas::read_head;
 use crate::storage::cas::ops::{self, Change};
+use crate::storage::cas::read_head;
 use crate::storage::objects::ObjectStore;
 use crate::storage::Backend;
 use crate::{Error, ExportName, Geometry, Result};
@@ -169,7 +169,8 @@ pub fn clear_interrupted_clone(backend: &dyn Backend, objects: &dyn ObjectStore,
     if ExportRecord::read(backend, name)?.is_some() || read_head(objects, name)?.is_none() {
         return Ok(false);
     }
-    let mut keys: Vec<String> = ops::list_snapshots(objects, name)?.iter().map(|snap| snapshot_key(name, snap)).collect();
+    let mut keys: Vec<String> =
+        ops::list_snapshots(objects, name)?.iter().map(|snap| snapshot_key(name, snap)).collect();
     keys.push(head_key(name));
     objects.delete(&keys, None)?;
     log::info!("{name}: deleted the head an interrupted clone left ({})", head_key(name));

@@ -103,12 +103,8 @@ pub fn clone_snapshot(
     // Under one upload permit, as a snapshot.
     let permit = UploadGate::default().permit(store)?;
     let record = read_snapshot(store, export, snap)?;
-    let head = Head {
-        generation: 1,
-        writer: clone_writer(export, snap),
-        block_size: record.block_size,
-        root: record.root,
-    };
+    let head =
+        Head { generation: 1, writer: clone_writer(export, snap), block_size: record.block_size, root: record.root };
     match store.put(&head_key(clone), &head.encode(), Put::IfAbsent, Some(&|| UploadGate::check(store, permit)))? {
         Some(_) => Ok(record),
         None => Err(Error::config(
