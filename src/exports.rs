@@ -11,11 +11,11 @@ use std::time::Duration;
 
 use crate::config::{Config, CreatePolicy, StorageKind};
 use crate::export_name::ExportName;
-use crate::export_record::ExportRecord;
+use crate::export_record::{ExportRecord, Layout};
 use crate::lease::Lease;
 use crate::snapshots::{self, Version};
 use crate::stats_file::{self, StatsFormat};
-use crate::storage::cas::CasStorage;
+use crate::storage::cas::{self, CasStorage};
 use crate::storage::{s3, Backend, DirObjects, FencedStorage, MemoryBackend, ObjectBackend};
 use crate::volume::{Geometry, Volume, DEFAULT_BLOCK_SIZE};
 use crate::{background, lock, Error, Result};
@@ -112,7 +112,7 @@ fn open_snapshot(backend: &dyn Backend, export: &ExportName, snap: &ExportName, 
         geometry.block_size()
     );
     let volume = Arc::new(Volume::new(Arc::new(storage), geometry, config.volume_config())?);
-    Ok(OpenExport { volume, lease: None, read_only: true })
+    Ok(OpenExport { volume, lease: None, read_only: true, write_refusal: None })
 }
 
 /// Brings the volume of open export `name` up to its record, read again (one GET) for every new
@@ -166,15 +166,24 @@ pub struct OpenExport {
     pub lease: Option<Arc<Lease>>,
     /// A snapshot, which no connection may write.
     pub read_only: bool,
+    /// Why no connection may open it for writing (a cas export on a store without conditional
+    /// writes, without `cas-unconditional=true`); read-only connections may.
+    pub write_refusal: Option<String>,
 }
 
 impl OpenExport {
     /// Whether this process may write the export now.
     ///
     /// # Errors
+    /// [`Error::Config`] naming `layout` for an export no connection may write;
     /// [`Error::Lease`] when it does not hold the lease (any more).
     pub fn check_writable(&self) -> Result<()> {
+        self.check_layout_writable()?;
         self.lease.as_ref().map_or(Ok(()), |l| l.check())
+    }
+
+    fn check_layout_writable(&self) -> Result<()> {
+        self.write_refusal.as_ref().map_or(Ok(()), |why| Err(Error::config("layout", why.clone())))
     }
 }
 
@@ -212,9 +221,11 @@ impl Exports {
     /// new size.
     ///
     /// # Errors
-    /// [`Error::Config`] for an invalid name or a contradicted geometry,
-    /// [`Error::ExportNotFound`] for an export this open may not create, [`Error::Lease`] when
-    /// another writer holds the export, and any error opening its storage.
+    /// [`Error::Config`] for an invalid name or a contradicted geometry, and naming `layout` for
+    /// a writable open of a cas export on a store without conditional writes (unless
+    /// `cas-unconditional=true`); [`Error::ExportNotFound`] for an export this open may not
+    /// create, [`Error::Lease`] when another writer holds the export, and any error opening its
+    /// storage.
     pub fn open(&self, requested: &str, readonly: bool) -> Result<OpenExport> {
         let version = if requested.is_empty() {
             Version { export: self.config.export.clone(), snapshot: None }
@@ -222,8 +233,11 @@ impl Exports {
             Version::parse(requested)?
         };
         let export = self.open_export(version)?;
-        if let Some(lease) = export.lease.as_ref().filter(|_| !readonly) {
-            lease.hold()?;
+        if !readonly {
+            export.check_layout_writable()?;
+            if let Some(lease) = &export.lease {
+                lease.hold()?;
+            }
         }
         Ok(export)
     }
@@ -259,7 +273,14 @@ impl Exports {
     fn open_live(&self, backend: &Arc<dyn Backend>, name: &ExportName) -> Result<OpenExport> {
         let record = open_record(&**backend, name, &self.config)?;
         let geometry = record.geometry;
-        let mut storage = record.open_storage(&**backend, name, self.config.cas_unconditional)?;
+        // Reading a cas export needs no conditional writes: where the store lacks them, the
+        // storage opens all the same, for read-only connections only (see `Exports::open`).
+        let write_refusal = match record.layout {
+            Layout::Cas if !self.config.cas_unconditional => cas::unfenced_writes(&*backend.objects(), name)?,
+            _ => None,
+        };
+        let unconditional = self.config.cas_unconditional || write_refusal.is_some();
+        let mut storage = record.open_storage(&**backend, name, unconditional)?;
         log::info!("export {name}: {} bytes in {}-byte blocks on {storage}", geometry.size(), geometry.block_size());
         let lease = self.config.lease_config().map(|c| Lease::new(backend.clone(), name.clone(), c));
         if let Some(lease) = &lease {
@@ -267,7 +288,7 @@ impl Exports {
         }
         let volume = Arc::new(Volume::new(storage, geometry, self.config.volume_config())?);
         volume.start_background_writer();
-        Ok(OpenExport { volume, lease, read_only: false })
+        Ok(OpenExport { volume, lease, read_only: false, write_refusal })
     }
 
     /// The stats file: every open export's counters, in `format`.
@@ -354,8 +375,8 @@ fn stats(volumes: &Slots, format: StatsFormat) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::export_record::Layout;
-    use crate::storage::BlockId;
+    use crate::storage::objects::faulty::FaultyObjects;
+    use crate::storage::{BlockId, ObjectStore};
 
     fn config(pairs: &[(&str, &str)]) -> Config {
         let mut c = Config::default();
@@ -463,6 +484,43 @@ mod tests {
         let e = exports.open("dev@nope", true).unwrap_err();
         assert!(matches!(e, Error::ExportNotFound { .. }), "{e:?}");
         assert!(e.to_string().contains("export dev@nope does not exist; export dev has no snapshot nope"), "{e}");
+    }
+
+    /// On a store that ignores conditional writes (Garage), a cas export opens for read-only
+    /// connections without `cas-unconditional=true` and reads what was written; a writable open
+    /// is refused, before or after a read-only one, saying why and what to do.
+    #[test]
+    fn a_cas_export_without_conditional_writes_opens_read_only_only() {
+        let objects = Arc::new(FaultyObjects::new(false));
+        let backend: Arc<dyn Backend> = Arc::new(ObjectBackend::new(objects.clone()));
+        let opted_in = Exports::new(config(&[("layout", "cas"), ("cas-unconditional", "true")]));
+        opted_in.backend.set(backend.clone()).unwrap();
+        let writer = opted_in.open("", false).unwrap();
+        writer.volume.write(b"kept", 0, false).unwrap();
+        writer.volume.flush().unwrap();
+
+        let exports = Exports::new(config(&[("layout", "cas")]));
+        exports.backend.set(backend).unwrap();
+        let refused = |exports: &Exports| {
+            let e = exports.open("", false).unwrap_err().to_string();
+            assert!(
+                e.starts_with("layout: FaultyObjects does not honour conditional writes")
+                    && e.contains("open it read-only (nbdkit -r)")
+                    && e.contains("cas-unconditional=true"),
+                "{e}"
+            );
+        };
+        refused(&exports);
+        let reader = exports.open("", true).unwrap();
+        let mut buf = [0u8; 4];
+        reader.volume.read(&mut buf, 0).unwrap();
+        assert_eq!(&buf, b"kept");
+        assert!(reader.check_writable().is_err(), "nothing may write it");
+        let head = || objects.get("cas/heads/dev", 4096).unwrap().map(|o| o.bytes);
+        let before = head();
+        reader.volume.flush().unwrap();
+        assert!(before.is_some() && head() == before, "a FLUSH of a read-only connection commits nothing");
+        refused(&exports);
     }
 
     #[test]

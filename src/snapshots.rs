@@ -8,8 +8,9 @@
 use std::fmt;
 
 use crate::export_record::{ExportRecord, Layout};
-use crate::storage::cas::format::{Root, SnapshotRecord};
+use crate::storage::cas::format::{head_key, snapshot_key, Root, SnapshotRecord};
 use crate::storage::cas::ops::{self, Change};
+use crate::storage::cas::read_head;
 use crate::storage::objects::ObjectStore;
 use crate::storage::Backend;
 use crate::{Error, ExportName, Geometry, Result};
@@ -100,10 +101,15 @@ pub fn delete_snapshot(objects: &dyn ObjectStore, export: &ExportName, snap: &Ex
     ops::delete_snapshot(objects, export, snap)
 }
 
-/// Creates the writable `cas` export `clone` sharing every block of snapshot `snap` of `export`.
+/// Creates the writable `cas` export `clone` sharing every block of snapshot `snap` of `export`:
+/// its first head, then its export record, which makes it an export. A clone interrupted
+/// between the two leaves a head that nothing serves: the same clone run again finishes it,
+/// and `nbds3ctl delete` frees the name ([`clear_interrupted_clone`]). A record that could not
+/// be written takes the head back with it, so the name is free again.
 ///
 /// # Errors
-/// A missing snapshot; an existing export named `clone`; store failures.
+/// A missing snapshot; an existing export named `clone`, or the head of another interrupted
+/// clone there; store failures.
 pub fn clone(
     backend: &dyn Backend,
     objects: &dyn ObjectStore,
@@ -114,11 +120,61 @@ pub fn clone(
     if ExportRecord::read(backend, clone)?.is_some() {
         return Err(Error::config("clone", format!("export {clone} already exists: clone onto a new name")));
     }
-    let record = ops::clone_snapshot(objects, export, snap, clone)?;
+    let record = match read_head(objects, clone)? {
+        None => ops::clone_snapshot(objects, export, snap, clone)?,
+        Some((head, _)) => {
+            let record = ops::read_snapshot(objects, export, snap)?;
+            if head.generation != 1 || head.writer != ops::clone_writer(export, snap) || head.root != record.root {
+                return Err(Error::config(
+                    "clone",
+                    format!(
+                        "export {clone} has a cas head ({}, written by {}) but no export record, left by an interrupted clone or delete: `nbds3ctl delete {clone}` frees the name",
+                        head_key(clone),
+                        head.writer
+                    ),
+                ));
+            }
+            log::info!("clone {export}@{snap} onto {clone} was interrupted after its head: finishing it");
+            record
+        }
+    };
     let export_record =
         ExportRecord { geometry: Geometry::new(record.device_size, record.block_size)?, layout: Layout::Cas };
-    export_record.write(backend, clone)?;
+    if let Err(e) = export_record.write(backend, clone) {
+        // A write whose answer was lost may have landed: only a record known to be missing lets
+        // the head go, or the export would read as zeros. Unknown, both stay for a rerun.
+        match ExportRecord::read(backend, clone) {
+            Ok(Some(found)) if found == export_record => return Ok(export_record),
+            Ok(None) => match objects.delete(&[head_key(clone)], None) {
+                Ok(()) => return Err(e),
+                Err(undo) => log::warn!("clone {clone}: taking its head back failed: {undo}"),
+            },
+            _ => {}
+        }
+        log::warn!(
+            "clone {clone} is unfinished: run `nbds3ctl clone {export}@{snap} {clone}` again to finish it, or `nbds3ctl delete {clone}` to free the name"
+        );
+        return Err(e);
+    }
     Ok(export_record)
+}
+
+/// Frees a name that a clone interrupted before its export record left taken: when `name` has
+/// a cas head but no record, deletes the head (and any snapshot records under the name), which
+/// no export used. Returns whether it did; an export with a record is left alone.
+///
+/// # Errors
+/// Store failures.
+pub fn clear_interrupted_clone(backend: &dyn Backend, objects: &dyn ObjectStore, name: &ExportName) -> Result<bool> {
+    if ExportRecord::read(backend, name)?.is_some() || read_head(objects, name)?.is_none() {
+        return Ok(false);
+    }
+    let mut keys: Vec<String> =
+        ops::list_snapshots(objects, name)?.iter().map(|snap| snapshot_key(name, snap)).collect();
+    keys.push(head_key(name));
+    objects.delete(&keys, None)?;
+    log::info!("{name}: deleted the head an interrupted clone left ({})", head_key(name));
+    Ok(true)
 }
 
 /// Bytes of a device that differ between two versions.
@@ -188,16 +244,19 @@ pub fn diff(
 mod tests {
     use std::sync::Arc;
 
+    use std::sync::atomic::Ordering;
+
     use super::*;
     use crate::storage::cas::{CasConfig, CasStorage};
+    use crate::storage::objects::faulty::FaultyObjects;
     use crate::storage::objects::MemoryObjects;
-    use crate::storage::{BlockId, MemoryBackend, Storage};
+    use crate::storage::{BlockBuf, BlockId, MemoryBackend, ObjectBackend, Storage};
 
     fn name(s: &str) -> ExportName {
         ExportName::new(s).unwrap()
     }
 
-    fn cas_export(backend: &MemoryBackend, export: &str, size: u64) {
+    fn cas_export(backend: &dyn Backend, export: &str, size: u64) {
         ExportRecord { geometry: Geometry::new(size, 4096).unwrap(), layout: Layout::Cas }
             .write(backend, &name(export))
             .unwrap();
@@ -232,6 +291,63 @@ mod tests {
         assert!(err.contains("export p already exists"), "{err}");
         let err = delete_snapshot(&objects, &name("c"), &name("other")).unwrap_err().to_string();
         assert!(err.contains("no snapshot other"), "{err}");
+    }
+
+    /// Block 3 of `export` as last committed.
+    fn block_3(objects: &Arc<FaultyObjects>, export: &ExportName) -> Vec<u8> {
+        let storage = CasStorage::open(objects.clone(), export, 4096, CasConfig::default()).unwrap();
+        let mut buf = BlockBuf::zeroed(4096);
+        storage.read_block(BlockId(3), &mut buf).unwrap();
+        buf.to_vec()
+    }
+
+    /// Clones whose record cannot be written, as after a crash between head and record when
+    /// taking the head back fails too: a rerun of the same clone finishes it, a clone of
+    /// something else onto the name is refused saying how to free it, and freeing it lets any
+    /// clone take the name. A record that fails alone takes its head back.
+    #[test]
+    fn an_interrupted_clone_is_finished_by_a_rerun_or_its_name_freed() {
+        let objects = Arc::new(FaultyObjects::new(true));
+        let backend = ObjectBackend::new(objects.clone());
+        let (e, a, b, c, d) = (name("e"), name("a"), name("b"), name("c"), name("d"));
+        cas_export(&backend, "e", 1 << 20);
+        let live = CasStorage::open(objects.clone(), &e, 4096, CasConfig::default()).unwrap();
+        for (seed, snap) in [(3, &a), (4, &b)] {
+            live.write_block(BlockId(3), &[seed; 4096]).unwrap();
+            live.flush().unwrap();
+            snapshot(&backend, &*objects, &e, snap).unwrap();
+        }
+        let interrupted_clone = |snap: &ExportName, new: &ExportName| {
+            objects.fail_puts_under(Some("exports/"));
+            let err = clone(&backend, &*objects, &e, snap, new).unwrap_err().to_string();
+            objects.fail_puts_under(None);
+            assert!(err.contains("injected failure: put exports/"), "{err}");
+        };
+
+        interrupted_clone(&a, &c);
+        assert!(read_head(&*objects, &c).unwrap().is_none(), "a record that failed took its head back");
+        objects.fail_deletes.store(true, Ordering::Relaxed);
+        interrupted_clone(&a, &c);
+        interrupted_clone(&a, &d);
+        objects.fail_deletes.store(false, Ordering::Relaxed);
+        assert!(read_head(&*objects, &c).unwrap().is_some() && ExportRecord::read(&backend, &c).unwrap().is_none());
+
+        let err = clone(&backend, &*objects, &e, &b, &c).unwrap_err().to_string();
+        assert!(
+            err.contains("export c has a cas head (cas/heads/c, written by clone of e@a) but no export record")
+                && err.contains("`nbds3ctl delete c` frees the name"),
+            "{err}"
+        );
+        assert_eq!(clone(&backend, &*objects, &e, &a, &c).unwrap().layout, Layout::Cas, "a rerun finishes it");
+        assert_eq!(block_3(&objects, &c), [3; 4096]);
+        assert!(!clear_interrupted_clone(&backend, &*objects, &c).unwrap(), "a finished clone is left alone");
+        assert!(!clear_interrupted_clone(&backend, &*objects, &name("never")).unwrap());
+
+        assert!(clear_interrupted_clone(&backend, &*objects, &d).unwrap());
+        assert!(read_head(&*objects, &d).unwrap().is_none(), "the name is free");
+        clone(&backend, &*objects, &e, &b, &d).unwrap();
+        assert_eq!(block_3(&objects, &d), [4; 4096]);
+        assert_eq!(block_3(&objects, &c), [3; 4096]);
     }
 
     #[test]

@@ -151,7 +151,7 @@ Asks for the export's name first unless --yes (and refuses without --yes when st
 not a terminal). Refused while a writer holds the export's lease (see nbdkit's lease-time= and
 lease-takeover=), naming that writer. A cas export's snapshots go with it; clones of them stay,
 and the chunks no export or snapshot uses any more are freed by `gc`. On a terminal, shows its
-progress.",
+progress. A name that a clone interrupted before its record left taken is freed at once.",
         takes_name: true,
         options: &[],
         switches: &["--yes"],
@@ -196,7 +196,8 @@ once no export or snapshot references it.",
         summary: "create the writable cas export NEW from a snapshot, sharing its blocks",
         details: "\
 Costs a few requests whatever the size: NEW starts as the snapshot's map. Writes to NEW and to
-EXPORT do not affect each other. NEW must not exist yet.",
+EXPORT do not affect each other. NEW must not exist yet. An interrupted clone is finished by
+running it again, or its name freed by `delete NEW`.",
         takes_name: true,
         options: &[],
         switches: &[],
@@ -424,6 +425,10 @@ fn run(args: &[String]) -> Result<(), Failure> {
         }
         "delete" => {
             let name = args.name()?;
+            if snapshots::clear_interrupted_clone(&*backend, &*backend.objects(), &name)? {
+                println!("deleted the head an interrupted clone left at {name}: the name is free");
+                return Ok(());
+            }
             let e = admin::info(&*backend, &name)?;
             if !args.switch("--yes") {
                 confirm(

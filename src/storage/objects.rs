@@ -154,6 +154,8 @@ pub(crate) fn holds(size: u64, offset: Option<u64>, len: usize) -> bool {
 #[cfg(any(test, feature = "testing"))]
 pub mod conformance;
 pub mod dir;
+#[cfg(any(test, feature = "testing"))]
+pub mod faulty;
 pub mod memory;
 
 pub use dir::DirObjects;

@@ -171,6 +171,20 @@ pub(crate) fn read_head(store: &dyn ObjectStore, export: &ExportName) -> Result<
     }
 }
 
+/// Why cas export `export` may not be written on `store`, or `None` where it may: a store that
+/// ignores conditional writes could neither fence a second writer nor make FLUSH atomic.
+/// Reading needs neither, so read-only opens skip this.
+///
+/// # Errors
+/// Store failures while finding out what the store honours.
+pub fn unfenced_writes(store: &dyn ObjectStore, export: &ExportName) -> Result<Option<String>> {
+    Ok((!store.conditional_writes()?).then(|| {
+        format!(
+            "{store} does not honour conditional writes, so a second writer of cas export {export} could not be fenced and FLUSH would not be atomic; serve it from a server that honours If-Match and If-None-Match, open it read-only (nbdkit -r), or accept that risk with nbdkit's cas-unconditional=true"
+        )
+    }))
+}
+
 impl CasStorage {
     /// Opens the live export `export` for reading and writing: one GET of its head (none yet is
     /// an all-zero device), and a conditional-writes check unless `config` opts out.
@@ -184,13 +198,10 @@ impl CasStorage {
         block_size: usize,
         config: CasConfig,
     ) -> Result<Self> {
-        if !config.allow_unconditional && !store.conditional_writes()? {
-            return Err(Error::config(
-                "layout",
-                format!(
-                    "{store} does not honour conditional writes, so a second writer of cas export {export} could not be fenced and FLUSH would not be atomic; serve it from a server that honours If-Match and If-None-Match, or accept that risk with nbdkit's cas-unconditional=true"
-                ),
-            ));
+        if !config.allow_unconditional {
+            if let Some(why) = unfenced_writes(&*store, export)? {
+                return Err(Error::config("layout", why));
+            }
         }
         let committed = match read_head(&*store, export)? {
             None => Committed { root: Root::EMPTY, generation: 0, version: None },

@@ -103,12 +103,8 @@ pub fn clone_snapshot(
     // Under one upload permit, as a snapshot.
     let permit = UploadGate::default().permit(store)?;
     let record = read_snapshot(store, export, snap)?;
-    let head = Head {
-        generation: 1,
-        writer: format!("clone of {export}@{snap}"),
-        block_size: record.block_size,
-        root: record.root,
-    };
+    let head =
+        Head { generation: 1, writer: clone_writer(export, snap), block_size: record.block_size, root: record.root };
     match store.put(&head_key(clone), &head.encode(), Put::IfAbsent, Some(&|| UploadGate::check(store, permit)))? {
         Some(_) => Ok(record),
         None => Err(Error::config(
@@ -116,6 +112,11 @@ pub fn clone_snapshot(
             format!("export {clone} already has a cas head ({}): clone onto a new name", head_key(clone)),
         )),
     }
+}
+
+/// The `writer` of the first head of a clone of snapshot `snap` of `export`.
+pub fn clone_writer(export: &ExportName, snap: &ExportName) -> String {
+    format!("clone of {export}@{snap}")
 }
 
 /// The map of `export` as last committed (all holes when it has no head yet).

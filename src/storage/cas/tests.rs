@@ -4,6 +4,7 @@ use super::format::{chunk_key, head_key};
 use super::ops::{self, Change, ChangedRange};
 use super::*;
 use crate::storage::conformance::{self, BLOCK_SIZE};
+use crate::storage::objects::faulty::FaultyObjects;
 use crate::storage::objects::MemoryObjects;
 
 fn name(s: &str) -> ExportName {
@@ -170,55 +171,9 @@ fn snapshots_and_clones_share_blocks_and_stay_apart() {
     assert!(err.contains("export e has no snapshot before"), "{err}");
 }
 
-/// Counts GETs, to show a diff reads only what changed.
-#[derive(Debug)]
-struct CountingGets {
-    inner: MemoryObjects,
-    gets: AtomicU64,
-    /// What it says of its conditional writes (the memory store's are real either way).
-    conditional: bool,
-}
-
-impl CountingGets {
-    fn new(conditional: bool) -> Self {
-        CountingGets { inner: MemoryObjects::default(), gets: AtomicU64::new(0), conditional }
-    }
-}
-
-impl fmt::Display for CountingGets {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("CountingGets")
-    }
-}
-
-impl ObjectStore for CountingGets {
-    fn get(&self, key: &str, max_len: usize) -> Result<Option<crate::storage::objects::Object>> {
-        self.gets.fetch_add(1, Ordering::Relaxed);
-        self.inner.get(key, max_len)
-    }
-    fn read_into(&self, key: &str, offset: Option<u64>, buf: &mut BlockBuf) -> Result<ReadInto> {
-        self.inner.read_into(key, offset, buf)
-    }
-    fn put(&self, key: &str, data: &[u8], c: Put<'_>, f: Option<crate::storage::Fence<'_>>) -> Result<Option<String>> {
-        self.inner.put(key, data, c, f)
-    }
-    fn delete(&self, keys: &[String], f: Option<crate::storage::Fence<'_>>) -> Result<()> {
-        self.inner.delete(keys, f)
-    }
-    fn list(&self, p: &str, a: Option<&str>, v: &mut dyn FnMut(crate::storage::objects::Listed) -> bool) -> Result<()> {
-        self.inner.list(p, a, v)
-    }
-    fn sync(&self) -> Result<()> {
-        Ok(())
-    }
-    fn conditional_writes(&self) -> Result<bool> {
-        Ok(self.conditional)
-    }
-}
-
 #[test]
 fn diffs_list_changed_runs_and_skip_equal_subtrees() {
-    let store = Arc::new(CountingGets::new(true));
+    let store = Arc::new(FaultyObjects::new(true));
     let e = name("e");
     let s = CasStorage::open(store.clone(), &e, BLOCK_SIZE, CasConfig::default()).unwrap();
     for id in (0..20_000).step_by(7) {
@@ -252,7 +207,7 @@ fn diffs_list_changed_runs_and_skip_equal_subtrees() {
 
 #[test]
 fn a_large_export_opens_with_one_get_and_keeps_its_memory_bounded() {
-    let store = Arc::new(CountingGets::new(true));
+    let store = Arc::new(FaultyObjects::new(true));
     let e = name("big");
     let config = CasConfig { cached_pages: 4, max_dirty_pages: 8, ..CasConfig::default() };
     let blocks = (1u64 << 40) / BLOCK_SIZE as u64; // 1 TiB
@@ -282,7 +237,7 @@ fn a_large_export_opens_with_one_get_and_keeps_its_memory_bounded() {
 
 #[test]
 fn a_store_without_conditional_writes_is_refused_unless_opted_in() {
-    let store = Arc::new(CountingGets::new(false));
+    let store = Arc::new(FaultyObjects::new(false));
     let err = CasStorage::open(store.clone(), &name("e"), BLOCK_SIZE, CasConfig::default()).unwrap_err().to_string();
     assert!(err.contains("does not honour conditional writes") && err.contains("cas export e"), "{err}");
     let config = CasConfig { allow_unconditional: true, ..CasConfig::default() };
