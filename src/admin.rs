@@ -161,7 +161,7 @@ pub fn create(
         return Err(Error::config("export", format!("export {name} already exists")));
     }
     let geometry = Geometry::new(size, block_size)?;
-    ExportRecord { geometry, layout }.write(backend, name)?;
+    ExportRecord { geometry, layout }.create(backend, name)?;
     Ok(geometry)
 }
 
@@ -352,6 +352,23 @@ mod tests {
         assert_eq!((left("cas/heads/"), left("cas/snapshots/")), (vec![], vec![]), "head and snapshots deleted");
         create(&*backend, &dev, 1 << 20, 4096, Layout::Cas).unwrap();
         assert_eq!(read(&dev), 0, "a new export of the same name starts empty");
+
+        // A head whose record is gone (a clone or delete interrupted between them) keeps the name
+        // from a new export, which would serve the head's blocks, until it is cleared.
+        let storage =
+            ExportRecord::read(&*backend, &dev).unwrap().unwrap().open_storage(&*backend, &dev, false).unwrap();
+        storage.write_block(BlockId(3), &[9; 4096]).unwrap();
+        storage.flush().unwrap();
+        drop(storage);
+        backend.objects().delete(&[dev.record_key()], None).unwrap();
+        for layout in [Layout::Cas, Layout::Plain] {
+            let err = create(&*backend, &dev, 1 << 20, 4096, layout).unwrap_err().to_string();
+            assert!(err.contains("export dev has no record but a cas head (cas/heads/dev)"), "{err}");
+            assert!(err.contains("`nbds3ctl delete dev` frees the name"), "{err}");
+        }
+        assert!(crate::snapshots::clear_interrupted_clone(&*backend, &*backend.objects(), &dev).unwrap());
+        create(&*backend, &dev, 1 << 20, 4096, Layout::Cas).unwrap();
+        assert_eq!(read(&dev), 0, "once cleared, a new export starts empty");
     }
 
     #[test]

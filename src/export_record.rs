@@ -17,7 +17,8 @@ use std::fmt;
 
 use std::sync::Arc;
 
-use crate::storage::cas::{CasConfig, CasStorage};
+use crate::storage::cas::format::head_key;
+use crate::storage::cas::{read_head, CasConfig, CasStorage};
 use crate::storage::{Backend, Storage};
 use crate::volume::Geometry;
 use crate::{Error, ExportName, Result};
@@ -203,6 +204,25 @@ impl ExportRecord {
     /// Backend failures.
     pub fn write(&self, backend: &dyn Backend, export: &ExportName) -> Result<()> {
         backend.write_record(export, &self.to_text())
+    }
+
+    /// Writes this as the record of a new export `export`, which has none. A `cas` head already
+    /// at that name, left by a clone or delete that was interrupted, is refused: a `cas` export
+    /// made there would serve that head's blocks.
+    ///
+    /// # Errors
+    /// A head at the name, naming it and how to free the name; backend failures.
+    pub fn create(&self, backend: &dyn Backend, export: &ExportName) -> Result<()> {
+        if read_head(&*backend.objects(), export)?.is_some() {
+            return Err(Error::config(
+                "export",
+                format!(
+                    "export {export} has no record but a cas head ({}), left by an interrupted clone or delete: `nbds3ctl delete {export}` frees the name",
+                    head_key(export)
+                ),
+            ));
+        }
+        self.write(backend, export)
     }
 }
 

@@ -80,7 +80,7 @@ pub fn open_record(backend: &dyn Backend, export: &ExportName, config: &Config) 
         size.map_err(|hint| Error::ExportNotFound { store: backend.to_string(), export: export.to_string(), hint })?;
     let geometry = Geometry::new(size, config.block_size.unwrap_or(DEFAULT_BLOCK_SIZE))?;
     let record = ExportRecord { geometry, layout: config.layout.unwrap_or_default() };
-    record.write(backend, export)?;
+    record.create(backend, export)?;
     log::info!(
         "export {export}: created, {size} bytes in {}-byte blocks, layout {}",
         geometry.block_size(),

@@ -307,6 +307,7 @@ fn snapshots_clones_and_diffs_in_s3() {
 /// A cas export is written only where the server can fence a second writer, unless the operator
 /// opts in: on a server that ignores conditional writes (Garage) nbdkit refuses the export,
 /// naming the server's limitation and the opt-in; with `cas-unconditional=true` it serves it.
+/// Reading needs no fencing: `nbdkit -r` serves it without the opt-in.
 #[test]
 fn a_cas_export_is_refused_where_the_server_ignores_conditional_writes() {
     require!("nbdkit");
@@ -334,6 +335,11 @@ fn a_cas_export_is_refused_where_the_server_ignores_conditional_writes() {
     params.push("cas-unconditional=true".into());
     let opted_in = Nbdkit::start(&params);
     assert_eq!(common::nbdsh(&uri(&opted_in, &dev), script).trim(), "bytearray(b'kept')");
+    opted_in.stop();
+    params.pop();
+    let read_only = Nbdkit::start_with(&["-r"], &params);
+    let read = common::nbdsh(&uri(&read_only, &dev), "print(h.pread(4, 0), h.is_read_only())");
+    assert_eq!(read.trim(), "bytearray(b'kept') True", "served read-only without the opt-in");
 }
 
 /// Writes `count` files of a few KiB under `root/dir`, different for each `seed`.

@@ -373,7 +373,10 @@ impl UploadGate {
     /// Store failures reading the lease.
     pub fn permit(&self, store: &dyn ObjectStore) -> Result<Instant> {
         let period = upload_permit();
-        if let Some(until) = *lock(&self.permit) {
+        // Held while the lease is read, so that uploaders whose permit ran out together wait
+        // for one read and share its answer, rather than each reading the lease.
+        let mut permit = lock(&self.permit);
+        if let Some(until) = *permit {
             if until.checked_duration_since(Instant::now()).is_some_and(|left| left > period / 2) {
                 return Ok(until);
             }
@@ -390,7 +393,7 @@ impl UploadGate {
                 }
                 _ => {
                     let until = asked + period;
-                    *lock(&self.permit) = Some(until);
+                    *permit = Some(until);
                     return Ok(until);
                 }
             }
