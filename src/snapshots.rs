@@ -244,11 +244,9 @@ pub fn diff(
 mod tests {
     use std::sync::Arc;
 
-    use std::sync::atomic::Ordering;
-
     use super::*;
     use crate::storage::cas::{CasConfig, CasStorage};
-    use crate::storage::objects::faulty::FaultyObjects;
+    use crate::storage::objects::faulty::{FaultyObjects, Request};
     use crate::storage::objects::MemoryObjects;
     use crate::storage::{BlockBuf, BlockId, MemoryBackend, ObjectBackend, Storage};
 
@@ -317,19 +315,22 @@ mod tests {
             live.flush().unwrap();
             snapshot(&backend, &*objects, &e, snap).unwrap();
         }
-        let interrupted_clone = |snap: &ExportName, new: &ExportName| {
-            objects.fail_puts_under(Some("exports/"));
+        // The record's PUT fails; with `deletes_fail`, so does taking the head back.
+        let interrupted_clone = |snap: &ExportName, new: &ExportName, deletes_fail: bool| {
+            objects.before_each(move |request| match request {
+                Request::Put(key) if key.starts_with("exports/") => Err("refused".into()),
+                Request::Delete(_) if deletes_fail => Err("refused".into()),
+                _ => Ok(()),
+            });
             let err = clone(&backend, &*objects, &e, snap, new).unwrap_err().to_string();
-            objects.fail_puts_under(None);
-            assert!(err.contains("injected failure: put exports/"), "{err}");
+            objects.clear_hook();
+            assert!(err.contains("put exports/") && err.contains("(injected)"), "{err}");
         };
 
-        interrupted_clone(&a, &c);
+        interrupted_clone(&a, &c, false);
         assert!(read_head(&*objects, &c).unwrap().is_none(), "a record that failed took its head back");
-        objects.fail_deletes.store(true, Ordering::Relaxed);
-        interrupted_clone(&a, &c);
-        interrupted_clone(&a, &d);
-        objects.fail_deletes.store(false, Ordering::Relaxed);
+        interrupted_clone(&a, &c, true);
+        interrupted_clone(&a, &d, true);
         assert!(read_head(&*objects, &c).unwrap().is_some() && ExportRecord::read(&backend, &c).unwrap().is_none());
 
         let err = clone(&backend, &*objects, &e, &b, &c).unwrap_err().to_string();

@@ -13,8 +13,8 @@ use nbds3::snapshots::{self, Version};
 use nbds3::storage::cas::ops;
 use nbds3::storage::cas::stream::StreamSummary;
 use nbds3::storage::cas::{CasConfig, CasStorage};
-use nbds3::storage::objects::{Listed, Object, Put, ReadInto};
-use nbds3::storage::{Backend, BlockBuf, BlockId, Fence, MemoryBackend, MemoryObjects, ObjectStore, Storage};
+use nbds3::storage::objects::faulty::{FaultyObjects, Request};
+use nbds3::storage::{Backend, BlockBuf, BlockId, MemoryBackend, MemoryObjects, ObjectStore, Storage};
 use nbds3::{ExportName, Geometry, Result};
 
 const BS: usize = 4096;
@@ -225,67 +225,9 @@ fn an_import_takes_the_exports_lease_and_needs_a_cas_export() {
     assert!(e.contains("export missing does not exist"), "{e}");
 }
 
-/// Counts the reads and writes that reach a store, and fails writes once `failing_from` have
-/// been made.
-#[derive(Debug)]
-struct Counting {
-    inner: MemoryObjects,
-    reads: AtomicU64,
-    writes: AtomicU64,
-    failing_from: AtomicU64,
-}
-
-impl Default for Counting {
-    fn default() -> Self {
-        let zero = || AtomicU64::new(0);
-        Counting {
-            inner: MemoryObjects::default(),
-            reads: zero(),
-            writes: zero(),
-            failing_from: AtomicU64::new(u64::MAX),
-        }
-    }
-}
-
-impl std::fmt::Display for Counting {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Counting({})", self.inner)
-    }
-}
-
-impl ObjectStore for Counting {
-    fn get(&self, key: &str, max_len: usize) -> Result<Option<Object>> {
-        self.reads.fetch_add(1, Ordering::Relaxed);
-        self.inner.get(key, max_len)
-    }
-    fn read_into(&self, key: &str, offset: Option<u64>, buf: &mut BlockBuf) -> Result<ReadInto> {
-        self.reads.fetch_add(1, Ordering::Relaxed);
-        self.inner.read_into(key, offset, buf)
-    }
-    fn put(&self, key: &str, data: &[u8], condition: Put<'_>, fence: Option<Fence<'_>>) -> Result<Option<String>> {
-        if self.writes.fetch_add(1, Ordering::Relaxed) >= self.failing_from.load(Ordering::Relaxed) {
-            return Err(nbds3::Error::backend(self, format!("{key}: connection reset (injected)")));
-        }
-        self.inner.put(key, data, condition, fence)
-    }
-    fn delete(&self, keys: &[String], fence: Option<Fence<'_>>) -> Result<()> {
-        self.writes.fetch_add(1, Ordering::Relaxed);
-        self.inner.delete(keys, fence)
-    }
-    fn list(&self, prefix: &str, start_after: Option<&str>, visit: &mut dyn FnMut(Listed) -> bool) -> Result<()> {
-        self.inner.list(prefix, start_after, visit)
-    }
-    fn sync(&self) -> Result<()> {
-        self.inner.sync()
-    }
-    fn conditional_writes(&self) -> Result<bool> {
-        self.inner.conditional_writes()
-    }
-}
-
 #[test]
 fn a_stream_costs_reads_in_proportion_to_what_changed_and_no_writes() {
-    let counting = Arc::new(Counting::default());
+    let counting = Arc::new(FaultyObjects::new(true));
     let bucket = Bucket::new(counting.clone());
     let e = bucket.create("e", BS);
     write(&e, 0..BLOCKS, 1);
@@ -305,7 +247,7 @@ fn a_stream_costs_reads_in_proportion_to_what_changed_and_no_writes() {
 
 #[test]
 fn a_store_failure_during_an_import_leaves_the_export_unchanged_and_a_retry_applies_it() {
-    let counting = Arc::new(Counting::default());
+    let counting = Arc::new(FaultyObjects::new(true));
     let bucket = Bucket::new(counting.clone());
     let e = bucket.create("e", BS);
     write(&e, 0..100, 1);
@@ -316,10 +258,16 @@ fn a_store_failure_during_an_import_leaves_the_export_unchanged_and_a_retry_appl
     let stream = bucket.export(Some("e@a"), "e@b");
     let before = contents(&open(&bucket.objects, "c"));
 
-    counting.failing_from.store(counting.writes.load(Ordering::Relaxed) + 120, Ordering::Relaxed);
+    let writes = AtomicU64::new(0);
+    counting.before_each(move |request| match request {
+        Request::Put(_) | Request::Delete(_) if writes.fetch_add(1, Ordering::Relaxed) >= 120 => {
+            Err("connection reset".into())
+        }
+        _ => Ok(()),
+    });
     let e = bucket.import("c", &stream, false).unwrap_err().to_string();
     assert!(e.contains("connection reset (injected); export c is unchanged"), "{e}");
-    counting.failing_from.store(u64::MAX, Ordering::Relaxed);
+    counting.clear_hook();
     assert!(contents(&open(&bucket.objects, "c")) == before, "the failed import left no trace a reader sees");
 
     bucket.import("c", &stream, false).unwrap();

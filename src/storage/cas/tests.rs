@@ -188,7 +188,7 @@ fn diffs_list_changed_runs_and_skip_equal_subtrees() {
     s.write_block(BlockId(1 << 24), &block(1)).unwrap(); // grows the map a level
     s.flush().unwrap();
     let after = s.committed_root();
-    store.gets.store(0, Ordering::Relaxed);
+    store.reads.store(0, Ordering::Relaxed);
     let runs = ops::diff(&*store, &before, &after).unwrap();
     let run = |first, blocks, change| ChangedRange { first, blocks, change };
     assert_eq!(
@@ -197,7 +197,7 @@ fn diffs_list_changed_runs_and_skip_equal_subtrees() {
         "{runs:?}"
     );
     // Both roots, the first leaf in each, and the new path to block 1<<24: not the 19 other leaves.
-    assert!(store.gets.load(Ordering::Relaxed) <= 8, "{} GETs", store.gets.load(Ordering::Relaxed));
+    assert!(store.reads.load(Ordering::Relaxed) <= 8, "{} GETs", store.reads.load(Ordering::Relaxed));
     let back = ops::diff(&*store, &after, &before).unwrap();
     assert_eq!(back[1], run(8, 2, Change::Zero), "{back:?}");
     assert_eq!(ops::diff(&*store, &after, &after).unwrap(), vec![]);
@@ -227,9 +227,9 @@ fn a_large_export_opens_with_one_get_and_keeps_its_memory_bounded() {
         );
     }
     s.flush().unwrap();
-    store.gets.store(0, Ordering::Relaxed);
+    store.reads.store(0, Ordering::Relaxed);
     let again = CasStorage::open(store.clone(), &e, BLOCK_SIZE, config).unwrap();
-    assert_eq!(store.gets.load(Ordering::Relaxed), 1, "open reads the head and nothing else");
+    assert_eq!(store.reads.load(Ordering::Relaxed), 1, "open reads the head and nothing else");
     for (id, seed) in written.iter().step_by(97) {
         assert_eq!(read(&again, *id), Some(block(*seed)), "block {id}");
     }

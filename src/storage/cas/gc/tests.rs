@@ -3,7 +3,6 @@
 //! scenario under load once more on the S3 server of the tests' environment (docs/TESTING.md).
 
 use std::collections::{BTreeSet, HashMap};
-use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
@@ -14,8 +13,9 @@ use rand::{Rng, SeedableRng};
 use super::super::format::{head_key, Page};
 use super::super::{ops, CasConfig, CasStorage};
 use super::*;
-use crate::storage::objects::{MemoryObjects, Object};
-use crate::storage::{BlockId, Fence, Storage};
+use crate::storage::objects::faulty::{FaultyObjects, Request};
+use crate::storage::objects::MemoryObjects;
+use crate::storage::{BlockId, Storage};
 use crate::{lock, ExportName};
 
 const BLOCK_SIZE: usize = 512;
@@ -217,46 +217,21 @@ fn a_writer_refreshes_uploads_it_keeps_uncommitted() {
     assert_eq!((read(&again, 1).unwrap(), read(&again, 2).unwrap()), (Some(block(1)), Some(block(2))));
 }
 
-/// A [`MemoryObjects`] whose head and snapshot reads are slow on the GC's thread, as marking a
-/// large bucket is: the time between listing and marking is what the GC's ordering must survive.
-#[derive(Debug, Default)]
-struct SlowMarking {
-    inner: MemoryObjects,
-}
-
 const GC_THREAD: &str = "gc";
 
-impl fmt::Display for SlowMarking {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("SlowMarking")
-    }
-}
-
-impl ObjectStore for SlowMarking {
-    fn get(&self, key: &str, max_len: usize) -> Result<Option<Object>> {
-        if std::thread::current().name() == Some(GC_THREAD) && !key.starts_with("cas/pages/") {
-            std::thread::sleep(Duration::from_millis(40));
+/// A store whose head and snapshot reads are slow on the GC's thread, as marking a large bucket
+/// is: the time between listing and marking is what the GC's ordering must survive.
+fn slow_marking() -> Arc<FaultyObjects> {
+    let store = Arc::new(FaultyObjects::new(true));
+    store.before_each(|request| {
+        if let Request::Get(key) = request {
+            if std::thread::current().name() == Some(GC_THREAD) && !key.starts_with("cas/pages/") {
+                std::thread::sleep(Duration::from_millis(40));
+            }
         }
-        self.inner.get(key, max_len)
-    }
-    fn read_into(&self, key: &str, offset: Option<u64>, buf: &mut BlockBuf) -> Result<ReadInto> {
-        self.inner.read_into(key, offset, buf)
-    }
-    fn put(&self, key: &str, data: &[u8], condition: Put<'_>, fence: Option<Fence<'_>>) -> Result<Option<String>> {
-        self.inner.put(key, data, condition, fence)
-    }
-    fn delete(&self, keys: &[String], fence: Option<Fence<'_>>) -> Result<()> {
-        self.inner.delete(keys, fence)
-    }
-    fn list(&self, prefix: &str, start_after: Option<&str>, visit: &mut dyn FnMut(Listed) -> bool) -> Result<()> {
-        self.inner.list(prefix, start_after, visit)
-    }
-    fn sync(&self) -> Result<()> {
-        self.inner.sync()
-    }
-    fn conditional_writes(&self) -> Result<bool> {
-        self.inner.conditional_writes()
-    }
+        Ok(())
+    });
+    store
 }
 
 /// Where a load runs and how its clocks are set.
@@ -283,10 +258,10 @@ struct Load {
 }
 
 impl Load {
-    /// On one [`SlowMarking`] store shared by all, with a 300 ms grace and refreshes every 50 ms
+    /// On one [`slow_marking`] store shared by all, with a 300 ms grace and refreshes every 50 ms
     /// (a writer may stall 250 ms).
     fn memory() -> Self {
-        let store = Arc::new(SlowMarking::default());
+        let store = slow_marking();
         Load {
             connect: Arc::new(move || store.clone() as Arc<dyn ObjectStore>),
             grace: Duration::from_millis(300),
