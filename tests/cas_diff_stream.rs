@@ -184,8 +184,8 @@ fn truncated_altered_newer_or_misplaced_streams_are_refused_and_change_nothing()
     data_flipped[len / 2] ^= 1;
     refused(&bucket, &data_flipped, "fails its BLAKE3 checksum");
     let mut newer = stream.clone();
-    newer[8] = 2;
-    refused(&bucket, &newer, "diff stream version 2, but this nbds3");
+    newer[8] = 3;
+    refused(&bucket, &newer, "diff stream version 3, but this nbds3");
     refused(&bucket, &[&stream[..], &stream[..]].concat(), "bytes follow the end record");
     refused(&bucket, b"not a stream at all", "not an nbds3 diff stream");
     let later = bucket.export(Some("e@b"), "e");

@@ -38,11 +38,16 @@ fn keys(store: &MemoryObjects, prefix: &str) -> Vec<String> {
 #[test]
 fn conformance_with_tiny_memory_limits() {
     let store = Arc::new(MemoryObjects::default());
-    let config = CasConfig { cached_pages: 1, max_dirty_pages: 2, ..CasConfig::default() };
-    conformance::run_all(
-        &|place| Box::new(CasStorage::open(store.clone(), &name(&format!("e{place}")), BLOCK_SIZE, config).unwrap()),
-        true,
-    );
+    for delta_entries in [0, 3, DEFAULT_DELTA_ENTRIES] {
+        let config = CasConfig { cached_pages: 1, max_dirty_pages: 2, delta_entries, ..CasConfig::default() };
+        conformance::run_all(
+            &|place| {
+                let export = name(&format!("e{delta_entries}-{place}"));
+                Box::new(CasStorage::open(store.clone(), &export, BLOCK_SIZE, config).unwrap())
+            },
+            true,
+        );
+    }
 }
 
 #[test]
@@ -107,7 +112,10 @@ fn a_second_writer_fences_the_first() {
 #[test]
 fn corrupt_or_missing_objects_are_errors_naming_them() {
     let store = Arc::new(MemoryObjects::default());
-    let s = open(&store, "e");
+    // Block 4 in the tree, so there is a page to corrupt.
+    let s =
+        CasStorage::open(store.clone(), &name("e"), BLOCK_SIZE, CasConfig { delta_entries: 0, ..CasConfig::default() })
+            .unwrap();
     s.write_block(BlockId(4), &block(4)).unwrap();
     s.flush().unwrap();
     let key = chunk_key(&Hash::of(&block(4)));

@@ -81,7 +81,8 @@ fn gc_now(store: &dyn ObjectStore) -> GcReport {
 /// Export `e` with blocks 0 and 5000 (a two-level map), snapshot `s1`, then block 5000
 /// rewritten: `s1` alone references the old chunk of block 5000, its root and its leaf of 5000.
 fn export_with_snapshot(store: &Arc<MemoryObjects>) -> (CasStorage, BTreeSet<String>, BTreeSet<String>) {
-    let s = open(store.clone(), "e", CasConfig::default());
+    // Every write in the tree, so the snapshot's blocks are in its pages.
+    let s = open(store.clone(), "e", CasConfig { delta_entries: 0, ..CasConfig::default() });
     s.write_block(BlockId(0), &block(1)).unwrap();
     s.write_block(BlockId(5000), &block(2)).unwrap();
     s.flush().unwrap();
@@ -314,8 +315,12 @@ fn gc_under_load(load: &Load, rules: Rules, shared: bool, seed: u64) -> LoadOutc
             })
             .unwrap()
     };
-    let config =
-        CasConfig { refresh_uncommitted_after: load.writer_refresh, max_dirty_pages: 2, ..CasConfig::default() };
+    let config = CasConfig {
+        refresh_uncommitted_after: load.writer_refresh,
+        max_dirty_pages: 2,
+        delta_entries: 4,
+        ..CasConfig::default()
+    };
     let (writes_per_flush, pause, run_for, retries) = (load.writes_per_flush, load.pause, load.run_for, load.retries);
     let retried = Arc::new(AtomicU64::new(0));
     let writers: Vec<_> = (0..3u64)
