@@ -58,10 +58,10 @@ pub fn export_diff(
                     ),
                 ));
             }
-            Side::new(version.to_string(), root)
+            Side { name: version.to_string(), root }
         }
     };
-    let to_side = Side::new(to.to_string(), to_reader.committed_root());
+    let to_side = Side { name: to.to_string(), root: to_reader.committed_root() };
     stream::write_stream(&*objects, from, to_side, to_geometry.size(), &to_reader, out, progress)
 }
 

@@ -5,14 +5,16 @@
 //! and the delta, and a diff reads only the pages where the two trees differ, since equal hashes
 //! mean equal subtrees, and the pages on the paths of the blocks in either delta.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
+use std::sync::Arc;
 
 use super::format::{
     head_key, page_span, snapshot_key, snapshot_prefix, Entry, Hash, Head, Page, Root, SnapshotRecord, FANOUT_BITS,
     MAX_RECORD_BYTES,
 };
 use super::gc::UploadGate;
+use super::map::{Step, WorkingMap};
 use super::{fetch_page, read_head};
 use crate::storage::objects::{ObjectStore, Put};
 use crate::storage::BlockId;
@@ -129,6 +131,28 @@ pub fn clone_writer(export: &ExportName, snap: &ExportName) -> String {
 /// Store failures; a head that fails its checks.
 pub fn head_root(store: &dyn ObjectStore, export: &ExportName) -> Result<Root> {
     Ok(read_head(store, export)?.map_or(Root::EMPTY, |(head, _)| head.root))
+}
+
+/// The tree `root` would be with its delta folded in, without its delta: what names a map whatever
+/// share of it sits in its delta (a diff stream's sides, checked against an import's target).
+/// Reads the pages on the delta's paths and stores nothing; memory, those pages changed (at most
+/// a leaf and its ancestors per delta entry, 36 KiB a page at worst).
+///
+/// # Errors
+/// Store failures; pages that fail their checks.
+pub fn folded(store: &dyn ObjectStore, root: &Root) -> Result<Root> {
+    let mut map = WorkingMap::new(root);
+    let mut clean: HashMap<Hash, Arc<Page>> = HashMap::new();
+    for (id, chunk) in root.delta.entries() {
+        while let Step::Need(hash, level) = map.set(BlockId(id), chunk, &mut |h| clean.get(h).cloned()) {
+            clean.insert(hash, Arc::new(fetch_page(store, &hash, level)?));
+        }
+        // The pages a set needs are copied into the changed ones: only the upper levels are
+        // needed again.
+        clean.retain(|_, page| page.level > 0);
+    }
+    map.freeze();
+    Ok(map.base)
 }
 
 /// A subtree of a map: a page at a level, or nothing (all holes). A map shallower than the

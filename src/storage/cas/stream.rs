@@ -1,4 +1,4 @@
-//! Diff streams, versions 1 and 2 (docs/DIFF-STREAM.md): the blocks that changed
+//! Diff streams, version 1 (docs/DIFF-STREAM.md): the blocks that changed
 //! between two maps of the `cas` layout, with their bytes, as one byte stream that another export
 //! (in this bucket or another) applies atomically.
 //!
@@ -33,13 +33,8 @@ use crate::storage::objects::ObjectStore;
 use crate::storage::{BlockBuf, BlockId, Storage};
 use crate::{Error, ExportName, Result};
 
-/// The diff stream version this binary writes where a side's map has a delta: its header names
-/// the delta (`from-delta=`, `to-delta=`), which a version-1 reader would ignore and so take a
-/// tree alike but for its delta for the base.
-pub const STREAM_VERSION: u32 = 2;
-
-/// The version written where neither side has a delta, so older readers still read it.
-pub const STREAM_VERSION_NO_DELTA: u32 = 1;
+/// The diff stream version this binary writes and reads.
+pub const STREAM_VERSION: u32 = 1;
 
 /// The first bytes of every diff stream.
 const MAGIC: &[u8; 8] = b"NBDS3DIF";
@@ -67,44 +62,36 @@ fn batch_blocks(block_size: usize) -> usize {
     (BATCH_BYTES / block_size).clamp(1, PARALLEL_BLOCKS * 4)
 }
 
-/// One end of a diff: what the user called it, and the map it names.
+/// One end of a diff: what the user called it, and the map it names. In a stream's header, the
+/// map is named by its tree with its delta folded in ([`ops::folded`]), so that two maps holding
+/// the same blocks match however much of them sits in a delta.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Side {
     /// `EXPORT@SNAP`, `EXPORT`, or `-` for the empty device a full export starts from; for the
     /// reader's messages only.
     pub name: String,
-    /// The map; read from a stream, its tree only (the header names the delta by `delta`).
+    /// The map.
     pub root: Root,
-    /// The hash of the map's delta ([`Delta::digest`]), `None` for none.
-    pub delta: Option<Hash>,
 }
 
 impl Side {
-    /// The side called `name` whose map is `root`.
-    pub fn new(name: impl Into<String>, root: Root) -> Self {
-        let delta = root.delta.digest();
-        Side { name: name.into(), root, delta }
-    }
-
     /// The empty device: a diff from it is a full export.
     pub fn empty() -> Self {
-        Side::new("-", Root::EMPTY)
+        Side { name: "-".into(), root: Root::EMPTY }
     }
 
-    /// Whether `root` holds the same content as this side's map (equal top pages are equal
-    /// trees; a page's hash covers its level, so the depth follows; and equal deltas).
+    /// Whether `root` holds the same content as this side's map, both folded (equal top pages
+    /// are equal trees; a page's hash covers its level, so the depth follows).
     pub fn matches(&self, root: &Root) -> bool {
-        self.root.page == root.page && self.delta == root.delta.digest()
+        self.root.page == root.page
     }
 }
 
 impl fmt::Display for Side {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match (&self.root.page, &self.delta) {
-            (Some(page), None) => write!(f, "{} (map {page})", self.name),
-            (Some(page), Some(delta)) => write!(f, "{} (map {page}, delta {delta})", self.name),
-            (None, Some(delta)) => write!(f, "{} (an empty tree, delta {delta})", self.name),
-            (None, None) => write!(f, "{} (an empty map)", self.name),
+        match &self.root.page {
+            Some(page) => write!(f, "{} (map {page})", self.name),
+            None => write!(f, "{} (an empty map)", self.name),
         }
     }
 }
@@ -167,13 +154,13 @@ pub fn write_stream(
         })
         .collect();
     let total = runs.iter().map(|r| r.blocks).sum();
+    let (from, to) =
+        (Side { root: ops::folded(store, &from.root)?, ..from }, Side { root: ops::folded(store, &to.root)?, ..to });
     let header = StreamHeader { block_size: reader.block_size(), device_size, from, to, blocks: total };
     let mut out = Hashing::new(out);
     let mut summary = StreamSummary::default();
     out.put(MAGIC)?;
-    let version =
-        if header.from.delta.is_none() && header.to.delta.is_none() { STREAM_VERSION_NO_DELTA } else { STREAM_VERSION };
-    out.put(&version.to_le_bytes())?;
+    out.put(&STREAM_VERSION.to_le_bytes())?;
     let text = header_text(&header);
     out.put(&(text.len() as u32).to_le_bytes())?;
     out.put(text.as_bytes())?;
@@ -216,46 +203,41 @@ pub fn write_stream(
     Ok(summary)
 }
 
-/// The header's text: `key=value` lines, unknown keys ignored by readers; `from-delta=` and
-/// `to-delta=` only where a side has a delta (version 2).
+/// The header's text: `key=value` lines, unknown keys ignored by readers.
 fn header_text(header: &StreamHeader) -> String {
-    let hash = |h: Option<Hash>| h.map_or_else(|| "none".to_string(), |h| h.to_string());
-    let mut text = format!(
+    let root = |r: &Root| r.page.map_or_else(|| "none".to_string(), |h| h.to_string());
+    format!(
         "block-size={}\ndevice-size={}\nblocks={}\nfrom={}\nfrom-root={}\nfrom-depth={}\nto={}\nto-root={}\nto-depth={}\n",
         header.block_size,
         header.device_size,
         header.blocks,
         header.from.name,
-        hash(header.from.root.page),
+        root(&header.from.root),
         header.from.root.depth,
         header.to.name,
-        hash(header.to.root.page),
+        root(&header.to.root),
         header.to.root.depth,
-    );
-    if header.from.delta.is_some() || header.to.delta.is_some() {
-        text.push_str(&format!("from-delta={}\nto-delta={}\n", hash(header.from.delta), hash(header.to.delta)));
-    }
-    text
+    )
 }
 
-/// Parses the text of a header of stream version `version`.
-fn parse_header(text: &str, version: u32, at: u64) -> Result<StreamHeader> {
+/// Parses a header's text.
+fn parse_header(text: &str, at: u64) -> Result<StreamHeader> {
     let fields: BTreeMap<&str, &str> = text.lines().filter_map(|l| l.split_once('=')).collect();
     let field = |key: &str| fields.get(key).copied().ok_or_else(|| bad(at, format!("the header has no {key}=")));
     let number =
         |key: &str| field(key)?.parse::<u64>().map_err(|_| bad(at, format!("the header's {key}= is not a number")));
-    let hash = |key: &str| match field(key)? {
-        "none" => Ok(None),
-        hex => Hash::parse_hex(hex).map(Some).ok_or_else(|| bad(at, format!("the header's {key}= is not a hash"))),
-    };
     let side = |which: &str| -> Result<Side> {
-        let page = hash(&format!("{which}-root"))?;
-        let delta = if version == STREAM_VERSION_NO_DELTA { None } else { hash(&format!("{which}-delta"))? };
+        let page = match field(&format!("{which}-root"))? {
+            "none" => None,
+            hex => {
+                Some(Hash::parse_hex(hex).ok_or_else(|| bad(at, format!("the header's {which}-root= is not a hash")))?)
+            }
+        };
         let depth = u8::try_from(number(&format!("{which}-depth"))?)
             .ok()
             .filter(|d| (1..=MAX_DEPTH).contains(d))
             .ok_or_else(|| bad(at, format!("the header's {which}-depth= is out of range")))?;
-        Ok(Side { name: field(which)?.to_string(), root: Root::tree(page, depth), delta })
+        Ok(Side { name: field(which)?.to_string(), root: Root::tree(page, depth) })
     };
     let block_size = usize::try_from(number("block-size")?)
         .ok()
@@ -280,11 +262,11 @@ pub fn read_header(input: &mut StreamReader<'_>) -> Result<StreamHeader> {
         return Err(bad(0, "this is not an nbds3 diff stream (it does not start with NBDS3DIF)"));
     }
     let version = u32::from_le_bytes(input.array("the header")?);
-    if version != STREAM_VERSION && version != STREAM_VERSION_NO_DELTA {
+    if version != STREAM_VERSION {
         return Err(bad(
             8,
             format!(
-                "diff stream version {version}, but this nbds3 ({}) reads versions {STREAM_VERSION_NO_DELTA} and {STREAM_VERSION}: use a newer nbds3 to import it",
+                "diff stream version {version}, but this nbds3 ({}) reads version {STREAM_VERSION}: use a newer nbds3 to import it",
                 env!("CARGO_PKG_VERSION")
             ),
         ));
@@ -296,7 +278,7 @@ pub fn read_header(input: &mut StreamReader<'_>) -> Result<StreamHeader> {
     let mut text = vec![0; len as usize];
     input.take(&mut text, "the header")?;
     let text = String::from_utf8(text).map_err(|_| bad(16, "the header is not text (corrupt)"))?;
-    parse_header(&text, version, 16)
+    parse_header(&text, 16)
 }
 
 /// Applies the records following `header` in `input` to `target`, then, once the end record's
@@ -419,7 +401,7 @@ pub fn apply_to_export(
     force: bool,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<StreamSummary> {
-    let target = CasStorage::open(store, export, block_size, config)?;
+    let target = CasStorage::open(store.clone(), export, block_size, config)?;
     let unchanged = |e| match e {
         Error::Config { key, message } => {
             Error::Config { key, message: format!("{message}; export {export} is unchanged") }
@@ -431,17 +413,17 @@ pub fn apply_to_export(
     };
     let mut input = StreamReader::new(input);
     let header = read_header(&mut input).map_err(unchanged)?;
-    check_base(&header, export, &target, block_size, device_size, force).map_err(unchanged)?;
+    check_base(&*store, &header, export, &target, (block_size, device_size), force).map_err(unchanged)?;
     apply_stream(&mut input, &header, &target, progress).map_err(unchanged)
 }
 
 /// Refuses a stream that does not fit `target` (see [`apply_to_export`]).
 fn check_base(
+    store: &dyn ObjectStore,
     header: &StreamHeader,
     export: &ExportName,
     target: &CasStorage,
-    block_size: usize,
-    device_size: u64,
+    (block_size, device_size): (usize, u64),
     force: bool,
 ) -> Result<()> {
     let refuse = |what: String| Err(Error::config("import-diff", what));
@@ -457,7 +439,7 @@ fn check_base(
             header.device_size, header.device_size
         ));
     }
-    let current = target.committed_root();
+    let current = ops::folded(store, &target.committed_root())?;
     if !force && !header.from.matches(&current) {
         let already = if header.to.matches(&current) { ", it already holds its result" } else { "" };
         return refuse(format!(
