@@ -11,7 +11,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::super::format::{head_key, Page};
-use super::super::{ops, CasConfig, CasStorage};
+use super::super::{ops, CasConfig, CasStorage, DEFAULT_DELTA_ENTRIES};
 use super::*;
 use crate::storage::objects::faulty::{FaultyObjects, Request};
 use crate::storage::objects::MemoryObjects;
@@ -204,9 +204,17 @@ fn young_uploads_are_kept_and_short_grace_periods_refused() {
 /// before they are that old, so a GC between the write and the FLUSH keeps them.
 #[test]
 fn a_writer_refreshes_uploads_it_keeps_uncommitted() {
+    // Its uploads in the tree's pages (no delta) and in the delta.
+    for delta_entries in [0, DEFAULT_DELTA_ENTRIES] {
+        writer_refreshes_uploads(delta_entries);
+    }
+}
+
+fn writer_refreshes_uploads(delta_entries: usize) {
     let _permits = short_permits();
     let store = Arc::new(MemoryObjects::default());
-    let config = CasConfig { refresh_uncommitted_after: Duration::from_millis(20), ..CasConfig::default() };
+    let config =
+        CasConfig { refresh_uncommitted_after: Duration::from_millis(20), delta_entries, ..CasConfig::default() };
     let s = open(store.clone(), "e", config);
     s.write_block(BlockId(1), &block(1)).unwrap();
     std::thread::sleep(Duration::from_millis(60));
