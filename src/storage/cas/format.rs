@@ -280,8 +280,9 @@ impl Delta {
     }
 
     /// Parses [`encode`](Self::encode)'s text, refusing entries out of order, repeated,
-    /// malformed, at or past block `blocks`, or more than [`MAX_DELTA_ENTRIES`]; the error says
-    /// which.
+    /// malformed, chunks at or past block `blocks`, or more than [`MAX_DELTA_ENTRIES`]; the error
+    /// says which. A hole past the end is kept: a shrink deletes the blocks past its new end, and
+    /// a snapshot taken before the next fold records those deletions.
     pub fn decode(text: &str, blocks: u64) -> std::result::Result<Self, String> {
         let mut entries = BTreeMap::new();
         for (i, item) in text.split(' ').filter(|t| !t.is_empty()).enumerate() {
@@ -301,8 +302,8 @@ impl Delta {
             if entries.last_key_value().is_some_and(|(&last, _)| last >= id) {
                 return Err(format!("entry {i} (block {id}) is out of order or repeated"));
             }
-            if id >= blocks {
-                return Err(format!("entry {i} (block {id}) is past the device's {blocks} blocks"));
+            if id >= blocks && chunk.is_some() {
+                return Err(format!("entry {i} maps block {id}, past the device's {blocks} blocks"));
             }
             entries.insert(id, chunk);
         }
@@ -678,8 +679,11 @@ mod tests {
                 .unwrap_err()
                 .to_string()
         };
-        let e = snap_err("0000000000000010:zero".into());
-        assert!(e.contains("cas/snapshots/e/a: its delta: entry 0 (block 16) is past the device's 16 blocks"), "{e}");
+        let e = snap_err(format!("0000000000000010:{chunk}"));
+        assert!(e.contains("cas/snapshots/e/a: its delta: entry 0 maps block 16, past the device's 16 blocks"), "{e}");
+        let shrunk = with_delta(SNAPSHOT_MAGIC, "0000000000000010:zero".into());
+        let shrunk = SnapshotRecord::decode(&"s", "k", &shrunk).unwrap();
+        assert_eq!(shrunk.root.delta.get(16), Some(None), "a hole past the end, as a shrink leaves, is kept");
         let last = with_delta(SNAPSHOT_MAGIC, "000000000000000f:zero".into());
         assert_eq!(SnapshotRecord::decode(&"s", "k", &last).unwrap().root.delta.get(15), Some(None));
         let missing = record(
