@@ -60,6 +60,8 @@ pub struct CasConfig {
     /// Blocks changed since the last fold kept in the overlay (and committed as the head's
     /// delta, about 82 bytes each) before they are folded into the tree's pages; at most
     /// [`MAX_DELTA_ENTRIES`] / 2. With 0, every write goes to the tree, as in format version 1.
+    /// Writes racing a fold may take the overlay up to twice this, never a commit's delta
+    /// (a FLUSH folds first).
     pub delta_entries: usize,
     /// Open for writing even where the store cannot make conditional writes, so that a second
     /// writer would not be fenced (the operator's opt-in).
@@ -346,18 +348,26 @@ impl CasStorage {
     }
 
     /// Makes block `id` point at `chunk` (or a hole) in the overlay, folding it into the tree
-    /// once it holds more than `delta_entries` blocks.
+    /// once it holds more than `delta_entries` blocks. Only the write that finds no fold or
+    /// flush under way folds; the others go on, unless the overlay has grown to twice its limit
+    /// meanwhile, so a fold's page uploads stall no write but a runaway one, and memory stays
+    /// bounded.
     fn set(&self, id: BlockId, chunk: Option<Hash>) -> Result<()> {
         let len = {
             let mut st = lock(&self.state);
             st.overlay.insert(id.0, chunk);
             st.overlay.len()
         };
-        if len > self.config.delta_entries {
-            let _flushing = lock(&self.flushing);
-            self.fold_if_full()?;
+        if len <= self.config.delta_entries {
+            return Ok(());
         }
-        Ok(())
+        let _flushing = match self.flushing.try_lock() {
+            Ok(held) => held,
+            Err(std::sync::TryLockError::Poisoned(held)) => held.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) if len <= 2 * self.config.delta_entries.max(1) => return Ok(()),
+            Err(std::sync::TryLockError::WouldBlock) => lock(&self.flushing),
+        };
+        self.fold_if_full()
     }
 
     /// With `flushing` held: folds the overlay into the tree if it holds more than
