@@ -49,7 +49,7 @@ impl Bucket {
     fn create(&self, export: &str, block_size: usize) -> CasStorage {
         let geometry = Geometry::new(DEVICE, block_size).unwrap();
         ExportRecord { geometry, layout: Layout::Cas }.write(&*self.backend, &name(export)).unwrap();
-        CasStorage::open(self.objects.clone(), &name(export), block_size, CasConfig::default()).unwrap()
+        CasStorage::open(self.objects.clone(), &name(export), block_size, config()).unwrap()
     }
 
     fn snapshot(&self, export: &str, snap: &str) {
@@ -66,7 +66,7 @@ impl Bucket {
 
     fn import(&self, target: &str, stream: &[u8], force: bool) -> Result<StreamSummary> {
         let objects = self.objects.clone();
-        let options = ImportOptions { force, lease: Some(LEASE), ..ImportOptions::default() };
+        let options = ImportOptions { force, lease: Some(LEASE), cas: config() };
         import_diff(&self.backend, objects, &name(target), &mut &stream[..], options, &mut |_, _| {})
     }
 }
@@ -77,8 +77,13 @@ const LEASE: LeaseConfig = LeaseConfig {
     request_timeout: std::time::Duration::from_secs(30),
 };
 
+/// Writers whose deltas fold every 50 blocks, so streams go between maps that mix tree and delta.
+fn config() -> CasConfig {
+    CasConfig { delta_entries: 50, ..CasConfig::default() }
+}
+
 fn open(store: &Arc<dyn ObjectStore>, export: &str) -> CasStorage {
-    CasStorage::open(store.clone(), &name(export), BS, CasConfig::default()).unwrap()
+    CasStorage::open(store.clone(), &name(export), BS, config()).unwrap()
 }
 
 /// Every block of `s`, zeros for holes.
