@@ -642,6 +642,9 @@ impl Storage for CasStorage {
     }
 
     fn list_blocks_in(&self, range: std::ops::Range<u64>) -> Result<Vec<BlockId>> {
+        if range.is_empty() {
+            return Ok(Vec::new());
+        }
         // A copy of the working map (its changed pages and overlay are bounded), so no lock is
         // held while pages are read.
         let (map, overlay) = {
