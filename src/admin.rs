@@ -6,8 +6,8 @@ use std::sync::Arc;
 use crate::export_record::{ExportRecord, Layout};
 use crate::lease::{Lease, LeaseConfig, LeaseHolder};
 use crate::storage::cas::format::{head_key, snapshot_key};
-use crate::storage::cas::ops;
 use crate::storage::cas::usage::{MapWalk, StoredObjects};
+use crate::storage::cas::{ops, CasConfig};
 use crate::storage::{Backend, BlockId, Storage};
 use crate::{Error, ExportName, Geometry, Result};
 
@@ -69,7 +69,10 @@ fn describe(backend: &dyn Backend, name: &ExportName, walk: &mut MapWalk) -> Res
             let objects = backend.objects();
             walk.add(&*objects, &ops::head_root(&*objects, name)?)?
         }
-        Layout::Plain => record.open_storage(backend, name, true)?.list_blocks()?.len() as u64,
+        Layout::Plain => record
+            .open_storage(backend, name, CasConfig { allow_unconditional: true, ..CasConfig::default() })?
+            .list_blocks()?
+            .len() as u64,
     };
     let lease = LeaseHolder::read(backend, name)?;
     Ok(ExportInfo { name: name.clone(), geometry, layout, stored_blocks, lease })
@@ -270,7 +273,7 @@ fn under_lease(
     work: impl FnOnce(&dyn Storage, Layout) -> Result<u64>,
 ) -> Result<u64> {
     let ExportInfo { geometry, layout, .. } = info(&**backend, name)?;
-    let storage = ExportRecord { geometry, layout }.open_storage(&**backend, name, false)?;
+    let storage = ExportRecord { geometry, layout }.open_storage(&**backend, name, CasConfig::default())?;
     let lease = lease.map(|config| Lease::new(backend.clone(), name.clone(), config));
     if let Some(lease) = &lease {
         lease.hold()?;
@@ -320,14 +323,14 @@ mod tests {
         let (dev, snap) = (ExportName::new("dev").unwrap(), ExportName::new("s1").unwrap());
         let read = |name: &ExportName| {
             let record = ExportRecord::read(&*backend, name).unwrap().unwrap();
-            let storage = record.open_storage(&*backend, name, false).unwrap();
+            let storage = record.open_storage(&*backend, name, CasConfig::default()).unwrap();
             let mut buf = crate::storage::BlockBuf::zeroed(4096);
             storage.read_block(BlockId(3), &mut buf).unwrap();
             buf[0]
         };
         create(&*backend, &dev, 1 << 20, 4096, Layout::Cas).unwrap();
         let record = ExportRecord::read(&*backend, &dev).unwrap().unwrap();
-        let storage = record.open_storage(&*backend, &dev, false).unwrap();
+        let storage = record.open_storage(&*backend, &dev, CasConfig::default()).unwrap();
         for i in 0..5 {
             storage.write_block(BlockId(i), &[7; 4096]).unwrap();
         }
@@ -355,8 +358,11 @@ mod tests {
 
         // A head whose record is gone (a clone or delete interrupted between them) keeps the name
         // from a new export, which would serve the head's blocks, until it is cleared.
-        let storage =
-            ExportRecord::read(&*backend, &dev).unwrap().unwrap().open_storage(&*backend, &dev, false).unwrap();
+        let storage = ExportRecord::read(&*backend, &dev)
+            .unwrap()
+            .unwrap()
+            .open_storage(&*backend, &dev, CasConfig::default())
+            .unwrap();
         storage.write_block(BlockId(3), &[9; 4096]).unwrap();
         storage.flush().unwrap();
         drop(storage);

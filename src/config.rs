@@ -12,6 +12,8 @@ use crate::export_name::ExportName;
 use crate::export_record::Layout;
 use crate::lease::LeaseConfig;
 use crate::stats_file::StatsFormat;
+use crate::storage::cas::format::MAX_DELTA_ENTRIES;
+use crate::storage::cas::{CasConfig, DEFAULT_DELTA_ENTRIES};
 use crate::storage::{S3Config, Secret};
 use crate::volume::{VolumeConfig, DEFAULT_BLOCK_SIZE};
 use crate::{Error, Result};
@@ -38,6 +40,7 @@ pub enum ConfigKey {
     Create,
     Layout,
     CasUnconditional,
+    CasDeltaEntries,
     CacheSize,
     MaxDirty,
     Dir,
@@ -60,7 +63,7 @@ pub enum ConfigKey {
 
 impl ConfigKey {
     /// Every key, in the order `--help` lists them.
-    pub const ALL: [ConfigKey; 25] = [
+    pub const ALL: [ConfigKey; 26] = [
         ConfigKey::Storage,
         ConfigKey::Export,
         ConfigKey::Size,
@@ -68,6 +71,7 @@ impl ConfigKey {
         ConfigKey::Create,
         ConfigKey::Layout,
         ConfigKey::CasUnconditional,
+        ConfigKey::CasDeltaEntries,
         ConfigKey::CacheSize,
         ConfigKey::MaxDirty,
         ConfigKey::Dir,
@@ -128,6 +132,11 @@ impl ConfigKey {
                 "cas-unconditional",
                 "BOOL",
                 "Write cas exports even on a server that ignores conditional writes (Garage): a second writer is then not fenced and can silently undo the other's commits (default false).",
+            ),
+            ConfigKey::CasDeltaEntries => (
+                "cas-delta-entries",
+                "N",
+                "Blocks a cas writer keeps in its head's delta before folding them into the map's pages: more makes FLUSHes of scattered writes cost fewer requests and each head 82 bytes a block larger (default 1024, at most 8192; 0 puts every write in the map's pages).",
             ),
             ConfigKey::CacheSize => ("cache-size", "SIZE", "Memory for clean cached blocks per export (default 256M)."),
             ConfigKey::MaxDirty => (
@@ -227,6 +236,8 @@ pub struct Config {
     pub layout: Option<Layout>,
     /// Write `cas` exports on a store without conditional writes.
     pub cas_unconditional: bool,
+    /// Blocks a `cas` writer keeps in its delta before folding them into the map.
+    pub cas_delta_entries: usize,
     /// Bytes of clean cache per export.
     pub cache_size: u64,
     /// Bytes of dirty data per export before early write-back.
@@ -261,6 +272,7 @@ impl Default for Config {
             create: CreatePolicy::DefaultExport,
             layout: None,
             cas_unconditional: false,
+            cas_delta_entries: DEFAULT_DELTA_ENTRIES,
             cache_size: 256 << 20,
             max_dirty: 64 << 20,
             dir: None,
@@ -315,6 +327,15 @@ impl Config {
             }
             ConfigKey::Layout => self.layout = Some(Layout::parse(value)?),
             ConfigKey::CasUnconditional => self.cas_unconditional = parse_bool(name, value)?,
+            ConfigKey::CasDeltaEntries => {
+                self.cas_delta_entries =
+                    value.parse().ok().filter(|&n| n <= MAX_DELTA_ENTRIES / 2).ok_or_else(|| {
+                        Error::config(
+                            name,
+                            format!("{value:?} is not a number of blocks from 0 to {}", MAX_DELTA_ENTRIES / 2),
+                        )
+                    })?
+            }
             ConfigKey::CacheSize => self.cache_size = parse_size(name, value)?,
             ConfigKey::MaxDirty => self.max_dirty = parse_size(name, value)?,
             ConfigKey::Dir => self.dir = Some(non_empty(name, value)?.into()),
@@ -418,6 +439,12 @@ impl Config {
     pub fn lease_config(&self) -> Option<LeaseConfig> {
         let time = self.lease_time.filter(|_| self.storage_kind() != StorageKind::Memory)?;
         Some(LeaseConfig { time, takeover: self.lease_takeover, request_timeout: self.s3.timeout })
+    }
+
+    /// How `cas` exports are written; `allow_unconditional` where the store's missing conditional
+    /// writes are accepted.
+    pub fn cas_config(&self, allow_unconditional: bool) -> CasConfig {
+        CasConfig { allow_unconditional, delta_entries: self.cas_delta_entries, ..CasConfig::default() }
     }
 
     /// How the volumes cache and write back.
@@ -551,6 +578,14 @@ mod tests {
     }
 
     #[test]
+    fn cas_writers_take_their_delta_size() {
+        let c = configure(&[("bucket", "b")]).unwrap();
+        assert_eq!(c.cas_config(false).delta_entries, 1024);
+        let c = configure(&[("bucket", "b"), ("cas-delta-entries", "8")]).unwrap();
+        assert_eq!((c.cas_config(true).delta_entries, c.cas_config(true).allow_unconditional), (8, true));
+    }
+
+    #[test]
     fn leases_guard_shared_storage_only() {
         let c = configure(&[("bucket", "b")]).unwrap();
         assert_eq!(c.lease_config().map(|l| l.time), Some(Duration::from_secs(60)));
@@ -584,6 +619,10 @@ mod tests {
             (&[("bucket", "b"), ("lease-time", "-1")], "lease-time: \"-1\" is not allowed"),
             (&[("bucket", "b"), ("lease-time", "59")], "lease-time: 59 s is less than twice s3-timeout (30 s)"),
             (&[("bucket", "b"), ("lease-takeover", "please")], "lease-takeover: \"please\" is not a boolean"),
+            (
+                &[("bucket", "b"), ("cas-delta-entries", "8193")],
+                "cas-delta-entries: \"8193\" is not a number of blocks from 0 to 8192",
+            ),
             (
                 &[("bucket", "b"), ("stats-format", "json")],
                 "stats-format: \"json\" is not a format: use text or prometheus",

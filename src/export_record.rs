@@ -177,24 +177,16 @@ impl ExportRecord {
     }
 
     /// The blocks of `export`, stored as this record's layout says: the one place a layout
-    /// chooses the store under the cache. `cas_unconditional` lets a `cas` export be written on a
-    /// server that ignores conditional writes (nbdkit's `cas-unconditional=`).
+    /// chooses the store under the cache. `cas` says how a `cas` export is written (on a server
+    /// that ignores conditional writes with nbdkit's `cas-unconditional=`).
     ///
     /// # Errors
     /// Backend failures, and a `cas` export refused for writing on such a server.
-    pub fn open_storage(
-        &self,
-        backend: &dyn Backend,
-        export: &ExportName,
-        cas_unconditional: bool,
-    ) -> Result<Arc<dyn Storage>> {
+    pub fn open_storage(&self, backend: &dyn Backend, export: &ExportName, cas: CasConfig) -> Result<Arc<dyn Storage>> {
         let block_size = self.geometry.block_size();
         match self.layout {
             Layout::Plain => backend.open(export, block_size),
-            Layout::Cas => {
-                let cas = CasConfig { allow_unconditional: cas_unconditional, ..CasConfig::default() };
-                Ok(Arc::new(CasStorage::open(backend.objects(), export, block_size, cas)?))
-            }
+            Layout::Cas => Ok(Arc::new(CasStorage::open(backend.objects(), export, block_size, cas)?)),
         }
     }
 

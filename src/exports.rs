@@ -280,7 +280,7 @@ impl Exports {
             _ => None,
         };
         let unconditional = self.config.cas_unconditional || write_refusal.is_some();
-        let mut storage = record.open_storage(&**backend, name, unconditional)?;
+        let mut storage = record.open_storage(&**backend, name, self.config.cas_config(unconditional))?;
         log::info!("export {name}: {} bytes in {}-byte blocks on {storage}", geometry.size(), geometry.block_size());
         let lease = self.config.lease_config().map(|c| Lease::new(backend.clone(), name.clone(), c));
         if let Some(lease) = &lease {

@@ -134,6 +134,8 @@ fn run_until_killed(
     let config = CasConfig {
         cached_pages: rng.random_range(1..8),
         max_dirty_pages: rng.random_range(1..6),
+        // Tiny deltas, so writes land in the delta and folds into the tree happen all the time.
+        delta_entries: rng.random_range(0..8),
         ..CasConfig::default()
     };
     let Ok(s) = CasStorage::open(dying, export, BS, config) else { return vec![] };

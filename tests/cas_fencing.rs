@@ -24,6 +24,11 @@ struct Outcome {
     fenced: bool,
 }
 
+/// A delta smaller than a round's writes, so each round both folds and commits a delta.
+fn small_delta() -> CasConfig {
+    CasConfig { delta_entries: 3, ..CasConfig::default() }
+}
+
 fn write_round(s: &CasStorage, writer: u8, round: u8) -> nbds3::Result<()> {
     for id in 0..BLOCKS {
         s.write_block(BlockId(id * 997), &vec![writer * 100 + round; BS])?;
@@ -50,7 +55,7 @@ fn race(connect: Connect<'_>, export: &ExportName, rounds: u8, late_opener: bool
                     if second {
                         barrier.wait();
                     }
-                    let s = CasStorage::open(connect(), export, BS, CasConfig::default()).expect("open");
+                    let s = CasStorage::open(connect(), export, BS, small_delta()).expect("open");
                     let mut outcome = Outcome { writer, last_flushed_round: None, fenced: false };
                     if late_opener && writer == 1 {
                         write_round(&s, writer, 1).expect("the first writer's first round, alone");
@@ -84,7 +89,7 @@ fn check(connect: Connect<'_>, export: &ExportName, rounds: u8, outcomes: &[Outc
     assert_eq!(fenced, 1, "exactly one writer loses each race: {outcomes:?}");
     let winner = outcomes.iter().find(|o| !o.fenced).expect("a winner");
     assert_eq!(winner.last_flushed_round, Some(rounds), "{outcomes:?}");
-    let s = CasStorage::open(connect(), export, BS, CasConfig::default()).expect("open");
+    let s = CasStorage::open(connect(), export, BS, small_delta()).expect("open");
     let expected = winner.writer * 100 + rounds;
     for id in 0..BLOCKS {
         let mut buf = BlockBuf::zeroed(BS);
@@ -107,7 +112,7 @@ fn races<'a>(label: &str, late_opener: bool, count: u32, rounds: u8, new_store: 
         let connect = new_store();
         let export = ExportName::new(&format!("{label}{round}")).unwrap();
         if round % 2 == 1 {
-            let earlier = CasStorage::open(connect(), &export, BS, CasConfig::default()).expect("open");
+            let earlier = CasStorage::open(connect(), &export, BS, small_delta()).expect("open");
             write_round(&earlier, 0, 1).expect("an earlier writer's round");
         }
         check(&*connect, &export, rounds, &race(&*connect, &export, rounds, late_opener));

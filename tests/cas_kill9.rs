@@ -145,6 +145,8 @@ fn kill_9_leaves_a_cas_export_at_a_flush() {
         // Write-back runs between FLUSHes, so a kill finds chunks and pages uploaded that no
         // commit names yet.
         "max-dirty=64K".into(),
+        // A tiny delta, so commits carry a delta and folds store pages between FLUSHes too.
+        "cas-delta-entries=8".into(),
     ]);
     let work = tempfile::tempdir().unwrap();
     let mut rng = StdRng::seed_from_u64(u64::from(std::process::id()));

@@ -16,7 +16,6 @@ use nbds3::snapshots::{self, Version};
 use nbds3::storage::cas::gc::{self, GcOptions, GcPhase, GcReport};
 use nbds3::storage::cas::ops::Change;
 use nbds3::storage::cas::stream::StreamSummary;
-use nbds3::storage::cas::CasConfig;
 use nbds3::storage::Backend;
 use nbds3::{admin, diff_stream, Error, ExportName};
 
@@ -531,7 +530,7 @@ fn run(args: &[String]) -> Result<(), Failure> {
         }
         "export-diff" => export_diff(&*backend, &args)?,
         "import-diff" => {
-            let cas = CasConfig { allow_unconditional: config.cas_unconditional, ..CasConfig::default() };
+            let cas = config.cas_config(config.cas_unconditional);
             let options = ImportOptions { force: args.switch("--force"), lease: config.lease_config(), cas };
             import_diff(&backend, &args, options)?
         }

@@ -1,5 +1,6 @@
-//! The `cas` layout's stored format, version 1 (docs/CAS-FORMAT.md): object keys, map pages,
-//! heads and snapshot records, encoded and checked here and nowhere else.
+//! The `cas` layout's stored format (docs/CAS-FORMAT.md): object keys, map pages (version 1),
+//! heads and snapshot records (version 2, which adds the delta; version 1 still read), encoded and
+//! checked here and nowhere else.
 //!
 //! Every object is checked when it is read: chunks and pages against the BLAKE3 hash that names
 //! them, heads and snapshot records against the hash on their last line. An object that is
@@ -8,12 +9,28 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 
 use crate::storage::BlockId;
 use crate::{Error, ExportName, Result};
 
-/// The format version this binary reads and writes, in every page, head and snapshot record.
-pub const FORMAT_VERSION: u32 = 1;
+/// The version of the map pages this binary reads and writes.
+pub const PAGE_VERSION: u32 = 1;
+
+/// The version of the heads and snapshot records this binary writes: 2 carries a delta. It reads
+/// [`RECORD_VERSION_NO_DELTA`] too; older binaries refuse version 2, which they would otherwise
+/// serve without its delta (stale blocks).
+pub const RECORD_VERSION: u32 = 2;
+
+/// The head and snapshot record version before the delta, still read.
+pub const RECORD_VERSION_NO_DELTA: u32 = 1;
+
+/// The most entries a stored delta may have: the reader's limit, above any writer's
+/// `delta_entries` (which a writer exceeds only by the writes that race with its fold).
+pub const MAX_DELTA_ENTRIES: usize = 16384;
+
+/// Bytes of one delta entry in a record: `{16 hex}:{64 hex}` and a separator.
+const DELTA_ENTRY_BYTES: usize = 16 + 1 + 64 + 1;
 
 /// Bits of a block index each map level resolves: a page has up to 1024 entries.
 pub const FANOUT_BITS: u32 = 10;
@@ -33,8 +50,9 @@ const PAGE_HEADER: usize = 4 + 1 + 1 + 2;
 /// The largest page there can be: every slot of the widest entry kind.
 pub const MAX_PAGE_BYTES: usize = PAGE_HEADER + FANOUT * (2 + 1 + 32 + 8 + 4);
 
-/// The largest head or snapshot record read; real ones are a few hundred bytes.
-pub const MAX_RECORD_BYTES: usize = 4096;
+/// The largest head or snapshot record read: a few hundred bytes and the delta, at most
+/// [`MAX_DELTA_ENTRIES`] entries.
+pub const MAX_RECORD_BYTES: usize = 4096 + MAX_DELTA_ENTRIES * DELTA_ENTRY_BYTES;
 
 /// The prefix of every `cas` object.
 pub const CAS_PREFIX: &str = "cas/";
@@ -134,7 +152,7 @@ impl Page {
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(PAGE_HEADER + self.entries.len() * 35);
         out.extend_from_slice(PAGE_MAGIC);
-        out.push(FORMAT_VERSION as u8);
+        out.push(PAGE_VERSION as u8);
         out.push(self.level);
         out.extend_from_slice(&(self.entries.len() as u16).to_le_bytes());
         for (slot, entry) in &self.entries {
@@ -168,9 +186,9 @@ impl Page {
             return Err(bad("not a map page (no NBMP header)".into()));
         }
         let version = u32::from(bytes[4]);
-        if version != FORMAT_VERSION {
+        if version != PAGE_VERSION {
             return Err(bad(format!(
-                "format version {version}, but this nbds3 ({}) reads version {FORMAT_VERSION}: upgrade nbds3",
+                "format version {version}, but this nbds3 ({}) reads version {PAGE_VERSION}: upgrade nbds3",
                 env!("CARGO_PKG_VERSION")
             )));
         }
@@ -187,7 +205,7 @@ impl Page {
             let want = if level == 0 { KIND_CHUNK } else { KIND_PAGE };
             if kind != want {
                 return Err(bad(format!(
-                    "entry {i} has kind {kind}, which a level-{level} page of format {FORMAT_VERSION} cannot hold (a newer nbds3 may have written it)"
+                    "entry {i} has kind {kind}, which a level-{level} page of format {PAGE_VERSION} cannot hold (a newer nbds3 may have written it)"
                 )));
             }
             let (hash, tail) = tail.split_at_checked(32).ok_or_else(|| bad(format!("truncated at entry {i}")))?;
@@ -205,18 +223,126 @@ impl Page {
     }
 }
 
-/// The root of a map: the top page (or none, for an all-zero device) and the number of levels.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The blocks changed since the tree was last updated (the last fold), carried inline in a head
+/// or snapshot record: block index to its chunk, or `None` for a hole over the tree. Sorted by
+/// index; empty is stored as nothing (cheap to clone, an `Arc`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Delta(Option<Arc<BTreeMap<u64, Option<Hash>>>>);
+
+impl Delta {
+    /// No changes over the tree.
+    pub const NONE: Delta = Delta(None);
+
+    /// The delta holding `entries`.
+    pub fn new(entries: BTreeMap<u64, Option<Hash>>) -> Self {
+        Delta((!entries.is_empty()).then(|| Arc::new(entries)))
+    }
+
+    /// What the delta says of block `id`: `Some(Some(chunk))`, `Some(None)` for a hole, `None`
+    /// when the tree decides.
+    pub fn get(&self, id: u64) -> Option<Option<Hash>> {
+        self.0.as_ref().and_then(|m| m.get(&id).copied())
+    }
+
+    /// Its entries, in order of block index.
+    pub fn entries(&self) -> impl Iterator<Item = (u64, Option<Hash>)> + '_ {
+        self.0.iter().flat_map(|m| m.iter().map(|(&id, &chunk)| (id, chunk)))
+    }
+
+    /// How many entries it has.
+    pub fn len(&self) -> usize {
+        self.0.as_ref().map_or(0, |m| m.len())
+    }
+
+    /// Whether it has none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_none()
+    }
+
+    /// The hash of its encoding, naming it in a diff stream's header; `None` when empty.
+    pub fn digest(&self) -> Option<Hash> {
+        (!self.is_empty()).then(|| Hash::of(self.encode().as_bytes()))
+    }
+
+    /// `{index as 16 hex}:{chunk as 64 hex, or zero}` per entry, separated by spaces.
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(self.len() * DELTA_ENTRY_BYTES);
+        for (id, chunk) in self.entries() {
+            if !out.is_empty() {
+                out.push(' ');
+            }
+            match chunk {
+                Some(hash) => out.push_str(&format!("{id:016x}:{hash}")),
+                None => out.push_str(&format!("{id:016x}:zero")),
+            }
+        }
+        out
+    }
+
+    /// Parses [`encode`](Self::encode)'s text, refusing entries out of order, repeated,
+    /// malformed, chunks at or past block `blocks`, or more than [`MAX_DELTA_ENTRIES`]; the error
+    /// says which. A hole past the end is kept: a shrink deletes the blocks past its new end, and
+    /// a snapshot taken before the next fold records those deletions.
+    pub fn decode(text: &str, blocks: u64) -> std::result::Result<Self, String> {
+        let mut entries = BTreeMap::new();
+        for (i, item) in text.split(' ').filter(|t| !t.is_empty()).enumerate() {
+            if i >= MAX_DELTA_ENTRIES {
+                return Err(format!("more than {MAX_DELTA_ENTRIES} entries"));
+            }
+            let parsed = item.split_once(':').and_then(|(id, chunk)| {
+                let id = (id.len() == 16 && id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+                    .then(|| u64::from_str_radix(id, 16).ok())??;
+                let chunk = match chunk {
+                    "zero" => None,
+                    hex => Some(Hash::parse_hex(hex)?),
+                };
+                Some((id, chunk))
+            });
+            let (id, chunk) = parsed.ok_or_else(|| format!("entry {i} ({item:.90}) is malformed"))?;
+            if entries.last_key_value().is_some_and(|(&last, _)| last >= id) {
+                return Err(format!("entry {i} (block {id}) is out of order or repeated"));
+            }
+            if id >= blocks && chunk.is_some() {
+                return Err(format!("entry {i} maps block {id}, past the device's {blocks} blocks"));
+            }
+            entries.insert(id, chunk);
+        }
+        Ok(Delta::new(entries))
+    }
+}
+
+/// An export's map: a radix tree of pages (its top page, or none for all holes, and its number
+/// of levels) with a [`Delta`] over it. A block's chunk is the delta's entry if it has one, else
+/// the tree's.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Root {
-    /// The top page, at level `depth - 1`; `None` when every block is a hole.
+    /// The top page, at level `depth - 1`; `None` when every block of the tree is a hole.
     pub page: Option<Hash>,
     /// Levels of the tree, 1..=MAX_DEPTH: it covers block indexes below `FANOUT^depth`.
     pub depth: u8,
+    /// The blocks changed over the tree.
+    pub delta: Delta,
 }
 
 impl Root {
     /// The map of a device that is all holes.
-    pub const EMPTY: Root = Root { page: None, depth: 1 };
+    pub const EMPTY: Root = Root { page: None, depth: 1, delta: Delta::NONE };
+
+    /// The map that is the tree under `page` of `depth` levels, with no delta.
+    pub const fn tree(page: Option<Hash>, depth: u8) -> Self {
+        Root { page, depth, delta: Delta::NONE }
+    }
+
+    /// This map's tree alone, without its delta.
+    pub fn tree_only(&self) -> Root {
+        Root::tree(self.page, self.depth)
+    }
+
+    /// Levels a tree needs to hold this map's tree and every block of its delta.
+    pub fn full_depth(&self) -> u8 {
+        let last = self.delta.entries().last().map_or(0, |(id, _)| id);
+        (self.depth..MAX_DEPTH).find(|&d| covers(d, BlockId(last))).unwrap_or(MAX_DEPTH)
+    }
 }
 
 /// An export's head, `cas/heads/{export}`: its last committed map. It is replaced with
@@ -255,7 +381,7 @@ const SNAPSHOT_MAGIC: &str = "nbds3-cas-snapshot";
 
 /// Writes `magic version`, `fields` and a `check=` line holding the hash of everything before it.
 fn encode_checked(magic: &str, fields: &[(&str, String)]) -> Vec<u8> {
-    let mut text = format!("{magic} {FORMAT_VERSION}\n");
+    let mut text = format!("{magic} {RECORD_VERSION}\n");
     for (key, value) in fields {
         text.push_str(&format!("{key}={value}\n"));
     }
@@ -264,13 +390,13 @@ fn encode_checked(magic: &str, fields: &[(&str, String)]) -> Vec<u8> {
     text.into_bytes()
 }
 
-/// Checks and splits a text record into its fields.
+/// Checks and splits a text record into its version and fields.
 fn decode_checked<'a>(
     store: &dyn fmt::Display,
     key: &str,
     magic: &str,
     bytes: &'a [u8],
-) -> Result<BTreeMap<&'a str, &'a str>> {
+) -> Result<(u32, BTreeMap<&'a str, &'a str>)> {
     let bad = |what: String| Error::backend(store, format!("{key}: {what}"));
     let text = std::str::from_utf8(bytes).map_err(|_| bad("not text (corrupt)".into()))?;
     let first = text.lines().next().unwrap_or("");
@@ -279,9 +405,9 @@ fn decode_checked<'a>(
         .and_then(|v| v.strip_prefix(' '))
         .and_then(|v| v.parse::<u32>().ok())
         .ok_or_else(|| bad(format!("does not start with \"{magic} VERSION\" (corrupt, or not a {magic})")))?;
-    if version != FORMAT_VERSION {
+    if version != RECORD_VERSION && version != RECORD_VERSION_NO_DELTA {
         return Err(bad(format!(
-            "format version {version}, but this nbds3 ({}) reads version {FORMAT_VERSION}: upgrade nbds3",
+            "format version {version}, but this nbds3 ({}) reads versions {RECORD_VERSION_NO_DELTA} and {RECORD_VERSION}: upgrade nbds3",
             env!("CARGO_PKG_VERSION")
         )));
     }
@@ -291,12 +417,19 @@ fn decode_checked<'a>(
     if check != Some(Hash::of(body.as_bytes())) {
         return Err(bad("fails its check= hash (truncated or corrupt)".into()));
     }
-    Ok(body.lines().skip(1).filter_map(|l| l.split_once('=')).collect())
+    Ok((version, body.lines().skip(1).filter_map(|l| l.split_once('=')).collect()))
 }
 
-/// Reads the map fields shared by heads and snapshot records.
-fn decode_root(fields: &BTreeMap<&str, &str>, bad: &dyn Fn(&str) -> Error) -> Result<(usize, Root)> {
-    let block_size = field(fields, "block-size", bad)?;
+/// Reads the map fields shared by heads and snapshot records: a version 2 record must have a
+/// `delta=` line (empty for none), whose blocks lie below `blocks`.
+fn decode_root(
+    store: &dyn fmt::Display,
+    key: &str,
+    (version, fields): &(u32, BTreeMap<&str, &str>),
+    blocks: u64,
+) -> Result<(usize, Root)> {
+    let bad = missing_field(store, key);
+    let block_size = field(fields, "block-size", &bad)?;
     let depth = fields.get("depth").and_then(|v| v.parse::<u8>().ok()).filter(|d| (1..=MAX_DEPTH).contains(d));
     let depth = depth.ok_or_else(|| bad("depth"))?;
     let page = match fields.get("root").copied() {
@@ -304,14 +437,21 @@ fn decode_root(fields: &BTreeMap<&str, &str>, bad: &dyn Fn(&str) -> Error) -> Re
         Some(hex) => Some(Hash::parse_hex(hex).ok_or_else(|| bad("root"))?),
         None => return Err(bad("root")),
     };
-    Ok((block_size, Root { page, depth }))
+    let delta = if *version == RECORD_VERSION_NO_DELTA {
+        Delta::NONE
+    } else {
+        let text = fields.get("delta").ok_or_else(|| bad("delta"))?;
+        Delta::decode(text, blocks).map_err(|e| Error::backend(store, format!("{key}: its delta: {e}")))?
+    };
+    Ok((block_size, Root { page, depth, delta }))
 }
 
-fn root_fields(block_size: usize, root: &Root) -> [(&'static str, String); 3] {
+fn root_fields(block_size: usize, root: &Root) -> [(&'static str, String); 4] {
     [
         ("block-size", block_size.to_string()),
         ("depth", root.depth.to_string()),
         ("root", root.page.map_or_else(|| "none".to_string(), |h| h.to_string())),
+        ("delta", root.delta.encode()),
     ]
 }
 
@@ -336,14 +476,16 @@ impl Head {
     /// Decodes and checks the head stored at `key`.
     ///
     /// # Errors
-    /// [`Error::Backend`] naming `key` for a truncated, corrupt or newer head.
+    /// [`Error::Backend`] naming `key` for a truncated, corrupt or newer head, or a bad delta.
     pub fn decode(store: &dyn fmt::Display, key: &str, bytes: &[u8]) -> Result<Self> {
         let fields = decode_checked(store, key, HEAD_MAGIC, bytes)?;
         let bad = missing_field(store, key);
-        let (block_size, root) = decode_root(&fields, &bad)?;
+        // A head does not record the device size (a resize does not touch it): its delta may
+        // name any block.
+        let (block_size, root) = decode_root(store, key, &fields, u64::MAX)?;
         Ok(Head {
-            generation: field(&fields, "generation", &bad)?,
-            writer: field(&fields, "writer", &bad)?,
+            generation: field(&fields.1, "generation", &bad)?,
+            writer: field(&fields.1, "writer", &bad)?,
             block_size,
             root,
         })
@@ -362,12 +504,15 @@ impl SnapshotRecord {
     /// Decodes and checks the snapshot record stored at `key`.
     ///
     /// # Errors
-    /// [`Error::Backend`] naming `key` for a truncated, corrupt or newer record.
+    /// [`Error::Backend`] naming `key` for a truncated, corrupt or newer record, or a bad delta.
     pub fn decode(store: &dyn fmt::Display, key: &str, bytes: &[u8]) -> Result<Self> {
         let fields = decode_checked(store, key, SNAPSHOT_MAGIC, bytes)?;
         let bad = missing_field(store, key);
-        let (block_size, root) = decode_root(&fields, &bad)?;
-        let (generation, device_size) = (field(&fields, "generation", &bad)?, field(&fields, "device-size", &bad)?);
+        let (generation, device_size): (u64, u64) =
+            (field(&fields.1, "generation", &bad)?, field(&fields.1, "device-size", &bad)?);
+        let block_size: usize = field(&fields.1, "block-size", &bad)?;
+        let blocks = device_size.div_ceil(block_size.max(1) as u64);
+        let (block_size, root) = decode_root(store, key, &fields, blocks)?;
         Ok(SnapshotRecord { generation, device_size, block_size, root })
     }
 }
@@ -430,27 +575,130 @@ mod tests {
         assert!(err(b"", 0).contains("no NBMP header"));
     }
 
+    fn delta(entries: &[(u64, Option<&[u8]>)]) -> Delta {
+        Delta::new(entries.iter().map(|&(id, c)| (id, c.map(Hash::of))).collect())
+    }
+
+    /// A record of `magic` with `fields`, written as version `version` with a valid check.
+    fn record(magic: &str, version: u32, fields: &[(&str, String)]) -> Vec<u8> {
+        let text = String::from_utf8(encode_checked(magic, fields)).unwrap();
+        let body = text[..text.rfind("check=").unwrap()].replacen(
+            &format!(" {RECORD_VERSION}\n"),
+            &format!(" {version}\n"),
+            1,
+        );
+        format!("{body}check={}\n", Hash::of(body.as_bytes())).into_bytes()
+    }
+
     #[test]
     fn heads_round_trip_and_are_checked() {
         let head = Head {
             generation: 7,
             writer: "w-1".into(),
             block_size: 4096,
-            root: Root { page: Some(Hash::of(b"r")), depth: 3 },
+            root: Root { page: Some(Hash::of(b"r")), depth: 3, delta: delta(&[(5, Some(b"x")), (1 << 40, None)]) },
         };
         let bytes = head.encode();
+        let text = String::from_utf8(bytes.clone()).unwrap();
+        assert!(text.starts_with("nbds3-cas-head 2\n"), "{text}");
+        assert!(text.contains(&format!("delta=0000000000000005:{} 0000010000000000:zero\n", Hash::of(b"x"))), "{text}");
         assert_eq!(Head::decode(&"s", "cas/heads/e", &bytes).unwrap(), head);
         let err = |bytes: &[u8]| Head::decode(&"s", "cas/heads/e", bytes).unwrap_err().to_string();
         assert!(err(&bytes[..bytes.len() - 2]).contains("check= hash"), "{}", err(&bytes[..bytes.len() - 2]));
         assert!(err(&bytes[..40]).contains("no check= line"));
-        let newer = String::from_utf8(bytes.clone()).unwrap().replace("head 1", "head 2");
-        assert!(err(newer.as_bytes()).contains("format version 2"));
+        let newer = text.replace("head 2", "head 3");
+        assert!(err(newer.as_bytes()).contains("format version 3"));
         let tampered = String::from_utf8(bytes).unwrap().replace("generation=7", "generation=8");
         assert!(err(tampered.as_bytes()).starts_with("s: cas/heads/e: fails its check"));
         assert!(err(b"\xff").contains("not text"));
         let snap = SnapshotRecord { generation: 1, device_size: 1 << 20, block_size: 512, root: Root::EMPTY };
         assert_eq!(SnapshotRecord::decode(&"s", "k", &snap.encode()).unwrap(), snap);
         assert!(Head::decode(&"s", "k", &snap.encode()).unwrap_err().to_string().contains("not a nbds3-cas-head"));
+    }
+
+    #[test]
+    fn version_1_records_read_without_a_delta() {
+        let hash = Hash::of(b"r");
+        let v1 = |magic, extra: &[(&str, String)]| {
+            let mut fields = extra.to_vec();
+            fields.extend([("block-size", "4096".to_string()), ("depth", "2".to_string()), ("root", hash.to_string())]);
+            record(magic, 1, &fields)
+        };
+        let head = v1(HEAD_MAGIC, &[("generation", "3".into()), ("writer", "old".into())]);
+        assert!(String::from_utf8_lossy(&head).starts_with("nbds3-cas-head 1\n"));
+        let expected = Head { generation: 3, writer: "old".into(), block_size: 4096, root: Root::tree(Some(hash), 2) };
+        assert_eq!(Head::decode(&"s", "cas/heads/e", &head).unwrap(), expected);
+        let snap = v1(SNAPSHOT_MAGIC, &[("generation", "3".into()), ("device-size", "8192".into())]);
+        let expected =
+            SnapshotRecord { generation: 3, device_size: 8192, block_size: 4096, root: Root::tree(Some(hash), 2) };
+        assert_eq!(SnapshotRecord::decode(&"s", "cas/snapshots/e/s", &snap).unwrap(), expected);
+    }
+
+    #[test]
+    fn bad_deltas_are_refused_naming_the_record() {
+        let chunk = Hash::of(b"c");
+        let with_delta = |magic, delta: String| {
+            record(
+                magic,
+                RECORD_VERSION,
+                &[
+                    ("generation", "1".into()),
+                    ("writer", "w".into()),
+                    ("device-size", (16 * 4096).to_string()),
+                    ("block-size", "4096".into()),
+                    ("depth", "1".into()),
+                    ("root", "none".into()),
+                    ("delta", delta),
+                ],
+            )
+        };
+        let head_err =
+            |delta: String| Head::decode(&"s", "cas/heads/e", &with_delta(HEAD_MAGIC, delta)).unwrap_err().to_string();
+        let cases = [
+            (format!("0000000000000002:{chunk} 0000000000000001:zero"), "entry 1 (block 1) is out of order"),
+            (
+                format!("0000000000000002:{chunk} 0000000000000002:zero"),
+                "entry 1 (block 2) is out of order or repeated",
+            ),
+            ("000000000000000g:zero".to_string(), "entry 0 (000000000000000g:zero) is malformed"),
+            ("0000000000000001:abc".to_string(), "entry 0 (0000000000000001:abc) is malformed"),
+            (format!("0000000000000001:{}", &chunk.to_string()[..63]), "is malformed"),
+            ("1:zero".to_string(), "entry 0 (1:zero) is malformed"),
+            ("0000000000000001".to_string(), "is malformed"),
+            (
+                (0..=MAX_DELTA_ENTRIES as u64).map(|i| format!("{i:016x}:zero")).collect::<Vec<_>>().join(" "),
+                "more than 16384 entries",
+            ),
+        ];
+        for (delta, why) in cases {
+            let e = head_err(delta);
+            assert!(e.starts_with("s: cas/heads/e: its delta: ") && e.contains(why), "{e}, wanted {why}");
+        }
+        let snap_err = |delta: String| {
+            SnapshotRecord::decode(&"s", "cas/snapshots/e/a", &with_delta(SNAPSHOT_MAGIC, delta))
+                .unwrap_err()
+                .to_string()
+        };
+        let e = snap_err(format!("0000000000000010:{chunk}"));
+        assert!(e.contains("cas/snapshots/e/a: its delta: entry 0 maps block 16, past the device's 16 blocks"), "{e}");
+        let shrunk = with_delta(SNAPSHOT_MAGIC, "0000000000000010:zero".into());
+        let shrunk = SnapshotRecord::decode(&"s", "k", &shrunk).unwrap();
+        assert_eq!(shrunk.root.delta.get(16), Some(None), "a hole past the end, as a shrink leaves, is kept");
+        let last = with_delta(SNAPSHOT_MAGIC, "000000000000000f:zero".into());
+        assert_eq!(SnapshotRecord::decode(&"s", "k", &last).unwrap().root.delta.get(15), Some(None));
+        let missing = record(
+            HEAD_MAGIC,
+            RECORD_VERSION,
+            &[
+                ("generation", "1".into()),
+                ("writer", "w".into()),
+                ("block-size", "4096".into()),
+                ("depth", "1".into()),
+                ("root", "none".into()),
+            ],
+        );
+        let e = Head::decode(&"s", "cas/heads/e", &missing).unwrap_err().to_string();
+        assert!(e.contains("cas/heads/e: field delta is missing"), "{e}");
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! | step | what | why |
 //! |---|---|---|
 //! | 1. list | every object under `cas/chunks/` and `cas/pages/`, with size and modified time | only what is listed can be deleted, so an object written later is never a candidate |
-//! | 2. mark | read every head and snapshot record (twice), walk their maps | what is referenced is kept |
+//! | 2. mark | read every head and snapshot record (twice), walk their maps, take their deltas' chunks | what is referenced is kept |
 //! | 3. lease | take `cas/gc/sweeping`, wait one [`UPLOAD_PERMIT`] | uploads, snapshots and clones allowed before are over; new ones wait |
 //! | 4. look again | list again, drop what was written since; mark again | a writer that wrote garbage's bytes again (dedup) keeps them |
 //! | 5. sweep | delete, 1000 keys a request, what is unmarked and was modified more than the grace period before 1 | writers upload again what they keep uncommitted ([`WRITER_REFRESH_AFTER`]) |
@@ -463,13 +463,16 @@ impl Marked {
         Ok(())
     }
 
-    /// Marks every page and chunk of the map under `root`, skipping subtrees already marked.
+    /// Marks every page and chunk of the map under `root`, skipping subtrees already marked, and
+    /// the chunks of its delta (which may also shadow some of the tree's: those are kept too, as
+    /// the tree names them).
     fn mark_map(
         &mut self,
         store: &dyn ObjectStore,
         root: &Root,
         progress: &mut dyn FnMut(GcPhase, u64, u64),
     ) -> Result<()> {
+        self.chunks.extend(root.delta.entries().filter_map(|(_, chunk)| chunk));
         let Some(top) = root.page else { return Ok(()) };
         let mut stack = vec![(top, root.depth - 1)];
         while let Some((hash, level)) = stack.pop() {
@@ -493,10 +496,11 @@ impl Marked {
     }
 }
 
-/// Uploads again every page and chunk of the map `new` that the map `old` does not have at the
-/// same place (what a writer has stored since its last commit), so that their modified times are
-/// recent: a writer calls it before its uncommitted uploads are [`WRITER_REFRESH_AFTER`] old.
-/// Reads cost one GET a changed page and chunk, plus the PUT.
+/// Uploads again every page and chunk of the tree of `new` that the tree of `old` does not have at
+/// the same place, and every chunk of `new`'s delta that `old`'s delta does not hold (what a
+/// writer has stored since its last commit), so that their modified times are recent: a writer
+/// calls it before its uncommitted uploads are [`WRITER_REFRESH_AFTER`] old. Reads cost one GET a
+/// changed page and chunk, plus the PUT.
 ///
 /// # Errors
 /// Store failures; an object that is missing (a GC ran with a grace period shorter than the
@@ -508,11 +512,20 @@ pub(crate) fn refresh_uncommitted(
     block_size: usize,
     fence: Fence<'_>,
 ) -> Result<u64> {
-    let Some(top) = new.page else { return Ok(0) };
-    let old_top = old.page.map(|h| (h, old.depth - 1));
-    let mut stack = vec![(old_top, top, new.depth - 1)];
     let mut refreshed = 0;
     let mut buf = BlockBuf::zeroed(block_size);
+    let committed: HashSet<Hash> = old.delta.entries().filter_map(|(_, chunk)| chunk).collect();
+    let mut delta_chunks: Vec<Hash> =
+        new.delta.entries().filter_map(|(_, chunk)| chunk).filter(|c| !committed.contains(c)).collect();
+    delta_chunks.sort_unstable();
+    delta_chunks.dedup();
+    for chunk in &delta_chunks {
+        refresh_chunk(store, chunk, &mut buf, fence)?;
+        refreshed += 1;
+    }
+    let Some(top) = new.page else { return Ok(refreshed) };
+    let old_top = old.page.map(|h| (h, old.depth - 1));
+    let mut stack = vec![(old_top, top, new.depth - 1)];
     while let Some((old_node, hash, level)) = stack.pop() {
         if old_node == Some((hash, level)) {
             continue;
@@ -534,19 +547,7 @@ pub(crate) fn refresh_uncommitted(
             }
             match entry {
                 Entry::Chunk(chunk) => {
-                    let key = chunk_key(chunk);
-                    let lost = |what: &str| {
-                        Error::backend(
-                            store,
-                            format!("uncommitted chunk {key} {what} before this writer could refresh it"),
-                        )
-                    };
-                    match store.read_into(&key, None, &mut buf)? {
-                        ReadInto::Filled if Hash::of(&buf) == *chunk => {}
-                        ReadInto::Missing => return Err(lost("was deleted (by a GC with a short grace period?)")),
-                        _ => return Err(lost("changed")),
-                    }
-                    store.put(&key, &buf, Put::Always, Some(fence))?;
+                    refresh_chunk(store, chunk, &mut buf, fence)?;
                     refreshed += 1;
                 }
                 Entry::Page(child) => {
@@ -564,6 +565,21 @@ pub(crate) fn refresh_uncommitted(
         }
     }
     Ok(refreshed)
+}
+
+/// Reads chunk `chunk` and uploads it again.
+fn refresh_chunk(store: &dyn ObjectStore, chunk: &Hash, buf: &mut BlockBuf, fence: Fence<'_>) -> Result<()> {
+    let key = chunk_key(chunk);
+    let lost = |what: &str| {
+        Error::backend(store, format!("uncommitted chunk {key} {what} before this writer could refresh it"))
+    };
+    match store.read_into(&key, None, buf)? {
+        ReadInto::Filled if Hash::of(buf) == *chunk => {}
+        ReadInto::Missing => return Err(lost("was deleted (by a GC with a short grace period?)")),
+        _ => return Err(lost("changed")),
+    }
+    store.put(&key, buf, Put::Always, Some(fence))?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -26,7 +26,8 @@ pub(crate) enum Step<T> {
 /// The frozen base tree and the changes on top of it.
 #[derive(Clone, Debug)]
 pub(crate) struct WorkingMap {
-    /// The last frozen tree; its pages are stored, or pending in the store's own list.
+    /// The last frozen tree (no delta: the store keeps its own); its pages are stored, or pending
+    /// in the store's own list.
     pub(crate) base: Root,
     /// Levels of the working tree, at least `base.depth` (a write past the end adds levels).
     depth: u8,
@@ -35,9 +36,9 @@ pub(crate) struct WorkingMap {
 }
 
 impl WorkingMap {
-    /// A map whose base is `root`, with no changes.
-    pub(crate) fn new(root: Root) -> Self {
-        WorkingMap { base: root, depth: root.depth, dirty: HashMap::new() }
+    /// A map whose base is the tree of `root`, with no changes.
+    pub(crate) fn new(root: &Root) -> Self {
+        WorkingMap { base: root.tree_only(), depth: root.depth, dirty: HashMap::new() }
     }
 
     /// How many pages have changed since the last freeze.
@@ -216,7 +217,7 @@ impl WorkingMap {
                 }
             }
         }
-        self.base = Root { page: root, depth: self.depth };
+        self.base = Root::tree(root, self.depth);
         new_pages
     }
 }
@@ -252,13 +253,13 @@ mod tests {
 
     #[test]
     fn set_find_freeze_grow_and_share_pages() {
-        let mut m = Model { map: WorkingMap::new(Root::EMPTY), pages: HashMap::new() };
+        let mut m = Model { map: WorkingMap::new(&Root::EMPTY), pages: HashMap::new() };
         let a = Hash::of(b"a");
         let b = Hash::of(b"b");
         m.set(5, Some(a));
         assert_eq!(m.get(5), Some(a));
         m.freeze();
-        let one_level = m.map.base;
+        let one_level = m.map.base.clone();
         assert_eq!(one_level.depth, 1);
         m.set(1 << 25, Some(b));
         assert_eq!((m.get(5), m.get(1 << 25), m.get(6)), (Some(a), Some(b), None));
@@ -279,11 +280,11 @@ mod tests {
 
     #[test]
     fn missing_pages_are_asked_for() {
-        let mut m = Model { map: WorkingMap::new(Root::EMPTY), pages: HashMap::new() };
+        let mut m = Model { map: WorkingMap::new(&Root::EMPTY), pages: HashMap::new() };
         m.set(3, Some(Hash::of(b"x")));
         m.freeze();
         let root = m.map.base.page.unwrap();
-        let map = WorkingMap::new(m.map.base);
+        let map = WorkingMap::new(&m.map.base);
         assert_eq!(map.find(BlockId(3), &mut |_| None), Step::Need(root, 0));
     }
 }

@@ -6,19 +6,27 @@
 //! head, a diff a walk that skips equal subtrees, and identical blocks one object; committing
 //! the whole map with one `If-Match` write makes FLUSH atomic and fences a second writer.
 //!
+//! Why a delta: blocks written since the last fold are kept in an in-memory overlay and carried
+//! inline in the head (format version 2), not in tree pages, so a FLUSH of scattered writes PUTs
+//! their chunks and one head, not a leaf page and its ancestors per block. When the overlay
+//! holds more than [`CasConfig::delta_entries`] blocks it is folded into the tree: applied to the
+//! working tree's pages, which are stored at once, and emptied; the next FLUSH commits the new
+//! tree with the (small) new delta.
+//!
 //! | object state | how it gets there | who may rely on it |
 //! |---|---|---|
-//! | chunk uploaded | `write_block` PUTs it before the map names it | the working map |
-//! | page pending | frozen at FLUSH (or when too many pages changed), not yet stored | reads of this store |
+//! | chunk uploaded | `write_block` PUTs it before the map names it | the overlay |
+//! | overlay entry | `write_block`/`delete_block` after the upload | reads of this store |
+//! | page pending | frozen at FLUSH or at a fold (or when too many pages changed), not yet stored | reads of this store |
 //! | page stored | its PUT returned | a head may name it |
-//! | committed | the head naming the root landed with `If-Match` | every reader, after a crash |
+//! | committed | the head naming the root and the overlay as its delta landed with `If-Match` | every reader, after a crash |
 //!
 //! A head write refused by its condition means another writer committed since this store read
 //! the head (unless the head found is this writer's own, from a commit whose answer was lost):
 //! this store then fails every later write and flush, naming what happened, so the two writers'
 //! states never mix.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -37,7 +45,9 @@ pub mod ops;
 pub mod stream;
 pub mod usage;
 
-use format::{chunk_key, head_key, page_key, Hash, Head, Page, Root, MAX_PAGE_BYTES, MAX_RECORD_BYTES};
+use format::{
+    chunk_key, head_key, page_key, Delta, Hash, Head, Page, Root, MAX_DELTA_ENTRIES, MAX_PAGE_BYTES, MAX_RECORD_BYTES,
+};
 use map::{Step, WorkingMap};
 
 /// Limits of a [`CasStorage`]'s memory.
@@ -47,6 +57,12 @@ pub struct CasConfig {
     pub cached_pages: usize,
     /// Changed pages kept before they are frozen and stored ahead of the next FLUSH.
     pub max_dirty_pages: usize,
+    /// Blocks changed since the last fold kept in the overlay (and committed as the head's
+    /// delta, about 82 bytes each) before they are folded into the tree's pages; at most
+    /// [`MAX_DELTA_ENTRIES`] / 2. With 0, every write goes to the tree, as in format version 1.
+    /// Writes racing a fold may take the overlay up to twice this, never a commit's delta
+    /// (a FLUSH folds first).
+    pub delta_entries: usize,
     /// Open for writing even where the store cannot make conditional writes, so that a second
     /// writer would not be fenced (the operator's opt-in).
     pub allow_unconditional: bool,
@@ -60,11 +76,18 @@ impl Default for CasConfig {
         CasConfig {
             cached_pages: 2048,
             max_dirty_pages: 256,
+            delta_entries: DEFAULT_DELTA_ENTRIES,
             allow_unconditional: false,
             refresh_uncommitted_after: gc::WRITER_REFRESH_AFTER,
         }
     }
 }
+
+/// The default [`CasConfig::delta_entries`]. Each FLUSH PUTs the whole delta in its head: 1024
+/// entries are a head of about 84 KiB, one request however many bytes, where the tree would have
+/// stored up to a leaf page and its ancestors per scattered block. A fold, once per 1024 changed
+/// blocks, stores the pages the FLUSHes since did not.
+pub const DEFAULT_DELTA_ENTRIES: usize = 1024;
 
 /// Hashes remembered as uploaded since the last commit, at most: past this the set is forgotten
 /// and a repeated block is uploaded again, which is only slower.
@@ -93,7 +116,10 @@ struct PendingPage {
 /// Everything behind the store's one lock.
 #[derive(Debug)]
 struct State {
+    /// The tree: its frozen base and the pages changed since.
     map: WorkingMap,
+    /// Blocks changed since the last fold, over `map`: what the next commit's delta holds.
+    overlay: BTreeMap<u64, Option<Hash>>,
     /// Clean pages by hash.
     cache: LruCache<Hash, Arc<Page>>,
     /// Frozen pages not yet known to be stored; never evicted.
@@ -125,7 +151,8 @@ pub struct CasStorage {
     /// Unique per open: goes into every head this store writes.
     writer: String,
     state: Mutex<State>,
-    /// Held by a flush or a spill of changed pages from start to end, so they never overlap.
+    /// Held by a flush, a fold or a spill of changed pages from start to end, so they never
+    /// overlap.
     flushing: Mutex<()>,
     /// Permits for uploads, which wait while a GC deletes (docs/CAS-FORMAT.md, "Garbage
     /// collection").
@@ -240,7 +267,7 @@ impl CasStorage {
                 format!("snapshot {export}@{snap} has block size {}, not {block_size}", record.block_size),
             ));
         }
-        let committed = Committed { root: record.root, generation: record.generation, version: None };
+        let committed = Committed { root: record.root.clone(), generation: record.generation, version: None };
         Ok(Self::with_root(store, export, Source::Snapshot(snap.clone()), block_size, CasConfig::default(), committed))
     }
 
@@ -249,12 +276,14 @@ impl CasStorage {
         export: &ExportName,
         source: Source,
         block_size: usize,
-        config: CasConfig,
+        mut config: CasConfig,
         committed: Committed,
     ) -> Self {
+        config.delta_entries = config.delta_entries.min(MAX_DELTA_ENTRIES / 2);
         let cache_size = std::num::NonZeroUsize::new(config.cached_pages.max(1)).unwrap_or(std::num::NonZeroUsize::MIN);
         let state = State {
-            map: WorkingMap::new(committed.root),
+            map: WorkingMap::new(&committed.root),
+            overlay: committed.root.delta.entries().collect(),
             cache: LruCache::new(cache_size),
             pending: Vec::new(),
             committed,
@@ -277,7 +306,7 @@ impl CasStorage {
 
     /// The map this store last committed (or opened).
     pub fn committed_root(&self) -> Root {
-        lock(&self.state).committed.root
+        lock(&self.state).committed.root.clone()
     }
 
     /// Runs `step` on the working map until it needs no page it does not have, loading the
@@ -308,15 +337,68 @@ impl CasStorage {
         }
     }
 
+    /// The chunk of block `id` in the working map: the overlay's entry, else the tree's.
+    /// A fold writes an entry into the tree before it leaves the overlay, so a block missing
+    /// from the overlay is in the tree.
     fn find(&self, id: BlockId) -> Result<Option<Hash>> {
+        if let Some(&chunk) = lock(&self.state).overlay.get(&id.0) {
+            return Ok(chunk);
+        }
         self.with_pages(|map, clean| map.find(id, clean))
     }
 
+    /// Makes block `id` point at `chunk` (or a hole) in the overlay, folding it into the tree
+    /// once it holds more than `delta_entries` blocks. Only the write that finds no fold or
+    /// flush under way folds; the others go on, unless the overlay has grown to twice its limit
+    /// meanwhile, so a fold's page uploads stall no write but a runaway one, and memory stays
+    /// bounded.
     fn set(&self, id: BlockId, chunk: Option<Hash>) -> Result<()> {
-        self.with_pages(|map, clean| map.set(id, chunk, clean))?;
-        if lock(&self.state).map.dirty_pages() > self.config.max_dirty_pages {
-            let _flushing = lock(&self.flushing);
+        let len = {
+            let mut st = lock(&self.state);
+            st.overlay.insert(id.0, chunk);
+            st.overlay.len()
+        };
+        if len <= self.config.delta_entries {
+            return Ok(());
+        }
+        let _flushing = match self.flushing.try_lock() {
+            Ok(held) => held,
+            Err(std::sync::TryLockError::Poisoned(held)) => held.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) if len <= 2 * self.config.delta_entries.max(1) => return Ok(()),
+            Err(std::sync::TryLockError::WouldBlock) => lock(&self.flushing),
+        };
+        self.fold_if_full()
+    }
+
+    /// With `flushing` held: folds the overlay into the tree if it holds more than
+    /// `delta_entries` blocks (a fold by another thread may have emptied it meanwhile). Its
+    /// entries stay in the overlay until the tree has them and its pages are stored, so a
+    /// read or a FLUSH meanwhile sees the same blocks; an entry written again meanwhile stays.
+    fn fold_if_full(&self) -> Result<()> {
+        let entries = {
+            let st = lock(&self.state);
+            if st.overlay.len() <= self.config.delta_entries {
+                return Ok(());
+            }
+            st.overlay.clone()
+        };
+        log::debug!("{self}: folding {} changed blocks into the map's pages", entries.len());
+        for (&id, &chunk) in &entries {
+            self.with_pages(|map, clean| map.set(BlockId(id), chunk, clean))?;
+            if lock(&self.state).map.dirty_pages() > self.config.max_dirty_pages {
+                self.store_changed_pages()?;
+            }
+        }
+        // Stored now, so the next FLUSH need not; with no delta (a fold at every write), they wait
+        // for the FLUSH as the tree's pages always did.
+        if self.config.delta_entries > 0 {
             self.store_changed_pages()?;
+        }
+        let mut st = lock(&self.state);
+        for (id, chunk) in entries {
+            if st.overlay.get(&id) == Some(&chunk) {
+                st.overlay.remove(&id);
+            }
         }
         Ok(())
     }
@@ -335,7 +417,8 @@ impl CasStorage {
         }
     }
 
-    /// Freezes the changed pages and stores every pending page; returns the frozen root.
+    /// Freezes the changed pages and stores every pending page; returns the frozen tree with the
+    /// overlay as of the freeze as its delta.
     fn store_changed_pages(&self) -> Result<Root> {
         let (root, pending) = {
             let mut st = lock(&self.state);
@@ -345,7 +428,8 @@ impl CasStorage {
             if !st.pending.is_empty() {
                 st.uncommitted_since.get_or_insert_with(Instant::now);
             }
-            (st.map.base, st.pending.iter().map(|p| (p.hash, p.bytes.clone())).collect::<Vec<_>>())
+            let root = Root { delta: Delta::new(st.overlay.clone()), ..st.map.base.clone() };
+            (root, st.pending.iter().map(|p| (p.hash, p.bytes.clone())).collect::<Vec<_>>())
         };
         let stored = self.put_pages(&pending);
         let mut st = lock(&self.state);
@@ -427,7 +511,7 @@ impl CasStorage {
             return Ok(());
         }
         let started = Instant::now();
-        let committed = lock(&self.state).committed.root;
+        let committed = lock(&self.state).committed.root.clone();
         let refreshed =
             gc::refresh_uncommitted(&*self.store, &committed, &root, self.block_size, &|| self.upload_permit())
                 .map_err(|e| Error::backend(self, format!("refreshing uncommitted uploads: {e}")))?;
@@ -451,7 +535,7 @@ impl CasStorage {
                 generation: committed.generation + 1,
                 writer: self.writer.clone(),
                 block_size: self.block_size,
-                root,
+                root: root.clone(),
             };
             let bytes = head.encode();
             let key = head_key(&self.export);
@@ -558,9 +642,15 @@ impl Storage for CasStorage {
     }
 
     fn list_blocks_in(&self, range: std::ops::Range<u64>) -> Result<Vec<BlockId>> {
-        // A copy of the working map (its changed pages are bounded), so no lock is held while
-        // pages are read.
-        let map = lock(&self.state).map.clone();
+        if range.is_empty() {
+            return Ok(Vec::new());
+        }
+        // A copy of the working map (its changed pages and overlay are bounded), so no lock is
+        // held while pages are read.
+        let (map, overlay) = {
+            let st = lock(&self.state);
+            (st.map.clone(), st.overlay.range(range.clone()).map(|(&id, &c)| (id, c)).collect::<Vec<_>>())
+        };
         let mut found = Vec::new();
         let mut load = |hash: &Hash, level: u8| {
             let cached = {
@@ -577,16 +667,23 @@ impl Storage for CasStorage {
                 }
             }
         };
-        map.walk(&range, &mut load, &mut |id| found.push(id))?;
+        map.walk(&range, &mut load, &mut |id| {
+            if overlay.binary_search_by_key(&id.0, |&(o, _)| o).is_err() {
+                found.push(id);
+            }
+        })?;
+        found.extend(overlay.iter().filter(|(_, chunk)| chunk.is_some()).map(|&(id, _)| BlockId(id)));
+        found.sort_unstable();
         Ok(found)
     }
 
     fn flush(&self) -> Result<()> {
         self.check_writable()?;
         let _flushing = lock(&self.flushing);
+        self.fold_if_full()?;
         let frozen_at = Instant::now();
         let root = self.store_changed_pages()?;
-        self.refresh_locked(root)?;
+        self.refresh_locked(root.clone())?;
         self.store.sync()?;
         self.commit(root)?;
         // What was uploaded before the freeze is committed now; later uploads are not.

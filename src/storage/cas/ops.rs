@@ -1,18 +1,20 @@
 //! Export-level operations of the `cas` layout on committed maps: snapshots (records naming a
 //! head's root), clones (a new head naming a snapshot's root), walks and diffs of maps.
 //!
-//! Each costs a few requests whatever the device size: a snapshot or clone copies one root hash,
-//! and a diff reads only the pages where the two maps differ, since equal hashes mean equal
-//! subtrees.
+//! Each costs a few requests whatever the device size: a snapshot or clone copies one root hash
+//! and the delta, and a diff reads only the pages where the two trees differ, since equal hashes
+//! mean equal subtrees, and the pages on the paths of the blocks in either delta.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
+use std::sync::Arc;
 
 use super::format::{
-    head_key, page_span, snapshot_key, snapshot_prefix, Entry, Hash, Head, Root, SnapshotRecord, FANOUT_BITS,
+    head_key, page_span, snapshot_key, snapshot_prefix, Entry, Hash, Head, Page, Root, SnapshotRecord, FANOUT_BITS,
     MAX_RECORD_BYTES,
 };
 use super::gc::UploadGate;
+use super::map::{Step, WorkingMap};
 use super::{fetch_page, read_head};
 use crate::storage::objects::{ObjectStore, Put};
 use crate::storage::BlockId;
@@ -103,8 +105,12 @@ pub fn clone_snapshot(
     // Under one upload permit, as a snapshot.
     let permit = UploadGate::default().permit(store)?;
     let record = read_snapshot(store, export, snap)?;
-    let head =
-        Head { generation: 1, writer: clone_writer(export, snap), block_size: record.block_size, root: record.root };
+    let head = Head {
+        generation: 1,
+        writer: clone_writer(export, snap),
+        block_size: record.block_size,
+        root: record.root.clone(),
+    };
     match store.put(&head_key(clone), &head.encode(), Put::IfAbsent, Some(&|| UploadGate::check(store, permit)))? {
         Some(_) => Ok(record),
         None => Err(Error::config(
@@ -127,33 +133,90 @@ pub fn head_root(store: &dyn ObjectStore, export: &ExportName) -> Result<Root> {
     Ok(read_head(store, export)?.map_or(Root::EMPTY, |(head, _)| head.root))
 }
 
+/// The tree `root` would be with its delta folded in, without its delta: what names a map whatever
+/// share of it sits in its delta (a diff stream's sides, checked against an import's target).
+/// Reads the pages on the delta's paths and stores nothing; memory, those pages changed (at most
+/// a leaf and its ancestors per delta entry, 36 KiB a page at worst).
+///
+/// # Errors
+/// Store failures; pages that fail their checks.
+pub fn folded(store: &dyn ObjectStore, root: &Root) -> Result<Root> {
+    let mut map = WorkingMap::new(root);
+    let mut clean: HashMap<Hash, Arc<Page>> = HashMap::new();
+    for (id, chunk) in root.delta.entries() {
+        while let Step::Need(hash, level) = map.set(BlockId(id), chunk, &mut |h| clean.get(h).cloned()) {
+            clean.insert(hash, Arc::new(fetch_page(store, &hash, level)?));
+        }
+        // The pages a set needs are copied into the changed ones: only the upper levels are
+        // needed again.
+        clean.retain(|_, page| page.level > 0);
+    }
+    map.freeze();
+    Ok(map.base)
+}
+
 /// A subtree of a map: a page at a level, or nothing (all holes). A map shallower than the
 /// level asked for is its own slot 0 there, so maps of different depths compare.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Node {
-    page: Option<Hash>,
-    level: u8,
+pub(crate) struct Node {
+    pub(crate) page: Option<Hash>,
+    pub(crate) level: u8,
 }
 
 /// One slot of a subtree seen as a page.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Slot {
+pub(crate) enum Slot {
     Chunk(Hash),
     Subtree(Node),
 }
 
+/// Entries of a delta, in order of block index.
+pub(crate) type DeltaEntries = [(u64, Option<Hash>)];
+
+/// The entries of `delta` for blocks `start..start + blocks`.
+pub(crate) fn delta_within(delta: &DeltaEntries, start: u64, blocks: u64) -> &DeltaEntries {
+    let low = delta.partition_point(|&(id, _)| id < start);
+    let high = match start.checked_add(blocks) {
+        Some(end) => delta.partition_point(|&(id, _)| id < end),
+        None => delta.len(),
+    };
+    &delta[low..high.max(low)]
+}
+
+/// The slot of page `index` at `level` that block `id` falls in.
+pub(crate) fn slot_of(level: u8, index: u64, id: u64) -> u16 {
+    let (first, slot_blocks) = page_span(level, index);
+    ((id - first) / slot_blocks.max(1)) as u16
+}
+
 impl Node {
-    fn top(root: &Root) -> Self {
+    pub(crate) fn top(root: &Root) -> Self {
         Node { page: root.page, level: root.depth - 1 }
     }
 
+    /// An empty subtree below `level`.
+    pub(crate) fn empty_below(level: u8) -> Self {
+        Node { page: None, level: level.saturating_sub(1) }
+    }
+
     /// The slots of this subtree seen as a page at `level` (at least its own).
-    fn slots_at(&self, store: &dyn ObjectStore, level: u8) -> Result<BTreeMap<u16, Slot>> {
+    pub(crate) fn slots_at(&self, store: &dyn ObjectStore, level: u8) -> Result<BTreeMap<u16, Slot>> {
+        self.slots_at_reading(store, level, &mut |_, _| {})
+    }
+
+    /// [`slots_at`](Self::slots_at), showing `read` the page it reads, if any.
+    pub(crate) fn slots_at_reading(
+        &self,
+        store: &dyn ObjectStore,
+        level: u8,
+        read: &mut dyn FnMut(&Hash, &Page),
+    ) -> Result<BTreeMap<u16, Slot>> {
         let Some(hash) = self.page else { return Ok(BTreeMap::new()) };
         if self.level < level {
             return Ok(BTreeMap::from([(0, Slot::Subtree(*self))]));
         }
         let page = fetch_page(store, &hash, level)?;
+        read(&hash, &page);
         Ok(page
             .entries
             .into_iter()
@@ -186,14 +249,17 @@ pub struct ChangedRange {
 }
 
 /// The runs of blocks whose content differs from `from` to `to`, in order, adjacent runs of one
-/// kind merged. Reads only the pages under subtrees whose hashes differ.
+/// kind merged. Reads only the pages under subtrees whose hashes differ, and those on the paths
+/// of the blocks in either delta.
 ///
 /// # Errors
 /// Store failures; pages that fail their checks.
 pub fn diff(store: &dyn ObjectStore, from: &Root, to: &Root) -> Result<Vec<ChangedRange>> {
-    let depth = from.depth.max(to.depth);
+    let depth = from.full_depth().max(to.full_depth());
+    let (from_delta, to_delta): (Vec<_>, Vec<_>) = (from.delta.entries().collect(), to.delta.entries().collect());
     let mut runs: Vec<ChangedRange> = Vec::new();
-    diff_nodes(store, Node::top(from), Node::top(to), depth - 1, 0, &(0..u64::MAX), &mut |id, _, now| {
+    let sides = [(Node::top(from), &from_delta[..]), (Node::top(to), &to_delta[..])];
+    diff_nodes(store, sides, depth - 1, 0, &(0..u64::MAX), &mut |id, _, now| {
         let change = if now.is_some() { Change::Data } else { Change::Zero };
         match runs.last_mut() {
             Some(last) if last.change == change && last.first + last.blocks == id.0 => last.blocks += 1,
@@ -203,53 +269,57 @@ pub fn diff(store: &dyn ObjectStore, from: &Root, to: &Root) -> Result<Vec<Chang
     Ok(runs)
 }
 
-/// Compares two subtrees seen at `level`, page `index`, visiting each block in `range` whose
-/// chunk differs, with its chunk in each.
+/// Compares two maps' subtrees seen at `level`, page `index`, each with its delta's entries
+/// there, visiting each block in `range` whose chunk differs, with its chunk in each.
 fn diff_nodes(
     store: &dyn ObjectStore,
-    a: Node,
-    b: Node,
+    [(a, da), (b, db)]: [(Node, &DeltaEntries); 2],
     level: u8,
     index: u64,
     range: &Range<u64>,
     visit: &mut dyn FnMut(BlockId, Option<Hash>, Option<Hash>),
 ) -> Result<()> {
-    if a.page == b.page && (a.page.is_none() || a.level == b.level) {
+    if da.is_empty() && db.is_empty() && a.page == b.page && (a.page.is_none() || a.level == b.level) {
         return Ok(());
     }
     let (first, slot_blocks) = page_span(level, index);
     let (sa, sb) = (a.slots_at(store, level)?, b.slots_at(store, level)?);
-    let mut slots: Vec<u16> = sa.keys().chain(sb.keys()).copied().collect();
+    let in_deltas = da.iter().chain(db).map(|&(id, _)| slot_of(level, index, id));
+    let mut slots: Vec<u16> = sa.keys().chain(sb.keys()).copied().chain(in_deltas).collect();
     slots.sort_unstable();
     slots.dedup();
-    let empty = Node { page: None, level: level.saturating_sub(1) };
     for slot in slots {
         let start = first.saturating_add(u64::from(slot).saturating_mul(slot_blocks));
         if start.saturating_add(slot_blocks) <= range.start || start >= range.end {
             continue;
         }
-        match (sa.get(&slot).copied(), sb.get(&slot).copied()) {
-            (ea, eb) if ea == eb => {}
-            (ea @ (None | Some(Slot::Chunk(_))), eb @ (None | Some(Slot::Chunk(_)))) => {
-                let chunk = |e: Option<Slot>| match e {
-                    Some(Slot::Chunk(h)) => Some(h),
-                    _ => None,
-                };
-                visit(BlockId(start), chunk(ea), chunk(eb));
-            }
-            (ea, eb) => {
-                let node = |e: Option<Slot>| match e {
-                    Some(Slot::Subtree(n)) => Ok(n),
-                    None => Ok(empty),
-                    Some(Slot::Chunk(_)) => {
-                        Err(Error::backend(store, format!("a map holds a chunk and a page at level {level}")))
-                    }
-                };
-                let index = (index << FANOUT_BITS) | u64::from(slot);
-                let below = level.checked_sub(1).ok_or_else(|| Error::backend(store, "a map page below level 0"))?;
-                diff_nodes(store, node(ea)?, node(eb)?, below, index, range, visit)?;
-            }
+        let (ea, eb) = (sa.get(&slot).copied(), sb.get(&slot).copied());
+        let (da, db) = (delta_within(da, start, slot_blocks), delta_within(db, start, slot_blocks));
+        if ea == eb && da.is_empty() && db.is_empty() {
+            continue;
         }
+        if level == 0 {
+            let chunk = |delta: &DeltaEntries, e: Option<Slot>| match (delta.first(), e) {
+                (Some(&(_, chunk)), _) => Ok(chunk),
+                (None, Some(Slot::Chunk(h))) => Ok(Some(h)),
+                (None, None) => Ok(None),
+                (None, Some(Slot::Subtree(_))) => Err(Error::backend(store, "a map holds a page at level 0")),
+            };
+            let (was, now) = (chunk(da, ea)?, chunk(db, eb)?);
+            if was != now {
+                visit(BlockId(start), was, now);
+            }
+            continue;
+        }
+        let node = |e: Option<Slot>| match e {
+            Some(Slot::Subtree(n)) => Ok(n),
+            None => Ok(Node::empty_below(level)),
+            Some(Slot::Chunk(_)) => {
+                Err(Error::backend(store, format!("a map holds a chunk and a page at level {level}")))
+            }
+        };
+        let index = (index << FANOUT_BITS) | u64::from(slot);
+        diff_nodes(store, [(node(ea)?, da), (node(eb)?, db)], level - 1, index, range, visit)?;
     }
     Ok(())
 }

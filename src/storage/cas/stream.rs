@@ -62,7 +62,9 @@ fn batch_blocks(block_size: usize) -> usize {
     (BATCH_BYTES / block_size).clamp(1, PARALLEL_BLOCKS * 4)
 }
 
-/// One end of a diff: what the user called it, and the map it names.
+/// One end of a diff: what the user called it, and the map it names. In a stream's header, the
+/// map is named by its tree with its delta folded in ([`ops::folded`]), so that two maps holding
+/// the same blocks match however much of them sits in a delta.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Side {
     /// `EXPORT@SNAP`, `EXPORT`, or `-` for the empty device a full export starts from; for the
@@ -78,8 +80,8 @@ impl Side {
         Side { name: "-".into(), root: Root::EMPTY }
     }
 
-    /// Whether `root` holds the same content as this side's map (equal top pages are equal
-    /// trees; a page's hash covers its level, so the depth follows).
+    /// Whether `root` holds the same content as this side's map, both folded (equal top pages
+    /// are equal trees; a page's hash covers its level, so the depth follows).
     pub fn matches(&self, root: &Root) -> bool {
         self.root.page == root.page
     }
@@ -152,6 +154,8 @@ pub fn write_stream(
         })
         .collect();
     let total = runs.iter().map(|r| r.blocks).sum();
+    let (from, to) =
+        (Side { root: ops::folded(store, &from.root)?, ..from }, Side { root: ops::folded(store, &to.root)?, ..to });
     let header = StreamHeader { block_size: reader.block_size(), device_size, from, to, blocks: total };
     let mut out = Hashing::new(out);
     let mut summary = StreamSummary::default();
@@ -233,7 +237,7 @@ fn parse_header(text: &str, at: u64) -> Result<StreamHeader> {
             .ok()
             .filter(|d| (1..=MAX_DEPTH).contains(d))
             .ok_or_else(|| bad(at, format!("the header's {which}-depth= is out of range")))?;
-        Ok(Side { name: field(which)?.to_string(), root: Root { page, depth } })
+        Ok(Side { name: field(which)?.to_string(), root: Root::tree(page, depth) })
     };
     let block_size = usize::try_from(number("block-size")?)
         .ok()
@@ -397,7 +401,7 @@ pub fn apply_to_export(
     force: bool,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<StreamSummary> {
-    let target = CasStorage::open(store, export, block_size, config)?;
+    let target = CasStorage::open(store.clone(), export, block_size, config)?;
     let unchanged = |e| match e {
         Error::Config { key, message } => {
             Error::Config { key, message: format!("{message}; export {export} is unchanged") }
@@ -409,17 +413,17 @@ pub fn apply_to_export(
     };
     let mut input = StreamReader::new(input);
     let header = read_header(&mut input).map_err(unchanged)?;
-    check_base(&header, export, &target, block_size, device_size, force).map_err(unchanged)?;
+    check_base(&*store, &header, export, &target, (block_size, device_size), force).map_err(unchanged)?;
     apply_stream(&mut input, &header, &target, progress).map_err(unchanged)
 }
 
 /// Refuses a stream that does not fit `target` (see [`apply_to_export`]).
 fn check_base(
+    store: &dyn ObjectStore,
     header: &StreamHeader,
     export: &ExportName,
     target: &CasStorage,
-    block_size: usize,
-    device_size: u64,
+    (block_size, device_size): (usize, u64),
     force: bool,
 ) -> Result<()> {
     let refuse = |what: String| Err(Error::config("import-diff", what));
@@ -435,7 +439,7 @@ fn check_base(
             header.device_size, header.device_size
         ));
     }
-    let current = target.committed_root();
+    let current = ops::folded(store, &target.committed_root())?;
     if !force && !header.from.matches(&current) {
         let already = if header.to.matches(&current) { ", it already holds its result" } else { "" };
         return refuse(format!(

@@ -6,6 +6,8 @@ use super::*;
 use crate::storage::conformance::{self, BLOCK_SIZE};
 use crate::storage::objects::faulty::FaultyObjects;
 use crate::storage::objects::MemoryObjects;
+use std::collections::BTreeMap;
+use std::sync::Mutex;
 
 fn name(s: &str) -> ExportName {
     ExportName::new(s).unwrap()
@@ -38,11 +40,16 @@ fn keys(store: &MemoryObjects, prefix: &str) -> Vec<String> {
 #[test]
 fn conformance_with_tiny_memory_limits() {
     let store = Arc::new(MemoryObjects::default());
-    let config = CasConfig { cached_pages: 1, max_dirty_pages: 2, ..CasConfig::default() };
-    conformance::run_all(
-        &|place| Box::new(CasStorage::open(store.clone(), &name(&format!("e{place}")), BLOCK_SIZE, config).unwrap()),
-        true,
-    );
+    for delta_entries in [0, 3, DEFAULT_DELTA_ENTRIES] {
+        let config = CasConfig { cached_pages: 1, max_dirty_pages: 2, delta_entries, ..CasConfig::default() };
+        conformance::run_all(
+            &|place| {
+                let export = name(&format!("e{delta_entries}-{place}"));
+                Box::new(CasStorage::open(store.clone(), &export, BLOCK_SIZE, config).unwrap())
+            },
+            true,
+        );
+    }
 }
 
 #[test]
@@ -52,6 +59,8 @@ fn writes_show_after_reopen_only_once_flushed() {
     s.write_block(BlockId(1), &block(1)).unwrap();
     assert_eq!(read(&open(&store, "e"), 1), None, "unflushed writes are not committed");
     assert_eq!(s.list_blocks().unwrap(), vec![BlockId(1)], "listing sees unflushed writes");
+    let (start, end) = (5, 2);
+    assert_eq!(s.list_blocks_in(start..end).unwrap(), vec![], "a backwards range holds nothing");
     assert!(keys(&store, "cas/pages/").is_empty(), "listing writes nothing");
     s.flush().unwrap();
     s.write_block(BlockId(2), &block(2)).unwrap();
@@ -107,7 +116,10 @@ fn a_second_writer_fences_the_first() {
 #[test]
 fn corrupt_or_missing_objects_are_errors_naming_them() {
     let store = Arc::new(MemoryObjects::default());
-    let s = open(&store, "e");
+    // Block 4 in the tree, so there is a page to corrupt.
+    let s =
+        CasStorage::open(store.clone(), &name("e"), BLOCK_SIZE, CasConfig { delta_entries: 0, ..CasConfig::default() })
+            .unwrap();
     s.write_block(BlockId(4), &block(4)).unwrap();
     s.flush().unwrap();
     let key = chunk_key(&Hash::of(&block(4)));
@@ -248,8 +260,15 @@ fn a_store_without_conditional_writes_is_refused_unless_opted_in() {
 
 #[test]
 fn writers_and_flushes_running_at_once_lose_nothing() {
+    // Folds racing writes and flushes too, with a small delta.
+    for delta_entries in [0, 5, DEFAULT_DELTA_ENTRIES] {
+        writers_and_flushes_at_once(delta_entries);
+    }
+}
+
+fn writers_and_flushes_at_once(delta_entries: usize) {
     let store = Arc::new(MemoryObjects::default());
-    let config = CasConfig { cached_pages: 3, max_dirty_pages: 4, ..CasConfig::default() };
+    let config = CasConfig { cached_pages: 3, max_dirty_pages: 4, delta_entries, ..CasConfig::default() };
     let s = CasStorage::open(store.clone(), &name("busy"), BLOCK_SIZE, config).unwrap();
     let done = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|scope| {
@@ -282,7 +301,208 @@ fn writers_and_flushes_running_at_once_lose_nothing() {
         for i in 0..150u64 {
             let id = i * 6 + t + if i % 10 == 0 { 1 << 21 } else { 0 };
             let expected = (i % 7 != 0).then(|| block((id % 251) as u8));
-            assert_eq!(read(&again, id), expected, "block {id}");
+            assert_eq!(read(&again, id), expected, "block {id}, delta_entries {delta_entries}");
         }
     }
+}
+
+/// What one operation cost on a [`FaultyObjects`]: GETs, PUTs, bytes PUT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Cost {
+    gets: u64,
+    puts: u64,
+    bytes: u64,
+}
+
+fn cost(store: &Arc<FaultyObjects>, op: impl FnOnce()) -> Cost {
+    let put_keys = Arc::new(Mutex::new(Vec::new()));
+    let keys = put_keys.clone();
+    store.before_each(move |request| {
+        if let crate::storage::objects::faulty::Request::Put(key) = request {
+            lock(&keys).push(key.to_string());
+        }
+        Ok(())
+    });
+    store.reads.store(0, Ordering::Relaxed);
+    store.writes.store(0, Ordering::Relaxed);
+    op();
+    store.clear_hook();
+    let (gets, puts) = (store.reads.load(Ordering::Relaxed), store.writes.load(Ordering::Relaxed));
+    let bytes =
+        lock(&put_keys).iter().map(|k| store.get(k, usize::MAX).unwrap().map_or(0, |o| o.bytes.len() as u64)).sum();
+    Cost { gets, puts, bytes }
+}
+
+/// The requests of the operations docs/CAS-FORMAT.md measures, on a 1 TiB export of 4 KiB blocks
+/// with 20 000 random blocks mapped (a 3-level tree), opened with `delta_entries`.
+fn request_table(delta_entries: usize) -> Vec<(&'static str, Cost)> {
+    const BS: usize = 4096;
+    let store = Arc::new(FaultyObjects::new(true));
+    let e = name("big");
+    let blocks = (1u64 << 40) / BS as u64;
+    let random = |i: u64| i.wrapping_mul(0x9e37_79b9_7f4a_7c15) % blocks;
+    let data = |i: u64| vec![(i % 251) as u8 + 1; BS];
+    let data = |i: u64| {
+        let mut d = data(i);
+        d[..8].copy_from_slice(&i.to_le_bytes());
+        d
+    };
+    let tree_only = CasConfig { delta_entries: 0, ..CasConfig::default() };
+    let setup = CasStorage::open(store.clone(), &e, BS, tree_only).unwrap();
+    for i in 0..20_000 {
+        setup.write_block(BlockId(random(i)), &data(i)).unwrap();
+    }
+    setup.flush().unwrap();
+    drop(setup);
+    let config = CasConfig { delta_entries, ..CasConfig::default() };
+    let mut opened = None;
+    let mut table =
+        vec![("open", cost(&store, || opened = Some(CasStorage::open(store.clone(), &e, BS, config).unwrap())))];
+    let s = opened.unwrap();
+    let mut next = 1_000_000u64;
+    let mut writes = |n: u64, sequential: bool| {
+        let first = next;
+        next += n;
+        cost(&store, || {
+            for i in first..first + n {
+                let id = if sequential { (1 << 20) + i - first } else { random(i) };
+                s.write_block(BlockId(id), &data(i)).unwrap();
+            }
+            s.flush().unwrap();
+        })
+    };
+    table.push(("1 random 4 KiB write + FLUSH", writes(1, false)));
+    table.push(("16 random writes + FLUSH", writes(16, false)));
+    table.push(("256 random writes + FLUSH", writes(256, false)));
+    table.push(("1 MiB sequential (256 blocks) + FLUSH", writes(256, true)));
+    let folding = (delta_entries as u64 + 1).saturating_sub(1 + 16 + 256 + 256).max(1);
+    table.push(("random writes up to the fold + FLUSH", writes(folding, false)));
+    table.push(("16 random writes + FLUSH after the fold", writes(16, false)));
+    // Blocks of the sequential run, in the tree since the fold.
+    let cold = CasStorage::open(store.clone(), &e, BS, config).unwrap();
+    let mut buf = BlockBuf::zeroed(BS);
+    table.push((
+        "cold read of one block",
+        cost(&store, || assert!(cold.read_block(BlockId(1 << 20), &mut buf).unwrap())),
+    ));
+    table.push((
+        "read of a neighbour",
+        cost(&store, || assert!(cold.read_block(BlockId((1 << 20) + 1), &mut buf).unwrap())),
+    ));
+    table
+}
+
+/// Issue 16: a FLUSH costs the new blocks and one head, not a leaf page and its ancestors per
+/// scattered block, while the delta holds them; with no delta (every write in the tree, as
+/// format version 1 did) the same 16 writes cost 49 PUTs.
+#[test]
+fn a_flush_of_scattered_writes_puts_its_chunks_and_one_head() {
+    let show = |label: &str, table: &[(&str, Cost)]| {
+        eprintln!("{label}:");
+        for (what, c) in table {
+            eprintln!("| {what} | {} | {} | {:.1} KiB |", c.gets, c.puts, c.bytes as f64 / 1024.0);
+        }
+    };
+    let table = request_table(DEFAULT_DELTA_ENTRIES);
+    show("delta_entries 1024", &table);
+    let row = |what: &str| table.iter().find(|(w, _)| *w == what).unwrap().1;
+    assert_eq!(row("open").gets, 1, "opening reads the head and nothing else");
+    assert_eq!((row("cold read of one block").gets, row("read of a neighbour").gets), (4, 1));
+    assert_eq!(row("1 random 4 KiB write + FLUSH").puts, 1 + 1);
+    assert_eq!(row("16 random writes + FLUSH").puts, 16 + 1);
+    assert_eq!(row("256 random writes + FLUSH").puts, 256 + 1);
+    assert_eq!(row("1 MiB sequential (256 blocks) + FLUSH").puts, 256 + 1);
+    let fold = row("random writes up to the fold + FLUSH");
+    assert!(fold.puts > 496 + 1 + 300, "the fold stores the pages of 1024 scattered blocks: {fold:?}");
+    assert_eq!(row("16 random writes + FLUSH after the fold").puts, 16 + 1, "the delta starts again");
+    assert!(row("16 random writes + FLUSH").bytes < 16 * 4096 + 4096, "{:?}", row("16 random writes + FLUSH"));
+
+    let tree_only = request_table(0);
+    show("delta_entries 0", &tree_only);
+    let row = |what: &str| tree_only.iter().find(|(w, _)| *w == what).unwrap().1;
+    let old = row("16 random writes + FLUSH").puts;
+    assert!(old >= 16 * 3, "format version 1's cost, with no delta: a leaf and its ancestors per block, not {old}");
+}
+
+/// The runs a diff from `from` to `to` must find: blocks whose content differs, by kind.
+fn model_diff(from: &BTreeMap<u64, Vec<u8>>, to: &BTreeMap<u64, Vec<u8>>) -> Vec<ChangedRange> {
+    let mut ids: Vec<u64> = from.keys().chain(to.keys()).copied().collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let mut runs: Vec<ChangedRange> = Vec::new();
+    for id in ids.into_iter().filter(|id| from.get(id) != to.get(id)) {
+        let change = if to.contains_key(&id) { Change::Data } else { Change::Zero };
+        match runs.last_mut() {
+            Some(last) if last.change == change && last.first + last.blocks == id => last.blocks += 1,
+            _ => runs.push(ChangedRange { first: id, blocks: 1, change }),
+        }
+    }
+    runs
+}
+
+/// Random writes and trims over three levels with a tiny delta, so committed maps mix deltas
+/// and folds: the diff of any two equals the model's, and `info`'s walk counts the model's
+/// blocks and distinct chunks.
+#[test]
+fn diffs_and_counts_across_deltas_and_folds_match_the_model() {
+    use rand::{Rng, SeedableRng};
+    let store = Arc::new(MemoryObjects::default());
+    let mut rng = rand::rngs::StdRng::seed_from_u64(16);
+    let ids: Vec<u64> = (0..40).chain(1000..1040).chain([5000, 5001, 1 << 20, (1 << 20) + 3]).collect();
+    let mut commits: Vec<(Root, BTreeMap<u64, Vec<u8>>)> = vec![(Root::EMPTY, BTreeMap::new())];
+    for (export, delta_entries) in [("a", 4), ("b", 0), ("c", 9)] {
+        let config = CasConfig { delta_entries, max_dirty_pages: 3, cached_pages: 2, ..CasConfig::default() };
+        let s = CasStorage::open(store.clone(), &name(export), BLOCK_SIZE, config).unwrap();
+        let mut model = BTreeMap::new();
+        for round in 0..12 {
+            for _ in 0..rng.random_range(1..15) {
+                let id = ids[rng.random_range(0..ids.len())];
+                if rng.random_bool(0.8) {
+                    let data = block(rng.random_range(0..6));
+                    s.write_block(BlockId(id), &data).unwrap();
+                    model.insert(id, data);
+                } else {
+                    s.delete_block(BlockId(id)).unwrap();
+                    model.remove(&id);
+                }
+            }
+            s.flush().unwrap();
+            let root = s.committed_root();
+            if round % 3 == 0 {
+                assert!(!root.delta.is_empty() || delta_entries == 0, "{export}: a delta is committed");
+            }
+            commits.push((root, model.clone()));
+        }
+    }
+    assert!(commits.iter().any(|(r, _)| r.delta.len() > 1 && r.page.is_some()), "a tree and a delta at once");
+    for (from, from_model) in &commits {
+        for (to, to_model) in commits.iter().step_by(3) {
+            assert_eq!(ops::diff(&*store, from, to).unwrap(), model_diff(from_model, to_model), "{from:?} -> {to:?}");
+        }
+        let mut walk = usage::MapWalk::with_chunks();
+        assert_eq!(walk.add(&*store, from).unwrap(), from_model.len() as u64, "{from:?}");
+        let distinct: std::collections::HashSet<&Vec<u8>> = from_model.values().collect();
+        assert_eq!(walk.distinct_chunks(), distinct.len() as u64, "{from:?}");
+    }
+}
+
+/// A map's identity in a diff stream is its tree with the delta folded in: exports holding the
+/// same blocks match whatever share of them their deltas hold.
+#[test]
+fn maps_with_the_same_blocks_fold_to_the_same_tree() {
+    let store = Arc::new(MemoryObjects::default());
+    let mut roots = Vec::new();
+    for (export, delta_entries) in [("t", 0), ("d", DEFAULT_DELTA_ENTRIES), ("s", 2)] {
+        let config = CasConfig { delta_entries, ..CasConfig::default() };
+        let s = CasStorage::open(store.clone(), &name(export), BLOCK_SIZE, config).unwrap();
+        for id in [1u64, 5, 2000, 1 << 20] {
+            s.write_block(BlockId(id), &block(id as u8)).unwrap();
+        }
+        s.delete_block(BlockId(5)).unwrap();
+        s.flush().unwrap();
+        roots.push(s.committed_root());
+    }
+    assert!(roots[0].delta.is_empty() && roots[1].page.is_none() && roots[2].delta.len() == 2, "{roots:?}");
+    let folded: Vec<Root> = roots.iter().map(|r| ops::folded(&*store, r).unwrap()).collect();
+    assert!(folded.iter().all(|f| *f == roots[0]), "{folded:?}");
 }

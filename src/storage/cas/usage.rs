@@ -6,7 +6,11 @@
 //! identical runs of 1024 blocks share a leaf). Here each distinct page is read once and the
 //! blocks under it remembered, so a page seen again costs no request and still counts.
 //!
-//! Costs: one GET per distinct page of the maps walked; memory, per distinct page its hash and
+//! A map's delta counts over its tree: a block the delta names counts as the delta says, and the
+//! tree's chunk it shadows is not counted (unless mapped elsewhere). The pages on the paths of
+//! the delta's blocks are read once more for that, beside the walk of the rest.
+//!
+//! Costs: one GET per distinct page of the maps walked, and per page on a delta's paths; memory, per distinct page its hash and
 //! block count, 50 to 100 bytes (a page maps up to 1024 blocks, so a densely written map pays
 //! little; one whose blocks lie one to a leaf pays it per block), and, when distinct chunks are
 //! counted, the first 128 bits of each distinct chunk's hash in a hash set: about 20 to 40 bytes
@@ -18,17 +22,20 @@
 use std::collections::{HashMap, HashSet};
 
 use super::fetch_page;
-use super::format::{Entry, Hash, Root, CAS_PREFIX};
+use super::format::{page_span, Entry, Hash, Page, Root, CAS_PREFIX, FANOUT_BITS};
+use super::ops::{delta_within, slot_of, DeltaEntries, Node, Slot};
 use crate::storage::objects::ObjectStore;
-use crate::Result;
+use crate::{Error, Result};
 
 /// Walks maps, counting the blocks of each and the distinct chunks and pages of all of them.
 #[derive(Debug, Default)]
 pub struct MapWalk {
     /// Distinct chunks seen, by the first 128 bits of their hash; `None` when not counted.
     chunks: Option<HashSet<u128>>,
-    /// Blocks mapped under each distinct page seen.
+    /// Blocks mapped under each distinct page whose whole subtree was walked.
     pages: HashMap<Hash, u64>,
+    /// Distinct pages seen.
+    seen: HashSet<Hash>,
     /// Encoded bytes of the distinct pages seen: what they take in the bucket.
     page_bytes: u64,
 }
@@ -50,9 +57,73 @@ impl MapWalk {
     /// # Errors
     /// Store failures; a page that is missing or fails its checks, named.
     pub fn add(&mut self, store: &dyn ObjectStore, root: &Root) -> Result<u64> {
-        match root.page {
-            None => Ok(0),
-            Some(top) => self.blocks_under(store, top, root.depth - 1),
+        let delta: Vec<_> = root.delta.entries().collect();
+        self.blocks_with_delta(store, Node::top(root), root.full_depth() - 1, 0, &delta)
+    }
+
+    /// Blocks mapped under `node` seen as page `index` at `level`, with the entries of a delta
+    /// there over it; at most `MAX_DEPTH` levels of recursion.
+    fn blocks_with_delta(
+        &mut self,
+        store: &dyn ObjectStore,
+        node: Node,
+        level: u8,
+        index: u64,
+        delta: &DeltaEntries,
+    ) -> Result<u64> {
+        if delta.is_empty() {
+            return match node.page {
+                None => Ok(0),
+                Some(hash) => self.blocks_under(store, hash, node.level),
+            };
+        }
+        let slots = node.slots_at_reading(store, level, &mut |hash, page| self.count_page(hash, page))?;
+        let (first, slot_blocks) = page_span(level, index);
+        let mut keys: Vec<u16> =
+            slots.keys().copied().chain(delta.iter().map(|&(id, _)| slot_of(level, index, id))).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let mut blocks = 0;
+        for slot in keys {
+            let start = first.saturating_add(u64::from(slot).saturating_mul(slot_blocks));
+            let here = delta_within(delta, start, slot_blocks);
+            let entry = slots.get(&slot).copied();
+            if level == 0 {
+                let chunk = match (here.first(), entry) {
+                    (Some(&(_, chunk)), _) => chunk,
+                    (None, Some(Slot::Chunk(chunk))) => Some(chunk),
+                    _ => None,
+                };
+                if let Some(chunk) = chunk {
+                    self.count_chunk(&chunk);
+                    blocks += 1;
+                }
+                continue;
+            }
+            let child = match entry {
+                Some(Slot::Subtree(child)) => child,
+                None => Node::empty_below(level),
+                Some(Slot::Chunk(_)) => {
+                    return Err(Error::backend(store, format!("a map holds a chunk at level {level}")))
+                }
+            };
+            blocks +=
+                self.blocks_with_delta(store, child, level - 1, (index << FANOUT_BITS) | u64::from(slot), here)?;
+        }
+        Ok(blocks)
+    }
+
+    fn count_chunk(&mut self, chunk: &Hash) {
+        if let Some(chunks) = &mut self.chunks {
+            let mut first = [0; 16];
+            first.copy_from_slice(&chunk.0[..16]);
+            chunks.insert(u128::from_le_bytes(first));
+        }
+    }
+
+    fn count_page(&mut self, hash: &Hash, page: &Page) {
+        if self.seen.insert(*hash) {
+            self.page_bytes += page.encode().len() as u64;
         }
     }
 
@@ -66,17 +137,13 @@ impl MapWalk {
         for entry in page.entries.values() {
             blocks += match entry {
                 Entry::Chunk(chunk) => {
-                    if let Some(chunks) = &mut self.chunks {
-                        let mut first = [0; 16];
-                        first.copy_from_slice(&chunk.0[..16]);
-                        chunks.insert(u128::from_le_bytes(first));
-                    }
+                    self.count_chunk(chunk);
                     1
                 }
                 Entry::Page(child) => self.blocks_under(store, *child, level.saturating_sub(1))?,
             };
         }
-        self.page_bytes += page.encode().len() as u64;
+        self.count_page(&hash, &page);
         self.pages.insert(hash, blocks);
         Ok(blocks)
     }
@@ -88,7 +155,7 @@ impl MapWalk {
 
     /// Distinct pages of the maps walked so far.
     pub fn pages(&self) -> u64 {
-        self.pages.len() as u64
+        self.seen.len() as u64
     }
 
     /// Their bytes.

@@ -11,7 +11,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::super::format::{head_key, Page};
-use super::super::{ops, CasConfig, CasStorage};
+use super::super::{ops, CasConfig, CasStorage, DEFAULT_DELTA_ENTRIES};
 use super::*;
 use crate::storage::objects::faulty::{FaultyObjects, Request};
 use crate::storage::objects::MemoryObjects;
@@ -81,7 +81,8 @@ fn gc_now(store: &dyn ObjectStore) -> GcReport {
 /// Export `e` with blocks 0 and 5000 (a two-level map), snapshot `s1`, then block 5000
 /// rewritten: `s1` alone references the old chunk of block 5000, its root and its leaf of 5000.
 fn export_with_snapshot(store: &Arc<MemoryObjects>) -> (CasStorage, BTreeSet<String>, BTreeSet<String>) {
-    let s = open(store.clone(), "e", CasConfig::default());
+    // Every write in the tree, so the snapshot's blocks are in its pages.
+    let s = open(store.clone(), "e", CasConfig { delta_entries: 0, ..CasConfig::default() });
     s.write_block(BlockId(0), &block(1)).unwrap();
     s.write_block(BlockId(5000), &block(2)).unwrap();
     s.flush().unwrap();
@@ -203,9 +204,17 @@ fn young_uploads_are_kept_and_short_grace_periods_refused() {
 /// before they are that old, so a GC between the write and the FLUSH keeps them.
 #[test]
 fn a_writer_refreshes_uploads_it_keeps_uncommitted() {
+    // Its uploads in the tree's pages (no delta) and in the delta.
+    for delta_entries in [0, DEFAULT_DELTA_ENTRIES] {
+        writer_refreshes_uploads(delta_entries);
+    }
+}
+
+fn writer_refreshes_uploads(delta_entries: usize) {
     let _permits = short_permits();
     let store = Arc::new(MemoryObjects::default());
-    let config = CasConfig { refresh_uncommitted_after: Duration::from_millis(20), ..CasConfig::default() };
+    let config =
+        CasConfig { refresh_uncommitted_after: Duration::from_millis(20), delta_entries, ..CasConfig::default() };
     let s = open(store.clone(), "e", config);
     s.write_block(BlockId(1), &block(1)).unwrap();
     std::thread::sleep(Duration::from_millis(60));
@@ -314,8 +323,12 @@ fn gc_under_load(load: &Load, rules: Rules, shared: bool, seed: u64) -> LoadOutc
             })
             .unwrap()
     };
-    let config =
-        CasConfig { refresh_uncommitted_after: load.writer_refresh, max_dirty_pages: 2, ..CasConfig::default() };
+    let config = CasConfig {
+        refresh_uncommitted_after: load.writer_refresh,
+        max_dirty_pages: 2,
+        delta_entries: 4,
+        ..CasConfig::default()
+    };
     let (writes_per_flush, pause, run_for, retries) = (load.writes_per_flush, load.pause, load.run_for, load.retries);
     let retried = Arc::new(AtomicU64::new(0));
     let writers: Vec<_> = (0..3u64)
