@@ -183,3 +183,20 @@ fn every_command_has_help() {
     let resize = stdout(&ctl(&[], &["resize", "-h"]));
     assert!(resize.contains("Shrinking is refused unless --shrink is given"), "{resize}");
 }
+
+/// Output into a pipe whose reader has gone (`nbds3ctl list | head -1`) ends nbds3ctl quietly,
+/// as it ends any Unix tool, instead of a panic about a broken pipe.
+#[test]
+fn a_closed_pipe_ends_it_quietly() {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::process::ExitStatusExt;
+    let mut fds = [0; 2];
+    // SAFETY: `pipe` fills `fds` with two new descriptors, each owned once below.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0, "pipe: {}", std::io::Error::last_os_error());
+    let (reader, writer) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    drop(reader);
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_nbds3ctl")).arg("--help").stdout(writer).output().expect("nbds3ctl runs");
+    assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{:?}: {}", out.status, stderr(&out));
+}

@@ -283,6 +283,11 @@ fn usage(message: impl std::fmt::Display) -> Failure {
 }
 
 fn main() -> ExitCode {
+    // Rust ignores SIGPIPE, so every print to a pipe whose reader has gone (`nbds3ctl list |
+    // head -1`) would panic; the default action ends the process quietly, as it ends any Unix
+    // tool. Sockets are unaffected: the standard library sends with MSG_NOSIGNAL.
+    // SAFETY: called before any thread starts; SIG_DFL is a valid action for SIGPIPE.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let args: Vec<String> = std::env::args().skip(1).collect();
     match run(&args) {
