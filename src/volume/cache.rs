@@ -21,6 +21,13 @@
 //! once when the export opens and updated by every write-back. A block with no slot that is not
 //! `allocated` reads as zeros without a storage request, and zeroing it costs nothing.
 //!
+//! Blocks a long sequential read has left behind are moved to the cold end of the clean LRU
+//! ([`demote`](BlockCache::demote), called by the read-ahead detector), the last one left
+//! coldest: once the cache is full, such a scan evicts the block it read last, and its buffer
+//! goes through `BlockBuf`'s pool to the next block it loads, while the blocks that were cached
+//! before it stay. A read through the index moves a block back to the front, so a demoted block
+//! that is read again is an ordinary one.
+//!
 //! The hit table ([`hits`]) lets a read of a `Data` block skip the index: an entry holds a
 //! block's buffer, shared with its slot, and the address of its bytes (so a hit reads no
 //! buffer header). A read that finds `Data` through the index publishes it
@@ -290,6 +297,16 @@ impl BlockCache {
                 out.fill(0);
             }
         })
+    }
+
+    /// Moves the clean blocks among `blocks` to the cold end of the LRU, in ascending order (so
+    /// the last is evicted first): blocks a sequential scan has read and moved past, which would
+    /// otherwise push out the blocks cached before it.
+    pub fn demote(&self, blocks: Range<u64>) {
+        let mut index = lock(&self.index);
+        for b in blocks {
+            index.clean.demote(&BlockId(b));
+        }
     }
 
     /// Loads the stored blocks among `ids` that are not in memory, up to `concurrency` at a time,

@@ -362,15 +362,7 @@ fn sequential_reads_load_ahead_in_the_background() {
     }
     assert!(s.reads.load(Relaxed) >= 4, "{} blocks read for 3 sequential reads", s.reads.load(Relaxed));
     // The workers go on through the window; wait until they are done.
-    let mut before = s.reads.load(Relaxed);
-    loop {
-        std::thread::sleep(std::time::Duration::from_millis(100));
-        let now = s.reads.load(Relaxed);
-        if now == before {
-            break;
-        }
-        before = now;
-    }
+    let before = settled_reads(&s);
     v.read(&mut buf, 3 * BS as u64).unwrap();
     assert_eq!(s.reads.load(Relaxed), before, "the next block was already loaded");
     assert_eq!(buf, vec![5; BS]);
@@ -420,6 +412,68 @@ fn sequential_reads_longer_than_the_read_ahead_bound_are_served() {
     }
     v.read_sequentially(&mut buf, 16 * BS as u64).unwrap();
     assert_eq!((buf[0], buf[4 * BS], buf[5 * BS]), (0, 3, 0));
+}
+
+/// Waits until the read-ahead workers of `s`'s volume have stopped reading, and returns how many
+/// blocks were read.
+fn settled_reads(s: &FaultyStorage<MemoryStorage>) -> u64 {
+    let mut before = s.reads.load(Relaxed);
+    loop {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = s.reads.load(Relaxed);
+        if now == before {
+            return now;
+        }
+        before = now;
+    }
+}
+
+#[test]
+fn a_long_sequential_read_leaves_the_blocks_cached_before_it() {
+    // A 128-block cache (read-ahead bound: 32 blocks), 16 blocks in use, then a scan of eight
+    // times the cache.
+    let hot = 2000..2016u64;
+    let byte = |b: u64| (b % 250) as u8 + 1;
+    let stored: Vec<(u64, u8)> = (0..1024).chain(hot.clone()).map(|b| (b, byte(b))).collect();
+    let config =
+        VolumeConfig { cache_bytes: 128 * BS as u64, max_dirty_bytes: 1 << 20, concurrency: 4, writeback_delay: None };
+    let (v, s) = remote_volume(2048, config, &stored);
+    let v = Arc::new(v);
+    let mut buf = vec![0; BS];
+    for b in hot.clone() {
+        v.read(&mut buf, b * BS as u64).unwrap();
+    }
+    for b in 0..1024 {
+        v.read_sequentially(&mut buf, b * BS as u64).unwrap();
+        assert_eq!(buf[0], byte(b));
+    }
+    assert!(v.cache().clean_blocks() <= 128, "{} clean blocks", v.cache().clean_blocks());
+    let reads = settled_reads(&s);
+    for b in hot {
+        v.read(&mut buf, b * BS as u64).unwrap();
+        assert_eq!(buf[0], byte(b));
+    }
+    assert_eq!(s.reads.load(Relaxed) - reads, 0, "blocks read from storage again after the scan");
+}
+
+#[test]
+fn a_region_read_once_sequentially_stays_cached_while_it_fits() {
+    // 96 blocks, three times the read-ahead bound, into a 128-block cache.
+    let stored: Vec<(u64, u8)> = (0..96).map(|b| (b, b as u8 + 1)).collect();
+    let config =
+        VolumeConfig { cache_bytes: 128 * BS as u64, max_dirty_bytes: 1 << 20, concurrency: 4, writeback_delay: None };
+    let (v, s) = remote_volume(256, config, &stored);
+    let v = Arc::new(v);
+    let mut buf = vec![0; BS];
+    for b in 0..96 {
+        v.read_sequentially(&mut buf, b * BS as u64).unwrap();
+    }
+    let reads = settled_reads(&s);
+    for b in (0..96).rev() {
+        v.read(&mut buf, b * BS as u64).unwrap();
+        assert_eq!(buf[0], b as u8 + 1);
+    }
+    assert_eq!(s.reads.load(Relaxed) - reads, 0, "blocks of the warmed-up region read from storage again");
 }
 
 #[test]
