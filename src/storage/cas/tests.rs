@@ -594,3 +594,18 @@ fn a_delta_readers_would_refuse_is_never_committed() {
     assert!(refused.is_err(), "a delta of more than {MAX_DELTA_ENTRIES} entries was committed");
     assert!(keys(&store, "cas/heads/").is_empty(), "no head is written");
 }
+#[test]
+fn a_snapshot_racing_a_grow_keeps_gc_and_the_snapshot_working() {
+    let store = Arc::new(MemoryObjects::default());
+    let s = open(&store, "e");
+    let old_size = 100 * BLOCK_SIZE as u64;
+    // The grow and this write land after the snapshot read the export's size, before its head.
+    s.write_block(BlockId(150), &block(1)).unwrap();
+    s.flush().unwrap();
+    ops::take_snapshot(&*store, &name("e"), &name("s"), old_size, BLOCK_SIZE).unwrap();
+    let options = gc::GcOptions { grace: Duration::ZERO, dry_run: true, force: true };
+    let report = gc::gc(&*store, &options, &mut |_, _, _| {}).map(|_| ());
+    assert!(report.is_ok(), "GC stops on the snapshot: {report:?}");
+    let opened = CasStorage::open_snapshot(store.clone(), &name("e"), &name("s"), BLOCK_SIZE).map(|_| ());
+    assert!(opened.is_ok(), "the snapshot does not open: {opened:?}");
+}
