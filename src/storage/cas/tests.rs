@@ -609,3 +609,35 @@ fn a_snapshot_racing_a_grow_keeps_gc_and_the_snapshot_working() {
     let opened = CasStorage::open_snapshot(store.clone(), &name("e"), &name("s"), BLOCK_SIZE).map(|_| ());
     assert!(opened.is_ok(), "the snapshot does not open: {opened:?}");
 }
+
+#[test]
+fn a_diff_of_two_commits_sharing_a_delta_reads_only_what_changed() {
+    const BS: usize = 4096;
+    let store = Arc::new(FaultyObjects::new(true));
+    let e = name("big");
+    let blocks = (1u64 << 40) / BS as u64;
+    let scattered = |i: u64| i.wrapping_mul(0x9e37_79b9_7f4a_7c15) % blocks;
+    let data = |i: u64| indexed_block(BS, i, (i % 251) as u8 + 1);
+    let tree_only = CasConfig { delta_entries: 0, ..CasConfig::default() };
+    let setup = CasStorage::open(store.clone(), &e, BS, tree_only).unwrap();
+    for i in 0..2000 {
+        setup.write_block(BlockId(scattered(i)), &data(i)).unwrap();
+    }
+    setup.flush().unwrap();
+    drop(setup);
+    let s = CasStorage::open(store.clone(), &e, BS, CasConfig::default()).unwrap();
+    for i in 100_000..100_500 {
+        s.write_block(BlockId(scattered(i)), &data(i)).unwrap();
+    }
+    s.flush().unwrap();
+    let before = s.committed_root();
+    s.write_block(BlockId(scattered(7)), &data(1_000_000)).unwrap();
+    s.flush().unwrap();
+    let after = s.committed_root();
+    assert_eq!(before.page, after.page, "both commits share the tree");
+    store.reads.store(0, Ordering::Relaxed);
+    let runs = ops::diff(&*store, &before, &after).unwrap();
+    let gets = store.reads.load(Ordering::Relaxed);
+    assert_eq!(runs, [ChangedRange { first: scattered(7), blocks: 1, change: Change::Data }]);
+    assert!(gets <= 10, "a diff of one changed block read {gets} pages");
+}
