@@ -259,11 +259,6 @@ impl Delta {
         self.0.is_none()
     }
 
-    /// The hash of its encoding, naming it in a diff stream's header; `None` when empty.
-    pub fn digest(&self) -> Option<Hash> {
-        (!self.is_empty()).then(|| Hash::of(self.encode().as_bytes()))
-    }
-
     /// `{index as 16 hex}:{chunk as 64 hex, or zero}` per entry, separated by spaces.
     pub fn encode(&self) -> String {
         let mut out = String::with_capacity(self.len() * DELTA_ENTRY_BYTES);
