@@ -259,11 +259,6 @@ impl Delta {
         self.0.is_none()
     }
 
-    /// The hash of its encoding, naming it in a diff stream's header; `None` when empty.
-    pub fn digest(&self) -> Option<Hash> {
-        (!self.is_empty()).then(|| Hash::of(self.encode().as_bytes()))
-    }
-
     /// `{index as 16 hex}:{chunk as 64 hex, or zero}` per entry, separated by spaces.
     pub fn encode(&self) -> String {
         let mut out = String::with_capacity(self.len() * DELTA_ENTRY_BYTES);
@@ -280,10 +275,10 @@ impl Delta {
     }
 
     /// Parses [`encode`](Self::encode)'s text, refusing entries out of order, repeated,
-    /// malformed, chunks at or past block `blocks`, or more than [`MAX_DELTA_ENTRIES`]; the error
-    /// says which. A hole past the end is kept: a shrink deletes the blocks past its new end, and
-    /// a snapshot taken before the next fold records those deletions.
-    pub fn decode(text: &str, blocks: u64) -> std::result::Result<Self, String> {
+    /// malformed, or more than [`MAX_DELTA_ENTRIES`]; the error says which. Entries may name any
+    /// block, even past a snapshot's `device-size`: a snapshot taken while the export grows may
+    /// copy a head with writes past the size it read, and reads never go past that size.
+    pub fn decode(text: &str) -> std::result::Result<Self, String> {
         let mut entries = BTreeMap::new();
         for (i, item) in text.split(' ').filter(|t| !t.is_empty()).enumerate() {
             if i >= MAX_DELTA_ENTRIES {
@@ -301,9 +296,6 @@ impl Delta {
             let (id, chunk) = parsed.ok_or_else(|| format!("entry {i} ({item:.90}) is malformed"))?;
             if entries.last_key_value().is_some_and(|(&last, _)| last >= id) {
                 return Err(format!("entry {i} (block {id}) is out of order or repeated"));
-            }
-            if id >= blocks && chunk.is_some() {
-                return Err(format!("entry {i} maps block {id}, past the device's {blocks} blocks"));
             }
             entries.insert(id, chunk);
         }
@@ -421,12 +413,11 @@ fn decode_checked<'a>(
 }
 
 /// Reads the map fields shared by heads and snapshot records: a version 2 record must have a
-/// `delta=` line (empty for none), whose blocks lie below `blocks`.
+/// `delta=` line (empty for none).
 fn decode_root(
     store: &dyn fmt::Display,
     key: &str,
     (version, fields): &(u32, BTreeMap<&str, &str>),
-    blocks: u64,
 ) -> Result<(usize, Root)> {
     let bad = missing_field(store, key);
     let block_size = field(fields, "block-size", &bad)?;
@@ -441,7 +432,7 @@ fn decode_root(
         Delta::NONE
     } else {
         let text = fields.get("delta").ok_or_else(|| bad("delta"))?;
-        Delta::decode(text, blocks).map_err(|e| Error::backend(store, format!("{key}: its delta: {e}")))?
+        Delta::decode(text).map_err(|e| Error::backend(store, format!("{key}: its delta: {e}")))?
     };
     Ok((block_size, Root { page, depth, delta }))
 }
@@ -480,9 +471,7 @@ impl Head {
     pub fn decode(store: &dyn fmt::Display, key: &str, bytes: &[u8]) -> Result<Self> {
         let fields = decode_checked(store, key, HEAD_MAGIC, bytes)?;
         let bad = missing_field(store, key);
-        // A head does not record the device size (a resize does not touch it): its delta may
-        // name any block.
-        let (block_size, root) = decode_root(store, key, &fields, u64::MAX)?;
+        let (block_size, root) = decode_root(store, key, &fields)?;
         Ok(Head {
             generation: field(&fields.1, "generation", &bad)?,
             writer: field(&fields.1, "writer", &bad)?,
@@ -510,9 +499,7 @@ impl SnapshotRecord {
         let bad = missing_field(store, key);
         let (generation, device_size): (u64, u64) =
             (field(&fields.1, "generation", &bad)?, field(&fields.1, "device-size", &bad)?);
-        let block_size: usize = field(&fields.1, "block-size", &bad)?;
-        let blocks = device_size.div_ceil(block_size.max(1) as u64);
-        let (block_size, root) = decode_root(store, key, &fields, blocks)?;
+        let (block_size, root) = decode_root(store, key, &fields)?;
         Ok(SnapshotRecord { generation, device_size, block_size, root })
     }
 }
@@ -679,13 +666,13 @@ mod tests {
                 .unwrap_err()
                 .to_string()
         };
-        let e = snap_err(format!("0000000000000010:{chunk}"));
-        assert!(e.contains("cas/snapshots/e/a: its delta: entry 0 maps block 16, past the device's 16 blocks"), "{e}");
-        let shrunk = with_delta(SNAPSHOT_MAGIC, "0000000000000010:zero".into());
-        let shrunk = SnapshotRecord::decode(&"s", "k", &shrunk).unwrap();
-        assert_eq!(shrunk.root.delta.get(16), Some(None), "a hole past the end, as a shrink leaves, is kept");
-        let last = with_delta(SNAPSHOT_MAGIC, "000000000000000f:zero".into());
-        assert_eq!(SnapshotRecord::decode(&"s", "k", &last).unwrap().root.delta.get(15), Some(None));
+        let e = snap_err("1:zero".into());
+        assert!(e.contains("cas/snapshots/e/a: its delta: entry 0 (1:zero) is malformed"), "{e}");
+        // Past the device's 16 blocks: a hole as a shrink leaves, a chunk as a grow racing the
+        // snapshot leaves.
+        let past = with_delta(SNAPSHOT_MAGIC, format!("0000000000000010:zero 0000000000000011:{chunk}"));
+        let past = SnapshotRecord::decode(&"s", "k", &past).unwrap();
+        assert_eq!((past.root.delta.get(16), past.root.delta.get(17)), (Some(None), Some(Some(chunk))));
         let missing = record(
             HEAD_MAGIC,
             RECORD_VERSION,

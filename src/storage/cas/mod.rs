@@ -60,8 +60,8 @@ pub struct CasConfig {
     /// Blocks changed since the last fold kept in the overlay (and committed as the head's
     /// delta, about 82 bytes each) before they are folded into the tree's pages; at most
     /// [`MAX_DELTA_ENTRIES`] / 2. With 0, every write goes to the tree, as in format version 1.
-    /// Writes racing a fold may take the overlay up to twice this, never a commit's delta
-    /// (a FLUSH folds first).
+    /// Writes racing a fold may take the overlay, and so the delta a FLUSH racing them commits,
+    /// up to twice this (at least 2): then writes of further blocks wait for the fold.
     pub delta_entries: usize,
     /// Open for writing even where the store cannot make conditional writes, so that a second
     /// writer would not be fenced (the operator's opt-in).
@@ -349,25 +349,36 @@ impl CasStorage {
 
     /// Makes block `id` point at `chunk` (or a hole) in the overlay, folding it into the tree
     /// once it holds more than `delta_entries` blocks. Only the write that finds no fold or
-    /// flush under way folds; the others go on, unless the overlay has grown to twice its limit
-    /// meanwhile, so a fold's page uploads stall no write but a runaway one, and memory stays
-    /// bounded.
+    /// flush under way folds; the others go on, so a fold's page uploads stall no write, until
+    /// the overlay holds twice its limit: a write of a block not in it then waits for the fold
+    /// and folds itself if need be. So the overlay, and with it a FLUSH's delta, stays within
+    /// [`MAX_DELTA_ENTRIES`] and memory stays bounded even while folds keep failing.
     fn set(&self, id: BlockId, chunk: Option<Hash>) -> Result<()> {
-        let len = {
-            let mut st = lock(&self.state);
-            st.overlay.insert(id.0, chunk);
-            st.overlay.len()
-        };
-        if len <= self.config.delta_entries {
-            return Ok(());
+        let cap = 2 * self.config.delta_entries.max(1);
+        loop {
+            let len = {
+                let mut st = lock(&self.state);
+                (st.overlay.len() < cap || st.overlay.contains_key(&id.0)).then(|| {
+                    st.overlay.insert(id.0, chunk);
+                    st.overlay.len()
+                })
+            };
+            match len {
+                Some(len) if len <= self.config.delta_entries => return Ok(()),
+                Some(_) => {
+                    let _flushing = match self.flushing.try_lock() {
+                        Ok(held) => held,
+                        Err(std::sync::TryLockError::Poisoned(held)) => held.into_inner(),
+                        Err(std::sync::TryLockError::WouldBlock) => return Ok(()),
+                    };
+                    return self.fold_if_full();
+                }
+                None => {
+                    let _flushing = lock(&self.flushing);
+                    self.fold_if_full()?;
+                }
+            }
         }
-        let _flushing = match self.flushing.try_lock() {
-            Ok(held) => held,
-            Err(std::sync::TryLockError::Poisoned(held)) => held.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) if len <= 2 * self.config.delta_entries.max(1) => return Ok(()),
-            Err(std::sync::TryLockError::WouldBlock) => lock(&self.flushing),
-        };
-        self.fold_if_full()
     }
 
     /// With `flushing` held: folds the overlay into the tree if it holds more than
@@ -526,6 +537,15 @@ impl CasStorage {
     /// Commits `root` by replacing the head it was read at; refuses and fences this store when
     /// another writer got there first.
     fn commit(&self, root: Root) -> Result<()> {
+        if root.delta.len() > MAX_DELTA_ENTRIES {
+            return Err(Error::backend(
+                self,
+                format!(
+                    "not committing a delta of {} entries, more than the {MAX_DELTA_ENTRIES} readers accept; FLUSH again once the overlay is folded",
+                    root.delta.len()
+                ),
+            ));
+        }
         loop {
             let committed = lock(&self.state).committed.clone();
             if root == committed.root {

@@ -3,7 +3,7 @@
 //!
 //! Each costs a few requests whatever the device size: a snapshot or clone copies one root hash
 //! and the delta, and a diff reads only the pages where the two trees differ, since equal hashes
-//! mean equal subtrees, and the pages on the paths of the blocks in either delta.
+//! mean equal subtrees, and the pages on the paths of the blocks the two deltas do not share.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
@@ -183,6 +183,13 @@ pub(crate) fn delta_within(delta: &DeltaEntries, start: u64, blocks: u64) -> &De
     &delta[low..high.max(low)]
 }
 
+/// The entries of `delta` that `other` does not hold with the same chunk.
+fn unshared(delta: &DeltaEntries, other: &DeltaEntries) -> Vec<(u64, Option<Hash>)> {
+    let shared =
+        |entry: &(u64, Option<Hash>)| other.binary_search_by_key(&entry.0, |o| o.0).is_ok_and(|i| other[i] == *entry);
+    delta.iter().filter(|entry| !shared(entry)).copied().collect()
+}
+
 /// The slot of page `index` at `level` that block `id` falls in.
 pub(crate) fn slot_of(level: u8, index: u64, id: u64) -> u16 {
     let (first, slot_blocks) = page_span(level, index);
@@ -250,7 +257,7 @@ pub struct ChangedRange {
 
 /// The runs of blocks whose content differs from `from` to `to`, in order, adjacent runs of one
 /// kind merged. Reads only the pages under subtrees whose hashes differ, and those on the paths
-/// of the blocks in either delta.
+/// of the blocks the two deltas do not hold alike.
 ///
 /// # Errors
 /// Store failures; pages that fail their checks.
@@ -279,9 +286,18 @@ fn diff_nodes(
     range: &Range<u64>,
     visit: &mut dyn FnMut(BlockId, Option<Hash>, Option<Hash>),
 ) -> Result<()> {
-    if da.is_empty() && db.is_empty() && a.page == b.page && (a.page.is_none() || a.level == b.level) {
-        return Ok(());
-    }
+    // Over equal subtrees, an entry both deltas hold alike changes nothing: dropping those keeps
+    // the walk to what changed when two commits share most of a delta.
+    let (kept_a, kept_b);
+    let (da, db) = if a.page == b.page && (a.page.is_none() || a.level == b.level) {
+        (kept_a, kept_b) = (unshared(da, db), unshared(db, da));
+        if kept_a.is_empty() && kept_b.is_empty() {
+            return Ok(());
+        }
+        (&kept_a[..], &kept_b[..])
+    } else {
+        (da, db)
+    };
     let (first, slot_blocks) = page_span(level, index);
     let (sa, sb) = (a.slots_at(store, level)?, b.slots_at(store, level)?);
     let in_deltas = da.iter().chain(db).map(|&(id, _)| slot_of(level, index, id));

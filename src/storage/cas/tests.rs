@@ -506,3 +506,138 @@ fn maps_with_the_same_blocks_fold_to_the_same_tree() {
     let folded: Vec<Root> = roots.iter().map(|r| ops::folded(&*store, r).unwrap()).collect();
     assert!(folded.iter().all(|f| *f == roots[0]), "{folded:?}");
 }
+
+/// A block whose first bytes are its index, so blocks written with one `fill` differ.
+fn indexed_block(size: usize, id: u64, fill: u8) -> Vec<u8> {
+    let mut data = vec![fill; size];
+    data[..8].copy_from_slice(&id.to_le_bytes());
+    data
+}
+
+#[test]
+fn a_flush_racing_writes_commits_a_delta_the_export_reopens_with() {
+    use crate::storage::objects::faulty::Request;
+    use std::sync::Condvar;
+    let limit = MAX_DELTA_ENTRIES / 2;
+    let store = Arc::new(FaultyObjects::new(true));
+    // Page PUTs: (0) fail, (1) wait, (2) pass; and whether one has started.
+    let gate = Arc::new((Mutex::new((0u8, false)), Condvar::new()));
+    let hook = gate.clone();
+    store.before_each(move |request| {
+        let Request::Put(key) = request else { return Ok(()) };
+        if !key.starts_with("cas/pages/") {
+            return Ok(());
+        }
+        let (mode, changed) = &*hook;
+        let mut mode = mode.lock().unwrap();
+        if mode.0 == 0 {
+            return Err("page PUTs fail for now".into());
+        }
+        mode.1 = true;
+        changed.notify_all();
+        while mode.0 == 1 {
+            mode = changed.wait(mode).unwrap();
+        }
+        Ok(())
+    });
+    let set_mode = |to: u8| {
+        gate.0.lock().unwrap().0 = to;
+        gate.1.notify_all();
+    };
+    let config = CasConfig { delta_entries: limit, ..CasConfig::default() };
+    let s = CasStorage::open(store.clone(), &name("e"), BLOCK_SIZE, config).unwrap();
+    let limit = limit as u64;
+    let write = |id: u64, fill: u8| s.write_block(BlockId(id), &indexed_block(BLOCK_SIZE, id, fill));
+    for id in 0..limit {
+        write(id, 1).unwrap();
+    }
+    // This write's fold fails (its page PUTs do): the overlay keeps limit + 1 blocks.
+    assert!(write(limit, 1).is_err());
+    set_mode(1);
+    std::thread::scope(|scope| {
+        let flush = scope.spawn(|| s.flush());
+        let mut started = gate.0.lock().unwrap();
+        while !started.1 {
+            started = gate.1.wait(started).unwrap();
+        }
+        drop(started);
+        // While the FLUSH's fold stores its pages: every block it folds written again, new ones
+        // up to twice the limit, and one more.
+        for id in 0..2 * limit {
+            write(id, 2).unwrap();
+        }
+        let last = scope.spawn(|| write(2 * limit, 3));
+        // Until that write is in the overlay, or has had time to be (it waits for the fold).
+        for _ in 0..200 {
+            if lock(&s.state).overlay.len() as u64 > 2 * limit {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        set_mode(2);
+        flush.join().unwrap().unwrap();
+        last.join().unwrap().unwrap();
+    });
+    let committed = s.committed_root().delta.len();
+    let reopened = CasStorage::open(store.clone(), &name("e"), BLOCK_SIZE, config).map(|_| ());
+    assert!(reopened.is_ok(), "the FLUSH committed a delta of {committed} entries: {reopened:?}");
+    assert!(lock(&s.state).overlay.len() <= 2 * limit as usize, "the overlay outgrew twice its limit");
+}
+
+#[test]
+fn a_delta_readers_would_refuse_is_never_committed() {
+    let store = Arc::new(MemoryObjects::default());
+    let s = open(&store, "e");
+    let chunk = Some(Hash::of(&block(1)));
+    let delta = Delta::new((0..=MAX_DELTA_ENTRIES as u64).map(|id| (id, chunk)).collect());
+    let refused = s.commit(Root { delta, ..Root::EMPTY });
+    assert!(refused.is_err(), "a delta of more than {MAX_DELTA_ENTRIES} entries was committed");
+    assert!(keys(&store, "cas/heads/").is_empty(), "no head is written");
+}
+#[test]
+fn a_snapshot_racing_a_grow_keeps_gc_and_the_snapshot_working() {
+    let store = Arc::new(MemoryObjects::default());
+    let s = open(&store, "e");
+    let old_size = 100 * BLOCK_SIZE as u64;
+    // The grow and this write land after the snapshot read the export's size, before its head.
+    s.write_block(BlockId(150), &block(1)).unwrap();
+    s.flush().unwrap();
+    ops::take_snapshot(&*store, &name("e"), &name("s"), old_size, BLOCK_SIZE).unwrap();
+    let options = gc::GcOptions { grace: Duration::ZERO, dry_run: true, force: true };
+    let report = gc::gc(&*store, &options, &mut |_, _, _| {}).map(|_| ());
+    assert!(report.is_ok(), "GC stops on the snapshot: {report:?}");
+    let opened = CasStorage::open_snapshot(store.clone(), &name("e"), &name("s"), BLOCK_SIZE).map(|_| ());
+    assert!(opened.is_ok(), "the snapshot does not open: {opened:?}");
+}
+
+#[test]
+fn a_diff_of_two_commits_sharing_a_delta_reads_only_what_changed() {
+    const BS: usize = 4096;
+    let store = Arc::new(FaultyObjects::new(true));
+    let e = name("big");
+    let blocks = (1u64 << 40) / BS as u64;
+    let scattered = |i: u64| i.wrapping_mul(0x9e37_79b9_7f4a_7c15) % blocks;
+    let data = |i: u64| indexed_block(BS, i, (i % 251) as u8 + 1);
+    let tree_only = CasConfig { delta_entries: 0, ..CasConfig::default() };
+    let setup = CasStorage::open(store.clone(), &e, BS, tree_only).unwrap();
+    for i in 0..2000 {
+        setup.write_block(BlockId(scattered(i)), &data(i)).unwrap();
+    }
+    setup.flush().unwrap();
+    drop(setup);
+    let s = CasStorage::open(store.clone(), &e, BS, CasConfig::default()).unwrap();
+    for i in 100_000..100_500 {
+        s.write_block(BlockId(scattered(i)), &data(i)).unwrap();
+    }
+    s.flush().unwrap();
+    let before = s.committed_root();
+    s.write_block(BlockId(scattered(7)), &data(1_000_000)).unwrap();
+    s.flush().unwrap();
+    let after = s.committed_root();
+    assert_eq!(before.page, after.page, "both commits share the tree");
+    store.reads.store(0, Ordering::Relaxed);
+    let runs = ops::diff(&*store, &before, &after).unwrap();
+    let gets = store.reads.load(Ordering::Relaxed);
+    assert_eq!(runs, [ChangedRange { first: scattered(7), blocks: 1, change: Change::Data }]);
+    assert!(gets <= 10, "a diff of one changed block read {gets} pages");
+}
