@@ -333,27 +333,37 @@ fn cost(store: &Arc<FaultyObjects>, op: impl FnOnce()) -> Cost {
     Cost { gets, puts, bytes }
 }
 
+/// The block size of [`sparse_terabyte`]'s export.
+const BS: usize = 4096;
+
+/// Where the `i`th write of [`sparse_terabyte`]'s export goes: spread over the whole device.
+fn scattered(i: u64) -> u64 {
+    i.wrapping_mul(0x9e37_79b9_7f4a_7c15) % ((1u64 << 40) / BS as u64)
+}
+
+/// The `i`th block written to [`sparse_terabyte`]'s export: distinct for every `i`.
+fn sparse_block(i: u64) -> Vec<u8> {
+    indexed_block(BS, i, (i % 251) as u8 + 1)
+}
+
+/// Export `big`, 1 TiB of 4 KiB blocks with `mapped` scattered blocks committed in its tree (no
+/// delta), on a store that counts requests: the map of a large, sparsely used device.
+fn sparse_terabyte(mapped: u64) -> (Arc<FaultyObjects>, ExportName) {
+    let store = Arc::new(FaultyObjects::new(true));
+    let e = name("big");
+    let tree_only = CasConfig { delta_entries: 0, ..CasConfig::default() };
+    let setup = CasStorage::open(store.clone(), &e, BS, tree_only).unwrap();
+    for i in 0..mapped {
+        setup.write_block(BlockId(scattered(i)), &sparse_block(i)).unwrap();
+    }
+    setup.flush().unwrap();
+    (store, e)
+}
+
 /// The requests of the operations docs/CAS-FORMAT.md measures, on a 1 TiB export of 4 KiB blocks
 /// with 20 000 random blocks mapped (a 3-level tree), opened with `delta_entries`.
 fn request_table(delta_entries: usize) -> Vec<(&'static str, Cost)> {
-    const BS: usize = 4096;
-    let store = Arc::new(FaultyObjects::new(true));
-    let e = name("big");
-    let blocks = (1u64 << 40) / BS as u64;
-    let random = |i: u64| i.wrapping_mul(0x9e37_79b9_7f4a_7c15) % blocks;
-    let data = |i: u64| vec![(i % 251) as u8 + 1; BS];
-    let data = |i: u64| {
-        let mut d = data(i);
-        d[..8].copy_from_slice(&i.to_le_bytes());
-        d
-    };
-    let tree_only = CasConfig { delta_entries: 0, ..CasConfig::default() };
-    let setup = CasStorage::open(store.clone(), &e, BS, tree_only).unwrap();
-    for i in 0..20_000 {
-        setup.write_block(BlockId(random(i)), &data(i)).unwrap();
-    }
-    setup.flush().unwrap();
-    drop(setup);
+    let (store, e) = sparse_terabyte(20_000);
     let config = CasConfig { delta_entries, ..CasConfig::default() };
     let mut opened = None;
     let mut table =
@@ -365,8 +375,8 @@ fn request_table(delta_entries: usize) -> Vec<(&'static str, Cost)> {
         next += n;
         cost(&store, || {
             for i in first..first + n {
-                let id = if sequential { (1 << 20) + i - first } else { random(i) };
-                s.write_block(BlockId(id), &data(i)).unwrap();
+                let id = if sequential { (1 << 20) + i - first } else { scattered(i) };
+                s.write_block(BlockId(id), &sparse_block(i)).unwrap();
             }
             s.flush().unwrap();
         })
@@ -612,19 +622,8 @@ fn a_snapshot_racing_a_grow_keeps_gc_and_the_snapshot_working() {
 
 #[test]
 fn a_diff_of_two_commits_sharing_a_delta_reads_only_what_changed() {
-    const BS: usize = 4096;
-    let store = Arc::new(FaultyObjects::new(true));
-    let e = name("big");
-    let blocks = (1u64 << 40) / BS as u64;
-    let scattered = |i: u64| i.wrapping_mul(0x9e37_79b9_7f4a_7c15) % blocks;
-    let data = |i: u64| indexed_block(BS, i, (i % 251) as u8 + 1);
-    let tree_only = CasConfig { delta_entries: 0, ..CasConfig::default() };
-    let setup = CasStorage::open(store.clone(), &e, BS, tree_only).unwrap();
-    for i in 0..2000 {
-        setup.write_block(BlockId(scattered(i)), &data(i)).unwrap();
-    }
-    setup.flush().unwrap();
-    drop(setup);
+    let (store, e) = sparse_terabyte(2000);
+    let data = sparse_block;
     let s = CasStorage::open(store.clone(), &e, BS, CasConfig::default()).unwrap();
     for i in 100_000..100_500 {
         s.write_block(BlockId(scattered(i)), &data(i)).unwrap();
