@@ -8,20 +8,23 @@
 //! `PlainStorage`, then reads `S3_BENCH_COUNT` of them back, `S3_BENCH_CONCURRENCY` at a time, these
 //! ways:
 //!
-//! - `PlainStorage::read_block`: what the plugin does (on an http:// endpoint, its own
+//! - `plain`, `PlainStorage::read_block`: what the plugin does (on an http:// endpoint, its own
 //!   [`DirectClient`] path, with the CRC32 check);
-//! - the same through aws-sdk-s3, the path https:// endpoints take;
-//! - that without the SDK's response checksum validation, to show what the CRC32 costs there;
-//! - and, on http:// endpoints only, the transports on their own: [`DirectClient::get`] (the
-//!   hand-written HTTP/1.1 parser), the same request through hyper in two ways (see
-//!   [`hyper_clients`]), and a bare client: one keep-alive TCP connection per thread, a
-//!   SigV4-signed GET written by hand, the body read straight into the block, nothing checked.
-//!   It is the floor any HTTP client has to pay: the kernel's copy and the signature.
+//! - `sdk`, the same through aws-sdk-s3, the path https:// endpoints take;
+//! - `sdk-unchecked`, that without the SDK's response checksum validation, to show what the
+//!   CRC32 costs there;
+//! - and, on http:// endpoints only, the transports on their own: `direct`,
+//!   [`DirectClient::get`] (the hand-written HTTP/1.1 parser); `hyper-thread` and
+//!   `hyper-pooled`, the same request through hyper in two ways (see [`hyper_clients`]); and
+//!   `bare`, a bare client: one keep-alive TCP connection per thread, a SigV4-signed GET written
+//!   by hand, the body read straight into the block, nothing checked. It is the floor any HTTP
+//!   client has to pay: the kernel's copy and the signature.
 //!
-//! then writes `S3_BENCH_COUNT` blocks back: `PlainStorage::write_block` (nbds3's own PUT path on
-//! an http:// endpoint: the block from the caller's buffer, its CRC32 in a header), the same
-//! through aws-sdk-s3 (a copy of the block as the SDK's body, the CRC32 in an aws-chunked
-//! trailer), and on http:// endpoints [`DirectClient::put`] and hyper's two ways.
+//! then writes `S3_BENCH_COUNT` blocks back: `plain`, `PlainStorage::write_block` (nbds3's own
+//! PUT path on an http:// endpoint: the block from the caller's buffer, its CRC32 in a header);
+//! `sdk`, the same through aws-sdk-s3 (a copy of the block as the SDK's body, the CRC32 in an
+//! aws-chunked trailer); and on http:// endpoints `direct`, [`DirectClient::put`], and hyper's
+//! two ways, `hyper-thread` and `hyper-pooled`.
 //!
 //! Every way runs `S3_BENCH_ROUNDS` times, the ways taking turns, so that a slow spell of the
 //! shared machine falls on all of them. Each run prints MiB/s, CPU microseconds per request and
@@ -41,9 +44,19 @@
 //! Environment: what `scripts/seaweedfs env` (or `scripts/garage env`) prints
 //! (`NBDS3_S3_ENDPOINT`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`), and
 //! optionally `S3_BENCH_BUCKET` (nbds3-bench-get), `S3_BENCH_SIZE` (1048576), `S3_BENCH_OBJECTS`
-//! (64), `S3_BENCH_COUNT` (1024), `S3_BENCH_CONCURRENCY` (8), `S3_BENCH_ROUNDS` (3).
+//! (64), `S3_BENCH_COUNT` (1024), `S3_BENCH_CONCURRENCY` (8), `S3_BENCH_ROUNDS` (3), and:
+//!
+//! - `S3_BENCH_GETS`, `S3_BENCH_PUTS`: the names of the ways to run, separated by spaces or
+//!   commas (all of them when unset; `none` for none): `scripts/bench` runs `S3_BENCH_GETS="plain
+//!   bare" S3_BENCH_PUTS=none`, the floor of the cold read and nbds3's own GET beside it, in a
+//!   fraction of the time. A name that is not among the ways is an error, not a way quietly left
+//!   out.
+//! - `S3_BENCH_TSV`: a file to append each way's summary to, one tab-separated line per way:
+//!   `get` or `put`, its name, its median CPU-seconds per GiB over the rounds and its median
+//!   latency in microseconds (the medians of the rounds' medians), for `scripts/bench` to read.
 
 use std::env::var;
+use std::fs::OpenOptions;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -77,8 +90,14 @@ const DIRECT: &str = "DirectClient (hand-written HTTP/1.1)";
 const PER_THREAD: &str = "hyper conn::http1, a runtime per thread";
 const POOLED: &str = "hyper-util Client, pooled, nbds3's runtime";
 
-/// A way of making requests: its label, and how each thread gets its [`RequestFn`].
-type Contender<'a> = (&'static str, Box<dyn Fn() -> Result<RequestFn> + 'a>);
+/// A way of making requests, and how each thread gets its [`RequestFn`].
+struct Contender<'a> {
+    /// What `S3_BENCH_GETS`, `S3_BENCH_PUTS` and `S3_BENCH_TSV` call it.
+    name: &'static str,
+    /// What the tables call it.
+    label: &'static str,
+    make: Box<dyn Fn() -> Result<RequestFn> + 'a>,
+}
 
 /// Makes the `n`th request: reads its object into a buffer of its own, or writes it.
 type RequestFn = Box<dyn FnMut(usize) -> Result<()> + Send>;
@@ -123,9 +142,6 @@ fn main() -> Result<()> {
                 .collect()
         })
         .collect();
-    for (&id, block) in ids.iter().zip(&blocks) {
-        store.write_block(id, block)?;
-    }
     let blocks = Arc::new(blocks);
     let through_sdk =
         Arc::new(PlainStorage::new(Arc::new(S3Objects::new(sdk.without_direct(), &config)), &export, size));
@@ -152,40 +168,83 @@ fn main() -> Result<()> {
     };
 
     let mut gets = vec![
-        contender("PlainStorage::read_block (nbds3)", || block_reader(Arc::clone(&store), &ids)),
-        contender("  through aws-sdk-s3 (https endpoints)", || block_reader(Arc::clone(&through_sdk), &ids)),
-        contender("  the same without the SDK's CRC32 check", || block_reader(Arc::clone(&unchecked), &ids)),
+        contender("plain", "PlainStorage::read_block (nbds3)", || block_reader(Arc::clone(&store), &ids)),
+        contender("sdk", "  through aws-sdk-s3 (https endpoints)", || block_reader(Arc::clone(&through_sdk), &ids)),
+        contender("sdk-unchecked", "  the same without the SDK's CRC32 check", || {
+            block_reader(Arc::clone(&unchecked), &ids)
+        }),
     ];
     let mut puts = vec![
-        contender("PlainStorage::write_block (nbds3)", || block_writer(Arc::clone(&store), &ids, &blocks)),
-        contender("  through aws-sdk-s3 (https endpoints)", || block_writer(Arc::clone(&through_sdk), &ids, &blocks)),
+        contender("plain", "PlainStorage::write_block (nbds3)", || block_writer(Arc::clone(&store), &ids, &blocks)),
+        contender("sdk", "  through aws-sdk-s3 (https endpoints)", || {
+            block_writer(Arc::clone(&through_sdk), &ids, &blocks)
+        }),
     ];
     match &http {
         Some((direct, pooled, target)) => {
             gets.extend([
-                contender(DIRECT, || Ok(reader(Direct(Arc::clone(direct)), &keys, size))),
-                contender(PER_THREAD, || Ok(reader(PerThread::connect(Arc::clone(target))?, &keys, size))),
-                contender(POOLED, || Ok(reader(pooled.clone(), &keys, size))),
-                contender("bare HTTP/1.1 client (the floor)", || bare_reader(&target.signer, &paths, size)),
+                contender("direct", DIRECT, || Ok(reader(Direct(Arc::clone(direct)), &keys, size))),
+                contender("hyper-thread", PER_THREAD, || {
+                    Ok(reader(PerThread::connect(Arc::clone(target))?, &keys, size))
+                }),
+                contender("hyper-pooled", POOLED, || Ok(reader(pooled.clone(), &keys, size))),
+                contender("bare", "bare HTTP/1.1 client (the floor)", || bare_reader(&target.signer, &paths, size)),
             ]);
             puts.extend([
-                contender(DIRECT, || Ok(writer(Direct(Arc::clone(direct)), &keys, &blocks))),
-                contender(PER_THREAD, || Ok(writer(PerThread::connect(Arc::clone(target))?, &keys, &blocks))),
-                contender(POOLED, || Ok(writer(pooled.clone(), &keys, &blocks))),
+                contender("direct", DIRECT, || Ok(writer(Direct(Arc::clone(direct)), &keys, &blocks))),
+                contender("hyper-thread", PER_THREAD, || {
+                    Ok(writer(PerThread::connect(Arc::clone(target))?, &keys, &blocks))
+                }),
+                contender("hyper-pooled", POOLED, || Ok(writer(pooled.clone(), &keys, &blocks))),
             ]);
         }
         None => println!("DirectClient, hyper and the bare client: skipped, they speak http:// only"),
     }
-    println!("{count} GETs of {size}-byte objects, {concurrency} at a time, from {endpoint}");
-    compare(&gets, rounds, size, count, concurrency)?;
-    println!("{count} PUTs of {size}-byte objects, {concurrency} at a time");
-    compare(&puts, rounds, size, count, concurrency)?;
+    let gets = chosen("S3_BENCH_GETS", gets)?;
+    let puts = chosen("S3_BENCH_PUTS", puts)?;
+    for (&id, block) in ids.iter().zip(blocks.iter()) {
+        store.write_block(id, block)?;
+    }
+    if !gets.is_empty() {
+        println!("{count} GETs of {size}-byte objects, {concurrency} at a time, from {endpoint}");
+        let medians = compare(&gets, rounds, size, count, concurrency)?;
+        record("get", &gets, &medians, size)?;
+    }
+    if !puts.is_empty() {
+        println!("{count} PUTs of {size}-byte objects, {concurrency} at a time");
+        let medians = compare(&puts, rounds, size, count, concurrency)?;
+        record("put", &puts, &medians, size)?;
+    }
     store.delete_blocks(&ids)?;
     Ok(())
 }
 
-fn contender<'a>(label: &'static str, make: impl Fn() -> Result<RequestFn> + 'a) -> Contender<'a> {
-    (label, Box::new(make))
+fn contender<'a>(name: &'static str, label: &'static str, make: impl Fn() -> Result<RequestFn> + 'a) -> Contender<'a> {
+    Contender { name, label, make: Box::new(make) }
+}
+
+/// The ways that the environment variable `setting` names, in their own order; all of them if
+/// it is unset.
+fn chosen<'a>(setting: &str, ways: Vec<Contender<'a>>) -> Result<Vec<Contender<'a>>> {
+    let Ok(list) = var(setting) else { return Ok(ways) };
+    let names: Vec<&str> = list.split([' ', ',']).filter(|name| !name.is_empty()).collect();
+    if let Some(unknown) = names.iter().find(|&&name| name != "none" && !ways.iter().any(|way| way.name == name)) {
+        let known: Vec<&str> = ways.iter().map(|way| way.name).collect();
+        return Err(format!("{setting}={list}: no way named {unknown} here (these are: {})", known.join(" ")).into());
+    }
+    Ok(ways.into_iter().filter(|way| names.contains(&way.name)).collect())
+}
+
+/// Appends each way's medians over the rounds to the file `S3_BENCH_TSV` names, if it is set.
+fn record(operation: &str, contenders: &[Contender<'_>], medians: &[Figures], size: usize) -> Result<()> {
+    let Ok(path) = var("S3_BENCH_TSV") else { return Ok(()) };
+    let mut file = OpenOptions::new().create(true).append(true).open(&path).map_err(|e| format!("{path}: {e}"))?;
+    let gib = size as f64 / f64::from(1 << 30);
+    for (way, figures) in contenders.iter().zip(medians) {
+        let cpu_per_gib = figures.cpu_per_request_us / 1e6 / gib;
+        writeln!(file, "{operation}\t{}\t{cpu_per_gib:.2}\t{:.0}", way.name, figures.median_latency_us)?;
+    }
+    Ok(())
 }
 
 fn block_reader(store: Arc<PlainStorage>, ids: &[BlockId]) -> Result<RequestFn> {
@@ -326,8 +385,15 @@ struct Figures {
 
 /// Measures each contender `rounds` times, taking turns (each round begins with the next one),
 /// then prints each one's median CPU per request and median latency over the rounds as ratios
-/// to [`DIRECT`]'s in the same round (to the first contender's where that is not measured).
-fn compare(contenders: &[Contender<'_>], rounds: usize, size: usize, count: usize, concurrency: usize) -> Result<()> {
+/// to [`DIRECT`]'s in the same round (to the first contender's where that is not measured), and
+/// returns those medians.
+fn compare(
+    contenders: &[Contender<'_>],
+    rounds: usize,
+    size: usize,
+    count: usize,
+    concurrency: usize,
+) -> Result<Vec<Figures>> {
     println!(
         "{:<44} {:>8} {:>12} {:>10} {:>9} {:>9} {:>17}",
         "client", "MiB/s", "CPU us/req", "CPU s/GiB", "p50 us", "p99 us", "server CPU s/GiB"
@@ -335,28 +401,38 @@ fn compare(contenders: &[Contender<'_>], rounds: usize, size: usize, count: usiz
     let mut runs: Vec<Vec<Figures>> = contenders.iter().map(|_| Vec::new()).collect();
     for round in 0..rounds {
         for i in (0..contenders.len()).map(|i| (i + round) % contenders.len()) {
-            let (label, make) = &contenders[i];
-            runs[i].push(measure(label, size, count, concurrency, make)?);
+            let way = &contenders[i];
+            runs[i].push(measure(way.label, size, count, concurrency, &*way.make)?);
         }
     }
-    let reference = contenders.iter().position(|(label, _)| *label == DIRECT).unwrap_or(0);
-    println!("medians of {rounds} rounds; ratios to {} in the same round, [lowest, highest]", contenders[reference].0);
+    let reference = contenders.iter().position(|way| way.label == DIRECT).unwrap_or(0);
+    println!(
+        "medians of {rounds} rounds; ratios to {} in the same round, [lowest, highest]",
+        contenders[reference].label
+    );
     println!("{:<44} {:>12} {:>20} {:>9} {:>20}", "client", "CPU us/req", "CPU ratio", "p50 us", "p50 ratio");
-    for ((label, _), figures) in contenders.iter().zip(&runs) {
+    let mut medians = Vec::with_capacity(contenders.len());
+    for (way, figures) in contenders.iter().zip(&runs) {
         let spread = |figure: fn(&Figures) -> f64| {
             let ratios: Vec<f64> = figures.iter().zip(&runs[reference]).map(|(f, r)| figure(f) / figure(r)).collect();
             let (lowest, highest) = ratios.iter().fold((f64::MAX, 0f64), |(l, h), &r| (l.min(r), h.max(r)));
             format!("{:.2} [{lowest:.2}, {highest:.2}]", median(ratios.clone()))
         };
+        let middle = Figures {
+            cpu_per_request_us: median(figures.iter().map(|f| f.cpu_per_request_us).collect()),
+            median_latency_us: median(figures.iter().map(|f| f.median_latency_us).collect()),
+        };
         println!(
-            "{label:<44} {:>12.0} {:>20} {:>9.0} {:>20}",
-            median(figures.iter().map(|f| f.cpu_per_request_us).collect()),
+            "{:<44} {:>12.0} {:>20} {:>9.0} {:>20}",
+            way.label,
+            middle.cpu_per_request_us,
             spread(|f| f.cpu_per_request_us),
-            median(figures.iter().map(|f| f.median_latency_us).collect()),
+            middle.median_latency_us,
             spread(|f| f.median_latency_us),
         );
+        medians.push(middle);
     }
-    Ok(())
+    Ok(medians)
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
