@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::{run, Nbdkit, S3Env, TEST_BUCKET};
@@ -173,8 +174,18 @@ fn the_secret_key_comes_from_a_file_and_never_shows_in_the_log() {
     assert!(!log.contains(&env.secret_key), "the secret is in the log");
 }
 
+/// `params` with a stats file written every 0.1 s, in a temporary directory that lives as long
+/// as the first value returned.
+fn params_with_stats(env: &S3Env, export: &str, extra: &[&str]) -> (tempfile::TempDir, PathBuf, Vec<String>) {
+    let dir = tempfile::tempdir().unwrap();
+    let stats = dir.path().join("stats");
+    let mut p = params(env, export, &[extra, &["stats-interval=0.1"]].concat());
+    p.push(format!("stats-file={}", stats.display()));
+    (dir, stats, p)
+}
+
 /// The counters of `export` in the stats file at `path`, waiting up to 10 s for its line.
-fn export_stats(path: &std::path::Path, export: &str) -> std::collections::HashMap<String, u64> {
+fn export_stats(path: &Path, export: &str) -> std::collections::HashMap<String, u64> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
         let text = std::fs::read_to_string(path).unwrap_or_default();
@@ -198,10 +209,7 @@ fn a_sequential_reader_through_nbdkit_is_read_ahead() {
     require!("nbdkit", "/usr/bin/python3");
     let Some(env) = common::s3() else { return };
     let export = common::unique("readahead");
-    let dir = tempfile::tempdir().unwrap();
-    let stats = dir.path().join("stats");
-    let mut p = params(&env, &export, &["stats-interval=0.1"]);
-    p.push(format!("stats-file={}", stats.display()));
+    let (_dir, stats, p) = params_with_stats(&env, &export, &[]);
     let nbdkit = Nbdkit::start(&p);
     nbdkit.nbdsh("h.pwrite(b'r' * (1 << 20), 0); h.flush()");
     nbdkit.stop();
@@ -239,16 +247,9 @@ fn cache_command_prefetches_and_stats_file_counts_requests() {
     require!("nbdkit", "/usr/bin/python3");
     let Some(env) = common::s3() else { return };
     let export = common::unique("cachecmd");
-    let dir = tempfile::tempdir().unwrap();
-    let stats = dir.path().join("stats");
-    let with_stats = |extra: &[&str]| {
-        let mut p = params(&env, &export, &["block-size=64K", "stats-interval=0.1"]);
-        p.push(format!("stats-file={}", stats.display()));
-        p.extend(extra.iter().map(|s| s.to_string()));
-        p
-    };
+    let (_dir, stats, p) = params_with_stats(&env, &export, &["block-size=64K"]);
     let read_stats = || export_stats(&stats, &export);
-    let nbdkit = Nbdkit::start(&with_stats(&[]));
+    let nbdkit = Nbdkit::start(&p);
     nbdkit.nbdsh("h.pwrite(b'q' * (1 << 20), 0); h.flush()");
     std::thread::sleep(std::time::Duration::from_millis(300));
     let s = read_stats();
@@ -256,7 +257,7 @@ fn cache_command_prefetches_and_stats_file_counts_requests() {
     nbdkit.stop();
     std::fs::remove_file(&stats).unwrap();
 
-    let nbdkit = Nbdkit::start(&with_stats(&[]));
+    let nbdkit = Nbdkit::start(&p);
     nbdkit.nbdsh("h.cache(1 << 20, 0)");
     std::thread::sleep(std::time::Duration::from_millis(300));
     assert_eq!(read_stats()["gets"], 16, "CACHE loaded every block");

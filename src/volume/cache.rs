@@ -48,7 +48,6 @@
 //! block up again.
 
 mod hits;
-mod striped;
 
 use std::cell::Cell;
 use std::collections::BTreeSet;
@@ -63,7 +62,6 @@ use crate::parallel::{parallel, parallel_while};
 use crate::storage::{is_zero, BlockId, Storage};
 use crate::{lock, Error, Result};
 use hits::HitTable;
-pub use striped::StripedCounter;
 
 /// Whole-block zeroes larger than this many stored blocks are deleted from storage while the
 /// request runs, in batches of this size, so a full-device trim needs no memory per block.
@@ -168,8 +166,8 @@ impl Index {
 /// Counters of one cache, read by tests and logged at unload.
 #[derive(Debug, Default)]
 pub struct CacheStats {
-    /// Block reads served from memory: every cached read adds to it, so it is striped.
-    pub hits: StripedCounter,
+    /// Block reads served from memory.
+    pub hits: AtomicU64,
     /// Block reads of blocks storage does not hold, answered without a request.
     pub holes: AtomicU64,
     /// Blocks read from storage (GET).
@@ -182,7 +180,7 @@ impl CacheStats {
     /// The counters by name, in the stats file's order.
     pub fn counters(&self) -> [(&'static str, u64); 4] {
         [
-            ("hits", self.hits.get()),
+            ("hits", self.hits.load(Relaxed)),
             ("holes", self.holes.load(Relaxed)),
             ("misses", self.misses.load(Relaxed)),
             ("read_modify_writes", self.read_modify_writes.load(Relaxed)),
@@ -272,13 +270,13 @@ impl BlockCache {
     pub fn read(&self, id: BlockId, offset: usize, out: &mut [u8]) -> Result<()> {
         let range = self.range(id, offset, out.len())?;
         if may_skip_index() && self.hits.copy(id, range.clone(), out) {
-            self.stats.hits.add(1);
+            self.stats.hits.fetch_add(1, Relaxed);
             return Ok(());
         }
         self.with_slot(id, false, |st| {
             if let Content::Partial { data, valid } = &st.content {
                 if valid.iter().any(|v| v.start <= range.start && range.end <= v.end) {
-                    self.stats.hits.add(1);
+                    self.stats.hits.fetch_add(1, Relaxed);
                     out.copy_from_slice(&data[range]);
                     return Ok(());
                 }
@@ -709,7 +707,7 @@ impl BlockCache {
     /// the stored bytes it lacks; a block storage does not hold becomes zeros without a request.
     fn load(&self, id: BlockId, st: &mut SlotState) -> Result<()> {
         if !matches!(st.content, Content::Unloaded | Content::Partial { .. }) {
-            self.stats.hits.add(1);
+            self.stats.hits.fetch_add(1, Relaxed);
             return Ok(());
         }
         let stored = lock(&self.index).allocated.contains(&id.0);

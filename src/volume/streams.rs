@@ -16,15 +16,8 @@
 //! gap that waiting for a whole batch leaves at its tail. A read elsewhere (a seek) drops the
 //! queued loads: those blocks are no longer wanted.
 //!
-//! Every read passes here, cached ones too, so a read never waits, and a random read writes
-//! nothing here that other threads use: on two cores, a line that every cached read writes
-//! moves between the cores' caches at each read. A read far from the stream (its head and
-//! window are mirrored in atomics, read without the detector's lock) only notes itself in its
-//! own thread; it takes the detector when it continues that thread's previous read, and then
-//! starts a stream as though the detector had seen both. However nbdkit spreads a connection's
-//! requests over its threads, a sequential reader's requests meet their predecessors within
-//! [`THREADS`] requests on whichever thread serves them. A read that finds the detector busy
-//! goes unseen, and a seek takes the queue's lock only when loads were queued.
+//! Every read passes here, cached ones too, so a read never waits: one that finds the read
+//! detector busy goes unseen, and a seek takes the queue's lock only when loads were queued.
 //!
 //! A reader that has read on past the read-ahead bound is scanning (a backup, a checksum, a file
 //! copy): the blocks it has left behind are demoted to the cold end of the cache's LRU (see
@@ -43,10 +36,9 @@
 //! writing bytes twice, so small writes clustered in one place (file system metadata) are not
 //! taken for a stream.
 
-use std::cell::Cell;
 use std::collections::VecDeque;
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, TryLockError, Weak};
 use std::time::Duration;
 
@@ -59,29 +51,13 @@ use crate::{background, lock};
 /// taken for a stream.
 const REORDER: u64 = 16;
 
-/// A read continues its thread's previous read if it starts within this many requests of it: a
-/// stream's requests go to whichever of nbdkit's threads for the connection is free (16 by
-/// default, `--threads`), so one thread may see every sixteenth request of a stream, or every
-/// sixty-fourth with more threads.
-const THREADS: u64 = 64;
-
 /// A scan's blocks are demoted this many at a time: one index lock per this many blocks read.
 const DEMOTE_EVERY: u64 = 16;
-
-thread_local! {
-    /// This thread's last read that went to no stream: the `Streams` it went to (by address),
-    /// its offset and its length.
-    static LAST_READ: Cell<(usize, u64, u64)> = const { Cell::new((0, 0, 0)) };
-}
 
 /// Sequential-access detection and the queue of blocks to load or write back.
 #[derive(Debug, Default)]
 pub(crate) struct Streams {
     reads: Mutex<Detector>,
-    /// `reads`' `next` and `window` as they were when it was last released: read without its
-    /// lock to tell a read far from the stream, which then leaves the detector alone.
-    read_head: AtomicU64,
-    read_window: AtomicU64,
     writes: Mutex<Detector>,
     /// Work for the workers, in the order it was queued.
     queue: Mutex<VecDeque<Job>>,
@@ -118,20 +94,14 @@ struct Detector {
     demoted_until: u64,
 }
 
-/// Whether a request at `offset` continues a stream whose head is at `next` (0: no stream) and
-/// whose read-ahead window is `window`: it starts within `slack` bytes of the head, either side,
-/// or behind it within the window.
-fn near(next: u64, window: u64, offset: u64, slack: u64) -> bool {
-    next != 0 && offset <= next + slack && offset + slack.max(window) >= next
-}
-
 impl Detector {
     /// Whether a request of `len` bytes at `offset` continues the stream (starts within `slack`
     /// bytes of its head, either side, or behind it within the read-ahead window); if not, it
     /// starts a new one.
     fn continues(&mut self, offset: u64, len: u64, slack: u64) -> bool {
         let end = offset + len;
-        let sequential = near(self.next, self.window, offset, slack);
+        let behind = slack.max(self.window);
+        let sequential = self.next != 0 && offset <= self.next + slack && offset + behind >= self.next;
         if sequential {
             self.next = self.next.max(end);
             self.covered += len;
@@ -178,19 +148,6 @@ impl Streams {
         let Some(bs) = Self::block_size_if_useful(volume) else { return };
         let max = (volume.cache.capacity() as u64 * bs / 4).min(64 << 20);
         let slack = REORDER * len;
-        // A read far from the stream, with no loads queued for a seek to drop, goes to the
-        // detector only if it continues this thread's previous read.
-        let previous = if near(self.read_head.load(Relaxed), self.read_window.load(Relaxed), offset, slack)
-            || self.loads_queued.load(Relaxed)
-        {
-            None
-        } else {
-            let me = std::ptr::from_ref(self) as usize;
-            match LAST_READ.with(|last| last.replace((me, offset, len))) {
-                (streams, at, n) if streams == me && near(at + n, 0, offset, THREADS * len) => Some((at, n)),
-                _ => return,
-            }
-        };
         let (behind, ahead) = {
             // A reader that finds the detector busy leaves it be: one read fewer seen costs a
             // stream nothing (the next one still lands within the slack), while waiting would
@@ -200,31 +157,22 @@ impl Streams {
                 Err(TryLockError::Poisoned(d)) => d.into_inner(),
                 Err(TryLockError::WouldBlock) => return,
             };
-            if let Some((at, n)) = previous {
-                d.continues(at, n, slack);
-            }
-            let sequential = d.continues(offset, len, slack);
-            let step = sequential.then(|| {
-                let behind = d.left_behind(bs, max, slack);
-                // Never `clamp`: a read longer than half the bound would make it panic.
-                d.window = (d.window * 2).max(len.max(bs) * 2).min(max.max(bs));
-                let from = d.queued_until.max(d.next).next_multiple_of(bs);
-                let to = (d.next + d.window).min(volume.geometry().size());
-                let ahead = (from < to).then(|| {
-                    d.queued_until = to;
-                    from / bs..to.div_ceil(bs)
-                });
-                (behind, ahead)
-            });
-            self.read_head.store(d.next, Relaxed);
-            self.read_window.store(d.window, Relaxed);
-            let Some(step) = step else {
+            if !d.continues(offset, len, slack) {
                 if self.loads_queued.swap(false, Relaxed) {
                     lock(&self.queue).retain(|job| matches!(job, Job::WriteBack(_)));
                 }
                 return;
-            };
-            step
+            }
+            let behind = d.left_behind(bs, max, slack);
+            // Never `clamp`: a read longer than half the bound would make it panic.
+            d.window = (d.window * 2).max(len.max(bs) * 2).min(max.max(bs));
+            let from = d.queued_until.max(d.next).next_multiple_of(bs);
+            let to = (d.next + d.window).min(volume.geometry().size());
+            let ahead = (from < to).then(|| {
+                d.queued_until = to;
+                from / bs..to.div_ceil(bs)
+            });
+            (behind, ahead)
         };
         if !behind.is_empty() {
             // A load still queued for a block the reader has passed (the reader was faster and
