@@ -392,9 +392,14 @@ impl Nbdkit {
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("nbd.sock");
         let stderr_path = dir.path().join("stderr");
+        // nbdkit writes its pidfile once it listens; its socket exists a moment earlier (bound,
+        // not yet listening), when a client is refused.
+        let pidfile = dir.path().join("nbdkit.pid");
         let mut child = Command::new("nbdkit")
             .args(["-f", "--exit-with-parent", "-U"])
             .arg(&socket)
+            .arg("-P")
+            .arg(&pidfile)
             .args(options)
             .arg(plugin())
             .args(params)
@@ -404,7 +409,7 @@ impl Nbdkit {
             .spawn()
             .expect("spawn nbdkit");
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !socket.exists() {
+        while !pidfile.exists() {
             if let Ok(Some(status)) = child.try_wait() {
                 let stderr = std::fs::read_to_string(&stderr_path).unwrap_or_default();
                 return Err(format!("nbdkit exited with {status}:\n{stderr}"));
@@ -412,7 +417,7 @@ impl Nbdkit {
             if Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err("nbdkit did not create its socket within 30 s".into());
+                return Err("nbdkit did not listen on its socket within 30 s".into());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
