@@ -24,6 +24,9 @@ pub struct ExportInfo {
     pub stored_blocks: u64,
     /// Who holds its lease; `None` if no writer ever took it.
     pub lease: Option<LeaseHolder>,
+    /// When `lease` was read, in Unix seconds: the moment to judge it at, since a listing of
+    /// many exports may take longer than a lease lasts while its holder renews it.
+    pub lease_read_at: u64,
 }
 
 impl ExportInfo {
@@ -75,7 +78,8 @@ fn describe(backend: &dyn Backend, name: &ExportName, walk: &mut MapWalk) -> Res
             .len() as u64,
     };
     let lease = LeaseHolder::read(backend, name)?;
-    Ok(ExportInfo { name: name.clone(), geometry, layout, stored_blocks, lease })
+    let lease_read_at = crate::lease::unix_seconds();
+    Ok(ExportInfo { name: name.clone(), geometry, layout, stored_blocks, lease, lease_read_at })
 }
 
 /// Where a `cas` export's space goes, as `nbds3ctl info` shows it. "The export" is its live

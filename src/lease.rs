@@ -79,7 +79,8 @@ pub fn warn_without_conditional_writes(store: &str) {
     }
 }
 
-fn unix_seconds() -> u64 {
+/// Now, in whole Unix seconds, the unit of a lease's expiry.
+pub(crate) fn unix_seconds() -> u64 {
     (unix_nanos() / 1_000_000_000) as u64
 }
 

@@ -636,10 +636,9 @@ fn stream_summary(done: &str, s: &StreamSummary) -> String {
     )
 }
 
-/// Who holds the export's lease, and until when.
+/// Who held the export's lease when it was read, and until when.
 fn lease_holder(e: &admin::ExportInfo) -> String {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    e.lease.as_ref().map_or_else(|| "none".into(), |l| l.describe(now))
+    e.lease.as_ref().map_or_else(|| "none".into(), |l| l.describe(e.lease_read_at))
 }
 
 fn find(name: &str) -> Option<&'static Command> {
